@@ -1,1 +1,98 @@
-//! placeholder
+//! The Sluice agent: runs next to a private service, dials out to the relay (no inbound
+//! port), and forwards the streams the relay opens to `APP_HOST:APP_PORT`.
+//!
+//! [`config`] validates the inputs, [`enroll`] obtains and saves the agent's identity,
+//! [`session`] holds the control session and the pool of data connections, and
+//! [`run`] ties them together with reconnection ([`backoff`]).
+
+pub mod backoff;
+pub mod config;
+pub mod enroll;
+pub mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::config::AgentConfig;
+use crate::enroll::EnrollError;
+use crate::session::SessionEnd;
+
+/// This machine's host name, reported to the relay for operators.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Why the agent stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A refusal that retrying cannot fix (bad, revoked or expired JWT; wrong relay).
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Runs the agent until `shutdown` fires (Ok) or a permanent failure (Err).
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let cfg = Arc::new(cfg);
+    let mut backoff = Backoff::new(Duration::from_millis(200), cfg.reconnect_max);
+    info!(
+        relay = %cfg.relay_url, service = %format!("{}:{}", cfg.app_host, cfg.app_port),
+        name = %cfg.name, state_dir = %cfg.state_dir.display(), "sluice-agent starting"
+    );
+    let wait = |why: &str, backoff: &mut Backoff| {
+        let d = backoff.next_delay();
+        warn!(reason = %why, retry_in = ?d, "relay unreachable; will retry");
+        d
+    };
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let identity = match enroll::load(&cfg) {
+            Some(id) => id,
+            None => match enroll::enroll(&cfg).await {
+                Ok(id) => {
+                    info!(resource = %id.meta.resource_id, name = %id.meta.resource_name, agent = %id.meta.agent_id, "enrolled");
+                    id
+                }
+                Err(EnrollError::Rejected(r)) if !r.code.is_transient() => {
+                    return Err(AgentError::Fatal(format!(
+                        "the relay refused this agent: {}",
+                        r.message
+                    )));
+                }
+                Err(EnrollError::Trust(m)) => return Err(AgentError::Fatal(m)),
+                Err(EnrollError::State(m)) => return Err(AgentError::Fatal(m)),
+                Err(e) => {
+                    let d = wait(&e.to_string(), &mut backoff);
+                    tokio::select! { _ = tokio::time::sleep(d) => continue, _ = shutdown.cancelled() => return Ok(()) }
+                }
+            },
+        };
+        match session::run(cfg.clone(), &identity, &shutdown).await {
+            SessionEnd::Shutdown => return Ok(()),
+            SessionEnd::Renew => {
+                info!("certificate due for renewal; enrolling again");
+                enroll::forget(&cfg.state_dir);
+            }
+            SessionEnd::Revoked(why) => {
+                error!(reason = %why, "the relay revoked this agent's certificate; enrolling again with REGISTRATION_JWT");
+                enroll::forget(&cfg.state_dir);
+            }
+            SessionEnd::Ended(why) => {
+                backoff.reset();
+                let d = wait(&why, &mut backoff);
+                tokio::select! { _ = tokio::time::sleep(d) => {}, _ = shutdown.cancelled() => return Ok(()) }
+            }
+            SessionEnd::Lost(why) => {
+                let d = wait(&why, &mut backoff);
+                tokio::select! { _ = tokio::time::sleep(d) => {}, _ = shutdown.cancelled() => return Ok(()) }
+            }
+        }
+    }
+}

@@ -1,1 +1,129 @@
-fn main() {}
+//! `sluice`: the relay server, a quickstart demo, and the admin CLI.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use sluice_relay::cli::{self, AdminConn, CustomersCmd, ResourcesCmd};
+use sluice_relay::quickstart::{self, QuickstartArgs};
+use sluice_relay::relay::{self, RelayConfig, parse_port_range};
+
+/// Sluice reaches services inside customers' private networks without inbound ports.
+///
+/// The relay (`sluice serve`) runs on the platform. Customers run `sluice-agent` next to
+/// a private service; it dials out to the relay over mutual TLS. Platform jobs connect
+/// to the host:port the relay hands out per resource (`sluice resources endpoint NAME`).
+///
+/// First time? Run `sluice quickstart`.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, propagate_version = true)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or per-module directives).
+    #[arg(long, env = "SLUICE_LOG", default_value = "info", global = true)]
+    log: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the relay: the agent port, the admin API and one port per resource.
+    Serve(ServeArgs),
+    /// Start a relay, a demo customer and an agent in one process, and print the
+    /// endpoint to connect to.
+    Quickstart(QuickstartArgs),
+    /// Manage customers (talks to the admin API).
+    Customers {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[command(subcommand)]
+        cmd: CustomersCmd,
+    },
+    /// Manage resources and registration JWTs (talks to the admin API).
+    Resources {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[command(subcommand)]
+        cmd: ResourcesCmd,
+    },
+}
+
+/// Options of `sluice serve`.
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Where the relay keeps its CA, keys, admin token and embedded database.
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
+    data_dir: PathBuf,
+    /// Address agents dial (443 in production).
+    #[arg(long, env = "SLUICE_AGENT_LISTEN", default_value = "0.0.0.0:8443")]
+    agent_listen: SocketAddr,
+    /// Address of the admin API (keep it private).
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "127.0.0.1:8080")]
+    admin_listen: SocketAddr,
+    /// URL agents dial, written into registration JWTs, e.g. https://relay.example.com:443.
+    /// Default: derived from --agent-listen.
+    #[arg(long, env = "SLUICE_PUBLIC_URL")]
+    public_url: Option<String>,
+    /// Address the per-resource ports listen on.
+    #[arg(long, env = "SLUICE_RESOURCE_BIND", default_value = "127.0.0.1")]
+    resource_bind: IpAddr,
+    /// Port range for resources; each resource keeps its port across restarts.
+    #[arg(long, env = "SLUICE_RESOURCE_PORTS", default_value = "40000-40999", value_parser = parse_port_range)]
+    resource_ports: std::ops::RangeInclusive<u16>,
+    /// Store location. Default: SQLite file `sluice.db` in the data directory.
+    #[arg(long, env = "SLUICE_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Heartbeat interval of agent sessions in seconds; a silent peer is dead after three.
+    #[arg(long, env = "SLUICE_HEARTBEAT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    heartbeat_secs: u64,
+    /// Idle data connections each agent keeps open for new streams.
+    #[arg(long, env = "SLUICE_POOL_SIZE", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pool_size: u32,
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let running = relay::start(RelayConfig {
+        data_dir: args.data_dir,
+        agent_listen: args.agent_listen,
+        admin_listen: args.admin_listen,
+        public_url: args.public_url,
+        resource_bind: args.resource_bind,
+        resource_ports: args.resource_ports,
+        database_url: args.database_url,
+        heartbeat: Duration::from_secs(args.heartbeat_secs),
+        pool_size: args.pool_size,
+    })
+    .await?;
+    quickstart::wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet_cli = matches!(cli.cmd, Cmd::Customers { .. } | Cmd::Resources { .. });
+    sluice_relay::init_logging(if quiet_cli { "warn" } else { &cli.log }, cli.log_json);
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Serve(a) => serve(a).await,
+            Cmd::Quickstart(a) => quickstart::run(a).await,
+            Cmd::Customers { conn, cmd } => cli::customers(&conn, cmd).await,
+            Cmd::Resources { conn, cmd } => cli::resources(&conn, cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

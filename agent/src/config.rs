@@ -1,0 +1,231 @@
+//! The agent's configuration, checked up front: every problem is reported as one clear
+//! line before the agent touches the network.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sluice_proto::identity::{RegistrationClaims, unix_now};
+use sluice_proto::relay_url::RelayUrl;
+
+/// A validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The private service's host.
+    pub app_host: String,
+    pub app_port: u16,
+    /// The resource name the agent registers.
+    pub name: String,
+    pub registration_jwt: String,
+    pub claims: RegistrationClaims,
+    pub state_dir: PathBuf,
+    /// The relay to dial (from `SLUICE_URL`, else from the JWT).
+    pub relay_url: RelayUrl,
+    /// Longest wait between reconnection attempts.
+    pub reconnect_max: Duration,
+}
+
+/// The raw inputs (environment variables or flags), before validation.
+#[derive(Debug, Clone, Default)]
+pub struct RawConfig {
+    pub app_host: Option<String>,
+    pub app_port: Option<String>,
+    pub name: Option<String>,
+    pub registration_jwt: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub relay_url: Option<String>,
+    pub reconnect_max_secs: Option<u64>,
+}
+
+/// The state directory when none is given.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sluice-agent";
+
+fn required(v: &Option<String>, var: &str, what: &str) -> Result<String, String> {
+    match v.as_deref().map(str::trim) {
+        None => Err(format!("{var} is not set: it must be {what}")),
+        Some("") => Err(format!("{var} is empty: it must be {what}")),
+        Some(s) => Ok(s.to_owned()),
+    }
+}
+
+impl RawConfig {
+    /// Checks every input; the error is one line naming the variable and the fix.
+    pub fn validate(self) -> Result<AgentConfig, String> {
+        let app_host = required(
+            &self.app_host,
+            "APP_HOST",
+            "the host name or IP of the private service",
+        )?;
+        let port = required(
+            &self.app_port,
+            "APP_PORT",
+            "the TCP port of the private service (1-65535)",
+        )?;
+        let app_port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                format!("APP_PORT={port:?} is not a TCP port: it must be a number from 1 to 65535")
+            })?;
+        let jwt = required(
+            &self.registration_jwt,
+            "REGISTRATION_JWT",
+            "the registration JWT from the platform operator (sluice resources registration-jwt)",
+        )?;
+        let claims = RegistrationClaims::decode_unverified(&jwt, unix_now())
+            .map_err(|e| format!("REGISTRATION_JWT is not usable: {e}"))?;
+        // A JWT issued for one resource names it; NAME may then be omitted.
+        let name = match (&self.name, &claims.resource_id) {
+            (Some(n), _) if !n.trim().is_empty() => n.trim().to_owned(),
+            (_, Some(_)) => String::new(),
+            _ => required(
+                &self.name,
+                "NAME",
+                "the resource name, e.g. orders-db (letters, digits, . _ -)",
+            )?,
+        };
+        if !name.is_empty()
+            && (name.len() > 63
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(format!(
+                "NAME={name:?} is not valid: use 1 to 63 letters, digits, '.', '_' or '-'"
+            ));
+        }
+        let url = self
+            .relay_url
+            .filter(|u| !u.trim().is_empty())
+            .unwrap_or_else(|| claims.relay_url.clone());
+        let relay_url = RelayUrl::parse(&url).map_err(|e| format!("SLUICE_URL: {e}"))?;
+        let state_dir = self
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        check_writable(&state_dir)?;
+        Ok(AgentConfig {
+            app_host,
+            app_port,
+            name,
+            registration_jwt: jwt,
+            claims,
+            state_dir,
+            relay_url,
+            reconnect_max: Duration::from_secs(self.reconnect_max_secs.unwrap_or(30).max(1)),
+        })
+    }
+}
+
+/// Creates the state directory (0700) if needed and proves it writable.
+pub fn check_writable(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |e: std::io::Error| {
+        format!(
+            "STATE_DIR {} is not writable ({e}): point STATE_DIR at a directory this user can write, \
+             e.g. a mounted volume",
+            dir.display()
+        )
+    };
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    let probe = dir.join(".write-test");
+    std::fs::write(&probe, b"ok").map_err(fail)?;
+    std::fs::remove_file(&probe).map_err(fail)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    fn jwt(extra: serde_json::Value) -> String {
+        let mut c = serde_json::json!({
+            "iss": "sluice-relay", "aud": "sluice-agent-registration", "jti": "j", "iat": 1,
+            "customer_id": "cus_1", "relay_url": "https://relay.example:8443", "ca_pin": "ab"
+        });
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!("{}.{}.sig", b.encode(b"{}"), b.encode(c.to_string()))
+    }
+
+    fn raw(dir: &Path) -> RawConfig {
+        RawConfig {
+            app_host: Some("db".into()),
+            app_port: Some("5432".into()),
+            name: Some("orders-db".into()),
+            registration_jwt: Some(jwt(serde_json::json!({}))),
+            state_dir: Some(dir.to_path_buf()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn good_config_takes_the_relay_from_the_jwt() {
+        let d = tempfile::tempdir().unwrap();
+        let c = raw(d.path()).validate().unwrap();
+        assert_eq!(c.relay_url.to_string(), "https://relay.example:8443");
+        assert_eq!(c.app_port, 5432);
+    }
+
+    #[test]
+    fn each_bad_input_names_its_variable() {
+        let d = tempfile::tempdir().unwrap();
+        let cases: Vec<(Box<dyn Fn(&mut RawConfig)>, &str)> = vec![
+            (Box::new(|r| r.app_host = None), "APP_HOST is not set"),
+            (
+                Box::new(|r| r.app_host = Some(" ".into())),
+                "APP_HOST is empty",
+            ),
+            (
+                Box::new(|r| r.app_port = Some("70000".into())),
+                "APP_PORT=\"70000\" is not a TCP port",
+            ),
+            (
+                Box::new(|r| r.app_port = Some("0".into())),
+                "is not a TCP port",
+            ),
+            (Box::new(|r| r.name = None), "NAME is not set"),
+            (
+                Box::new(|r| r.name = Some("a b".into())),
+                "NAME=\"a b\" is not valid",
+            ),
+            (
+                Box::new(|r| r.registration_jwt = Some("nope".into())),
+                "REGISTRATION_JWT is not usable: not a JWT",
+            ),
+            (
+                Box::new(|r| r.registration_jwt = Some(jwt(serde_json::json!({"exp": 5})))),
+                "expired",
+            ),
+            (
+                Box::new(|r| r.relay_url = Some("http://x".into())),
+                "SLUICE_URL",
+            ),
+            (
+                Box::new(|r| r.state_dir = Some("/proc/nope".into())),
+                "STATE_DIR /proc/nope is not writable",
+            ),
+        ];
+        for (mutate, want) in cases {
+            let mut r = raw(d.path());
+            mutate(&mut r);
+            let err = r.validate().unwrap_err();
+            assert!(err.contains(want), "{err:?} should contain {want:?}");
+            assert!(!err.contains('\n'), "one line: {err:?}");
+        }
+    }
+
+    #[test]
+    fn resource_jwt_makes_name_optional() {
+        let d = tempfile::tempdir().unwrap();
+        let mut r = raw(d.path());
+        r.name = None;
+        r.registration_jwt = Some(jwt(
+            serde_json::json!({"resource_id": "res_1", "generation": 1}),
+        ));
+        assert_eq!(r.validate().unwrap().name, "");
+    }
+}

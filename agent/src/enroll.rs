@@ -1,0 +1,228 @@
+//! Enrollment and the agent's saved identity.
+//!
+//! The agent makes its private key locally (it never leaves the host), sends the
+//! registration JWT and a CSR to the relay over TLS that trusts only the CA pinned in the
+//! JWT, and saves the client certificate it gets back in `STATE_DIR` (key 0600). On later
+//! starts it reuses the saved identity as long as it was made with the same JWT and is
+//! not close to expiry; otherwise (or if the state was lost) it enrolls again.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{CertificateParams, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+use sluice_proto::identity::unix_now;
+use sluice_proto::tls;
+use sluice_proto::wire::{self, EnrollRequest, EnrollResponse, PROTOCOL_VERSION, Rejection};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::AgentConfig;
+
+const KEY_FILE: &str = "agent.key";
+const CERT_FILE: &str = "agent.pem";
+const CA_FILE: &str = "ca.pem";
+const META_FILE: &str = "enrollment.json";
+
+/// What the agent remembers about its enrollment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EnrollmentMeta {
+    pub resource_id: String,
+    pub resource_name: String,
+    pub agent_id: String,
+    pub generation: u64,
+    /// `jti` of the registration JWT used; a different JWT means "enroll again".
+    pub jti: String,
+    pub relay_url: String,
+    /// Certificate expiry (seconds since the epoch).
+    pub not_after: u64,
+    pub not_before: u64,
+}
+
+/// The agent's identity: key, certificate, the relay's CA, and what they are for.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub meta: EnrollmentMeta,
+    pub key_pem: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+}
+
+impl Identity {
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        tls::key_from_pem(&self.key_pem).expect("validated at load")
+    }
+    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
+        tls::certs_from_pem(&self.cert_pem).expect("validated at load")
+    }
+    pub fn ca(&self) -> CertificateDer<'static> {
+        tls::certs_from_pem(&self.ca_pem)
+            .expect("validated at load")
+            .remove(0)
+    }
+
+    /// When to enroll again: two thirds into the certificate's life.
+    pub fn renew_at(&self) -> u64 {
+        let life = self.meta.not_after.saturating_sub(self.meta.not_before);
+        self.meta.not_before + life * 2 / 3
+    }
+}
+
+/// Why enrollment failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// The relay refused; `rejection.code` says whether retrying can help.
+    #[error("the relay refused enrollment: {0}")]
+    Rejected(Rejection),
+    /// The relay could not be reached or the exchange broke; retry later.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The relay is not the one the JWT pins (or TLS failed for another reason that a
+    /// retry will not fix).
+    #[error("{0}")]
+    Trust(String),
+    #[error("saving the agent's identity in the state directory failed: {0}")]
+    State(String),
+}
+
+/// The saved identity in `dir`, if it is complete and fits `cfg` (same JWT, same relay,
+/// not due for renewal).
+pub fn load(cfg: &AgentConfig) -> Option<Identity> {
+    let dir = &cfg.state_dir;
+    let meta: EnrollmentMeta =
+        serde_json::from_str(&fs::read_to_string(dir.join(META_FILE)).ok()?).ok()?;
+    let id = Identity {
+        key_pem: fs::read_to_string(dir.join(KEY_FILE)).ok()?,
+        cert_pem: fs::read_to_string(dir.join(CERT_FILE)).ok()?,
+        ca_pem: fs::read_to_string(dir.join(CA_FILE)).ok()?,
+        meta,
+    };
+    let parses = tls::key_from_pem(&id.key_pem).is_ok()
+        && tls::certs_from_pem(&id.cert_pem).is_ok()
+        && tls::certs_from_pem(&id.ca_pem).is_ok();
+    let fits = id.meta.jti == cfg.claims.jti
+        && id.meta.relay_url == cfg.relay_url.to_string()
+        && unix_now() < id.renew_at();
+    (parses && fits).then_some(id)
+}
+
+/// Forgets the saved certificate (after the relay revoked it).
+pub fn forget(dir: &Path) {
+    let _ = fs::remove_file(dir.join(META_FILE));
+    let _ = fs::remove_file(dir.join(CERT_FILE));
+}
+
+fn write_private(path: &PathBuf, contents: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+fn cert_validity(pem: &str) -> Option<(u64, u64)> {
+    let der = tls::certs_from_pem(pem).ok()?.remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    let v = cert.validity();
+    Some((
+        v.not_before.timestamp().max(0) as u64,
+        v.not_after.timestamp().max(0) as u64,
+    ))
+}
+
+/// Enrolls with the relay and saves the new identity.
+pub async fn enroll(cfg: &AgentConfig) -> Result<Identity, EnrollError> {
+    let key =
+        KeyPair::generate().map_err(|e| EnrollError::State(format!("generating a key: {e}")))?;
+    let csr = CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| EnrollError::State(format!("making the CSR: {e}")))?;
+    let client_cfg = tls::agent_enroll_config(&cfg.claims.ca_pin)
+        .map_err(|e| EnrollError::Trust(e.to_string()))?;
+    let server_name =
+        tls::server_name_of(&cfg.relay_url.host).map_err(|e| EnrollError::Trust(e.to_string()))?;
+    let authority = cfg.relay_url.authority();
+
+    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&authority))
+        .await
+        .map_err(|_| {
+            EnrollError::Unreachable(format!("connecting to the relay at {authority} timed out"))
+        })?
+        .map_err(|e| {
+            EnrollError::Unreachable(format!("cannot connect to the relay at {authority}: {e}"))
+        })?;
+    let mut tls = TlsConnector::from(Arc::new(client_cfg))
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("pinned") || msg.contains("certificate") {
+                EnrollError::Trust(format!("the relay at {authority} is not trusted: {msg}"))
+            } else {
+                EnrollError::Unreachable(format!("TLS with the relay at {authority} failed: {msg}"))
+            }
+        })?;
+    let req = EnrollRequest {
+        version: PROTOCOL_VERSION,
+        jwt: cfg.registration_jwt.clone(),
+        name: cfg.name.clone(),
+        csr_pem: csr,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        hostname: crate::hostname(),
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(30), async {
+        wire::write_frame(&mut tls, &req).await?;
+        wire::read_frame::<_, EnrollResponse>(&mut tls).await
+    })
+    .await
+    .map_err(|_| {
+        EnrollError::Unreachable("the relay did not answer the enrollment in 30 s".into())
+    })?
+    .map_err(|e| {
+        EnrollError::Unreachable(format!("enrollment exchange with the relay failed: {e}"))
+    })?;
+    let e = match answer {
+        EnrollResponse::Enrolled(e) => e,
+        EnrollResponse::Rejected(r) => return Err(EnrollError::Rejected(r)),
+    };
+    let (not_before, not_after) = cert_validity(&e.cert_pem)
+        .ok_or_else(|| EnrollError::Trust("the relay sent an unreadable certificate".into()))?;
+    let id = Identity {
+        meta: EnrollmentMeta {
+            resource_id: e.resource_id,
+            resource_name: e.resource_name,
+            agent_id: e.agent_id,
+            generation: e.generation,
+            jti: cfg.claims.jti.clone(),
+            relay_url: cfg.relay_url.to_string(),
+            not_after,
+            not_before,
+        },
+        key_pem: key.serialize_pem(),
+        cert_pem: e.cert_pem,
+        ca_pem: e.ca_pem,
+    };
+    save(&cfg.state_dir, &id).map_err(|e| EnrollError::State(e.to_string()))?;
+    Ok(id)
+}
+
+fn save(dir: &Path, id: &Identity) -> std::io::Result<()> {
+    write_private(&dir.join(KEY_FILE), &id.key_pem)?;
+    write_private(&dir.join(CERT_FILE), &id.cert_pem)?;
+    write_private(&dir.join(CA_FILE), &id.ca_pem)?;
+    write_private(
+        &dir.join(META_FILE),
+        &serde_json::to_string_pretty(&id.meta).expect("serializable"),
+    )
+}

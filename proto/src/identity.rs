@@ -1,0 +1,211 @@
+//! Identities carried in certificates and registration JWTs, shared by relay and agent.
+//!
+//! - An agent's client certificate names its agent id, resource id and the resource's key
+//!   generation in a URI SAN ([`AgentIdentity`]); the relay reads it back after the mTLS
+//!   handshake and refuses generations older than the resource's current one.
+//! - A registration JWT ([`RegistrationClaims`]) carries the relay URL and the SHA-256
+//!   pin of the relay CA, so a new agent can trust the relay on first contact without a
+//!   public CA. The agent reads the claims without verifying the signature (it does not
+//!   hold the relay's key); the relay verifies it at enrollment.
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// JWT issuer of registration tokens.
+pub const JWT_ISSUER: &str = "sluice-relay";
+/// JWT audience of registration tokens.
+pub const JWT_AUDIENCE: &str = "sluice-agent-registration";
+const URI_PREFIX: &str = "urn:sluice:agent:";
+
+/// Who an agent is, as its client certificate says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentIdentity {
+    pub agent_id: String,
+    pub resource_id: String,
+    pub generation: u64,
+}
+
+impl AgentIdentity {
+    /// The URI SAN that encodes this identity.
+    pub fn to_uri(&self) -> String {
+        format!(
+            "{URI_PREFIX}{}:resource:{}:generation:{}",
+            self.agent_id, self.resource_id, self.generation
+        )
+    }
+
+    /// Parses a URI made by [`AgentIdentity::to_uri`].
+    pub fn from_uri(uri: &str) -> Option<Self> {
+        let rest = uri.strip_prefix(URI_PREFIX)?;
+        let mut parts = rest.split(':');
+        let agent_id = parts.next()?;
+        let (Some("resource"), Some(resource_id), Some("generation"), Some(generation), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return None;
+        };
+        if agent_id.is_empty() || resource_id.is_empty() {
+            return None;
+        }
+        Some(AgentIdentity {
+            agent_id: agent_id.to_owned(),
+            resource_id: resource_id.to_owned(),
+            generation: generation.parse().ok()?,
+        })
+    }
+
+    /// Reads the identity from a DER client certificate.
+    pub fn from_cert_der(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let san = cert.subject_alternative_name().ok()??;
+        san.value.general_names.iter().find_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => Self::from_uri(uri),
+            _ => None,
+        })
+    }
+}
+
+/// The SHA-256 pin of a CA certificate (lower-case hex of the DER's digest).
+pub fn ca_pin(ca_der: &[u8]) -> String {
+    hex::encode(Sha256::digest(ca_der))
+}
+
+/// Claims of a registration JWT.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RegistrationClaims {
+    pub iss: String,
+    pub aud: String,
+    /// Unique token id; the relay keeps a record of every token it issued.
+    pub jti: String,
+    /// Issued at (seconds since the epoch).
+    pub iat: u64,
+    /// Expiry (seconds since the epoch); absent means the token does not expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exp: Option<u64>,
+    /// The customer the agent registers for; absent for an org-only token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer_id: Option<String>,
+    /// Set when the token was issued for one existing resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_id: Option<String>,
+    /// The resource's key generation when the token was issued (with `resource_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// The URL agents dial (`https://host:port`).
+    pub relay_url: String,
+    /// SHA-256 pin of the relay CA certificate ([`ca_pin`]).
+    pub ca_pin: String,
+}
+
+/// Why a string is not a usable registration JWT.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ClaimsError {
+    #[error("not a JWT: expected three base64url parts separated by dots")]
+    NotAJwt,
+    #[error("the JWT's payload is not valid base64url")]
+    BadEncoding,
+    #[error("the JWT's payload is not a Sluice registration token: {0}")]
+    BadClaims(String),
+    #[error("the JWT is not a Sluice registration token (audience {0:?})")]
+    WrongAudience(String),
+    #[error("the JWT expired at {exp} (now {now}); ask the operator for a new one")]
+    Expired { exp: u64, now: u64 },
+}
+
+impl RegistrationClaims {
+    /// Reads the claims of `jwt` WITHOUT verifying its signature (the agent cannot:
+    /// only the relay holds the key). Checks shape, audience and expiry against `now`.
+    pub fn decode_unverified(jwt: &str, now: u64) -> Result<Self, ClaimsError> {
+        let parts: Vec<&str> = jwt.trim().split('.').collect();
+        if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
+            return Err(ClaimsError::NotAJwt);
+        }
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[1])
+            .map_err(|_| ClaimsError::BadEncoding)?;
+        let claims: RegistrationClaims =
+            serde_json::from_slice(&payload).map_err(|e| ClaimsError::BadClaims(e.to_string()))?;
+        if claims.aud != JWT_AUDIENCE {
+            return Err(ClaimsError::WrongAudience(claims.aud));
+        }
+        if let Some(exp) = claims.exp
+            && exp <= now
+        {
+            return Err(ClaimsError::Expired { exp, now });
+        }
+        Ok(claims)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_uri_round_trips_and_rejects_junk() {
+        let id = AgentIdentity {
+            agent_id: "agt_1".into(),
+            resource_id: "res_2".into(),
+            generation: 3,
+        };
+        assert_eq!(AgentIdentity::from_uri(&id.to_uri()), Some(id));
+        for bad in [
+            "urn:sluice:agent:a:resource:r",
+            "urn:sluice:agent:a:resource:r:generation:x",
+            "urn:sluice:agent::resource:r:generation:1",
+            "urn:sluice:agent:a:resource:r:generation:1:extra",
+            "https://example.com",
+        ] {
+            assert_eq!(AgentIdentity::from_uri(bad), None, "{bad}");
+        }
+    }
+
+    fn encode(claims: &serde_json::Value) -> String {
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!("{}.{}.sig", b.encode(b"{}"), b.encode(claims.to_string()))
+    }
+
+    fn claims(exp: Option<u64>) -> serde_json::Value {
+        serde_json::json!({
+            "iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "jti": "j", "iat": 1, "exp": exp,
+            "customer_id": "cus_1", "relay_url": "https://r:8443", "ca_pin": "ab"
+        })
+    }
+
+    #[test]
+    fn decodes_claims_and_checks_expiry_and_audience() {
+        let c = RegistrationClaims::decode_unverified(&encode(&claims(None)), 10).unwrap();
+        assert_eq!(c.customer_id.as_deref(), Some("cus_1"));
+        assert_eq!(
+            RegistrationClaims::decode_unverified(&encode(&claims(Some(5))), 10),
+            Err(ClaimsError::Expired { exp: 5, now: 10 })
+        );
+        let mut other = claims(None);
+        other["aud"] = "someone-else".into();
+        assert!(matches!(
+            RegistrationClaims::decode_unverified(&encode(&other), 10),
+            Err(ClaimsError::WrongAudience(_))
+        ));
+        assert_eq!(
+            RegistrationClaims::decode_unverified("abc", 1),
+            Err(ClaimsError::NotAJwt)
+        );
+        assert_eq!(
+            RegistrationClaims::decode_unverified("a.!!!.c", 1),
+            Err(ClaimsError::BadEncoding)
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! The relay URL agents dial: `https://host:port` (port 443 when omitted).
+
+use std::fmt;
+
+/// A parsed relay URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl RelayUrl {
+    /// Parses `https://host[:port][/]`; IPv6 hosts in brackets.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let rest = s.trim().strip_prefix("https://").ok_or_else(|| {
+            format!("relay URL {s:?} must start with https:// (for example https://relay.example.com:443)")
+        })?;
+        let rest = rest.trim_end_matches('/');
+        if rest.is_empty() || rest.contains('/') {
+            return Err(format!(
+                "relay URL {s:?} must be https://host[:port] with no path"
+            ));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("relay URL {s:?}: unclosed '['"))?;
+            (h.to_owned(), after.strip_prefix(':'))
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_owned(), Some(p)),
+                None => (rest.to_owned(), None),
+            }
+        };
+        let port = match port {
+            None => 443,
+            Some(p) => p
+                .parse()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("relay URL {s:?}: {p:?} is not a port"))?,
+        };
+        if host.is_empty() {
+            return Err(format!("relay URL {s:?} has no host"));
+        }
+        Ok(RelayUrl { host, port })
+    }
+
+    /// `host:port` for connecting (brackets around IPv6).
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for RelayUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "https://{}", self.authority())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_prints() {
+        assert_eq!(
+            RelayUrl::parse("https://r.example:8443/").unwrap(),
+            RelayUrl {
+                host: "r.example".into(),
+                port: 8443
+            }
+        );
+        assert_eq!(RelayUrl::parse("https://r").unwrap().port, 443);
+        let v6 = RelayUrl::parse("https://[::1]:9").unwrap();
+        assert_eq!(v6.host, "::1");
+        assert_eq!(v6.to_string(), "https://[::1]:9");
+        for bad in [
+            "http://r:1",
+            "https://",
+            "https://r:0",
+            "https://r:x",
+            "https://r/p",
+        ] {
+            assert!(RelayUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! The wire protocol between agent and relay: every message, and how it is framed.
+//!
+//! All agent traffic arrives on one relay port. TLS ALPN says what a connection is:
+//!
+//! | ALPN                | TLS              | carries                                             |
+//! |---------------------|------------------|-----------------------------------------------------|
+//! | [`ALPN_ENROLL`]     | server-auth only | one [`EnrollRequest`] → one [`EnrollResponse`]     |
+//! | [`ALPN_CONTROL`]    | mutual           | [`AgentMsg`] ⇄ [`RelayMsg`] for the agent's session |
+//! | [`ALPN_DATA`]       | mutual           | [`DataHello`], then one [`StreamOpen`] + [`StreamReply`], then raw stream bytes |
+//!
+//! Messages are framed as a 4-byte big-endian length followed by that many bytes of
+//! JSON. Frames are small and rare (the payload of a stream is never framed), so a
+//! self-describing encoding costs nothing measurable and keeps the protocol easy to
+//! read in a capture and to extend: unknown fields are ignored, and every message
+//! family carries [`PROTOCOL_VERSION`] in its opening message.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Version of this protocol. A relay refuses an agent whose version it does not speak.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// ALPN of an enrollment connection (server-authenticated TLS, no client certificate).
+pub const ALPN_ENROLL: &[u8] = b"sluice-enroll/1";
+/// ALPN of an agent's control session (mutual TLS).
+pub const ALPN_CONTROL: &[u8] = b"sluice-control/1";
+/// ALPN of a data connection: one stream's bytes once opened (mutual TLS).
+pub const ALPN_DATA: &[u8] = b"sluice-data/1";
+/// Largest frame either side accepts; anything larger is a protocol error.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Why reading or writing a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The peer closed the connection cleanly between frames.
+    #[error("connection closed by peer")]
+    Closed,
+    /// The transport failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer sent a frame larger than [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// The frame was not the JSON of the expected message.
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Writes one message as a frame and flushes it.
+pub async fn write_frame<W, T>(w: &mut W, msg: &T) -> Result<(), WireError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(WireError::TooLarge(body.len()));
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads one frame and decodes it as `T`. Reads exactly the frame's bytes and no more,
+/// so a data connection can switch to raw stream bytes right after its last frame.
+pub async fn read_frame<R, T>(r: &mut R) -> Result<T, WireError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+// === Enrollment ===
+
+/// Sent by a new agent: "here is my registration JWT and a CSR for my locally made key".
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EnrollRequest {
+    pub version: u32,
+    /// The registration JWT the operator handed to the customer.
+    pub jwt: String,
+    /// The resource name (`NAME`); agents of one customer with the same name form a group.
+    pub name: String,
+    /// PEM certificate signing request for the agent's key (the key never leaves the host).
+    pub csr_pem: String,
+    pub agent_version: String,
+    pub hostname: String,
+}
+
+/// The relay's answer to an [`EnrollRequest`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EnrollResponse {
+    Enrolled(Enrollment),
+    Rejected(Rejection),
+}
+
+/// A successful enrollment: the agent's identity and client certificate.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Enrollment {
+    pub resource_id: String,
+    pub resource_name: String,
+    pub customer_id: Option<String>,
+    pub agent_id: String,
+    /// Key generation of the resource; a rotation makes certificates of older ones invalid.
+    pub generation: u64,
+    /// The client certificate (PEM) for the key of the CSR.
+    pub cert_pem: String,
+    /// The relay's CA certificate (PEM); the agent trusts only this for the relay.
+    pub ca_pem: String,
+}
+
+/// Why the relay refused a request. Everything but [`RejectCode::Internal`] and
+/// [`RejectCode::Unavailable`] is permanent: retrying the same request cannot succeed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectCode {
+    /// The JWT is malformed or its signature does not verify with this relay's key.
+    InvalidToken,
+    /// The JWT has expired.
+    ExpiredToken,
+    /// The JWT was revoked (a rotation of its resource, or the resource was deleted).
+    RevokedToken,
+    /// The request names something the token does not grant (another customer's resource).
+    Forbidden,
+    /// The client certificate is of an older key generation or for a deleted resource.
+    RevokedCertificate,
+    /// The request is malformed (bad CSR, empty name, …).
+    BadRequest,
+    /// The agent speaks a protocol version this relay does not.
+    UnsupportedVersion,
+    /// Something failed on the relay; try again later.
+    Internal,
+    /// The relay is shutting down or overloaded; try again later.
+    Unavailable,
+}
+
+impl RejectCode {
+    /// Whether retrying the same request later may succeed.
+    pub fn is_transient(self) -> bool {
+        matches!(self, RejectCode::Internal | RejectCode::Unavailable)
+    }
+}
+
+/// A refusal with a human-readable reason (what happened, why, what to do).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Rejection {
+    pub code: RejectCode,
+    pub message: String,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+// === Control session ===
+
+/// What an agent can do beyond the baseline; lets the relay pick paths and features.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Capabilities {
+    /// The agent's kernel accepted kernel TLS.
+    #[serde(default)]
+    pub ktls: bool,
+    /// The agent counts stream bytes with eBPF.
+    #[serde(default)]
+    pub ebpf: bool,
+}
+
+/// Messages from agent to relay on the control session.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMsg {
+    /// First message of a session.
+    Hello {
+        version: u32,
+        agent_version: String,
+        hostname: String,
+        #[serde(default)]
+        capabilities: Capabilities,
+    },
+    /// Liveness probe; the relay answers with [`RelayMsg::Pong`].
+    Ping { seq: u64 },
+    /// Answer to [`RelayMsg::Ping`].
+    Pong { seq: u64 },
+}
+
+/// Messages from relay to agent on the control session.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RelayMsg {
+    /// Accepts the session: data connections name `session_id` in their [`DataHello`].
+    Welcome {
+        version: u32,
+        session_id: String,
+        resource_id: String,
+        resource_name: String,
+        /// Each side pings at this interval; a side that hears nothing for three intervals
+        /// declares the peer dead.
+        heartbeat_secs: u64,
+        /// How many idle data connections the agent should keep open.
+        pool_size: u32,
+    },
+    /// Refuses the session; the relay closes the connection after sending it.
+    Rejected(Rejection),
+    Ping {
+        seq: u64,
+    },
+    Pong {
+        seq: u64,
+    },
+    /// The relay ran out of idle data connections: open `count` more now.
+    OpenData {
+        count: u32,
+    },
+}
+
+// === Data connections ===
+
+/// First frame of a data connection: binds it to a control session.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DataHello {
+    pub version: u32,
+    pub session_id: String,
+}
+
+/// Sent by the relay on an idle data connection to start a stream on it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StreamOpen {
+    pub stream_id: u64,
+    /// The platform client's address, for the agent's logs.
+    pub client_addr: String,
+}
+
+/// The agent's answer to [`StreamOpen`] once it has tried the private service.
+/// After `Accepted` the connection carries the stream's raw bytes only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamReply {
+    Accepted,
+    Refused { reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_stop_at_frame_boundary() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        let open = StreamOpen {
+            stream_id: 7,
+            client_addr: "127.0.0.1:5".into(),
+        };
+        write_frame(&mut a, &open).await.unwrap();
+        a.write_all(b"raw").await.unwrap();
+        let got: StreamOpen = read_frame(&mut b).await.unwrap();
+        assert_eq!(got, open);
+        let mut raw = [0u8; 3];
+        b.read_exact(&mut raw).await.unwrap();
+        assert_eq!(&raw, b"raw");
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_is_refused_before_allocation() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&(u32::MAX).to_be_bytes()).await.unwrap();
+        let err = read_frame::<_, StreamOpen>(&mut b).await.unwrap_err();
+        assert!(matches!(err, WireError::TooLarge(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn clean_close_between_frames_is_closed_not_an_error() {
+        let (a, mut b) = tokio::io::duplex(64);
+        drop(a);
+        let err = read_frame::<_, StreamOpen>(&mut b).await.unwrap_err();
+        assert!(matches!(err, WireError::Closed));
+    }
+
+    #[test]
+    fn messages_are_tagged_json() {
+        let m = RelayMsg::OpenData { count: 3 };
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            r#"{"type":"open_data","count":3}"#
+        );
+        let r = EnrollResponse::Rejected(Rejection {
+            code: RejectCode::RevokedToken,
+            message: "x".into(),
+        });
+        let back: EnrollResponse =
+            serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+        assert!(!RejectCode::RevokedToken.is_transient());
+        assert!(RejectCode::Unavailable.is_transient());
+    }
+}

@@ -1,0 +1,331 @@
+//! Operator actions — customers, registration JWTs (with rotation), resources — as plain
+//! methods on [`Relay`], used by the admin HTTP API and by `sluice quickstart`.
+
+use serde::{Deserialize, Serialize};
+use sluice_proto::identity::{JWT_AUDIENCE, JWT_ISSUER, RegistrationClaims, unix_now};
+use tracing::{info, warn};
+
+use crate::agent_port::new_id;
+use crate::relay::Relay;
+use crate::store::{Customer, Resource, StoreError, TokenRecord};
+
+/// An operator-facing failure: an HTTP status and a message that says what to do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl std::fmt::Display for AdminError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for AdminError {}
+
+impl AdminError {
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        AdminError {
+            status: 400,
+            message: m.into(),
+        }
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        AdminError {
+            status: 404,
+            message: m.into(),
+        }
+    }
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(m) => AdminError {
+                status: 409,
+                message: m,
+            },
+            StoreError::Exhausted(m) => AdminError {
+                status: 507,
+                message: m,
+            },
+            StoreError::Db(e) => {
+                warn!(error = %e, "store error");
+                AdminError {
+                    status: 500,
+                    message: format!("the relay's store failed: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// A request for a registration JWT.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JwtRequest {
+    /// Agents register resources of this customer.
+    #[serde(default)]
+    pub customer_id: Option<String>,
+    /// Agents register org-level resources (no customer).
+    #[serde(default)]
+    pub org_only: bool,
+    /// Regenerate the JWT of this existing resource.
+    #[serde(default)]
+    pub resource_id: Option<String>,
+    /// With `resource_id`: revoke every older JWT and certificate of the resource first.
+    #[serde(default)]
+    pub rotate: bool,
+    /// Lifetime in seconds; absent means no expiry.
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
+}
+
+/// An issued registration JWT.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JwtIssued {
+    pub jwt: String,
+    pub jti: String,
+    pub customer_id: Option<String>,
+    pub resource_id: Option<String>,
+    pub generation: Option<u64>,
+    pub expires_at: Option<u64>,
+    /// Agents disconnected by a rotation.
+    pub disconnected_agents: usize,
+}
+
+/// Whether a resource can be reached now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    /// At least one agent is connected.
+    Available,
+    /// Agents registered before, none is connected now.
+    Unavailable,
+    /// No agent has connected yet.
+    Pending,
+}
+
+/// A resource as operators see it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResourceView {
+    pub id: String,
+    pub name: String,
+    pub status: Status,
+    pub customer_id: Option<String>,
+    pub customer_name: Option<String>,
+    /// `host:port` platform jobs connect to.
+    pub endpoint: String,
+    /// Connected agents.
+    pub agents: usize,
+    pub generation: u64,
+    pub last_seen_at: Option<u64>,
+}
+
+impl Relay {
+    pub fn create_customer(&self, name: &str) -> Result<Customer, AdminError> {
+        let name = name.trim();
+        if name.is_empty() || name.len() > 200 {
+            return Err(AdminError::bad_request(
+                "a customer name must be 1 to 200 characters",
+            ));
+        }
+        let c = self
+            .store
+            .create_customer(&new_id("cus"), name, unix_now())?;
+        info!(customer = %c.id, name = %c.name, "customer created");
+        Ok(c)
+    }
+
+    pub fn customers(&self) -> Result<Vec<Customer>, AdminError> {
+        Ok(self.store.customers()?)
+    }
+
+    /// Issues a registration JWT; with `rotate`, first cuts off everything older.
+    pub fn issue_registration_jwt(&self, req: &JwtRequest) -> Result<JwtIssued, AdminError> {
+        let (customer_id, resource, disconnected) = match (
+            &req.resource_id,
+            &req.customer_id,
+            req.org_only,
+        ) {
+            (Some(rid), cid, org_only) => {
+                let r = self.store.resource(rid)?.ok_or_else(|| {
+                    AdminError::not_found(format!(
+                        "no resource with id {rid}; see `sluice resources list --extended`"
+                    ))
+                })?;
+                if let Some(cid) = cid
+                    && r.customer_id.as_ref() != Some(cid)
+                {
+                    return Err(AdminError {
+                        status: 403,
+                        message: format!("resource {rid} does not belong to customer {cid}"),
+                    });
+                }
+                if org_only && r.customer_id.is_some() {
+                    return Err(AdminError::bad_request(format!(
+                        "resource {rid} belongs to a customer; drop --org-only"
+                    )));
+                }
+                if req.rotate {
+                    let generation = self.store.rotate_resource(rid, unix_now())?;
+                    let n = self.registry.revoke(
+                        rid,
+                        Some(generation),
+                        &format!("resource {rid} was rotated: this agent's certificate and registration JWT are revoked"),
+                    );
+                    info!(resource = %rid, generation, disconnected_agents = n, "resource rotated");
+                    let r = self
+                        .store
+                        .resource(rid)?
+                        .ok_or_else(|| AdminError::not_found("resource deleted meanwhile"))?;
+                    (r.customer_id.clone(), Some(r), n)
+                } else {
+                    (r.customer_id.clone(), Some(r), 0)
+                }
+            }
+            (None, _, _) if req.rotate => {
+                return Err(AdminError::bad_request(
+                    "--rotate needs --resource-id: rotation is per resource",
+                ));
+            }
+            (None, Some(_), true) => {
+                return Err(AdminError::bad_request(
+                    "give either --customer-id or --org-only, not both",
+                ));
+            }
+            (None, Some(cid), false) => {
+                if self.store.customer(cid)?.is_none() {
+                    return Err(AdminError::not_found(format!(
+                        "no customer with id {cid}; see `sluice customers list`"
+                    )));
+                }
+                (Some(cid.clone()), None, 0)
+            }
+            (None, None, true) => (None, None, 0),
+            (None, None, false) => {
+                return Err(AdminError::bad_request(
+                    "say who the token is for: --customer-id ID, --org-only, or --resource-id ID",
+                ));
+            }
+        };
+        let now = unix_now();
+        let jti = new_id("jwt");
+        let expires_at = req.expires_in_secs.map(|s| now + s);
+        let claims = RegistrationClaims {
+            iss: JWT_ISSUER.into(),
+            aud: JWT_AUDIENCE.into(),
+            jti: jti.clone(),
+            iat: now,
+            exp: expires_at,
+            customer_id: customer_id.clone(),
+            resource_id: resource.as_ref().map(|r| r.id.clone()),
+            generation: resource.as_ref().map(|r| r.generation),
+            relay_url: self.public_url.to_string(),
+            ca_pin: self.identity.ca_pin.clone(),
+        };
+        self.store.record_token(&TokenRecord {
+            jti: jti.clone(),
+            customer_id: customer_id.clone(),
+            resource_id: claims.resource_id.clone(),
+            issued_at: now,
+            expires_at,
+            revoked_at: None,
+        })?;
+        info!(%jti, customer = ?customer_id, resource = ?claims.resource_id, "registration JWT issued");
+        Ok(JwtIssued {
+            jwt: self.signer.sign(&claims),
+            jti,
+            customer_id,
+            resource_id: claims.resource_id,
+            generation: claims.generation,
+            expires_at,
+            disconnected_agents: disconnected,
+        })
+    }
+
+    fn view(&self, r: Resource, customers: &[Customer]) -> Result<ResourceView, AdminError> {
+        let agents = self.registry.sessions_of(&r.id).len();
+        let status = if agents > 0 {
+            Status::Available
+        } else if self.store.agents_ever_connected(&r.id)? {
+            Status::Unavailable
+        } else {
+            Status::Pending
+        };
+        Ok(ResourceView {
+            customer_name: r
+                .customer_id
+                .as_ref()
+                .and_then(|c| customers.iter().find(|x| &x.id == c))
+                .map(|c| c.name.clone()),
+            endpoint: self.endpoint(r.port),
+            last_seen_at: if agents > 0 {
+                Some(unix_now())
+            } else {
+                r.last_seen_at
+            },
+            id: r.id,
+            name: r.name,
+            status,
+            customer_id: r.customer_id,
+            agents,
+            generation: r.generation,
+        })
+    }
+
+    pub fn resource_views(&self) -> Result<Vec<ResourceView>, AdminError> {
+        let customers = self.store.customers()?;
+        self.store
+            .resources()?
+            .into_iter()
+            .map(|r| self.view(r, &customers))
+            .collect()
+    }
+
+    /// Finds a resource by id, or by name when that name is unique.
+    pub fn resource_view(&self, id_or_name: &str) -> Result<ResourceView, AdminError> {
+        let customers = self.store.customers()?;
+        if let Some(r) = self.store.resource(id_or_name)? {
+            return self.view(r, &customers);
+        }
+        let mut named: Vec<Resource> = self
+            .store
+            .resources()?
+            .into_iter()
+            .filter(|r| r.name == id_or_name)
+            .collect();
+        match named.len() {
+            0 => Err(AdminError::not_found(format!(
+                "no resource with id or name {id_or_name:?}; see `sluice resources list`"
+            ))),
+            1 => self.view(named.remove(0), &customers),
+            _ => Err(AdminError {
+                status: 409,
+                message: format!(
+                    "{} resources are named {id_or_name:?} (ids: {}); give the id instead",
+                    named.len(),
+                    named
+                        .iter()
+                        .map(|r| r.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }),
+        }
+    }
+
+    /// Deletes a resource: its port closes, its agents are cut off, its JWTs revoked.
+    pub fn delete_resource(&self, id: &str) -> Result<(), AdminError> {
+        if !self.store.delete_resource(id, unix_now())? {
+            return Err(AdminError::not_found(format!(
+                "no resource with id {id}; see `sluice resources list --extended`"
+            )));
+        }
+        let n = self
+            .registry
+            .revoke(id, None, &format!("resource {id} was deleted"));
+        info!(resource = %id, disconnected_agents = n, "resource deleted");
+        Ok(())
+    }
+}

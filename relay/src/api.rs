@@ -1,0 +1,161 @@
+//! The admin HTTP API (JSON, bearer token), listening on `--admin-listen`.
+//!
+//! | method | path                          | what                                  |
+//! |--------|-------------------------------|---------------------------------------|
+//! | GET    | /v1/health                    | liveness (no token needed)            |
+//! | GET    | /v1/customers                 | list customers                        |
+//! | POST   | /v1/customers                 | create `{ "name": … }`                |
+//! | POST   | /v1/registration-jwts         | issue a JWT ([`JwtRequest`])          |
+//! | GET    | /v1/resources                 | list resources with live status       |
+//! | GET    | /v1/resources/{id_or_name}    | one resource                          |
+//! | DELETE | /v1/resources/{id}            | delete a resource                     |
+//!
+//! Errors are `{ "error": "what happened and what to do" }` with a fitting status.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::admin::{AdminError, JwtRequest};
+use crate::relay::Relay;
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, AdminError>;
+
+/// Serves the admin API until shutdown.
+pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
+    let shutdown = relay.shutdown.clone();
+    let app = router(relay);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        warn!(error = %e, "admin API stopped");
+    }
+}
+
+fn router(relay: Arc<Relay>) -> Router {
+    let authed = Router::new()
+        .route("/v1/customers", get(list_customers).post(create_customer))
+        .route("/v1/registration-jwts", post(issue_jwt))
+        .route("/v1/resources", get(list_resources))
+        .route(
+            "/v1/resources/{id}",
+            get(get_resource).delete(delete_resource),
+        )
+        .route_layer(middleware::from_fn_with_state(relay.clone(), require_token));
+    Router::new()
+        .route(
+            "/v1/health",
+            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
+        )
+        .merge(authed)
+        .fallback(|| async { AdminError::not_found("no such API path; see docs/admin-api.md") })
+        .with_state(relay)
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(
+    State(relay): State<Arc<Relay>>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(t) if same(t.as_bytes(), relay.identity.admin_token.as_bytes()) => next.run(req).await,
+        Some(_) => AdminError {
+            status: 401,
+            message: "the admin token is wrong: use the one the relay printed on first start (stored in its data \
+                      directory as admin-token)"
+                .into(),
+        }
+        .into_response(),
+        None => AdminError {
+            status: 401,
+            message: "no admin token: send `Authorization: Bearer <token>` (CLI: --admin-token or SLUICE_ADMIN_TOKEN)"
+                .into(),
+        }
+        .into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct NewCustomer {
+    name: String,
+}
+
+async fn list_customers(State(r): State<Arc<Relay>>) -> ApiResult<Vec<crate::store::Customer>> {
+    r.customers().map(Json)
+}
+
+async fn create_customer(
+    State(r): State<Arc<Relay>>,
+    body: Result<Json<NewCustomer>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<crate::store::Customer>), AdminError> {
+    let Json(body) =
+        body.map_err(|e| AdminError::bad_request(format!("expected {{\"name\": …}}: {e}")))?;
+    Ok((StatusCode::CREATED, Json(r.create_customer(&body.name)?)))
+}
+
+async fn issue_jwt(
+    State(r): State<Arc<Relay>>,
+    body: Result<Json<JwtRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<crate::admin::JwtIssued> {
+    let Json(body) =
+        body.map_err(|e| AdminError::bad_request(format!("bad registration JWT request: {e}")))?;
+    r.issue_registration_jwt(&body).map(Json)
+}
+
+async fn list_resources(State(r): State<Arc<Relay>>) -> ApiResult<Vec<crate::admin::ResourceView>> {
+    r.resource_views().map(Json)
+}
+
+async fn get_resource(
+    State(r): State<Arc<Relay>>,
+    Path(id): Path<String>,
+) -> ApiResult<crate::admin::ResourceView> {
+    r.resource_view(&id).map(Json)
+}
+
+async fn delete_resource(
+    State(r): State<Arc<Relay>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, AdminError> {
+    r.delete_resource(&id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same;
+
+    #[test]
+    fn token_comparison() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"abcd"));
+    }
+}

@@ -1,0 +1,455 @@
+//! The admin CLI: `sluice customers …` and `sluice resources …` talk to a relay's admin
+//! API and print tables (default) or JSON (`--output json`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::admin::{JwtIssued, JwtRequest, ResourceView};
+use crate::pki::files;
+use crate::store::Customer;
+
+/// How the CLI finds and authenticates to a relay.
+#[derive(Debug, Clone, Args)]
+pub struct AdminConn {
+    /// URL of the relay's admin API, e.g. http://127.0.0.1:8080. Default: read from the
+    /// data directory of a relay on this host.
+    #[arg(long, env = "SLUICE_ADMIN_URL", global = true)]
+    pub admin_url: Option<String>,
+    /// Admin token the relay printed on first start. Default: read from the data directory.
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// Data directory of a relay on this host (to find its admin URL and token).
+    #[arg(
+        long,
+        env = "SLUICE_DATA_DIR",
+        default_value = "./sluice-data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CustomersCmd {
+    /// Create a customer and print its id.
+    Create {
+        /// Customer name (unique).
+        name: String,
+    },
+    /// List customers.
+    List {
+        /// Comma-separated columns to show: Id,Name,Created.
+        #[arg(long, value_delimiter = ',')]
+        columns: Option<Vec<String>>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ResourcesCmd {
+    /// Print a registration JWT (only the JWT, on stdout) for an agent:
+    /// `export REGISTRATION_JWT=$(sluice resources registration-jwt --customer-id ID)`.
+    #[command(name = "registration-jwt")]
+    RegistrationJwt {
+        /// Agents register resources of this customer (with the agent's NAME).
+        #[arg(long, conflicts_with = "org_only")]
+        customer_id: Option<String>,
+        /// Agents register org-level resources (no customer).
+        #[arg(long)]
+        org_only: bool,
+        /// Regenerate the JWT of this existing resource.
+        #[arg(long)]
+        resource_id: Option<String>,
+        /// With --resource-id: revoke every older JWT and agent certificate of the
+        /// resource and disconnect its agents now.
+        #[arg(long, requires = "resource_id")]
+        rotate: bool,
+        /// Make the JWT expire after this long (e.g. 3600, 30m, 24h, 7d). Default: never.
+        #[arg(long, value_parser = parse_duration_secs)]
+        expires_in: Option<u64>,
+    },
+    /// List resources: Name, Status, Customer (and more with --extended).
+    List {
+        /// Also show Id, CustomerId, Endpoint, Agents, Last seen.
+        #[arg(long)]
+        extended: bool,
+        /// Comma-separated columns to show (any of the extended ones).
+        #[arg(long, value_delimiter = ',')]
+        columns: Option<Vec<String>>,
+    },
+    /// Print the host:port a platform job connects to for a resource.
+    Endpoint {
+        /// Resource id, or its name when unique.
+        name_or_id: String,
+    },
+    /// Delete a resource: its port closes, its agents are disconnected, its JWTs revoked.
+    Delete {
+        /// Resource id.
+        id: String,
+    },
+}
+
+/// Parses `3600`, `30s`, `30m`, `24h` or `7d` into seconds.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86400),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .map(|n| n * mult)
+        .ok_or_else(|| format!("{s:?} is not a duration: use e.g. 3600, 30m, 24h or 7d"))
+}
+
+/// A connection to a relay's admin API.
+pub struct AdminClient {
+    base: String,
+    token: String,
+    http: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+impl AdminClient {
+    pub fn new(conn: &AdminConn) -> Result<Self> {
+        let base = conn
+            .admin_url
+            .clone()
+            .or_else(|| read_trimmed(&conn.data_dir.join(files::ADMIN_URL)))
+            .ok_or_else(|| {
+                anyhow!(
+                    "cannot find the relay: pass --admin-url (SLUICE_ADMIN_URL), or run on the relay's host with \
+                     --data-dir pointing at its data directory (looked in {})",
+                    conn.data_dir.display()
+                )
+            })?;
+        let token = conn
+            .admin_token
+            .clone()
+            .or_else(|| read_trimmed(&conn.data_dir.join(files::ADMIN_TOKEN)))
+            .ok_or_else(|| {
+                anyhow!(
+                    "no admin token: pass --admin-token (SLUICE_ADMIN_TOKEN), or run on the relay's host with \
+                     --data-dir pointing at its data directory (looked in {})",
+                    conn.data_dir.display()
+                )
+            })?;
+        if !base.starts_with("http://") {
+            bail!(
+                "--admin-url {base:?} must start with http:// (the admin API listens on plain HTTP, by default on loopback)"
+            );
+        }
+        Ok(AdminClient {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        })
+    }
+
+    /// Sends a request; a non-2xx answer becomes an error with the API's message.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<T> {
+        let url = format!("{}{}", self.base, path);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("authorization", format!("Bearer {}", self.token))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))?;
+        let resp = self.http.request(req).await.map_err(|e| {
+            anyhow!(
+                "cannot reach the relay's admin API at {}: {e:#}; is `sluice serve` running there?",
+                self.base
+            )
+        })?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("{} ({})", msg, status);
+        }
+        if bytes.is_empty() {
+            return Ok(serde_json::from_value(Value::Null)?);
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("unexpected answer from {url}"))
+    }
+}
+
+/// Runs `sluice customers …`.
+pub async fn customers(conn: &AdminConn, cmd: CustomersCmd) -> Result<()> {
+    let api = AdminClient::new(conn)?;
+    match cmd {
+        CustomersCmd::Create { name } => {
+            let c: Customer = api
+                .call(
+                    "POST",
+                    "/v1/customers",
+                    Some(serde_json::json!({ "name": name })),
+                )
+                .await?;
+            match conn.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&c)?),
+                Output::Table => println!("{}", c.id),
+            }
+        }
+        CustomersCmd::List { columns } => {
+            let list: Vec<Customer> = api.call("GET", "/v1/customers", None).await?;
+            if conn.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            let rows = list
+                .iter()
+                .map(|c| vec![c.id.clone(), c.name.clone(), ago(Some(c.created_at))])
+                .collect();
+            print_table(
+                &["Id", "Name", "Created"],
+                &["Id", "Name"],
+                rows,
+                columns.as_deref(),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `sluice resources …`.
+pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
+    let api = AdminClient::new(conn)?;
+    match cmd {
+        ResourcesCmd::RegistrationJwt {
+            customer_id,
+            org_only,
+            resource_id,
+            rotate,
+            expires_in,
+        } => {
+            let req = JwtRequest {
+                customer_id,
+                org_only,
+                resource_id,
+                rotate,
+                expires_in_secs: expires_in,
+            };
+            let issued: JwtIssued = api
+                .call(
+                    "POST",
+                    "/v1/registration-jwts",
+                    Some(serde_json::to_value(&req)?),
+                )
+                .await?;
+            if rotate {
+                eprintln!(
+                    "Rotated resource {} to key generation {}: older JWTs and agent certificates are revoked; {} agent(s) disconnected.",
+                    issued.resource_id.as_deref().unwrap_or("?"),
+                    issued.generation.unwrap_or(0),
+                    issued.disconnected_agents
+                );
+            }
+            match conn.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&issued)?),
+                Output::Table => println!("{}", issued.jwt),
+            }
+        }
+        ResourcesCmd::List { extended, columns } => {
+            let list: Vec<ResourceView> = api.call("GET", "/v1/resources", None).await?;
+            if conn.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            let all = [
+                "Name",
+                "Status",
+                "Customer",
+                "Id",
+                "CustomerId",
+                "Endpoint",
+                "Agents",
+                "Last seen",
+            ];
+            let default: &[&str] = if extended { &all } else { &all[..3] };
+            let rows = list
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.name.clone(),
+                        serde_json::to_value(r.status)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        r.customer_name.clone().unwrap_or_else(|| "-".into()),
+                        r.id.clone(),
+                        r.customer_id.clone().unwrap_or_else(|| "-".into()),
+                        r.endpoint.clone(),
+                        r.agents.to_string(),
+                        if r.agents > 0 {
+                            "now".into()
+                        } else {
+                            ago(r.last_seen_at)
+                        },
+                    ]
+                })
+                .collect();
+            print_table(&all, default, rows, columns.as_deref())?;
+        }
+        ResourcesCmd::Endpoint { name_or_id } => {
+            let r: ResourceView = api
+                .call(
+                    "GET",
+                    &format!("/v1/resources/{}", encode_path(&name_or_id)),
+                    None,
+                )
+                .await?;
+            match conn.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({ "id": r.id, "endpoint": r.endpoint })
+                ),
+                Output::Table => println!("{}", r.endpoint),
+            }
+        }
+        ResourcesCmd::Delete { id } => {
+            let _: Value = api
+                .call(
+                    "DELETE",
+                    &format!("/v1/resources/{}", encode_path(&id)),
+                    None,
+                )
+                .await?;
+            eprintln!("Deleted resource {id}.");
+        }
+    }
+    Ok(())
+}
+
+fn encode_path(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// "5m ago" style rendering of a Unix time.
+fn ago(t: Option<u64>) -> String {
+    let Some(t) = t else { return "never".into() };
+    let d = sluice_proto::identity::unix_now().saturating_sub(t);
+    match d {
+        0..=59 => format!("{d}s ago"),
+        60..=3599 => format!("{}m ago", d / 60),
+        3600..=86399 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86400),
+    }
+}
+
+/// Prints rows as an aligned table. `wanted` (case-insensitive names) overrides `default`.
+fn print_table(
+    all: &[&str],
+    default: &[&str],
+    rows: Vec<Vec<String>>,
+    wanted: Option<&[String]>,
+) -> Result<()> {
+    let pick: Vec<usize> = match wanted {
+        Some(w) => w
+            .iter()
+            .map(|c| {
+                all.iter()
+                    .position(|a| {
+                        a.eq_ignore_ascii_case(c.trim())
+                            || a.replace(' ', "").eq_ignore_ascii_case(c.trim())
+                    })
+                    .ok_or_else(|| anyhow!("unknown column {c:?}; available: {}", all.join(",")))
+            })
+            .collect::<Result<_>>()?,
+        None => default
+            .iter()
+            .map(|d| {
+                all.iter()
+                    .position(|a| a == d)
+                    .expect("default column exists")
+            })
+            .collect(),
+    };
+    let mut widths: Vec<usize> = pick.iter().map(|&i| all[i].len()).collect();
+    for row in &rows {
+        for (w, &i) in widths.iter_mut().zip(&pick) {
+            *w = (*w).max(row[i].len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(pick.iter().map(|&i| all[i]).collect());
+    for row in &rows {
+        line(pick.iter().map(|&i| row[i].as_str()).collect());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_secs("3600"), Ok(3600));
+        assert_eq!(parse_duration_secs("30m"), Ok(1800));
+        assert_eq!(parse_duration_secs("7d"), Ok(604800));
+        assert!(parse_duration_secs("0").is_err());
+        assert!(parse_duration_secs("soon").is_err());
+    }
+
+    #[test]
+    fn path_encoding() {
+        assert_eq!(encode_path("res_ab-1"), "res_ab-1");
+        assert_eq!(encode_path("a b/c"), "a%20b%2Fc");
+    }
+}

@@ -1,0 +1,211 @@
+//! `sluice quickstart`: a relay, a demo customer, a registration JWT and an agent in one
+//! process, pointed at a built-in echo service (or `--app-host/--app-port`), so a new
+//! user sees a stream go through the tunnel within seconds.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use sluice_agent::config::RawConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{JwtRequest, Status};
+use crate::relay::{self, RelayConfig, parse_port_range};
+
+/// Options of `sluice quickstart`.
+#[derive(Debug, Args)]
+pub struct QuickstartArgs {
+    /// Data directory for the relay (kept). Default: a temporary one, removed on exit.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Private service host for the agent. Default: a built-in echo service.
+    #[arg(long, requires = "app_port")]
+    pub app_host: Option<String>,
+    /// Private service port for the agent.
+    #[arg(long, requires = "app_host")]
+    pub app_port: Option<u16>,
+    /// Resource name.
+    #[arg(long, default_value = "demo-echo")]
+    pub name: String,
+    /// Where the relay listens for agents.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub agent_listen: SocketAddr,
+    /// Where the admin API listens.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub admin_listen: SocketAddr,
+    /// Port range for resources.
+    #[arg(long, default_value = "40000-40999", value_parser = parse_port_range)]
+    pub resource_ports: std::ops::RangeInclusive<u16>,
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+}
+
+/// A tiny echo service standing in for a private database or SFTP server.
+async fn echo_service() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+pub async fn run(args: QuickstartArgs) -> Result<()> {
+    let (data_dir, _temp) = match &args.data_dir {
+        Some(d) => (d.clone(), None),
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("sluice-quickstart-")
+                .tempdir()?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let running = relay::start(RelayConfig {
+        data_dir: data_dir.clone(),
+        agent_listen: args.agent_listen,
+        admin_listen: args.admin_listen,
+        public_url: None,
+        resource_bind: "127.0.0.1".parse().expect("address"),
+        resource_ports: args.resource_ports.clone(),
+        database_url: None,
+        heartbeat: Duration::from_secs(10),
+        pool_size: 4,
+    })
+    .await?;
+    let relay = running.relay.clone();
+
+    let (app_host, app_port, what) = match (&args.app_host, args.app_port) {
+        (Some(h), Some(p)) => (h.clone(), p, format!("{h}:{p}")),
+        _ => {
+            let a = echo_service().await?;
+            (
+                a.ip().to_string(),
+                a.port(),
+                format!("{a} (built-in echo service)"),
+            )
+        }
+    };
+    let customer = match relay.customers()?.into_iter().find(|c| c.name == "demo") {
+        Some(c) => c,
+        None => relay.create_customer("demo")?,
+    };
+    let jwt = relay
+        .issue_registration_jwt(&JwtRequest {
+            customer_id: Some(customer.id.clone()),
+            ..Default::default()
+        })?
+        .jwt;
+
+    let agent_cfg = RawConfig {
+        app_host: Some(app_host),
+        app_port: Some(app_port.to_string()),
+        name: Some(args.name.clone()),
+        registration_jwt: Some(jwt),
+        state_dir: Some(data_dir.join("agent-state")),
+        relay_url: None,
+        reconnect_max_secs: Some(5),
+    }
+    .validate()
+    .map_err(anyhow::Error::msg)?;
+    let stop = CancellationToken::new();
+    let agent = tokio::spawn(sluice_agent::run(agent_cfg, stop.clone()));
+
+    // Wait for the agent to register and its session to come up.
+    let started = Instant::now();
+    let view = loop {
+        if let Ok(v) = relay.resource_view(&args.name)
+            && v.status == Status::Available
+        {
+            break v;
+        }
+        if agent.is_finished() || started.elapsed() > Duration::from_secs(30) {
+            bail!("the demo agent did not come up within 30 s; see the log above");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let check = self_check(&view.endpoint, args.app_host.is_none()).await;
+
+    println!();
+    println!("Sluice quickstart is running.");
+    println!("  relay (agents dial)  {}", relay.public_url);
+    println!("  admin API            {}", running.admin_url);
+    println!("  customer             {} ({})", customer.name, customer.id);
+    println!(
+        "  resource             {} ({}) -> agent -> {what}",
+        view.name, view.id
+    );
+    println!();
+    println!("Platform jobs connect to:  {}", view.endpoint);
+    match check {
+        Ok(Some(ms)) => {
+            println!("  self-check: a message went through the tunnel and back in {ms:.1} ms")
+        }
+        Ok(None) => {}
+        Err(e) => println!("  self-check FAILED: {e:#}"),
+    }
+    let (host, port) = view
+        .endpoint
+        .rsplit_once(':')
+        .unwrap_or((&view.endpoint, ""));
+    println!("  try:  echo hello | nc -q1 {host} {port}");
+    println!();
+    println!("Use the admin CLI against this relay from another terminal:");
+    println!(
+        "  export SLUICE_ADMIN_URL={} SLUICE_ADMIN_TOKEN={}",
+        running.admin_url, relay.identity.admin_token
+    );
+    println!("  cargo run --release -- resources list --extended");
+    println!();
+    match &args.data_dir {
+        Some(d) => println!("Data directory: {} (kept). Stop with Ctrl-C.", d.display()),
+        None => println!(
+            "Data directory: {} (temporary, removed on exit). Stop with Ctrl-C.",
+            data_dir.display()
+        ),
+    }
+    wait_for_signal().await;
+    println!("Stopping.");
+    stop.cancel();
+    running.shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(2), agent).await;
+    Ok(())
+}
+
+/// Sends a message through the endpoint and checks the echo (only for the built-in echo).
+async fn self_check(endpoint: &str, is_echo: bool) -> Result<Option<f64>> {
+    if !is_echo {
+        return Ok(None);
+    }
+    let t = Instant::now();
+    let mut s = TcpStream::connect(endpoint)
+        .await
+        .with_context(|| format!("connecting to {endpoint}"))?;
+    s.write_all(b"sluice quickstart").await?;
+    s.shutdown().await?;
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
+        .await
+        .context("no echo in 10 s")??;
+    if back != b"sluice quickstart" {
+        bail!(
+            "the echo came back different: {:?}",
+            String::from_utf8_lossy(&back)
+        );
+    }
+    Ok(Some(t.elapsed().as_secs_f64() * 1000.0))
+}

@@ -1,0 +1,241 @@
+//! The running relay: configuration, shared state, and start-up of its three kinds of
+//! listener (the agent port, the admin API, one port per resource with a live agent).
+
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use sluice_proto::relay_url::RelayUrl;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::pki::{RelayIdentity, files};
+use crate::registry::Registry;
+use crate::store::{SqliteStore, Store};
+use crate::tokens::TokenSigner;
+
+/// Everything `sluice serve` is told.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub data_dir: PathBuf,
+    pub agent_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// What agents dial; derived from `agent_listen` when not given.
+    pub public_url: Option<String>,
+    pub resource_bind: IpAddr,
+    pub resource_ports: RangeInclusive<u16>,
+    pub database_url: Option<String>,
+    pub heartbeat: Duration,
+    /// Idle data connections each agent keeps open.
+    pub pool_size: u32,
+}
+
+/// The relay's shared state, handed to every task.
+pub struct Relay {
+    pub config: RelayConfig,
+    pub public_url: RelayUrl,
+    pub identity: RelayIdentity,
+    pub signer: TokenSigner,
+    pub store: Arc<dyn Store>,
+    pub registry: Registry,
+    pub shutdown: CancellationToken,
+    next_stream_id: AtomicU64,
+}
+
+impl Relay {
+    pub fn next_stream_id(&self) -> u64 {
+        self.next_stream_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// `host:port` platform jobs use for a resource's port.
+    pub fn endpoint(&self, port: u16) -> String {
+        let host = if self.config.resource_bind.is_unspecified() {
+            self.public_url.host.clone()
+        } else {
+            self.config.resource_bind.to_string()
+        };
+        if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        }
+    }
+}
+
+/// A started relay: where it listens, and how to stop it.
+pub struct RunningRelay {
+    pub relay: Arc<Relay>,
+    pub agent_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub admin_url: String,
+}
+
+impl RunningRelay {
+    /// Stops accepting and ends every session.
+    pub fn shutdown(&self) {
+        self.relay.shutdown.cancel();
+    }
+}
+
+/// Parses `A-B` (or a single port) into a port range.
+pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let parse = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| {
+                format!("{p:?} is not a port number (1-65535); expected a range like 40000-40999")
+            })
+    };
+    let (a, b) = (parse(a)?, parse(b)?);
+    if a > b {
+        return Err(format!(
+            "port range {s:?} is empty: the first port must not exceed the last"
+        ));
+    }
+    Ok(a..=b)
+}
+
+fn derive_public_url(cfg: &RelayConfig, agent_addr: SocketAddr) -> Result<RelayUrl> {
+    if let Some(u) = &cfg.public_url {
+        return RelayUrl::parse(u)
+            .map_err(anyhow::Error::msg)
+            .context("--public-url");
+    }
+    let host = if agent_addr.ip().is_unspecified() {
+        let name = hostname();
+        warn!(
+            host = %name,
+            "no --public-url given: agents will be told to dial this machine's host name; set --public-url \
+             (SLUICE_PUBLIC_URL) to the address agents can reach"
+        );
+        name
+    } else {
+        agent_addr.ip().to_string()
+    };
+    Ok(RelayUrl {
+        host,
+        port: agent_addr.port(),
+    })
+}
+
+/// This machine's host name (falls back to `localhost`).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn open_store(cfg: &RelayConfig) -> Result<Arc<dyn Store>> {
+    let path = match cfg.database_url.as_deref() {
+        None => cfg.data_dir.join(files::DATABASE),
+        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => bail!(
+            "--database-url {u:?}: PostgreSQL is not supported by this build yet; omit --database-url to use \
+             the embedded SQLite store in the data directory"
+        ),
+        Some(u) => PathBuf::from(u.strip_prefix("sqlite://").unwrap_or(u)),
+    };
+    let store = SqliteStore::open(&path)
+        .with_context(|| format!("opening the store at {}", path.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// Starts a relay: loads (or creates) its identity, opens the store, binds the agent and
+/// admin listeners, and returns once they accept.
+pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
+    let agent_listener = TcpListener::bind(config.agent_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the agent listener on {} (--agent-listen); is another relay running?",
+                config.agent_listen
+            )
+        })?;
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the admin API on {} (--admin-listen); is another relay running?",
+                config.admin_listen
+            )
+        })?;
+    let agent_addr = agent_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let public_url = derive_public_url(&config, agent_addr)?;
+
+    let mut names = vec![
+        public_url.host.clone(),
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    names.dedup();
+    let identity = RelayIdentity::load_or_create(&config.data_dir, &names)?;
+    if identity.created {
+        // Shown once, on the terminal of whoever first started the relay; it is also in
+        // the data directory (0600) for the CLI on this host.
+        println!(
+            "Admin token (shown once; also stored in {}):",
+            config.data_dir.join(files::ADMIN_TOKEN).display()
+        );
+        println!("  {}", identity.admin_token);
+    }
+    let store = open_store(&config)?;
+    let admin_url = format!("http://{admin_addr}");
+    crate::pki::write_secret(
+        &config.data_dir.join(files::ADMIN_URL),
+        admin_url.as_bytes(),
+    )?;
+
+    let relay = Arc::new(Relay {
+        signer: TokenSigner::new(&identity.jwt_key),
+        identity,
+        store,
+        public_url,
+        registry: Registry::default(),
+        shutdown: CancellationToken::new(),
+        next_stream_id: AtomicU64::new(0),
+        config,
+    });
+
+    let n_resources = relay.store.resources()?.len();
+    info!(
+        agent_listen = %agent_addr,
+        admin = %admin_url,
+        public_url = %relay.public_url,
+        resources = n_resources,
+        ca_pin = %relay.identity.ca_pin,
+        "relay ready"
+    );
+    tokio::spawn(crate::agent_port::serve(relay.clone(), agent_listener));
+    tokio::spawn(crate::api::serve(relay.clone(), admin_listener));
+    Ok(RunningRelay {
+        relay,
+        agent_addr,
+        admin_addr,
+        admin_url,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_parse_with_clear_errors() {
+        assert_eq!(parse_port_range("40000-40999").unwrap(), 40000..=40999);
+        assert_eq!(parse_port_range("5").unwrap(), 5..=5);
+        assert!(parse_port_range("9-1").unwrap_err().contains("empty"));
+        assert!(parse_port_range("0-5").unwrap_err().contains("not a port"));
+        assert!(parse_port_range("a-b").is_err());
+    }
+}

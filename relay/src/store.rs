@@ -1,0 +1,563 @@
+//! The relay's persistent state: customers, resources (with their stable ports and key
+//! generations), agents, and every registration JWT issued.
+//!
+//! [`Store`] is the one interface the rest of the relay uses; [`SqliteStore`] is the
+//! embedded default. The calls are synchronous and short (single-row reads and writes on
+//! a local file), made on admin requests and enrollments, never per stream byte.
+
+use std::ops::RangeInclusive;
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+/// A customer of the platform operator (a tenant).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Customer {
+    pub id: String,
+    pub name: String,
+    pub created_at: u64,
+}
+
+/// A private service reachable through one or more agents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resource {
+    pub id: String,
+    /// `None` for an org-level resource.
+    pub customer_id: Option<String>,
+    pub name: String,
+    /// The relay port platform jobs connect to; stable for the resource's life.
+    pub port: u16,
+    /// Key generation: bumped by a rotation; certificates of older generations are refused.
+    pub generation: u64,
+    pub created_at: u64,
+    /// When an agent session last started or ended (seconds since the epoch).
+    pub last_seen_at: Option<u64>,
+}
+
+/// A registration JWT the relay issued.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRecord {
+    pub jti: String,
+    pub customer_id: Option<String>,
+    pub resource_id: Option<String>,
+    pub issued_at: u64,
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
+}
+
+/// An enrolled agent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentRecord {
+    pub id: String,
+    pub resource_id: String,
+    pub generation: u64,
+    pub hostname: String,
+    pub enrolled_at: u64,
+}
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("database error: {0}")]
+    Db(#[from] rusqlite::Error),
+}
+
+/// The relay's state, behind one small interface so a PostgreSQL implementation can
+/// stand beside the embedded SQLite one.
+pub trait Store: Send + Sync {
+    fn create_customer(&self, id: &str, name: &str, now: u64) -> Result<Customer, StoreError>;
+    fn customers(&self) -> Result<Vec<Customer>, StoreError>;
+    fn customer(&self, id: &str) -> Result<Option<Customer>, StoreError>;
+
+    /// Creates a resource with the lowest free port of `ports`.
+    fn create_resource(
+        &self,
+        id: &str,
+        customer_id: Option<&str>,
+        name: &str,
+        ports: RangeInclusive<u16>,
+        now: u64,
+    ) -> Result<Resource, StoreError>;
+    fn resource(&self, id: &str) -> Result<Option<Resource>, StoreError>;
+    fn resource_by_name(
+        &self,
+        customer_id: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Resource>, StoreError>;
+    fn resources(&self) -> Result<Vec<Resource>, StoreError>;
+    /// Bumps the key generation and revokes every token issued for, or used to enroll,
+    /// the resource. Returns the new generation.
+    fn rotate_resource(&self, id: &str, now: u64) -> Result<u64, StoreError>;
+    /// Deletes the resource, its agents, and revokes its tokens. False if it did not exist.
+    fn delete_resource(&self, id: &str, now: u64) -> Result<bool, StoreError>;
+    fn touch_resource(&self, id: &str, now: u64) -> Result<(), StoreError>;
+
+    fn record_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
+    fn token(&self, jti: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Remembers that `jti` enrolled an agent of `resource_id` (so a rotation revokes it).
+    fn mark_token_used(&self, jti: &str, resource_id: &str) -> Result<(), StoreError>;
+
+    fn add_agent(&self, a: &AgentRecord) -> Result<(), StoreError>;
+    /// Whether any agent of the resource ever completed a control session.
+    fn agents_ever_connected(&self, resource_id: &str) -> Result<bool, StoreError>;
+    fn mark_agent_connected(&self, agent_id: &str, now: u64) -> Result<(), StoreError>;
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema
+    "CREATE TABLE customers (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+     );
+     CREATE TABLE resources (
+        id TEXT PRIMARY KEY,
+        customer_id TEXT REFERENCES customers(id),
+        scope TEXT NOT NULL,          -- customer id, or '' for org-level: makes (scope, name) unique
+        name TEXT NOT NULL,
+        port INTEGER NOT NULL UNIQUE,
+        generation INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        last_seen_at INTEGER,
+        UNIQUE (scope, name)
+     );
+     CREATE TABLE agents (
+        id TEXT PRIMARY KEY,
+        resource_id TEXT NOT NULL REFERENCES resources(id) ON DELETE CASCADE,
+        generation INTEGER NOT NULL,
+        hostname TEXT NOT NULL,
+        enrolled_at INTEGER NOT NULL,
+        connected_at INTEGER
+     );
+     CREATE TABLE registration_tokens (
+        jti TEXT PRIMARY KEY,
+        customer_id TEXT,
+        resource_id TEXT,
+        issued_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        revoked_at INTEGER
+     );
+     CREATE TABLE token_uses (
+        jti TEXT NOT NULL,
+        resource_id TEXT NOT NULL,
+        PRIMARY KEY (jti, resource_id)
+     );",
+];
+
+/// The embedded store: one SQLite file in the data directory.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let store = SqliteStore {
+            conn: Mutex::new(conn),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.lock().unwrap();
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn)
+    }
+}
+
+const RESOURCE_COLS: &str = "id, customer_id, name, port, generation, created_at, last_seen_at";
+
+fn resource_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Resource> {
+    Ok(Resource {
+        id: r.get(0)?,
+        customer_id: r.get(1)?,
+        name: r.get(2)?,
+        port: r.get(3)?,
+        generation: r.get::<_, i64>(4)? as u64,
+        created_at: r.get::<_, i64>(5)? as u64,
+        last_seen_at: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+    })
+}
+
+fn customer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Customer> {
+    Ok(Customer {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        created_at: r.get::<_, i64>(2)? as u64,
+    })
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+impl Store for SqliteStore {
+    fn create_customer(&self, id: &str, name: &str, now: u64) -> Result<Customer, StoreError> {
+        self.with(|c| {
+            match c.execute(
+                "INSERT INTO customers (id, name, created_at) VALUES (?1, ?2, ?3)",
+                params![id, name, now as i64],
+            ) {
+                Ok(_) => Ok(Customer {
+                    id: id.into(),
+                    name: name.into(),
+                    created_at: now,
+                }),
+                Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!(
+                    "a customer named {name:?} already exists"
+                ))),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+
+    fn customers(&self) -> Result<Vec<Customer>, StoreError> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT id, name, created_at FROM customers ORDER BY created_at, name")?;
+            let rows = st.query_map([], customer_row)?.collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn customer(&self, id: &str) -> Result<Option<Customer>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT id, name, created_at FROM customers WHERE id = ?1",
+                [id],
+                customer_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn create_resource(
+        &self,
+        id: &str,
+        customer_id: Option<&str>,
+        name: &str,
+        ports: RangeInclusive<u16>,
+        now: u64,
+    ) -> Result<Resource, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let used: std::collections::HashSet<u16> = {
+                let mut st = tx.prepare("SELECT port FROM resources")?;
+                st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+            };
+            let port = ports.clone().find(|p| !used.contains(p)).ok_or_else(|| {
+                StoreError::Exhausted(format!(
+                    "every port of the resource port range {}-{} is taken: widen --resource-ports",
+                    ports.start(),
+                    ports.end()
+                ))
+            })?;
+            let res = tx.execute(
+                "INSERT INTO resources (id, customer_id, scope, name, port, generation, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6)",
+                params![
+                    id,
+                    customer_id,
+                    customer_id.unwrap_or(""),
+                    name,
+                    port,
+                    now as i64
+                ],
+            );
+            match res {
+                Ok(_) => {}
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(StoreError::Conflict(format!(
+                        "a resource named {name:?} already exists"
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
+            tx.commit()?;
+            Ok(Resource {
+                id: id.into(),
+                customer_id: customer_id.map(Into::into),
+                name: name.into(),
+                port,
+                generation: 1,
+                created_at: now,
+                last_seen_at: None,
+            })
+        })
+    }
+
+    fn resource(&self, id: &str) -> Result<Option<Resource>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {RESOURCE_COLS} FROM resources WHERE id = ?1"),
+                [id],
+                resource_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn resource_by_name(
+        &self,
+        customer_id: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Resource>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {RESOURCE_COLS} FROM resources WHERE scope = ?1 AND name = ?2"),
+                params![customer_id.unwrap_or(""), name],
+                resource_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn resources(&self) -> Result<Vec<Resource>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {RESOURCE_COLS} FROM resources ORDER BY created_at, name"
+            ))?;
+            let rows = st.query_map([], resource_row)?.collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn rotate_resource(&self, id: &str, now: u64) -> Result<u64, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE resources SET generation = generation + 1 WHERE id = ?1",
+                [id],
+            )?;
+            let generation: i64 = tx.query_row(
+                "SELECT generation FROM resources WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )?;
+            revoke_tokens_of(&tx, id, now)?;
+            tx.commit()?;
+            Ok(generation as u64)
+        })
+    }
+
+    fn delete_resource(&self, id: &str, now: u64) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            revoke_tokens_of(&tx, id, now)?;
+            tx.execute("DELETE FROM agents WHERE resource_id = ?1", [id])?;
+            let n = tx.execute("DELETE FROM resources WHERE id = ?1", [id])?;
+            tx.commit()?;
+            Ok(n > 0)
+        })
+    }
+
+    fn touch_resource(&self, id: &str, now: u64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE resources SET last_seen_at = ?2 WHERE id = ?1",
+                params![id, now as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn record_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO registration_tokens (jti, customer_id, resource_id, issued_at, expires_at, revoked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    t.jti,
+                    t.customer_id,
+                    t.resource_id,
+                    t.issued_at as i64,
+                    t.expires_at.map(|v| v as i64),
+                    t.revoked_at.map(|v| v as i64)
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn token(&self, jti: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT jti, customer_id, resource_id, issued_at, expires_at, revoked_at
+                 FROM registration_tokens WHERE jti = ?1",
+                [jti],
+                |r| {
+                    Ok(TokenRecord {
+                        jti: r.get(0)?,
+                        customer_id: r.get(1)?,
+                        resource_id: r.get(2)?,
+                        issued_at: r.get::<_, i64>(3)? as u64,
+                        expires_at: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                        revoked_at: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+                    })
+                },
+            )
+            .optional()?)
+        })
+    }
+
+    fn mark_token_used(&self, jti: &str, resource_id: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO token_uses (jti, resource_id) VALUES (?1, ?2)",
+                params![jti, resource_id],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn add_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO agents (id, resource_id, generation, hostname, enrolled_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![a.id, a.resource_id, a.generation as i64, a.hostname, a.enrolled_at as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn agents_ever_connected(&self, resource_id: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM agents WHERE resource_id = ?1 AND connected_at IS NOT NULL)",
+                [resource_id],
+                |r| r.get(0),
+            )?)
+        })
+    }
+
+    fn mark_agent_connected(&self, agent_id: &str, now: u64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE agents SET connected_at = ?2 WHERE id = ?1",
+                params![agent_id, now as i64],
+            )?;
+            Ok(())
+        })
+    }
+}
+
+fn revoke_tokens_of(
+    tx: &rusqlite::Transaction<'_>,
+    resource_id: &str,
+    now: u64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE registration_tokens SET revoked_at = ?2
+         WHERE revoked_at IS NULL
+           AND (resource_id = ?1 OR jti IN (SELECT jti FROM token_uses WHERE resource_id = ?1))",
+        params![resource_id, now as i64],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn ports_are_allocated_lowest_free_and_survive_reopen() {
+        let (dir, s) = store();
+        s.create_customer("c1", "acme", 1).unwrap();
+        let a = s
+            .create_resource("r1", Some("c1"), "db", 100..=102, 1)
+            .unwrap();
+        let b = s.create_resource("r2", None, "db", 100..=102, 1).unwrap();
+        assert_eq!((a.port, b.port), (100, 101));
+        assert!(s.delete_resource("r1", 2).unwrap());
+        let c = s
+            .create_resource("r3", Some("c1"), "sftp", 100..=102, 3)
+            .unwrap();
+        assert_eq!(c.port, 100, "a deleted resource's port is reused");
+        s.create_resource("r4", Some("c1"), "x", 100..=102, 3)
+            .unwrap();
+        let err = s
+            .create_resource("r5", Some("c1"), "y", 100..=102, 3)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Exhausted(_)));
+        drop(s);
+        let s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        assert_eq!(s.resource("r2").unwrap().unwrap().port, 101);
+    }
+
+    #[test]
+    fn names_are_unique_per_customer() {
+        let (_d, s) = store();
+        s.create_customer("c1", "acme", 1).unwrap();
+        s.create_customer("c2", "globex", 1).unwrap();
+        assert!(matches!(
+            s.create_customer("c3", "acme", 1),
+            Err(StoreError::Conflict(_))
+        ));
+        s.create_resource("r1", Some("c1"), "db", 1..=9, 1).unwrap();
+        s.create_resource("r2", Some("c2"), "db", 1..=9, 1).unwrap();
+        assert!(matches!(
+            s.create_resource("r3", Some("c1"), "db", 1..=9, 1),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(
+            s.resource_by_name(Some("c2"), "db").unwrap().unwrap().id,
+            "r2"
+        );
+        assert_eq!(s.resource_by_name(None, "db").unwrap(), None);
+    }
+
+    #[test]
+    fn rotation_bumps_generation_and_revokes_issued_and_used_tokens() {
+        let (_d, s) = store();
+        s.create_customer("c1", "acme", 1).unwrap();
+        s.create_resource("r1", Some("c1"), "db", 1..=9, 1).unwrap();
+        let tok = |jti: &str, rid: Option<&str>| TokenRecord {
+            jti: jti.into(),
+            customer_id: Some("c1".into()),
+            resource_id: rid.map(Into::into),
+            issued_at: 1,
+            expires_at: None,
+            revoked_at: None,
+        };
+        s.record_token(&tok("for-r1", Some("r1"))).unwrap();
+        s.record_token(&tok("used-for-r1", None)).unwrap();
+        s.record_token(&tok("unrelated", None)).unwrap();
+        s.mark_token_used("used-for-r1", "r1").unwrap();
+        assert_eq!(s.rotate_resource("r1", 5).unwrap(), 2);
+        assert_eq!(s.token("for-r1").unwrap().unwrap().revoked_at, Some(5));
+        assert_eq!(s.token("used-for-r1").unwrap().unwrap().revoked_at, Some(5));
+        assert_eq!(s.token("unrelated").unwrap().unwrap().revoked_at, None);
+    }
+}
