@@ -1,1 +1,337 @@
-//! placeholder
+//! Harness for end-to-end tests of the real `sluice` and `sluice-agent` binaries.
+//!
+//! Each test starts its own relay (fresh data directory, free loopback ports) and its
+//! own agents as child processes, and kills them when the handles drop. Logs of every
+//! child go to files in the test's temporary directory and are printed when a wait
+//! fails, so a red test explains itself.
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::Value;
+
+pub mod load;
+
+/// Directory holding the built binaries (next to the test executable's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf();
+    for b in ["sluice", "sluice-agent"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} is missing: build the binaries first (`cargo build --release --bins`, which `cargo xtask test` does)",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A free loopback TCP port (free when checked).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+static RANGES: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// `n` consecutive free ports, not handed to any other test of this process.
+pub fn free_port_range(n: u16) -> (u16, u16) {
+    let mut taken = RANGES.lock().unwrap();
+    let taken = taken.get_or_insert_with(HashSet::new);
+    for _ in 0..1000 {
+        let base = rand::rng().random_range(20000..30000u16);
+        if (base..base + n).any(|p| taken.contains(&p)) {
+            continue;
+        }
+        if (base..base + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            taken.extend(base..base + n);
+            return (base, base + n - 1);
+        }
+    }
+    panic!("no free port range of {n}");
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T, String> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            return Err(format!("timed out after {timeout:?} waiting for {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed on drop, with its output in a log file.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+        let f = std::fs::File::create(&log).unwrap();
+        cmd.stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .stdin(Stdio::null());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        Proc { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        wait_for(timeout, "process exit", || {
+            self.child.try_wait().ok().flatten()
+        })
+        .ok()
+        .map(|s| s.code().unwrap_or(-1))
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A relay under test.
+pub struct Relay {
+    pub dir: PathBuf,
+    pub agent_port: u16,
+    pub admin_port: u16,
+    pub ports: (u16, u16),
+    pub proc: Option<Proc>,
+    starts: u32,
+}
+
+impl Relay {
+    /// Starts a relay in `dir/relay-data` with free ports and a 1 s heartbeat.
+    pub fn start(dir: &Path) -> Relay {
+        let mut r = Relay {
+            dir: dir.to_path_buf(),
+            agent_port: free_port(),
+            admin_port: free_port(),
+            ports: free_port_range(8),
+            proc: None,
+            starts: 0,
+        };
+        r.spawn();
+        r
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("relay-data")
+    }
+
+    pub fn public_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.agent_port)
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let mut cmd = Command::new(bin("sluice"));
+        cmd.args(["serve", "--data-dir"])
+            .arg(self.data_dir())
+            .args(["--agent-listen", &format!("127.0.0.1:{}", self.agent_port)])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin_port)])
+            .args(["--public-url", &self.public_url()])
+            .args([
+                "--resource-ports",
+                &format!("{}-{}", self.ports.0, self.ports.1),
+            ])
+            .args(["--heartbeat-secs", "1", "--log", "info,sluice_relay=debug"]);
+        let log = self.dir.join(format!("relay-{}.log", self.starts));
+        self.proc = Some(Proc::spawn(cmd, log));
+        // The relay writes its admin URL once its listeners are bound and its store is open.
+        let url_file = self.data_dir().join("admin-url");
+        if self.starts > 1 {
+            let _ = std::fs::remove_file(&url_file);
+        }
+        wait_for(Duration::from_secs(20), "the relay to be ready", || {
+            url_file.exists().then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n--- relay log ---\n{}", self.log()));
+    }
+
+    /// Stops the relay (SIGKILL) and starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
+    }
+
+    /// Runs the admin CLI against this relay (found through its data directory).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("sluice"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI, asserting success; returns trimmed stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "sluice {args:?} failed: {}\n--- relay log ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    pub fn create_customer(&self, name: &str) -> String {
+        self.cli_ok(&["customers", "create", name])
+    }
+
+    pub fn customer_jwt(&self, customer_id: &str) -> String {
+        self.cli_ok(&[
+            "resources",
+            "registration-jwt",
+            "--customer-id",
+            customer_id,
+        ])
+    }
+
+    /// The resource named `name` as the CLI's JSON shows it.
+    pub fn resource(&self, name: &str) -> Option<Value> {
+        let list: Value =
+            serde_json::from_str(&self.cli_ok(&["resources", "list", "--output", "json"])).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .cloned()
+    }
+
+    pub fn status(&self, name: &str) -> Option<String> {
+        self.resource(name)
+            .map(|r| r["status"].as_str().unwrap().to_owned())
+    }
+
+    /// Waits until the resource has `status`; panics with both logs otherwise.
+    pub fn wait_status(&self, name: &str, status: &str, agent: Option<&Agent>) {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{name} to be {status}"),
+            || (self.status(name).as_deref() == Some(status)).then_some(()),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\n--- relay log ---\n{}\n--- agent log ---\n{}",
+                self.log(),
+                agent.map(|a| a.proc.log_text()).unwrap_or_default()
+            )
+        });
+    }
+
+    pub fn endpoint(&self, name: &str) -> String {
+        self.cli_ok(&["resources", "endpoint", name])
+    }
+}
+
+/// An agent under test.
+pub struct Agent {
+    pub proc: Proc,
+    pub state_dir: PathBuf,
+}
+
+impl Agent {
+    /// Starts `sluice-agent` with the given environment (APP_HOST etc.).
+    pub fn start(dir: &Path, label: &str, env: &[(&str, &str)]) -> Agent {
+        let state_dir = dir.join(format!("agent-{label}-state"));
+        let mut cmd = Command::new(bin("sluice-agent"));
+        cmd.env_clear()
+            .env("STATE_DIR", &state_dir)
+            .env("SLUICE_RECONNECT_MAX_SECS", "1")
+            .env("SLUICE_LOG", "info,sluice_agent=debug");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Agent {
+            proc: Proc::spawn(cmd, dir.join(format!("agent-{label}.log"))),
+            state_dir,
+        }
+    }
+
+    /// Starts an agent for `APP_HOST=127.0.0.1 APP_PORT=port NAME=name`.
+    pub fn for_service(dir: &Path, name: &str, port: u16, jwt: &str) -> Agent {
+        Self::start(
+            dir,
+            name,
+            &[
+                ("APP_HOST", "127.0.0.1"),
+                ("APP_PORT", &port.to_string()),
+                ("NAME", name),
+                ("REGISTRATION_JWT", jwt),
+            ],
+        )
+    }
+}
+
+/// A temporary directory for one test (kept when `SLUICE_KEEP_TEST_DIRS` is set).
+pub fn test_dir(name: &str) -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix(&format!("sluice-{name}-"))
+        .tempdir()
+        .unwrap();
+    if std::env::var_os("SLUICE_KEEP_TEST_DIRS").is_some() {
+        eprintln!("test dir: {}", d.path().display());
+    }
+    d
+}
+
+/// Splits `host:port`.
+pub fn split_endpoint(ep: &str) -> (String, u16) {
+    let (h, p) = ep.rsplit_once(':').unwrap();
+    (h.to_owned(), p.parse().unwrap())
+}
