@@ -145,6 +145,7 @@ pub struct Relay {
 impl Relay {
     /// Starts a relay in `dir/relay-data` with free ports and a 1 s heartbeat.
     pub fn start(dir: &Path) -> Relay {
+        std::fs::create_dir_all(dir).unwrap();
         let mut r = Relay {
             dir: dir.to_path_buf(),
             agent_port: free_port(),
