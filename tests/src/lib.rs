@@ -16,6 +16,7 @@ use rand::Rng;
 use serde_json::Value;
 
 pub mod load;
+pub mod services;
 
 /// Directory holding the built binaries (next to the test executable's `deps/`).
 pub fn bin_dir() -> PathBuf {

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what the end-to-end tests start for real: a PostgreSQL server and an OpenSSH
+# sftp server (Debian packages). Idempotent: does nothing when they are present.
+# Needs root (apt-get) only when something is missing.
+set -euo pipefail
+
+missing=()
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
+command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v sftp >/dev/null 2>&1 || missing+=(openssh-client)
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "test dependencies present (postgresql, openssh-server)"
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "missing test dependencies: ${missing[*]}; install them as root: apt-get install ${missing[*]}" >&2
+  exit 1
+fi
+echo "installing test dependencies: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+# Keep package scripts from starting system services: the tests start their own.
+policy=/usr/sbin/policy-rc.d
+created_policy=0
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && created_policy=1
+fi
+apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null 2>&1 || {
+  apt-get update >/dev/null
+  apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null
+}
+[ "$created_policy" = 1 ] && rm -f "$policy"
+echo "installed: ${missing[*]}"
