@@ -173,7 +173,8 @@ mod tests {
     #[test]
     fn each_bad_input_names_its_variable() {
         let d = tempfile::tempdir().unwrap();
-        let cases: Vec<(Box<dyn Fn(&mut RawConfig)>, &str)> = vec![
+        type Mutate = Box<dyn Fn(&mut RawConfig)>;
+        let cases: Vec<(Mutate, &str)> = vec![
             (Box::new(|r| r.app_host = None), "APP_HOST is not set"),
             (
                 Box::new(|r| r.app_host = Some(" ".into())),

@@ -515,7 +515,7 @@ async fn data(
     if session.agent_id != who.agent_id || session.generation != who.generation {
         return warn!(%peer, agent = %who.agent_id, session = %session.id, "data connection's certificate does not match its session; closing");
     }
-    if let Err(conn) = session.park(tls) {
-        drop(conn); // pool full or session gone
+    if !session.park(tls) {
+        debug!(session = %session.id, "surplus data connection closed");
     }
 }

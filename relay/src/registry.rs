@@ -66,16 +66,17 @@ impl AgentSession {
         }
     }
 
-    /// Parks an idle data connection; returns it back if the pool is full.
-    pub fn park(&self, conn: DataConn) -> Result<(), DataConn> {
+    /// Parks an idle data connection; closes it instead (false) if the pool is full or
+    /// the session is over.
+    pub fn park(&self, conn: DataConn) -> bool {
         let mut pool = self.pool.lock();
         if pool.len() >= MAX_IDLE_PER_SESSION || self.closed.is_cancelled() {
-            return Err(conn);
+            return false;
         }
         pool.push_back(conn);
         drop(pool);
         self.pool_ready.notify_one();
-        Ok(())
+        true
     }
 
     fn take(&self) -> Option<DataConn> {

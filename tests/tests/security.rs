@@ -165,10 +165,9 @@ async fn jwt_of_customer_a_cannot_enroll_into_customer_bs_resource() {
     let dir = test_dir("sec-cross-customer");
     let relay = Relay::start(dir.path());
     let (_agent_b, cid_b) = enrolled_agent(dir.path(), &relay, "b-db").await;
-    let rid_b = relay.resource("b-db").unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let b_res = relay.resource("b-db").unwrap();
+    assert_eq!(b_res["customer_id"], cid_b.as_str());
+    let rid_b = b_res["id"].as_str().unwrap().to_owned();
     let cid_a = relay.create_customer("cust-a");
 
     // Through the API: a token for A naming B's resource is refused outright.

@@ -1,1 +1,123 @@
-fn main() {}
+//! `cargo xtask …`: project automation that needs more than one cargo command.
+//!
+//! - `cargo xtask test`: everything CI runs, from a clean clone: installs the real
+//!   services the tests start (PostgreSQL, OpenSSH), checks formatting and lints,
+//!   builds the release binaries, and runs every test against them.
+//! - `cargo xtask measure`: throughput of a 1 GiB transfer and the agent's memory, idle
+//!   and with open streams (the numbers quoted in docs/benchmarks.md).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace root, echoing it and timing it; fails on non-zero exit.
+fn run(step: &str, cmd: &mut Command) -> Result<()> {
+    cmd.current_dir(workspace_root());
+    eprintln!("==> {step}: {cmd:?}");
+    let t = Instant::now();
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    eprintln!(
+        "<== {step}: {} in {:.1} s",
+        if status.success() { "ok" } else { "FAILED" },
+        t.elapsed().as_secs_f64()
+    );
+    if !status.success() {
+        bail!("{step} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    run(
+        "install test services",
+        Command::new("bash").arg("scripts/install-test-deps.sh"),
+    )?;
+    if !quick {
+        run(
+            "format check",
+            cargo().args(["fmt", "--all", "--", "--check"]),
+        )?;
+        run(
+            "lints",
+            cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        )?;
+    }
+    run(
+        "build release binaries",
+        cargo().args(["build", "--release", "--workspace", "--bins"]),
+    )?;
+    run(
+        "tests",
+        cargo().args([
+            "test",
+            "--release",
+            "--workspace",
+            "--",
+            "--test-threads",
+            "4",
+        ]),
+    )?;
+    eprintln!("xtask test: all steps passed");
+    Ok(())
+}
+
+fn measure() -> Result<()> {
+    run(
+        "build release binaries",
+        cargo().args(["build", "--release", "--workspace", "--bins"]),
+    )?;
+    run(
+        "measure",
+        cargo().args([
+            "test",
+            "--release",
+            "-p",
+            "sluice-e2e",
+            "--test",
+            "measure",
+            "--",
+            "--ignored",
+            "--nocapture",
+        ]),
+    )
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("measure") => measure(),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <command>\n\n\
+                 commands:\n  \
+                 test [--quick]  install test services, check fmt + clippy, build, run every test (what CI runs);\n                  \
+                 --quick skips fmt and clippy\n  \
+                 measure         1 GiB throughput and agent memory (idle, 8 and 200 streams)"
+            );
+            std::process::exit(2);
+        }
+    }
+}
