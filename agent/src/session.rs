@@ -68,7 +68,7 @@ async fn dial(
         .map_err(|_| format!("connecting to the relay at {authority} timed out"))?
         .map_err(|e| format!("cannot connect to the relay at {authority}: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    tune_keepalive(&tcp);
+    datapath::tune_tunnel_socket(&tcp);
     tokio::time::timeout(
         Duration::from_secs(15),
         connector.connect(name.clone(), tcp),
@@ -76,14 +76,6 @@ async fn dial(
     .await
     .map_err(|_| format!("TLS handshake with the relay at {authority} timed out"))?
     .map_err(|e| format!("TLS handshake with the relay at {authority} failed: {e}"))
-}
-
-fn tune_keepalive(tcp: &TcpStream) {
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(3);
-    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
 }
 
 fn client_config(id: &Identity, alpn: &[u8]) -> Result<Arc<ClientConfig>, String> {

@@ -142,6 +142,16 @@ pub async fn run_stream(
     }
 }
 
+/// TCP keepalive for tunnel sockets, so a vanished peer is noticed even on an idle
+/// stream (30 s idle, then 3 probes 10 s apart).
+pub fn tune_tunnel_socket(tcp: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+}
+
 /// Makes the next close of `tcp` send RST instead of FIN (SO_LINGER 0).
 pub fn reset(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));

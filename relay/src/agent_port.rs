@@ -68,7 +68,7 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
             }
         };
         let _ = tcp.set_nodelay(true);
-        tune_tunnel_socket(&tcp);
+        sluice_proto::datapath::tune_tunnel_socket(&tcp);
         let (relay, enroll_cfg, agent_cfg) = (relay.clone(), enroll_cfg.clone(), agent_cfg.clone());
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, enroll_cfg, agent_cfg))
@@ -80,15 +80,6 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
             }
         });
     }
-}
-
-/// TCP keepalive on tunnel sockets, so a vanished peer is noticed even on an idle stream.
-pub fn tune_tunnel_socket(tcp: &TcpStream) {
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(3);
-    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
 }
 
 async fn handshake(

@@ -200,3 +200,74 @@ async fn agent_reconnects_after_relay_restart() {
     );
     ok.unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_relay_is_declared_dead_and_the_agent_comes_back() {
+    let dir = test_dir("deadpeer");
+    let echo = echo_server().await;
+    let (relay, agent, _ep) = setup(dir.path(), "frozen", echo.port());
+    let pid = relay.proc.as_ref().unwrap().child.id().to_string();
+    // SIGSTOP: the relay's sockets stay open but it says nothing (like a network partition).
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let seen = wait_for(
+        Duration::from_secs(15),
+        "the agent to declare the relay dead",
+        || {
+            agent
+                .proc
+                .log_text()
+                .contains("no word from the relay")
+                .then_some(())
+        },
+    );
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    seen.unwrap_or_else(|e| panic!("{e}\n{}", agent.proc.log_text()));
+    relay.wait_status("frozen", "AVAILABLE", Some(&agent));
+}
+
+#[test]
+fn unreachable_relay_is_retried_and_logged() {
+    let dir = test_dir("unreachable");
+    let relay = Relay::start(dir.path());
+    let cid = relay.create_customer("acme");
+    let jwt = relay.customer_jwt(&cid);
+    let mut agent = Agent::start(
+        dir.path(),
+        "lonely",
+        &[
+            ("APP_HOST", "127.0.0.1"),
+            ("APP_PORT", "9"),
+            ("NAME", "lonely"),
+            ("REGISTRATION_JWT", &jwt),
+            ("SLUICE_URL", &format!("https://127.0.0.1:{}", free_port())),
+        ],
+    );
+    wait_for(Duration::from_secs(15), "two logged retries", || {
+        (agent
+            .proc
+            .log_text()
+            .matches("relay unreachable; will retry")
+            .count()
+            >= 2)
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.proc.log_text()));
+    assert!(
+        agent.proc.log_text().contains("Connection refused"),
+        "says why: {}",
+        agent.proc.log_text()
+    );
+    assert!(agent.proc.is_running(), "an unreachable relay is not fatal");
+}
