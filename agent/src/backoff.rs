@@ -16,11 +16,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Self {
-        Backoff {
-            base,
-            max: max.max(base),
-            attempt: 0,
-        }
+        Backoff { base, max: max.max(base), attempt: 0 }
     }
 
     /// The ceiling of the next delay.

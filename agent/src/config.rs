@@ -22,6 +22,8 @@ pub struct AgentConfig {
     pub relay_url: RelayUrl,
     /// Longest wait between reconnection attempts.
     pub reconnect_max: Duration,
+    /// Where to serve Prometheus metrics; off when `None`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The raw inputs (environment variables or flags), before validation.
@@ -34,6 +36,7 @@ pub struct RawConfig {
     pub state_dir: Option<PathBuf>,
     pub relay_url: Option<String>,
     pub reconnect_max_secs: Option<u64>,
+    pub metrics_listen: Option<String>,
 }
 
 /// The state directory when none is given.
@@ -50,23 +53,13 @@ fn required(v: &Option<String>, var: &str, what: &str) -> Result<String, String>
 impl RawConfig {
     /// Checks every input; the error is one line naming the variable and the fix.
     pub fn validate(self) -> Result<AgentConfig, String> {
-        let app_host = required(
-            &self.app_host,
-            "APP_HOST",
-            "the host name or IP of the private service",
-        )?;
-        let port = required(
-            &self.app_port,
-            "APP_PORT",
-            "the TCP port of the private service (1-65535)",
-        )?;
+        let app_host = required(&self.app_host, "APP_HOST", "the host name or IP of the private service")?;
+        let port = required(&self.app_port, "APP_PORT", "the TCP port of the private service (1-65535)")?;
         let app_port = port
             .parse::<u16>()
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| {
-                format!("APP_PORT={port:?} is not a TCP port: it must be a number from 1 to 65535")
-            })?;
+            .ok_or_else(|| format!("APP_PORT={port:?} is not a TCP port: it must be a number from 1 to 65535"))?;
         let jwt = required(
             &self.registration_jwt,
             "REGISTRATION_JWT",
@@ -78,31 +71,23 @@ impl RawConfig {
         let name = match (&self.name, &claims.resource_id) {
             (Some(n), _) if !n.trim().is_empty() => n.trim().to_owned(),
             (_, Some(_)) => String::new(),
-            _ => required(
-                &self.name,
-                "NAME",
-                "the resource name, e.g. orders-db (letters, digits, . _ -)",
-            )?,
+            _ => required(&self.name, "NAME", "the resource name, e.g. orders-db (letters, digits, . _ -)")?,
         };
         if !name.is_empty()
-            && (name.len() > 63
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+            && (name.len() > 63 || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
         {
-            return Err(format!(
-                "NAME={name:?} is not valid: use 1 to 63 letters, digits, '.', '_' or '-'"
-            ));
+            return Err(format!("NAME={name:?} is not valid: use 1 to 63 letters, digits, '.', '_' or '-'"));
         }
-        let url = self
-            .relay_url
-            .filter(|u| !u.trim().is_empty())
-            .unwrap_or_else(|| claims.relay_url.clone());
+        let url = self.relay_url.filter(|u| !u.trim().is_empty()).unwrap_or_else(|| claims.relay_url.clone());
         let relay_url = RelayUrl::parse(&url).map_err(|e| format!("SLUICE_URL: {e}"))?;
-        let state_dir = self
-            .state_dir
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        let state_dir = self.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
         check_writable(&state_dir)?;
+        let metrics_listen = match self.metrics_listen.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(a) => Some(a.parse().map_err(|_| {
+                format!("SLUICE_METRICS_LISTEN={a:?} is not an address: use host:port, e.g. 127.0.0.1:9464")
+            })?),
+        };
         Ok(AgentConfig {
             app_host,
             app_port,
@@ -112,6 +97,7 @@ impl RawConfig {
             state_dir,
             relay_url,
             reconnect_max: Duration::from_secs(self.reconnect_max_secs.unwrap_or(30).max(1)),
+            metrics_listen,
         })
     }
 }
@@ -144,9 +130,7 @@ mod tests {
             "iss": "sluice-relay", "aud": "sluice-agent-registration", "jti": "j", "iat": 1,
             "customer_id": "cus_1", "relay_url": "https://relay.example:8443", "ca_pin": "ab"
         });
-        c.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         format!("{}.{}.sig", b.encode(b"{}"), b.encode(c.to_string()))
     }
@@ -176,39 +160,15 @@ mod tests {
         type Mutate = Box<dyn Fn(&mut RawConfig)>;
         let cases: Vec<(Mutate, &str)> = vec![
             (Box::new(|r| r.app_host = None), "APP_HOST is not set"),
-            (
-                Box::new(|r| r.app_host = Some(" ".into())),
-                "APP_HOST is empty",
-            ),
-            (
-                Box::new(|r| r.app_port = Some("70000".into())),
-                "APP_PORT=\"70000\" is not a TCP port",
-            ),
-            (
-                Box::new(|r| r.app_port = Some("0".into())),
-                "is not a TCP port",
-            ),
+            (Box::new(|r| r.app_host = Some(" ".into())), "APP_HOST is empty"),
+            (Box::new(|r| r.app_port = Some("70000".into())), "APP_PORT=\"70000\" is not a TCP port"),
+            (Box::new(|r| r.app_port = Some("0".into())), "is not a TCP port"),
             (Box::new(|r| r.name = None), "NAME is not set"),
-            (
-                Box::new(|r| r.name = Some("a b".into())),
-                "NAME=\"a b\" is not valid",
-            ),
-            (
-                Box::new(|r| r.registration_jwt = Some("nope".into())),
-                "REGISTRATION_JWT is not usable: not a JWT",
-            ),
-            (
-                Box::new(|r| r.registration_jwt = Some(jwt(serde_json::json!({"exp": 5})))),
-                "expired",
-            ),
-            (
-                Box::new(|r| r.relay_url = Some("http://x".into())),
-                "SLUICE_URL",
-            ),
-            (
-                Box::new(|r| r.state_dir = Some("/proc/nope".into())),
-                "STATE_DIR /proc/nope is not writable",
-            ),
+            (Box::new(|r| r.name = Some("a b".into())), "NAME=\"a b\" is not valid"),
+            (Box::new(|r| r.registration_jwt = Some("nope".into())), "REGISTRATION_JWT is not usable: not a JWT"),
+            (Box::new(|r| r.registration_jwt = Some(jwt(serde_json::json!({"exp": 5})))), "expired"),
+            (Box::new(|r| r.relay_url = Some("http://x".into())), "SLUICE_URL"),
+            (Box::new(|r| r.state_dir = Some("/proc/nope".into())), "STATE_DIR /proc/nope is not writable"),
         ];
         for (mutate, want) in cases {
             let mut r = raw(d.path());
@@ -224,9 +184,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut r = raw(d.path());
         r.name = None;
-        r.registration_jwt = Some(jwt(
-            serde_json::json!({"resource_id": "res_1", "generation": 1}),
-        ));
+        r.registration_jwt = Some(jwt(serde_json::json!({"resource_id": "res_1", "generation": 1})));
         assert_eq!(r.validate().unwrap().name, "");
     }
 }

@@ -61,9 +61,7 @@ impl Identity {
         tls::certs_from_pem(&self.cert_pem).expect("validated at load")
     }
     pub fn ca(&self) -> CertificateDer<'static> {
-        tls::certs_from_pem(&self.ca_pem)
-            .expect("validated at load")
-            .remove(0)
+        tls::certs_from_pem(&self.ca_pem).expect("validated at load").remove(0)
     }
 
     /// When to enroll again: two thirds into the certificate's life.
@@ -94,8 +92,7 @@ pub enum EnrollError {
 /// not due for renewal).
 pub fn load(cfg: &AgentConfig) -> Option<Identity> {
     let dir = &cfg.state_dir;
-    let meta: EnrollmentMeta =
-        serde_json::from_str(&fs::read_to_string(dir.join(META_FILE)).ok()?).ok()?;
+    let meta: EnrollmentMeta = serde_json::from_str(&fs::read_to_string(dir.join(META_FILE)).ok()?).ok()?;
     let id = Identity {
         key_pem: fs::read_to_string(dir.join(KEY_FILE)).ok()?,
         cert_pem: fs::read_to_string(dir.join(CERT_FILE)).ok()?,
@@ -105,9 +102,8 @@ pub fn load(cfg: &AgentConfig) -> Option<Identity> {
     let parses = tls::key_from_pem(&id.key_pem).is_ok()
         && tls::certs_from_pem(&id.cert_pem).is_ok()
         && tls::certs_from_pem(&id.ca_pem).is_ok();
-    let fits = id.meta.jti == cfg.claims.jti
-        && id.meta.relay_url == cfg.relay_url.to_string()
-        && unix_now() < id.renew_at();
+    let fits =
+        id.meta.jti == cfg.claims.jti && id.meta.relay_url == cfg.relay_url.to_string() && unix_now() < id.renew_at();
     (parses && fits).then_some(id)
 }
 
@@ -120,11 +116,7 @@ pub fn forget(dir: &Path) {
 fn write_private(path: &PathBuf, contents: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     fs::rename(&tmp, path)
@@ -134,45 +126,32 @@ fn cert_validity(pem: &str) -> Option<(u64, u64)> {
     let der = tls::certs_from_pem(pem).ok()?.remove(0);
     let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
     let v = cert.validity();
-    Some((
-        v.not_before.timestamp().max(0) as u64,
-        v.not_after.timestamp().max(0) as u64,
-    ))
+    Some((v.not_before.timestamp().max(0) as u64, v.not_after.timestamp().max(0) as u64))
 }
 
 /// Enrolls with the relay and saves the new identity.
 pub async fn enroll(cfg: &AgentConfig) -> Result<Identity, EnrollError> {
-    let key =
-        KeyPair::generate().map_err(|e| EnrollError::State(format!("generating a key: {e}")))?;
+    let key = KeyPair::generate().map_err(|e| EnrollError::State(format!("generating a key: {e}")))?;
     let csr = CertificateParams::default()
         .serialize_request(&key)
         .and_then(|c| c.pem())
         .map_err(|e| EnrollError::State(format!("making the CSR: {e}")))?;
-    let client_cfg = tls::agent_enroll_config(&cfg.claims.ca_pin)
-        .map_err(|e| EnrollError::Trust(e.to_string()))?;
-    let server_name =
-        tls::server_name_of(&cfg.relay_url.host).map_err(|e| EnrollError::Trust(e.to_string()))?;
+    let client_cfg = tls::agent_enroll_config(&cfg.claims.ca_pin).map_err(|e| EnrollError::Trust(e.to_string()))?;
+    let server_name = tls::server_name_of(&cfg.relay_url.host).map_err(|e| EnrollError::Trust(e.to_string()))?;
     let authority = cfg.relay_url.authority();
 
     let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&authority))
         .await
-        .map_err(|_| {
-            EnrollError::Unreachable(format!("connecting to the relay at {authority} timed out"))
-        })?
-        .map_err(|e| {
-            EnrollError::Unreachable(format!("cannot connect to the relay at {authority}: {e}"))
-        })?;
-    let mut tls = TlsConnector::from(Arc::new(client_cfg))
-        .connect(server_name, tcp)
-        .await
-        .map_err(|e| {
-            let msg = e.to_string();
-            if msg.contains("pinned") || msg.contains("certificate") {
-                EnrollError::Trust(format!("the relay at {authority} is not trusted: {msg}"))
-            } else {
-                EnrollError::Unreachable(format!("TLS with the relay at {authority} failed: {msg}"))
-            }
-        })?;
+        .map_err(|_| EnrollError::Unreachable(format!("connecting to the relay at {authority} timed out")))?
+        .map_err(|e| EnrollError::Unreachable(format!("cannot connect to the relay at {authority}: {e}")))?;
+    let mut tls = TlsConnector::from(Arc::new(client_cfg)).connect(server_name, tcp).await.map_err(|e| {
+        let msg = e.to_string();
+        if msg.contains("pinned") || msg.contains("certificate") {
+            EnrollError::Trust(format!("the relay at {authority} is not trusted: {msg}"))
+        } else {
+            EnrollError::Unreachable(format!("TLS with the relay at {authority} failed: {msg}"))
+        }
+    })?;
     let req = EnrollRequest {
         version: PROTOCOL_VERSION,
         jwt: cfg.registration_jwt.clone(),
@@ -186,12 +165,8 @@ pub async fn enroll(cfg: &AgentConfig) -> Result<Identity, EnrollError> {
         wire::read_frame::<_, EnrollResponse>(&mut tls).await
     })
     .await
-    .map_err(|_| {
-        EnrollError::Unreachable("the relay did not answer the enrollment in 30 s".into())
-    })?
-    .map_err(|e| {
-        EnrollError::Unreachable(format!("enrollment exchange with the relay failed: {e}"))
-    })?;
+    .map_err(|_| EnrollError::Unreachable("the relay did not answer the enrollment in 30 s".into()))?
+    .map_err(|e| EnrollError::Unreachable(format!("enrollment exchange with the relay failed: {e}")))?;
     let e = match answer {
         EnrollResponse::Enrolled(e) => e,
         EnrollResponse::Rejected(r) => return Err(EnrollError::Rejected(r)),
@@ -221,8 +196,5 @@ fn save(dir: &Path, id: &Identity) -> std::io::Result<()> {
     write_private(&dir.join(KEY_FILE), &id.key_pem)?;
     write_private(&dir.join(CERT_FILE), &id.cert_pem)?;
     write_private(&dir.join(CA_FILE), &id.ca_pem)?;
-    write_private(
-        &dir.join(META_FILE),
-        &serde_json::to_string_pretty(&id.meta).expect("serializable"),
-    )
+    write_private(&dir.join(META_FILE), &serde_json::to_string_pretty(&id.meta).expect("serializable"))
 }

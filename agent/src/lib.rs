@@ -8,6 +8,7 @@
 pub mod backoff;
 pub mod config;
 pub mod enroll;
+pub mod metrics;
 pub mod session;
 
 use std::sync::Arc;
@@ -39,6 +40,11 @@ pub enum AgentError {
 /// Runs the agent until `shutdown` fires (Ok) or a permanent failure (Err).
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let cfg = Arc::new(cfg);
+    let handle = crate::metrics::install();
+    crate::metrics::ebpf_enabled(false);
+    if let Some(addr) = cfg.metrics_listen {
+        tokio::spawn(crate::metrics::serve(addr, handle));
+    }
     let mut backoff = Backoff::new(Duration::from_millis(200), cfg.reconnect_max);
     info!(
         relay = %cfg.relay_url, service = %format!("{}:{}", cfg.app_host, cfg.app_port),
@@ -57,14 +63,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             Some(id) => id,
             None => match enroll::enroll(&cfg).await {
                 Ok(id) => {
+                    crate::metrics::enrollment("enrolled");
                     info!(resource = %id.meta.resource_id, name = %id.meta.resource_name, agent = %id.meta.agent_id, "enrolled");
                     id
                 }
                 Err(EnrollError::Rejected(r)) if !r.code.is_transient() => {
-                    return Err(AgentError::Fatal(format!(
-                        "the relay refused this agent: {}",
-                        r.message
-                    )));
+                    crate::metrics::enrollment("rejected");
+                    return Err(AgentError::Fatal(format!("the relay refused this agent: {}", r.message)));
                 }
                 Err(EnrollError::Trust(m)) => return Err(AgentError::Fatal(m)),
                 Err(EnrollError::State(m)) => return Err(AgentError::Fatal(m)),
@@ -74,7 +79,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
                 }
             },
         };
-        match session::run(cfg.clone(), &identity, &shutdown).await {
+        let end = session::run(cfg.clone(), &identity, &shutdown).await;
+        if !matches!(end, SessionEnd::Shutdown) {
+            crate::metrics::reconnect();
+        }
+        match end {
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Renew => {
                 info!("certificate due for renewal; enrolling again");

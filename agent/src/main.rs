@@ -36,6 +36,10 @@ struct Args {
     /// Longest wait between reconnection attempts, in seconds.
     #[arg(long, env = "SLUICE_RECONNECT_MAX_SECS", default_value_t = 30)]
     reconnect_max_secs: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Off by
+    /// default: the agent opens no port unless asked.
+    #[arg(long, env = "SLUICE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Log filter (error, warn, info, debug, trace).
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     log: String,
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         state_dir: Some(args.state_dir),
         relay_url: args.sluice_url,
         reconnect_max_secs: Some(args.reconnect_max_secs),
+        metrics_listen: args.metrics_listen,
     }
     .validate();
     let cfg = match cfg {
@@ -60,19 +65,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into());
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();

@@ -11,11 +11,14 @@ use std::time::Duration;
 
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
-use sluice_proto::datapath::{self, StreamEnd, Transfer};
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
+use sluice_proto::datapath::{self, PathKind, StreamEnd, Transfer};
 use sluice_proto::tls;
 use sluice_proto::wire::{
-    self, ALPN_CONTROL, ALPN_DATA, AgentMsg, Capabilities, DataHello, PROTOCOL_VERSION, RejectCode,
-    RelayMsg, StreamOpen, StreamReply,
+    self, ALPN_CONTROL, ALPN_DATA, AgentMsg, Capabilities, CounterSource, DataHello, PROTOCOL_VERSION, RejectCode,
+    RelayMsg, StreamOpen, StreamReply, StreamStat,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -55,6 +58,48 @@ struct Pool {
     closed: CancellationToken,
     /// Cancelled when the agent shuts down or is revoked: streams are cut too.
     stop_streams: CancellationToken,
+    /// Messages to the relay (stream stats).
+    control: mpsc::UnboundedSender<AgentMsg>,
+    /// Running streams, for the periodic stats.
+    active: Mutex<HashMap<u64, Arc<ActiveStream>>>,
+}
+
+/// A running stream's counts.
+#[derive(Default)]
+struct ActiveStream {
+    transfer: Transfer,
+    /// Bytes already added to the Prometheus counters.
+    metered: Mutex<(u64, u64)>,
+}
+
+impl ActiveStream {
+    /// (bytes in = to the service, bytes out = from the service).
+    fn counts(&self) -> (u64, u64) {
+        let (plain_to_tunnel, tunnel_to_plain) = self.transfer.get();
+        (tunnel_to_plain, plain_to_tunnel)
+    }
+
+    fn stat(&self, stream_id: u64, closed: bool) -> StreamStat {
+        let (bytes_in, bytes_out) = self.counts();
+        let mut m = self.metered.lock();
+        crate::metrics::bytes(bytes_in - m.0, bytes_out - m.1);
+        *m = (bytes_in, bytes_out);
+        StreamStat {
+            stream_id,
+            bytes_in,
+            bytes_out,
+            path: PathKind::Userspace,
+            counter: CounterSource::Userspace,
+            closed,
+        }
+    }
+}
+
+impl Pool {
+    /// Stats of every running stream (and their bytes into the metrics).
+    fn stats(&self) -> Vec<StreamStat> {
+        self.active.lock().iter().map(|(id, s)| s.stat(*id, false)).collect()
+    }
 }
 
 async fn dial(
@@ -69,13 +114,13 @@ async fn dial(
         .map_err(|e| format!("cannot connect to the relay at {authority}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     datapath::tune_tunnel_socket(&tcp);
-    tokio::time::timeout(
-        Duration::from_secs(15),
-        connector.connect(name.clone(), tcp),
-    )
-    .await
-    .map_err(|_| format!("TLS handshake with the relay at {authority} timed out"))?
-    .map_err(|e| format!("TLS handshake with the relay at {authority} failed: {e}"))
+    tokio::time::timeout(Duration::from_secs(15), connector.connect(name.clone(), tcp))
+        .await
+        .map_err(|_| format!("TLS handshake with the relay at {authority} timed out"))?
+        .map_err(|e| {
+            crate::metrics::handshake_failed();
+            format!("TLS handshake with the relay at {authority} failed: {e}")
+        })
 }
 
 fn client_config(id: &Identity, alpn: &[u8]) -> Result<Arc<ClientConfig>, String> {
@@ -90,10 +135,7 @@ pub async fn run(cfg: Arc<AgentConfig>, id: &Identity, shutdown: &CancellationTo
         Ok(n) => n,
         Err(e) => return SessionEnd::Lost(e.to_string()),
     };
-    let (control_cfg, data_cfg) = match (
-        client_config(id, ALPN_CONTROL),
-        client_config(id, ALPN_DATA),
-    ) {
+    let (control_cfg, data_cfg) = match (client_config(id, ALPN_CONTROL), client_config(id, ALPN_DATA)) {
         (Ok(c), Ok(d)) => (c, d),
         (Err(e), _) | (_, Err(e)) => return SessionEnd::Revoked(e),
     };
@@ -110,22 +152,11 @@ pub async fn run(cfg: Arc<AgentConfig>, id: &Identity, shutdown: &CancellationTo
     if let Err(e) = wire::write_frame(&mut tls, &hello).await {
         return SessionEnd::Lost(format!("sending hello: {e}"));
     }
-    let welcome = tokio::time::timeout(
-        Duration::from_secs(15),
-        wire::read_frame::<_, RelayMsg>(&mut tls),
-    )
-    .await;
+    let welcome = tokio::time::timeout(Duration::from_secs(15), wire::read_frame::<_, RelayMsg>(&mut tls)).await;
     let (session_id, heartbeat, pool_size) = match welcome {
-        Ok(Ok(RelayMsg::Welcome {
-            session_id,
-            heartbeat_secs,
-            pool_size,
-            ..
-        })) => (
-            session_id,
-            Duration::from_secs(heartbeat_secs.max(1)),
-            pool_size,
-        ),
+        Ok(Ok(RelayMsg::Welcome { session_id, heartbeat_secs, pool_size, .. })) => {
+            (session_id, Duration::from_secs(heartbeat_secs.max(1)), pool_size)
+        }
         Ok(Ok(RelayMsg::Rejected(r))) if r.code == RejectCode::RevokedCertificate => {
             return SessionEnd::Revoked(r.message);
         }
@@ -133,9 +164,7 @@ pub async fn run(cfg: Arc<AgentConfig>, id: &Identity, shutdown: &CancellationTo
             return SessionEnd::Lost(format!("the relay refused the session: {}", r.message));
         }
         Ok(Ok(other)) => {
-            return SessionEnd::Lost(format!(
-                "unexpected first message from the relay: {other:?}"
-            ));
+            return SessionEnd::Lost(format!("unexpected first message from the relay: {other:?}"));
         }
         // A TLS alert here means the relay refused our certificate (e.g. its CA changed).
         Ok(Err(e)) if e.to_string().contains("alert") => {
@@ -146,6 +175,7 @@ pub async fn run(cfg: Arc<AgentConfig>, id: &Identity, shutdown: &CancellationTo
     };
     info!(session = %session_id, resource = %id.meta.resource_name, relay = %cfg.relay_url, "connected to the relay");
 
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<AgentMsg>();
     let pool = Arc::new(Pool {
         cfg: cfg.clone(),
         connector: TlsConnector::from(data_cfg),
@@ -156,22 +186,19 @@ pub async fn run(cfg: Arc<AgentConfig>, id: &Identity, shutdown: &CancellationTo
         connecting: AtomicU32::new(0),
         closed: CancellationToken::new(),
         stop_streams: shutdown.child_token(),
+        control: out_tx.clone(),
+        active: Mutex::new(HashMap::new()),
     });
+    crate::metrics::session(true);
     refill(&pool);
 
     let (mut rd, mut wr) = tokio::io::split(tls);
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<AgentMsg>();
     let reader_pool = pool.clone();
     let reader = async move {
         loop {
-            match tokio::time::timeout(heartbeat * 3, wire::read_frame::<_, RelayMsg>(&mut rd))
-                .await
-            {
+            match tokio::time::timeout(heartbeat * 3, wire::read_frame::<_, RelayMsg>(&mut rd)).await {
                 Err(_) => {
-                    return SessionEnd::Lost(format!(
-                        "no word from the relay for {:?}",
-                        heartbeat * 3
-                    ));
+                    return SessionEnd::Lost(format!("no word from the relay for {:?}", heartbeat * 3));
                 }
                 Ok(Err(e)) => return SessionEnd::Ended(format!("control connection ended: {e}")),
                 Ok(Ok(RelayMsg::Ping { seq })) => {
@@ -186,27 +213,28 @@ pub async fn run(cfg: Arc<AgentConfig>, id: &Identity, shutdown: &CancellationTo
                     return SessionEnd::Revoked(r.message);
                 }
                 Ok(Ok(RelayMsg::Rejected(r))) => {
-                    return SessionEnd::Ended(format!(
-                        "the relay closed the session: {}",
-                        r.message
-                    ));
+                    return SessionEnd::Ended(format!("the relay closed the session: {}", r.message));
                 }
                 Ok(Ok(RelayMsg::Pong { .. })) | Ok(Ok(RelayMsg::Welcome { .. })) => {}
             }
         }
     };
-    let renew_in = Duration::from_secs(
-        id.renew_at()
-            .saturating_sub(sluice_proto::identity::unix_now()),
-    );
+    let renew_in = Duration::from_secs(id.renew_at().saturating_sub(sluice_proto::identity::unix_now()));
+    let stats_pool = pool.clone();
     let writer = async move {
         let mut tick = tokio::time::interval(heartbeat);
         tick.tick().await;
+        let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
         let mut seq = 0;
         loop {
             let msg = tokio::select! {
                 m = out_rx.recv() => match m { Some(m) => m, None => return SessionEnd::Ended("session closed".into()) },
                 _ = tick.tick() => { seq += 1; AgentMsg::Ping { seq } }
+                _ = stats_tick.tick() => {
+                    let streams = stats_pool.stats();
+                    if streams.is_empty() { continue }
+                    AgentMsg::StreamStats { streams }
+                }
             };
             if let Err(e) = wire::write_frame(&mut wr, &msg).await {
                 return SessionEnd::Ended(format!("writing to the relay failed: {e}"));
@@ -220,6 +248,7 @@ pub async fn run(cfg: Arc<AgentConfig>, id: &Identity, shutdown: &CancellationTo
         _ = tokio::time::sleep(renew_in) => SessionEnd::Renew,
     };
     pool.closed.cancel();
+    crate::metrics::session(false);
     if matches!(end, SessionEnd::Revoked(_)) {
         pool.stop_streams.cancel();
     }
@@ -241,9 +270,7 @@ fn spawn_data_conn(pool: &Arc<Pool>) {
     tokio::spawn(async move {
         let conn = data_conn(&pool).await;
         pool.connecting.fetch_sub(1, Ordering::Relaxed);
-        let Ok(mut tls) =
-            conn.inspect_err(|e| debug!(error = %e, "opening a data connection failed"))
-        else {
+        let Ok(mut tls) = conn.inspect_err(|e| debug!(error = %e, "opening a data connection failed")) else {
             // Try again a little later, unless the session is over.
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => refill(&pool),
@@ -277,66 +304,47 @@ fn spawn_data_conn(pool: &Arc<Pool>) {
 
 async fn data_conn(pool: &Pool) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
     let mut tls = dial(&pool.cfg, &pool.connector, &pool.server_name).await?;
-    wire::write_frame(
-        &mut tls,
-        &DataHello {
-            version: PROTOCOL_VERSION,
-            session_id: pool.session_id.clone(),
-        },
-    )
-    .await
-    .map_err(|e| format!("sending the data hello: {e}"))?;
+    wire::write_frame(&mut tls, &DataHello { version: PROTOCOL_VERSION, session_id: pool.session_id.clone() })
+        .await
+        .map_err(|e| format!("sending the data hello: {e}"))?;
     Ok(tls)
 }
 
 /// Connects to the private service for a stream the relay opened, and moves its bytes.
-async fn serve_stream(
-    pool: &Pool,
-    mut tls: tokio_rustls::client::TlsStream<TcpStream>,
-    open: StreamOpen,
-) {
+async fn serve_stream(pool: &Pool, mut tls: tokio_rustls::client::TlsStream<TcpStream>, open: StreamOpen) {
     let target = format!("{}:{}", pool.cfg.app_host, pool.cfg.app_port);
-    let service =
-        match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&target)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return refuse(
-                    tls,
-                    format!("cannot connect to the private service {target}: {e}"),
-                )
-                .await;
-            }
-            Err(_) => {
-                return refuse(
-                    tls,
-                    format!("connecting to the private service {target} timed out after 10 s"),
-                )
-                .await;
-            }
-        };
+    let service = match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&target)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            crate::metrics::stream_failed("service_unreachable");
+            return refuse(tls, format!("cannot connect to the private service {target}: {e}")).await;
+        }
+        Err(_) => {
+            crate::metrics::stream_failed("service_unreachable");
+            return refuse(tls, format!("connecting to the private service {target} timed out after 10 s")).await;
+        }
+    };
     let _ = service.set_nodelay(true);
     if let Err(e) = wire::write_frame(&mut tls, &StreamReply::Accepted).await {
         return debug!(error = %e, "the relay went away before the stream started");
     }
     debug!(stream = open.stream_id, "stream open");
-    let transfer = Transfer::default();
-    let report = datapath::run_stream(
-        TlsStream::Client(tls),
-        service,
-        &transfer,
-        &pool.stop_streams,
-    )
-    .await;
-    let (to_relay, to_service) = transfer.get();
+    let stream = Arc::new(ActiveStream::default());
+    pool.active.lock().insert(open.stream_id, stream.clone());
+    crate::metrics::stream_opened(PathKind::Userspace.as_str());
+    let report = datapath::run_stream(TlsStream::Client(tls), service, &stream.transfer, &pool.stop_streams).await;
+    pool.active.lock().remove(&open.stream_id);
+    let last = stream.stat(open.stream_id, true);
+    let _ = pool.control.send(AgentMsg::StreamStats { streams: vec![last.clone()] });
+    let (bytes_in, bytes_out) = (last.bytes_in, last.bytes_out);
     match report.end {
-        StreamEnd::Clean => debug!(
-            path = report.path.as_str(),
-            bytes_in = to_service,
-            bytes_out = to_relay,
-            "stream closed"
-        ),
+        StreamEnd::Clean => {
+            crate::metrics::stream_closed("clean");
+            debug!(path = report.path.as_str(), bytes_in, bytes_out, "stream closed")
+        }
         end => {
-            info!(path = report.path.as_str(), bytes_in = to_service, bytes_out = to_relay, end = %end.describe(), "stream ended abnormally")
+            crate::metrics::stream_closed(if matches!(end, StreamEnd::Cancelled) { "cancelled" } else { "aborted" });
+            info!(path = report.path.as_str(), bytes_in, bytes_out, end = %end.describe(), "stream ended abnormally")
         }
     }
 }

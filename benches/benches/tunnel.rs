@@ -13,21 +13,12 @@ use tokio::net::TcpStream;
 const LEN: u64 = 256 << 20;
 
 fn tunnel(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = test_dir("bench");
     let (backend, mut reports) = rt.block_on(sink_source_server(0, 0));
     let relay = Relay::start(dir.path());
     let cid = relay.create_customer("bench");
-    let agent = Agent::for_service(
-        dir.path(),
-        "bench",
-        backend.port(),
-        &relay.customer_jwt(&cid),
-    );
+    let agent = Agent::for_service(dir.path(), "bench", backend.port(), &relay.customer_jwt(&cid));
     relay.wait_status("bench", "AVAILABLE", Some(&agent));
     let ep = relay.endpoint("bench");
 

@@ -59,10 +59,7 @@ pub struct Transfer {
 impl Transfer {
     /// Snapshot `(plain_to_tunnel, tunnel_to_plain)`.
     pub fn get(&self) -> (u64, u64) {
-        (
-            self.plain_to_tunnel.load(Ordering::Relaxed),
-            self.tunnel_to_plain.load(Ordering::Relaxed),
-        )
+        (self.plain_to_tunnel.load(Ordering::Relaxed), self.tunnel_to_plain.load(Ordering::Relaxed))
     }
 }
 
@@ -89,14 +86,8 @@ impl StreamEnd {
     pub fn describe(&self) -> String {
         match self {
             StreamEnd::Clean => "clean".into(),
-            StreamEnd::Aborted {
-                side: Side::Tunnel,
-                error,
-            } => format!("aborted: tunnel side failed: {error}"),
-            StreamEnd::Aborted {
-                side: Side::Plain,
-                error,
-            } => format!("aborted: socket side failed: {error}"),
+            StreamEnd::Aborted { side: Side::Tunnel, error } => format!("aborted: tunnel side failed: {error}"),
+            StreamEnd::Aborted { side: Side::Plain, error } => format!("aborted: socket side failed: {error}"),
             StreamEnd::Cancelled => "cancelled".into(),
         }
     }
@@ -136,10 +127,7 @@ pub async fn run_stream(
         reset(tunnel.get_ref().0);
         reset(&plain);
     }
-    StreamReport {
-        path: PathKind::Userspace,
-        end,
-    }
+    StreamReport { path: PathKind::Userspace, end }
 }
 
 /// TCP keepalive for tunnel sockets, so a vanished peer is noticed even on an idle
@@ -180,45 +168,13 @@ where
         let this = self.get_mut();
         let up = this
             .up
-            .poll_copy(
-                cx,
-                &mut *this.plain,
-                &mut *this.tunnel,
-                &this.transfer.plain_to_tunnel,
-            )
-            .map_err(|(failed_reading, e)| {
-                (
-                    if failed_reading {
-                        Side::Plain
-                    } else {
-                        Side::Tunnel
-                    },
-                    e,
-                )
-            })?;
+            .poll_copy(cx, &mut *this.plain, &mut *this.tunnel, &this.transfer.plain_to_tunnel)
+            .map_err(|(failed_reading, e)| (if failed_reading { Side::Plain } else { Side::Tunnel }, e))?;
         let down = this
             .down
-            .poll_copy(
-                cx,
-                &mut *this.tunnel,
-                &mut *this.plain,
-                &this.transfer.tunnel_to_plain,
-            )
-            .map_err(|(failed_reading, e)| {
-                (
-                    if failed_reading {
-                        Side::Tunnel
-                    } else {
-                        Side::Plain
-                    },
-                    e,
-                )
-            })?;
-        if up.is_ready() && down.is_ready() {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
-        }
+            .poll_copy(cx, &mut *this.tunnel, &mut *this.plain, &this.transfer.tunnel_to_plain)
+            .map_err(|(failed_reading, e)| (if failed_reading { Side::Tunnel } else { Side::Plain }, e))?;
+        if up.is_ready() && down.is_ready() { Poll::Ready(Ok(())) } else { Poll::Pending }
     }
 }
 
@@ -266,8 +222,7 @@ impl Direction {
                 match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
                     Poll::Pending => {
                         if self.need_flush {
-                            ready!(Pin::new(&mut *writer).poll_flush(cx))
-                                .map_err(|e| (false, e))?;
+                            ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(|e| (false, e))?;
                             self.need_flush = false;
                         }
                         return Poll::Pending;
@@ -285,9 +240,8 @@ impl Direction {
                 }
             }
             while self.pos < self.filled {
-                let n =
-                    ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.filled]))
-                        .map_err(|e| (false, e))?;
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.filled]))
+                    .map_err(|e| (false, e))?;
                 if n == 0 {
                     return Poll::Ready(Err((false, io::ErrorKind::WriteZero.into())));
                 }
@@ -309,19 +263,8 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
-    async fn bidi(
-        tunnel: &mut DuplexStream,
-        plain: &mut DuplexStream,
-        t: &Transfer,
-    ) -> Result<(), (Side, io::Error)> {
-        Bidirectional {
-            tunnel,
-            plain,
-            up: Direction::new(),
-            down: Direction::new(),
-            transfer: t,
-        }
-        .await
+    async fn bidi(tunnel: &mut DuplexStream, plain: &mut DuplexStream, t: &Transfer) -> Result<(), (Side, io::Error)> {
+        Bidirectional { tunnel, plain, up: Direction::new(), down: Direction::new(), transfer: t }.await
     }
 
     #[tokio::test]
@@ -341,10 +284,7 @@ mod tests {
         let agent = async {
             let mut req = Vec::new();
             agent_end.read_to_end(&mut req).await.unwrap(); // sees EOF: half-close arrived
-            agent_end
-                .write_all(&vec![2u8; req.len() / 2])
-                .await
-                .unwrap();
+            agent_end.write_all(&vec![2u8; req.len() / 2]).await.unwrap();
             agent_end.shutdown().await.unwrap();
             req.len()
         };
@@ -358,11 +298,7 @@ mod tests {
     /// A reader that fails after yielding some bytes, like a reset socket.
     struct Failing(usize);
     impl AsyncRead for Failing {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
+        fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
             if self.0 == 0 {
                 return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
             }
@@ -373,11 +309,7 @@ mod tests {
         }
     }
     impl AsyncWrite for Failing {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            b: &[u8],
-        ) -> Poll<io::Result<usize>> {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
             Poll::Ready(Ok(b.len()))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -404,11 +336,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.0, Side::Plain);
         assert_eq!(err.1.kind(), io::ErrorKind::ConnectionReset);
-        assert_eq!(
-            t.get().0,
-            10,
-            "bytes before the failure are delivered and counted"
-        );
+        assert_eq!(t.get().0, 10, "bytes before the failure are delivered and counted");
     }
 
     #[tokio::test]

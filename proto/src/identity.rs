@@ -29,10 +29,7 @@ pub struct AgentIdentity {
 impl AgentIdentity {
     /// The URI SAN that encodes this identity.
     pub fn to_uri(&self) -> String {
-        format!(
-            "{URI_PREFIX}{}:resource:{}:generation:{}",
-            self.agent_id, self.resource_id, self.generation
-        )
+        format!("{URI_PREFIX}{}:resource:{}:generation:{}", self.agent_id, self.resource_id, self.generation)
     }
 
     /// Parses a URI made by [`AgentIdentity::to_uri`].
@@ -40,13 +37,9 @@ impl AgentIdentity {
         let rest = uri.strip_prefix(URI_PREFIX)?;
         let mut parts = rest.split(':');
         let agent_id = parts.next()?;
-        let (Some("resource"), Some(resource_id), Some("generation"), Some(generation), None) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
+        let (Some("resource"), Some(resource_id), Some("generation"), Some(generation), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return None;
         };
         if agent_id.is_empty() || resource_id.is_empty() {
@@ -125,9 +118,8 @@ impl RegistrationClaims {
         if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
             return Err(ClaimsError::NotAJwt);
         }
-        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(parts[1])
-            .map_err(|_| ClaimsError::BadEncoding)?;
+        let payload =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(parts[1]).map_err(|_| ClaimsError::BadEncoding)?;
         let claims: RegistrationClaims =
             serde_json::from_slice(&payload).map_err(|e| ClaimsError::BadClaims(e.to_string()))?;
         if claims.aud != JWT_AUDIENCE {
@@ -144,10 +136,7 @@ impl RegistrationClaims {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -156,11 +145,7 @@ mod tests {
 
     #[test]
     fn identity_uri_round_trips_and_rejects_junk() {
-        let id = AgentIdentity {
-            agent_id: "agt_1".into(),
-            resource_id: "res_2".into(),
-            generation: 3,
-        };
+        let id = AgentIdentity { agent_id: "agt_1".into(), resource_id: "res_2".into(), generation: 3 };
         assert_eq!(AgentIdentity::from_uri(&id.to_uri()), Some(id));
         for bad in [
             "urn:sluice:agent:a:resource:r",
@@ -199,13 +184,7 @@ mod tests {
             RegistrationClaims::decode_unverified(&encode(&other), 10),
             Err(ClaimsError::WrongAudience(_))
         ));
-        assert_eq!(
-            RegistrationClaims::decode_unverified("abc", 1),
-            Err(ClaimsError::NotAJwt)
-        );
-        assert_eq!(
-            RegistrationClaims::decode_unverified("a.!!!.c", 1),
-            Err(ClaimsError::BadEncoding)
-        );
+        assert_eq!(RegistrationClaims::decode_unverified("abc", 1), Err(ClaimsError::NotAJwt));
+        assert_eq!(RegistrationClaims::decode_unverified("a.!!!.c", 1), Err(ClaimsError::BadEncoding));
     }
 }

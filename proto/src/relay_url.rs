@@ -17,14 +17,10 @@ impl RelayUrl {
         })?;
         let rest = rest.trim_end_matches('/');
         if rest.is_empty() || rest.contains('/') {
-            return Err(format!(
-                "relay URL {s:?} must be https://host[:port] with no path"
-            ));
+            return Err(format!("relay URL {s:?} must be https://host[:port] with no path"));
         }
         let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-            let (h, after) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("relay URL {s:?}: unclosed '['"))?;
+            let (h, after) = v6.split_once(']').ok_or_else(|| format!("relay URL {s:?}: unclosed '['"))?;
             (h.to_owned(), after.strip_prefix(':'))
         } else {
             match rest.rsplit_once(':') {
@@ -34,11 +30,9 @@ impl RelayUrl {
         };
         let port = match port {
             None => 443,
-            Some(p) => p
-                .parse()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("relay URL {s:?}: {p:?} is not a port"))?,
+            Some(p) => {
+                p.parse().ok().filter(|p| *p != 0).ok_or_else(|| format!("relay URL {s:?}: {p:?} is not a port"))?
+            }
         };
         if host.is_empty() {
             return Err(format!("relay URL {s:?} has no host"));
@@ -70,22 +64,13 @@ mod tests {
     fn parses_and_prints() {
         assert_eq!(
             RelayUrl::parse("https://r.example:8443/").unwrap(),
-            RelayUrl {
-                host: "r.example".into(),
-                port: 8443
-            }
+            RelayUrl { host: "r.example".into(), port: 8443 }
         );
         assert_eq!(RelayUrl::parse("https://r").unwrap().port, 443);
         let v6 = RelayUrl::parse("https://[::1]:9").unwrap();
         assert_eq!(v6.host, "::1");
         assert_eq!(v6.to_string(), "https://[::1]:9");
-        for bad in [
-            "http://r:1",
-            "https://",
-            "https://r:0",
-            "https://r:x",
-            "https://r/p",
-        ] {
+        for bad in ["http://r:1", "https://", "https://r:0", "https://r:x", "https://r/p"] {
             assert!(RelayUrl::parse(bad).is_err(), "{bad}");
         }
     }

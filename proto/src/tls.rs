@@ -18,9 +18,7 @@ use rustls::crypto::{CryptoProvider, aws_lc_rs};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{
-    ClientConfig, DigitallySignedStruct, Error, RootCertStore, ServerConfig, SignatureScheme,
-};
+use rustls::{ClientConfig, DigitallySignedStruct, Error, RootCertStore, ServerConfig, SignatureScheme};
 
 use crate::identity::ca_pin;
 use crate::wire::{ALPN_CONTROL, ALPN_DATA, ALPN_ENROLL};
@@ -29,11 +27,7 @@ use crate::wire::{ALPN_CONTROL, ALPN_DATA, ALPN_ENROLL};
 pub fn provider() -> Arc<CryptoProvider> {
     use aws_lc_rs::cipher_suite::*;
     let mut p = aws_lc_rs::default_provider();
-    p.cipher_suites = vec![
-        TLS13_AES_128_GCM_SHA256,
-        TLS13_AES_256_GCM_SHA384,
-        TLS13_CHACHA20_POLY1305_SHA256,
-    ];
+    p.cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256];
     Arc::new(p)
 }
 
@@ -49,8 +43,7 @@ pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, Error> 
 
 /// Parses a private key (PKCS#8, SEC1 or PKCS#1) from PEM.
 pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, Error> {
-    PrivateKeyDer::from_pem_slice(pem.as_bytes())
-        .map_err(|e| Error::General(format!("bad private key PEM: {e}")))
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| Error::General(format!("bad private key PEM: {e}")))
 }
 
 fn server_base(
@@ -71,9 +64,7 @@ pub fn relay_enroll_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<ServerConfig, Error> {
-    let c = server_base(provider())?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    let c = server_base(provider())?.with_no_client_auth().with_single_cert(chain, key)?;
     Ok(tune_server(c, &[ALPN_ENROLL]))
 }
 
@@ -90,9 +81,7 @@ pub fn relay_agent_config(
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), p.clone())
         .build()
         .map_err(|e| Error::General(format!("client verifier: {e}")))?;
-    let c = server_base(p)?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)?;
+    let c = server_base(p)?.with_client_cert_verifier(verifier).with_single_cert(chain, key)?;
     Ok(tune_server(c, &[ALPN_CONTROL, ALPN_DATA]))
 }
 
@@ -107,10 +96,7 @@ fn tune_client(mut c: ClientConfig, alpn: &[u8]) -> ClientConfig {
 /// the CA whose SHA-256 is `pin` and the server certificate verifies against that CA.
 pub fn agent_enroll_config(pin: &str) -> Result<ClientConfig, Error> {
     let p = provider();
-    let verifier = Arc::new(PinnedCaVerifier {
-        pin: pin.to_ascii_lowercase(),
-        provider: p.clone(),
-    });
+    let verifier = Arc::new(PinnedCaVerifier { pin: pin.to_ascii_lowercase(), provider: p.clone() });
     let c = ClientConfig::builder_with_provider(p)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -152,22 +138,18 @@ impl ServerCertVerifier for PinnedCaVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| ca_pin(c) == self.pin)
-            .ok_or_else(|| {
-                Error::General(
+        let ca = intermediates.iter().find(|c| ca_pin(c) == self.pin).ok_or_else(|| {
+            Error::General(
                 "the relay's certificate chain does not contain the CA pinned in the registration \
                  JWT: this is not the relay that issued the token (check SLUICE_URL)"
                     .into(),
             )
-            })?;
+        })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-                .build()
-                .map_err(|e| Error::General(format!("server verifier: {e}")))?;
+        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| Error::General(format!("server verifier: {e}")))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
     }
 
@@ -177,12 +159,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -191,23 +168,15 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
 /// The host name a URL like `https://host:port` names, as a TLS server name.
 pub fn server_name_of(host: &str) -> Result<ServerName<'static>, Error> {
-    ServerName::try_from(host.to_owned())
-        .map_err(|_| Error::General(format!("{host:?} is not a valid host name")))
+    ServerName::try_from(host.to_owned()).map_err(|_| Error::General(format!("{host:?} is not a valid host name")))
 }

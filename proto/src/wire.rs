@@ -198,6 +198,34 @@ pub enum AgentMsg {
     Ping { seq: u64 },
     /// Answer to [`RelayMsg::Ping`].
     Pong { seq: u64 },
+    /// Byte counts of the agent's streams: about once a second for the running ones, and
+    /// once more (with `closed`) when a stream ends.
+    StreamStats { streams: Vec<StreamStat> },
+}
+
+/// Where a stream's byte counts come from.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CounterSource {
+    /// The agent's eBPF program counted the bytes in the kernel.
+    Ebpf,
+    /// The agent counted the bytes as it copied them.
+    Userspace,
+}
+
+/// One stream's counts as the agent sees them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StreamStat {
+    pub stream_id: u64,
+    /// Bytes delivered to the private service (client → service).
+    pub bytes_in: u64,
+    /// Bytes read from the private service (service → client).
+    pub bytes_out: u64,
+    pub path: crate::datapath::PathKind,
+    pub counter: CounterSource,
+    /// This is the stream's final record.
+    #[serde(default)]
+    pub closed: bool,
 }
 
 /// Messages from relay to agent on the control session.
@@ -263,10 +291,7 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_and_stop_at_frame_boundary() {
         let (mut a, mut b) = tokio::io::duplex(1024);
-        let open = StreamOpen {
-            stream_id: 7,
-            client_addr: "127.0.0.1:5".into(),
-        };
+        let open = StreamOpen { stream_id: 7, client_addr: "127.0.0.1:5".into() };
         write_frame(&mut a, &open).await.unwrap();
         a.write_all(b"raw").await.unwrap();
         let got: StreamOpen = read_frame(&mut b).await.unwrap();
@@ -295,16 +320,9 @@ mod tests {
     #[test]
     fn messages_are_tagged_json() {
         let m = RelayMsg::OpenData { count: 3 };
-        assert_eq!(
-            serde_json::to_string(&m).unwrap(),
-            r#"{"type":"open_data","count":3}"#
-        );
-        let r = EnrollResponse::Rejected(Rejection {
-            code: RejectCode::RevokedToken,
-            message: "x".into(),
-        });
-        let back: EnrollResponse =
-            serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(serde_json::to_string(&m).unwrap(), r#"{"type":"open_data","count":3}"#);
+        let r = EnrollResponse::Rejected(Rejection { code: RejectCode::RevokedToken, message: "x".into() });
+        let back: EnrollResponse = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
         assert!(!RejectCode::RevokedToken.is_transient());
         assert!(RejectCode::Unavailable.is_transient());

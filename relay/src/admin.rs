@@ -26,36 +26,21 @@ impl std::error::Error for AdminError {}
 
 impl AdminError {
     pub fn bad_request(m: impl Into<String>) -> Self {
-        AdminError {
-            status: 400,
-            message: m.into(),
-        }
+        AdminError { status: 400, message: m.into() }
     }
     pub fn not_found(m: impl Into<String>) -> Self {
-        AdminError {
-            status: 404,
-            message: m.into(),
-        }
+        AdminError { status: 404, message: m.into() }
     }
 }
 
 impl From<StoreError> for AdminError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Conflict(m) => AdminError {
-                status: 409,
-                message: m,
-            },
-            StoreError::Exhausted(m) => AdminError {
-                status: 507,
-                message: m,
-            },
+            StoreError::Conflict(m) => AdminError { status: 409, message: m },
+            StoreError::Exhausted(m) => AdminError { status: 507, message: m },
             StoreError::Db(e) => {
                 warn!(error = %e, "store error");
-                AdminError {
-                    status: 500,
-                    message: format!("the relay's store failed: {e}"),
-                }
+                AdminError { status: 500, message: format!("the relay's store failed: {e}") }
             }
         }
     }
@@ -126,13 +111,9 @@ impl Relay {
     pub fn create_customer(&self, name: &str) -> Result<Customer, AdminError> {
         let name = name.trim();
         if name.is_empty() || name.len() > 200 {
-            return Err(AdminError::bad_request(
-                "a customer name must be 1 to 200 characters",
-            ));
+            return Err(AdminError::bad_request("a customer name must be 1 to 200 characters"));
         }
-        let c = self
-            .store
-            .create_customer(&new_id("cus"), name, unix_now())?;
+        let c = self.store.create_customer(&new_id("cus"), name, unix_now())?;
         info!(customer = %c.id, name = %c.name, "customer created");
         Ok(c)
     }
@@ -143,16 +124,10 @@ impl Relay {
 
     /// Issues a registration JWT; with `rotate`, first cuts off everything older.
     pub fn issue_registration_jwt(&self, req: &JwtRequest) -> Result<JwtIssued, AdminError> {
-        let (customer_id, resource, disconnected) = match (
-            &req.resource_id,
-            &req.customer_id,
-            req.org_only,
-        ) {
+        let (customer_id, resource, disconnected) = match (&req.resource_id, &req.customer_id, req.org_only) {
             (Some(rid), cid, org_only) => {
                 let r = self.store.resource(rid)?.ok_or_else(|| {
-                    AdminError::not_found(format!(
-                        "no resource with id {rid}; see `sluice resources list --extended`"
-                    ))
+                    AdminError::not_found(format!("no resource with id {rid}; see `sluice resources list --extended`"))
                 })?;
                 if let Some(cid) = cid
                     && r.customer_id.as_ref() != Some(cid)
@@ -172,27 +147,23 @@ impl Relay {
                     let n = self.registry.revoke(
                         rid,
                         Some(generation),
-                        &format!("resource {rid} was rotated: this agent's certificate and registration JWT are revoked"),
+                        &format!(
+                            "resource {rid} was rotated: this agent's certificate and registration JWT are revoked"
+                        ),
                     );
                     info!(resource = %rid, generation, disconnected_agents = n, "resource rotated");
-                    let r = self
-                        .store
-                        .resource(rid)?
-                        .ok_or_else(|| AdminError::not_found("resource deleted meanwhile"))?;
+                    let r =
+                        self.store.resource(rid)?.ok_or_else(|| AdminError::not_found("resource deleted meanwhile"))?;
                     (r.customer_id.clone(), Some(r), n)
                 } else {
                     (r.customer_id.clone(), Some(r), 0)
                 }
             }
             (None, _, _) if req.rotate => {
-                return Err(AdminError::bad_request(
-                    "--rotate needs --resource-id: rotation is per resource",
-                ));
+                return Err(AdminError::bad_request("--rotate needs --resource-id: rotation is per resource"));
             }
             (None, Some(_), true) => {
-                return Err(AdminError::bad_request(
-                    "give either --customer-id or --org-only, not both",
-                ));
+                return Err(AdminError::bad_request("give either --customer-id or --org-only, not both"));
             }
             (None, Some(cid), false) => {
                 if self.store.customer(cid)?.is_none() {
@@ -260,11 +231,7 @@ impl Relay {
                 .and_then(|c| customers.iter().find(|x| &x.id == c))
                 .map(|c| c.name.clone()),
             endpoint: self.endpoint(r.port),
-            last_seen_at: if agents > 0 {
-                Some(unix_now())
-            } else {
-                r.last_seen_at
-            },
+            last_seen_at: if agents > 0 { Some(unix_now()) } else { r.last_seen_at },
             id: r.id,
             name: r.name,
             status,
@@ -276,11 +243,7 @@ impl Relay {
 
     pub fn resource_views(&self) -> Result<Vec<ResourceView>, AdminError> {
         let customers = self.store.customers()?;
-        self.store
-            .resources()?
-            .into_iter()
-            .map(|r| self.view(r, &customers))
-            .collect()
+        self.store.resources()?.into_iter().map(|r| self.view(r, &customers)).collect()
     }
 
     /// Finds a resource by id, or by name when that name is unique.
@@ -289,12 +252,7 @@ impl Relay {
         if let Some(r) = self.store.resource(id_or_name)? {
             return self.view(r, &customers);
         }
-        let mut named: Vec<Resource> = self
-            .store
-            .resources()?
-            .into_iter()
-            .filter(|r| r.name == id_or_name)
-            .collect();
+        let mut named: Vec<Resource> = self.store.resources()?.into_iter().filter(|r| r.name == id_or_name).collect();
         match named.len() {
             0 => Err(AdminError::not_found(format!(
                 "no resource with id or name {id_or_name:?}; see `sluice resources list`"
@@ -305,11 +263,7 @@ impl Relay {
                 message: format!(
                     "{} resources are named {id_or_name:?} (ids: {}); give the id instead",
                     named.len(),
-                    named
-                        .iter()
-                        .map(|r| r.id.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    named.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", ")
                 ),
             }),
         }
@@ -322,9 +276,7 @@ impl Relay {
                 "no resource with id {id}; see `sluice resources list --extended`"
             )));
         }
-        let n = self
-            .registry
-            .revoke(id, None, &format!("resource {id} was deleted"));
+        let n = self.registry.revoke(id, None, &format!("resource {id} was deleted"));
         info!(resource = %id, disconnected_agents = n, "resource deleted");
         Ok(())
     }

@@ -10,8 +10,8 @@ use rustls::ServerConfig;
 use rustls::server::Acceptor;
 use sluice_proto::identity::{AgentIdentity, RegistrationClaims, unix_now};
 use sluice_proto::wire::{
-    self, ALPN_CONTROL, ALPN_DATA, ALPN_ENROLL, AgentMsg, DataHello, EnrollRequest, EnrollResponse,
-    Enrollment, PROTOCOL_VERSION, RejectCode, Rejection, RelayMsg,
+    self, ALPN_CONTROL, ALPN_DATA, ALPN_ENROLL, AgentMsg, DataHello, EnrollRequest, EnrollResponse, Enrollment,
+    PROTOCOL_VERSION, RejectCode, Rejection, RelayMsg,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -31,20 +31,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 pub fn new_id(prefix: &str) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
-    let s: String = (0..16)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect();
+    let s: String = (0..16).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
     format!("{prefix}_{s}")
 }
 
 /// Accepts agent connections until shutdown.
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
     let enroll_cfg = Arc::new(
-        sluice_proto::tls::relay_enroll_config(
-            relay.identity.server_chain.clone(),
-            relay.identity.server_key(),
-        )
-        .expect("relay TLS configuration"),
+        sluice_proto::tls::relay_enroll_config(relay.identity.server_chain.clone(), relay.identity.server_key())
+            .expect("relay TLS configuration"),
     );
     let agent_cfg = Arc::new(
         sluice_proto::tls::relay_agent_config(
@@ -71,12 +66,16 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
         sluice_proto::datapath::tune_tunnel_socket(&tcp);
         let (relay, enroll_cfg, agent_cfg) = (relay.clone(), enroll_cfg.clone(), agent_cfg.clone());
         tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, enroll_cfg, agent_cfg))
-                .await
-            {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, enroll_cfg, agent_cfg)).await {
                 Ok(Ok(tls)) => dispatch(relay, tls, peer).await,
-                Ok(Err(e)) => info!(%peer, error = %e, "agent TLS handshake refused"),
-                Err(_) => info!(%peer, "agent TLS handshake timed out"),
+                Ok(Err(e)) => {
+                    crate::metrics::handshake_failed();
+                    info!(%peer, error = %e, "agent TLS handshake refused")
+                }
+                Err(_) => {
+                    crate::metrics::handshake_failed();
+                    info!(%peer, "agent TLS handshake timed out")
+                }
             }
         });
     }
@@ -88,23 +87,14 @@ async fn handshake(
     agent_cfg: Arc<ServerConfig>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
     let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
-    let wants_enroll = start
-        .client_hello()
-        .alpn()
-        .is_some_and(|mut protos| protos.any(|p| p == ALPN_ENROLL));
-    start
-        .into_stream(if wants_enroll { enroll_cfg } else { agent_cfg })
-        .await
+    let wants_enroll = start.client_hello().alpn().is_some_and(|mut protos| protos.any(|p| p == ALPN_ENROLL));
+    start.into_stream(if wants_enroll { enroll_cfg } else { agent_cfg }).await
 }
 
 async fn dispatch(relay: Arc<Relay>, tls: TlsStream<TcpStream>, peer: SocketAddr) {
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     match alpn.as_deref() {
-        Some(ALPN_ENROLL) => {
-            enroll(relay, tls, peer)
-                .instrument(info_span!("enroll", %peer))
-                .await
-        }
+        Some(ALPN_ENROLL) => enroll(relay, tls, peer).instrument(info_span!("enroll", %peer)).await,
         Some(ALPN_CONTROL) | Some(ALPN_DATA) => {
             let Some(who) = peer_identity(&tls) else {
                 warn!(%peer, "client certificate has no Sluice agent identity; closing");
@@ -127,41 +117,50 @@ fn peer_identity(tls: &TlsStream<TcpStream>) -> Option<AgentIdentity> {
 }
 
 fn reject(code: RejectCode, message: impl Into<String>) -> Rejection {
-    Rejection {
-        code,
-        message: message.into(),
-    }
+    Rejection { code, message: message.into() }
 }
 
 fn internal(e: StoreError) -> Rejection {
     warn!(error = %e, "store error during enrollment");
-    reject(
-        RejectCode::Internal,
-        "the relay could not read its store; try again later",
-    )
+    reject(RejectCode::Internal, "the relay could not read its store; try again later")
 }
 
 // === Enrollment ===
 
 async fn enroll(relay: Arc<Relay>, mut tls: TlsStream<TcpStream>, peer: SocketAddr) {
-    let req: EnrollRequest =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame(&mut tls)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return debug!(error = %e, "bad enrollment request"),
-            Err(_) => return debug!("enrollment request timed out"),
-        };
+    let req: EnrollRequest = match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame(&mut tls)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return debug!(error = %e, "bad enrollment request"),
+        Err(_) => return debug!("enrollment request timed out"),
+    };
     let answer = match decide_enrollment(&relay, &req) {
         Ok(e) => {
+            crate::metrics::enrollment("enrolled");
             info!(resource = %e.resource_id, name = %e.resource_name, agent = %e.agent_id, host = %req.hostname, "agent enrolled");
             EnrollResponse::Enrolled(e)
         }
         Err(r) => {
+            crate::metrics::enrollment(reject_label(r.code));
             info!(%peer, name = %req.name, code = ?r.code, reason = %r.message, "enrollment refused");
             EnrollResponse::Rejected(r)
         }
     };
     let _ = wire::write_frame(&mut tls, &answer).await;
     let _ = tls.shutdown().await;
+}
+
+fn reject_label(code: RejectCode) -> &'static str {
+    match code {
+        RejectCode::InvalidToken => "invalid_token",
+        RejectCode::ExpiredToken => "expired_token",
+        RejectCode::RevokedToken => "revoked_token",
+        RejectCode::Forbidden => "forbidden",
+        RejectCode::RevokedCertificate => "revoked_certificate",
+        RejectCode::BadRequest => "bad_request",
+        RejectCode::UnsupportedVersion => "unsupported_version",
+        RejectCode::Internal => "internal",
+        RejectCode::Unavailable => "unavailable",
+    }
 }
 
 /// Checks an enrollment request against the token and the store and, if it is allowed,
@@ -177,16 +176,12 @@ fn decide_enrollment(relay: &Relay, req: &EnrollRequest) -> Result<Enrollment, R
         ));
     }
     let claims: RegistrationClaims = relay.signer.verify(&req.jwt)?;
-    let record = relay
-        .store
-        .token(&claims.jti)
-        .map_err(internal)?
-        .ok_or_else(|| {
-            reject(
-                RejectCode::InvalidToken,
-                "the registration JWT is not known to this relay; ask its operator for a new one",
-            )
-        })?;
+    let record = relay.store.token(&claims.jti).map_err(internal)?.ok_or_else(|| {
+        reject(
+            RejectCode::InvalidToken,
+            "the registration JWT is not known to this relay; ask its operator for a new one",
+        )
+    })?;
     if record.revoked_at.is_some() {
         let hint = match &claims.resource_id {
             Some(r) => format!("sluice resources registration-jwt --resource-id {r}"),
@@ -202,24 +197,14 @@ fn decide_enrollment(relay: &Relay, req: &EnrollRequest) -> Result<Enrollment, R
     if let Some(cid) = &claims.customer_id
         && relay.store.customer(cid).map_err(internal)?.is_none()
     {
-        return Err(reject(
-            RejectCode::Forbidden,
-            format!("customer {cid} of this registration JWT no longer exists"),
-        ));
+        return Err(reject(RejectCode::Forbidden, format!("customer {cid} of this registration JWT no longer exists")));
     }
 
     let resource: Resource = match &claims.resource_id {
         Some(rid) => {
-            let r = relay
-                .store
-                .resource(rid)
-                .map_err(internal)?
-                .ok_or_else(|| {
-                    reject(
-                        RejectCode::RevokedToken,
-                        format!("resource {rid} of this registration JWT was deleted"),
-                    )
-                })?;
+            let r = relay.store.resource(rid).map_err(internal)?.ok_or_else(|| {
+                reject(RejectCode::RevokedToken, format!("resource {rid} of this registration JWT was deleted"))
+            })?;
             if r.customer_id != claims.customer_id {
                 return Err(reject(
                     RejectCode::Forbidden,
@@ -250,11 +235,7 @@ fn decide_enrollment(relay: &Relay, req: &EnrollRequest) -> Result<Enrollment, R
         None => {
             validate_name(&req.name).map_err(|m| reject(RejectCode::BadRequest, m))?;
             let cid = claims.customer_id.as_deref();
-            match relay
-                .store
-                .resource_by_name(cid, &req.name)
-                .map_err(internal)?
-            {
+            match relay.store.resource_by_name(cid, &req.name).map_err(internal)? {
                 Some(r) => r,
                 None => {
                     let r = relay
@@ -268,10 +249,9 @@ fn decide_enrollment(relay: &Relay, req: &EnrollRequest) -> Result<Enrollment, R
                         )
                         .map_err(|e| match e {
                             StoreError::Exhausted(m) => reject(RejectCode::Unavailable, m),
-                            StoreError::Conflict(_) => reject(
-                                RejectCode::Unavailable,
-                                "the resource was being created concurrently; retry",
-                            ),
+                            StoreError::Conflict(_) => {
+                                reject(RejectCode::Unavailable, "the resource was being created concurrently; retry")
+                            }
                             e => internal(e),
                         })?;
                     info!(resource = %r.id, name = %r.name, endpoint = %relay.endpoint(r.port), "resource created");
@@ -281,19 +261,10 @@ fn decide_enrollment(relay: &Relay, req: &EnrollRequest) -> Result<Enrollment, R
         }
     };
 
-    let who = AgentIdentity {
-        agent_id: new_id("agt"),
-        resource_id: resource.id.clone(),
-        generation: resource.generation,
-    };
-    let cert_pem = relay
-        .identity
-        .sign_agent_csr(&req.csr_pem, &who)
-        .map_err(|m| reject(RejectCode::BadRequest, m))?;
-    relay
-        .store
-        .mark_token_used(&claims.jti, &resource.id)
-        .map_err(internal)?;
+    let who =
+        AgentIdentity { agent_id: new_id("agt"), resource_id: resource.id.clone(), generation: resource.generation };
+    let cert_pem = relay.identity.sign_agent_csr(&req.csr_pem, &who).map_err(|m| reject(RejectCode::BadRequest, m))?;
+    relay.store.mark_token_used(&claims.jti, &resource.id).map_err(internal)?;
     relay
         .store
         .add_agent(&AgentRecord {
@@ -318,18 +289,10 @@ fn decide_enrollment(relay: &Relay, req: &EnrollRequest) -> Result<Enrollment, R
 /// A resource name: 1-63 characters of letters, digits, `.`, `_`, `-`.
 pub fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 63 {
-        return Err(format!(
-            "NAME must be 1 to 63 characters long (got {} characters)",
-            name.len()
-        ));
+        return Err(format!("NAME must be 1 to 63 characters long (got {} characters)", name.len()));
     }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    {
-        return Err(format!(
-            "NAME {name:?} may only contain letters, digits, '.', '_' and '-'"
-        ));
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        return Err(format!("NAME {name:?} may only contain letters, digits, '.', '_' and '-'"));
     }
     Ok(())
 }
@@ -337,19 +300,12 @@ pub fn validate_name(name: &str) -> Result<(), String> {
 /// Checks a client certificate's identity against the store: the resource must exist
 /// and the certificate must be of its current key generation.
 fn check_identity(relay: &Relay, who: &AgentIdentity) -> Result<Resource, Rejection> {
-    let r = relay
-        .store
-        .resource(&who.resource_id)
-        .map_err(internal)?
-        .ok_or_else(|| {
-            reject(
-                RejectCode::RevokedCertificate,
-                format!(
-                    "resource {} was deleted; this agent's certificate is no longer valid",
-                    who.resource_id
-                ),
-            )
-        })?;
+    let r = relay.store.resource(&who.resource_id).map_err(internal)?.ok_or_else(|| {
+        reject(
+            RejectCode::RevokedCertificate,
+            format!("resource {} was deleted; this agent's certificate is no longer valid", who.resource_id),
+        )
+    })?;
     if who.generation != r.generation {
         return Err(reject(
             RejectCode::RevokedCertificate,
@@ -374,24 +330,12 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TcpStream>, who: AgentIde
             return;
         }
     };
-    let hello = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        wire::read_frame::<_, AgentMsg>(&mut tls),
-    )
-    .await
-    {
-        Ok(Ok(AgentMsg::Hello {
-            version,
-            agent_version,
-            hostname,
-            capabilities,
-        })) => {
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame::<_, AgentMsg>(&mut tls)).await {
+        Ok(Ok(AgentMsg::Hello { version, agent_version, hostname, capabilities })) => {
             if version != PROTOCOL_VERSION {
                 let r = reject(
                     RejectCode::UnsupportedVersion,
-                    format!(
-                        "agent protocol version {version} is not supported (relay speaks {PROTOCOL_VERSION})"
-                    ),
+                    format!("agent protocol version {version} is not supported (relay speaks {PROTOCOL_VERSION})"),
                 );
                 let _ = wire::write_frame(&mut tls, &RelayMsg::Rejected(r)).await;
                 return;
@@ -426,7 +370,7 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TcpStream>, who: AgentIde
     let _ = relay.store.mark_agent_connected(&who.agent_id, now);
     let _ = relay.store.touch_resource(&resource.id, now);
     if relay.registry.add(session.clone()) {
-        crate::resource_port::start(relay.clone(), resource.id.clone(), resource.port);
+        crate::resource_port::start(relay.clone(), resource.id.clone(), resource.name.clone(), resource.port);
     }
     info!(
         session = %session.id, name = %resource.name, host = %hello.1, agent_version = %hello.0,
@@ -436,23 +380,22 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TcpStream>, who: AgentIde
     let (mut rd, mut wr) = tokio::io::split(tls);
     let heartbeat = relay.config.heartbeat.max(Duration::from_secs(1));
     let pong_tx = session.clone();
+    let stats_relay = relay.clone();
+    let agent_id = who.agent_id.clone();
+    crate::metrics::agent_sessions(&resource.id, 1.0);
     // Reader: answers pings; any frame proves the agent alive.
     let reader = async move {
         loop {
-            match tokio::time::timeout(heartbeat * 3, wire::read_frame::<_, AgentMsg>(&mut rd))
-                .await
-            {
+            match tokio::time::timeout(heartbeat * 3, wire::read_frame::<_, AgentMsg>(&mut rd)).await {
                 Err(_) => {
-                    return format!(
-                        "no word from the agent for {:?}: declared dead",
-                        heartbeat * 3
-                    );
+                    return format!("no word from the agent for {:?}: declared dead", heartbeat * 3);
                 }
                 Ok(Err(e)) => return format!("control connection ended: {e}"),
                 Ok(Ok(AgentMsg::Ping { seq })) => {
                     pong_tx.send(RelayMsg::Pong { seq });
                 }
                 Ok(Ok(AgentMsg::Pong { .. })) => {}
+                Ok(Ok(AgentMsg::StreamStats { streams })) => stats_relay.streams.report(&agent_id, &streams),
                 Ok(Ok(AgentMsg::Hello { .. })) => return "agent sent a second hello".into(),
             }
         }
@@ -483,23 +426,18 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TcpStream>, who: AgentIde
     };
     let why = tokio::select! { w = reader => w, w = writer => w };
     relay.registry.remove(&session);
+    crate::metrics::agent_sessions(&resource.id, -1.0);
     let _ = relay.store.touch_resource(&resource.id, unix_now());
     info!(session = %session.id, reason = %why, "agent session down");
 }
 
 // === Data connections ===
 
-async fn data(
-    relay: Arc<Relay>,
-    mut tls: TlsStream<TcpStream>,
-    who: AgentIdentity,
-    peer: SocketAddr,
-) {
-    let hello: DataHello =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame(&mut tls)).await {
-            Ok(Ok(h)) => h,
-            _ => return debug!(%peer, "data connection closed before its hello"),
-        };
+async fn data(relay: Arc<Relay>, mut tls: TlsStream<TcpStream>, who: AgentIdentity, peer: SocketAddr) {
+    let hello: DataHello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame(&mut tls)).await {
+        Ok(Ok(h)) => h,
+        _ => return debug!(%peer, "data connection closed before its hello"),
+    };
     let Some(session) = relay.registry.session(&hello.session_id) else {
         return debug!(%peer, session = %hello.session_id, "data connection for an unknown session; closing");
     };

@@ -9,12 +9,14 @@
 //! | GET    | /v1/resources                 | list resources with live status       |
 //! | GET    | /v1/resources/{id_or_name}    | one resource                          |
 //! | DELETE | /v1/resources/{id}            | delete a resource                     |
+//! | GET    | /v1/streams[?resource=NAME]   | live streams with bytes and rates     |
+//! | GET    | /metrics                      | Prometheus text (no token: keep the admin listener private) |
 //!
 //! Errors are `{ "error": "what happened and what to do" }` with a fitting status.
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -40,10 +42,7 @@ type ApiResult<T> = Result<Json<T>, AdminError>;
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
     let shutdown = relay.shutdown.clone();
     let app = router(relay);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
         warn!(error = %e, "admin API stopped");
     }
 }
@@ -53,16 +52,12 @@ fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/customers", get(list_customers).post(create_customer))
         .route("/v1/registration-jwts", post(issue_jwt))
         .route("/v1/resources", get(list_resources))
-        .route(
-            "/v1/resources/{id}",
-            get(get_resource).delete(delete_resource),
-        )
+        .route("/v1/streams", get(list_streams))
+        .route("/v1/resources/{id}", get(get_resource).delete(delete_resource))
         .route_layer(middleware::from_fn_with_state(relay.clone(), require_token));
     Router::new()
-        .route(
-            "/v1/health",
-            get(|| async { Json(serde_json::json!({ "status": "ok" })) }),
-        )
+        .route("/v1/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
+        .route("/metrics", get(metrics))
         .merge(authed)
         .fallback(|| async { AdminError::not_found("no such API path; see docs/admin-api.md") })
         .with_state(relay)
@@ -73,12 +68,7 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_token(
-    State(relay): State<Arc<Relay>>,
-    headers: HeaderMap,
-    req: Request,
-    next: Next,
-) -> Response {
+async fn require_token(State(relay): State<Arc<Relay>>, headers: HeaderMap, req: Request, next: Next) -> Response {
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -115,8 +105,7 @@ async fn create_customer(
     State(r): State<Arc<Relay>>,
     body: Result<Json<NewCustomer>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<crate::store::Customer>), AdminError> {
-    let Json(body) =
-        body.map_err(|e| AdminError::bad_request(format!("expected {{\"name\": …}}: {e}")))?;
+    let Json(body) = body.map_err(|e| AdminError::bad_request(format!("expected {{\"name\": …}}: {e}")))?;
     Ok((StatusCode::CREATED, Json(r.create_customer(&body.name)?)))
 }
 
@@ -124,8 +113,7 @@ async fn issue_jwt(
     State(r): State<Arc<Relay>>,
     body: Result<Json<JwtRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<crate::admin::JwtIssued> {
-    let Json(body) =
-        body.map_err(|e| AdminError::bad_request(format!("bad registration JWT request: {e}")))?;
+    let Json(body) = body.map_err(|e| AdminError::bad_request(format!("bad registration JWT request: {e}")))?;
     r.issue_registration_jwt(&body).map(Json)
 }
 
@@ -133,19 +121,30 @@ async fn list_resources(State(r): State<Arc<Relay>>) -> ApiResult<Vec<crate::adm
     r.resource_views().map(Json)
 }
 
-async fn get_resource(
-    State(r): State<Arc<Relay>>,
-    Path(id): Path<String>,
-) -> ApiResult<crate::admin::ResourceView> {
+async fn get_resource(State(r): State<Arc<Relay>>, Path(id): Path<String>) -> ApiResult<crate::admin::ResourceView> {
     r.resource_view(&id).map(Json)
 }
 
-async fn delete_resource(
-    State(r): State<Arc<Relay>>,
-    Path(id): Path<String>,
-) -> Result<StatusCode, AdminError> {
+async fn delete_resource(State(r): State<Arc<Relay>>, Path(id): Path<String>) -> Result<StatusCode, AdminError> {
     r.delete_resource(&id)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct StreamsQuery {
+    resource: Option<String>,
+}
+
+async fn list_streams(
+    State(r): State<Arc<Relay>>,
+    Query(q): Query<StreamsQuery>,
+) -> ApiResult<Vec<crate::streams::StreamView>> {
+    Ok(Json(r.streams.views(q.resource.as_deref())))
+}
+
+async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
+    r.streams.sample_rates();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], r.metrics.render())
 }
 
 #[cfg(test)]

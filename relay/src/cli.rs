@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::admin::{JwtIssued, JwtRequest, ResourceView};
 use crate::pki::files;
 use crate::store::Customer;
+use crate::streams::StreamView;
 
 /// How the CLI finds and authenticates to a relay.
 #[derive(Debug, Clone, Args)]
@@ -24,20 +25,10 @@ pub struct AdminConn {
     #[arg(long, env = "SLUICE_ADMIN_URL", global = true)]
     pub admin_url: Option<String>,
     /// Admin token the relay printed on first start. Default: read from the data directory.
-    #[arg(
-        long,
-        env = "SLUICE_ADMIN_TOKEN",
-        global = true,
-        hide_env_values = true
-    )]
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", global = true, hide_env_values = true)]
     pub admin_token: Option<String>,
     /// Data directory of a relay on this host (to find its admin URL and token).
-    #[arg(
-        long,
-        env = "SLUICE_DATA_DIR",
-        default_value = "./sluice-data",
-        global = true
-    )]
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data", global = true)]
     pub data_dir: PathBuf,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
@@ -109,6 +100,17 @@ pub enum ResourcesCmd {
     },
 }
 
+/// Options of `sluice streams`.
+#[derive(Debug, Args)]
+pub struct StreamsArgs {
+    /// Only streams of this resource (name or id).
+    #[arg(long)]
+    pub resource: Option<String>,
+    /// Refresh in place every second (like top) until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
+}
+
 /// Parses `3600`, `30s`, `30m`, `24h` or `7d` into seconds.
 pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -134,36 +136,30 @@ pub struct AdminClient {
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
-    std::fs::read_to_string(path)
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
+    std::fs::read_to_string(path).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
 }
 
 impl AdminClient {
     pub fn new(conn: &AdminConn) -> Result<Self> {
-        let base = conn
-            .admin_url
-            .clone()
-            .or_else(|| read_trimmed(&conn.data_dir.join(files::ADMIN_URL)))
-            .ok_or_else(|| {
+        let base = conn.admin_url.clone().or_else(|| read_trimmed(&conn.data_dir.join(files::ADMIN_URL))).ok_or_else(
+            || {
                 anyhow!(
                     "cannot find the relay: pass --admin-url (SLUICE_ADMIN_URL), or run on the relay's host with \
                      --data-dir pointing at its data directory (looked in {})",
                     conn.data_dir.display()
                 )
-            })?;
-        let token = conn
-            .admin_token
-            .clone()
-            .or_else(|| read_trimmed(&conn.data_dir.join(files::ADMIN_TOKEN)))
-            .ok_or_else(|| {
-                anyhow!(
-                    "no admin token: pass --admin-token (SLUICE_ADMIN_TOKEN), or run on the relay's host with \
+            },
+        )?;
+        let token =
+            conn.admin_token.clone().or_else(|| read_trimmed(&conn.data_dir.join(files::ADMIN_TOKEN))).ok_or_else(
+                || {
+                    anyhow!(
+                        "no admin token: pass --admin-token (SLUICE_ADMIN_TOKEN), or run on the relay's host with \
                      --data-dir pointing at its data directory (looked in {})",
-                    conn.data_dir.display()
-                )
-            })?;
+                        conn.data_dir.display()
+                    )
+                },
+            )?;
         if !base.starts_with("http://") {
             bail!(
                 "--admin-url {base:?} must start with http:// (the admin API listens on plain HTTP, by default on loopback)"
@@ -177,26 +173,16 @@ impl AdminClient {
     }
 
     /// Sends a request; a non-2xx answer becomes an error with the API's message.
-    pub async fn call<T: DeserializeOwned>(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<T> {
+    pub async fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<Value>) -> Result<T> {
         let url = format!("{}{}", self.base, path);
         let req = hyper::Request::builder()
             .method(method)
             .uri(&url)
             .header("authorization", format!("Bearer {}", self.token))
             .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(
-                body.map(|b| b.to_string()).unwrap_or_default(),
-            )))?;
+            .body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))?;
         let resp = self.http.request(req).await.map_err(|e| {
-            anyhow!(
-                "cannot reach the relay's admin API at {}: {e:#}; is `sluice serve` running there?",
-                self.base
-            )
+            anyhow!("cannot reach the relay's admin API at {}: {e:#}; is `sluice serve` running there?", self.base)
         })?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
@@ -219,13 +205,7 @@ pub async fn customers(conn: &AdminConn, cmd: CustomersCmd) -> Result<()> {
     let api = AdminClient::new(conn)?;
     match cmd {
         CustomersCmd::Create { name } => {
-            let c: Customer = api
-                .call(
-                    "POST",
-                    "/v1/customers",
-                    Some(serde_json::json!({ "name": name })),
-                )
-                .await?;
+            let c: Customer = api.call("POST", "/v1/customers", Some(serde_json::json!({ "name": name }))).await?;
             match conn.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&c)?),
                 Output::Table => println!("{}", c.id),
@@ -237,16 +217,8 @@ pub async fn customers(conn: &AdminConn, cmd: CustomersCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(());
             }
-            let rows = list
-                .iter()
-                .map(|c| vec![c.id.clone(), c.name.clone(), ago(Some(c.created_at))])
-                .collect();
-            print_table(
-                &["Id", "Name", "Created"],
-                &["Id", "Name"],
-                rows,
-                columns.as_deref(),
-            )?;
+            let rows = list.iter().map(|c| vec![c.id.clone(), c.name.clone(), ago(Some(c.created_at))]).collect();
+            print_table(&["Id", "Name", "Created"], &["Id", "Name"], rows, columns.as_deref())?;
         }
     }
     Ok(())
@@ -256,27 +228,10 @@ pub async fn customers(conn: &AdminConn, cmd: CustomersCmd) -> Result<()> {
 pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
     let api = AdminClient::new(conn)?;
     match cmd {
-        ResourcesCmd::RegistrationJwt {
-            customer_id,
-            org_only,
-            resource_id,
-            rotate,
-            expires_in,
-        } => {
-            let req = JwtRequest {
-                customer_id,
-                org_only,
-                resource_id,
-                rotate,
-                expires_in_secs: expires_in,
-            };
-            let issued: JwtIssued = api
-                .call(
-                    "POST",
-                    "/v1/registration-jwts",
-                    Some(serde_json::to_value(&req)?),
-                )
-                .await?;
+        ResourcesCmd::RegistrationJwt { customer_id, org_only, resource_id, rotate, expires_in } => {
+            let req = JwtRequest { customer_id, org_only, resource_id, rotate, expires_in_secs: expires_in };
+            let issued: JwtIssued =
+                api.call("POST", "/v1/registration-jwts", Some(serde_json::to_value(&req)?)).await?;
             if rotate {
                 eprintln!(
                     "Rotated resource {} to key generation {}: older JWTs and agent certificates are revoked; {} agent(s) disconnected.",
@@ -296,16 +251,7 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(());
             }
-            let all = [
-                "Name",
-                "Status",
-                "Customer",
-                "Id",
-                "CustomerId",
-                "Endpoint",
-                "Agents",
-                "Last seen",
-            ];
+            let all = ["Name", "Status", "Customer", "Id", "CustomerId", "Endpoint", "Agents", "Last seen"];
             let default: &[&str] = if extended { &all } else { &all[..3] };
             let rows = list
                 .iter()
@@ -321,44 +267,97 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
                         r.customer_id.clone().unwrap_or_else(|| "-".into()),
                         r.endpoint.clone(),
                         r.agents.to_string(),
-                        if r.agents > 0 {
-                            "now".into()
-                        } else {
-                            ago(r.last_seen_at)
-                        },
+                        if r.agents > 0 { "now".into() } else { ago(r.last_seen_at) },
                     ]
                 })
                 .collect();
             print_table(&all, default, rows, columns.as_deref())?;
         }
         ResourcesCmd::Endpoint { name_or_id } => {
-            let r: ResourceView = api
-                .call(
-                    "GET",
-                    &format!("/v1/resources/{}", encode_path(&name_or_id)),
-                    None,
-                )
-                .await?;
+            let r: ResourceView = api.call("GET", &format!("/v1/resources/{}", encode_path(&name_or_id)), None).await?;
             match conn.output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({ "id": r.id, "endpoint": r.endpoint })
-                ),
+                Output::Json => println!("{}", serde_json::json!({ "id": r.id, "endpoint": r.endpoint })),
                 Output::Table => println!("{}", r.endpoint),
             }
         }
         ResourcesCmd::Delete { id } => {
-            let _: Value = api
-                .call(
-                    "DELETE",
-                    &format!("/v1/resources/{}", encode_path(&id)),
-                    None,
-                )
-                .await?;
+            let _: Value = api.call("DELETE", &format!("/v1/resources/{}", encode_path(&id)), None).await?;
             eprintln!("Deleted resource {id}.");
         }
     }
     Ok(())
+}
+
+/// Runs `sluice streams`.
+pub async fn streams(conn: &AdminConn, args: StreamsArgs) -> Result<()> {
+    let api = AdminClient::new(conn)?;
+    let path = match &args.resource {
+        Some(r) => format!("/v1/streams?resource={}", encode_path(r)),
+        None => "/v1/streams".to_owned(),
+    };
+    loop {
+        let list: Vec<StreamView> = api.call("GET", &path, None).await?;
+        if args.watch {
+            // Home the cursor and clear the screen, then redraw.
+            print!("\x1b[H\x1b[2J");
+        }
+        if conn.output == Output::Json {
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        } else {
+            let all =
+                ["Resource", "Agent", "Stream", "Client", "Age", "In", "Out", "Rate in", "Rate out", "Path", "Counter"];
+            let rows = list
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.resource_name.clone(),
+                        s.agent_id.clone(),
+                        s.stream_id.to_string(),
+                        s.client_addr.clone(),
+                        format_age(s.age_secs),
+                        format_bytes(s.bytes_in as f64),
+                        format_bytes(s.bytes_out as f64),
+                        format!("{}/s", format_bytes(s.rate_in_bps)),
+                        format!("{}/s", format_bytes(s.rate_out_bps)),
+                        s.path.as_str().to_owned(),
+                        s.counter.clone(),
+                    ]
+                })
+                .collect();
+            if args.watch {
+                println!("sluice streams — {} open (In: client → service; Ctrl-C to stop)\n", list.len());
+            }
+            print_table(&all, &all, rows, None)?;
+        }
+        if !args.watch {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// `1.5 MiB` style sizes.
+pub fn format_bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{v:.0} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+fn format_age(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
 }
 
 fn encode_path(s: &str) -> String {
@@ -386,32 +385,17 @@ fn ago(t: Option<u64>) -> String {
 }
 
 /// Prints rows as an aligned table. `wanted` (case-insensitive names) overrides `default`.
-fn print_table(
-    all: &[&str],
-    default: &[&str],
-    rows: Vec<Vec<String>>,
-    wanted: Option<&[String]>,
-) -> Result<()> {
+fn print_table(all: &[&str], default: &[&str], rows: Vec<Vec<String>>, wanted: Option<&[String]>) -> Result<()> {
     let pick: Vec<usize> = match wanted {
         Some(w) => w
             .iter()
             .map(|c| {
                 all.iter()
-                    .position(|a| {
-                        a.eq_ignore_ascii_case(c.trim())
-                            || a.replace(' ', "").eq_ignore_ascii_case(c.trim())
-                    })
+                    .position(|a| a.eq_ignore_ascii_case(c.trim()) || a.replace(' ', "").eq_ignore_ascii_case(c.trim()))
                     .ok_or_else(|| anyhow!("unknown column {c:?}; available: {}", all.join(",")))
             })
             .collect::<Result<_>>()?,
-        None => default
-            .iter()
-            .map(|d| {
-                all.iter()
-                    .position(|a| a == d)
-                    .expect("default column exists")
-            })
-            .collect(),
+        None => default.iter().map(|d| all.iter().position(|a| a == d).expect("default column exists")).collect(),
     };
     let mut widths: Vec<usize> = pick.iter().map(|&i| all[i].len()).collect();
     for row in &rows {
@@ -420,11 +404,7 @@ fn print_table(
         }
     }
     let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(pick.iter().map(|&i| all[i]).collect());
@@ -445,6 +425,14 @@ mod tests {
         assert_eq!(parse_duration_secs("7d"), Ok(604800));
         assert!(parse_duration_secs("0").is_err());
         assert!(parse_duration_secs("soon").is_err());
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(format_bytes(0.0), "0 B");
+        assert_eq!(format_bytes(1536.0), "1.5 KiB");
+        assert_eq!(format_bytes(3.0 * 1024.0 * 1024.0 * 1024.0), "3.0 GiB");
+        assert_eq!(format_age(75.0), "1m15s");
     }
 
     #[test]

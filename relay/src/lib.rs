@@ -11,12 +11,14 @@ pub mod admin;
 pub mod agent_port;
 pub mod api;
 pub mod cli;
+pub mod metrics;
 pub mod pki;
 pub mod quickstart;
 pub mod registry;
 pub mod relay;
 pub mod resource_port;
 pub mod store;
+pub mod streams;
 pub mod tokens;
 
 /// Starts logging to stderr. `filter` is an env-filter directive such as `info` or

@@ -51,6 +51,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ResourcesCmd,
     },
+    /// Show live streams: resource, agent, client, bytes in/out, rate, data path, counter.
+    Streams {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[command(flatten)]
+        args: cli::StreamsArgs,
+    },
 }
 
 /// Options of `sluice serve`.
@@ -108,7 +115,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet_cli = matches!(cli.cmd, Cmd::Customers { .. } | Cmd::Resources { .. });
+    let quiet_cli = matches!(cli.cmd, Cmd::Customers { .. } | Cmd::Resources { .. } | Cmd::Streams { .. });
     sluice_relay::init_logging(if quiet_cli { "warn" } else { &cli.log }, cli.log_json);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = rt.block_on(async move {
@@ -117,6 +124,7 @@ fn main() -> ExitCode {
             Cmd::Quickstart(a) => quickstart::run(a).await,
             Cmd::Customers { conn, cmd } => cli::customers(&conn, cmd).await,
             Cmd::Resources { conn, cmd } => cli::resources(&conn, cmd).await,
+            Cmd::Streams { conn, args } => cli::streams(&conn, args).await,
         }
     });
     match result {

@@ -15,8 +15,8 @@ use anyhow::{Context, Result, bail};
 use rand::RngCore;
 use rcgen::string::Ia5String;
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sluice_proto::identity::{AgentIdentity, ca_pin};
@@ -103,8 +103,7 @@ impl RelayIdentity {
 
         // A fresh server certificate for the names in use now.
         let server_key = KeyPair::generate()?;
-        let mut params =
-            CertificateParams::new(server_names.to_vec()).context("server certificate names")?;
+        let mut params = CertificateParams::new(server_names.to_vec()).context("server certificate names")?;
         params.distinguished_name = dn("Sluice relay");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.not_before = OffsetDateTime::now_utc() - Duration::hours(1);
@@ -136,21 +135,14 @@ impl RelayIdentity {
             .map_err(|e| format!("the certificate signing request is not valid: {e}"))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(&who.agent_id);
-        params.subject_alt_names = vec![SanType::URI(
-            Ia5String::try_from(who.to_uri()).map_err(|e| format!("identity URI: {e}"))?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(Ia5String::try_from(who.to_uri()).map_err(|e| format!("identity URI: {e}"))?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = OffsetDateTime::now_utc() - Duration::minutes(5);
         params.not_after = OffsetDateTime::now_utc() + Duration::days(AGENT_CERT_DAYS);
-        let signed = CertificateSigningRequestParams {
-            params,
-            public_key: csr.public_key,
-        };
-        signed
-            .signed_by(&self.ca)
-            .map(|c| c.pem())
-            .map_err(|e| format!("signing the certificate: {e}"))
+        let signed = CertificateSigningRequestParams { params, public_key: csr.public_key };
+        signed.signed_by(&self.ca).map(|c| c.pem()).map_err(|e| format!("signing the certificate: {e}"))
     }
 }
 
@@ -162,8 +154,7 @@ fn dn(common_name: &str) -> DistinguishedName {
 
 /// Creates `dir` (and parents) if missing and makes it 0700.
 pub fn ensure_private_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir)
-        .with_context(|| format!("creating data directory {}", dir.display()))?;
+    fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .with_context(|| format!("making {} private (0700)", dir.display()))?;
     Ok(())
@@ -217,35 +208,19 @@ mod tests {
         let names = vec!["localhost".to_owned()];
         let first = RelayIdentity::load_or_create(&data, &names).unwrap();
         assert!(first.created);
-        for f in [
-            files::CA_CERT,
-            files::CA_KEY,
-            files::JWT_KEY,
-            files::ADMIN_TOKEN,
-        ] {
+        for f in [files::CA_CERT, files::CA_KEY, files::JWT_KEY, files::ADMIN_TOKEN] {
             let mode = fs::metadata(data.join(f)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{f}");
         }
-        assert_eq!(
-            fs::metadata(&data).unwrap().permissions().mode() & 0o777,
-            0o700
-        );
+        assert_eq!(fs::metadata(&data).unwrap().permissions().mode() & 0o777, 0o700);
         let second = RelayIdentity::load_or_create(&data, &names).unwrap();
         assert!(!second.created);
         assert_eq!(first.ca_pin, second.ca_pin);
         assert_eq!(first.admin_token, second.admin_token);
 
         let agent_key = KeyPair::generate().unwrap();
-        let csr = CertificateParams::default()
-            .serialize_request(&agent_key)
-            .unwrap()
-            .pem()
-            .unwrap();
-        let who = AgentIdentity {
-            agent_id: "agt_x".into(),
-            resource_id: "res_y".into(),
-            generation: 4,
-        };
+        let csr = CertificateParams::default().serialize_request(&agent_key).unwrap().pem().unwrap();
+        let who = AgentIdentity { agent_id: "agt_x".into(), resource_id: "res_y".into(), generation: 4 };
         let pem = second.sign_agent_csr(&csr, &who).unwrap();
         let der = sluice_proto::tls::certs_from_pem(&pem).unwrap().remove(0);
         assert_eq!(AgentIdentity::from_cert_der(&der), Some(who));

@@ -69,9 +69,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     let (data_dir, _temp) = match &args.data_dir {
         Some(d) => (d.clone(), None),
         None => {
-            let t = tempfile::Builder::new()
-                .prefix("sluice-quickstart-")
-                .tempdir()?;
+            let t = tempfile::Builder::new().prefix("sluice-quickstart-").tempdir()?;
             (t.path().to_path_buf(), Some(t))
         }
     };
@@ -93,23 +91,15 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         (Some(h), Some(p)) => (h.clone(), p, format!("{h}:{p}")),
         _ => {
             let a = echo_service().await?;
-            (
-                a.ip().to_string(),
-                a.port(),
-                format!("{a} (built-in echo service)"),
-            )
+            (a.ip().to_string(), a.port(), format!("{a} (built-in echo service)"))
         }
     };
     let customer = match relay.customers()?.into_iter().find(|c| c.name == "demo") {
         Some(c) => c,
         None => relay.create_customer("demo")?,
     };
-    let jwt = relay
-        .issue_registration_jwt(&JwtRequest {
-            customer_id: Some(customer.id.clone()),
-            ..Default::default()
-        })?
-        .jwt;
+    let jwt =
+        relay.issue_registration_jwt(&JwtRequest { customer_id: Some(customer.id.clone()), ..Default::default() })?.jwt;
 
     let agent_cfg = RawConfig {
         app_host: Some(app_host),
@@ -119,6 +109,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         state_dir: Some(data_dir.join("agent-state")),
         relay_url: None,
         reconnect_max_secs: Some(5),
+        metrics_listen: None,
     }
     .validate()
     .map_err(anyhow::Error::msg)?;
@@ -145,10 +136,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     println!("  relay (agents dial)  {}", relay.public_url);
     println!("  admin API            {}", running.admin_url);
     println!("  customer             {} ({})", customer.name, customer.id);
-    println!(
-        "  resource             {} ({}) -> agent -> {what}",
-        view.name, view.id
-    );
+    println!("  resource             {} ({}) -> agent -> {what}", view.name, view.id);
     println!();
     println!("Platform jobs connect to:  {}", view.endpoint);
     match check {
@@ -158,25 +146,16 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         Ok(None) => {}
         Err(e) => println!("  self-check FAILED: {e:#}"),
     }
-    let (host, port) = view
-        .endpoint
-        .rsplit_once(':')
-        .unwrap_or((&view.endpoint, ""));
+    let (host, port) = view.endpoint.rsplit_once(':').unwrap_or((&view.endpoint, ""));
     println!("  try:  echo hello | nc -q1 {host} {port}");
     println!();
     println!("Use the admin CLI against this relay from another terminal:");
-    println!(
-        "  export SLUICE_ADMIN_URL={} SLUICE_ADMIN_TOKEN={}",
-        running.admin_url, relay.identity.admin_token
-    );
+    println!("  export SLUICE_ADMIN_URL={} SLUICE_ADMIN_TOKEN={}", running.admin_url, relay.identity.admin_token);
     println!("  cargo run --release -- resources list --extended");
     println!();
     match &args.data_dir {
         Some(d) => println!("Data directory: {} (kept). Stop with Ctrl-C.", d.display()),
-        None => println!(
-            "Data directory: {} (temporary, removed on exit). Stop with Ctrl-C.",
-            data_dir.display()
-        ),
+        None => println!("Data directory: {} (temporary, removed on exit). Stop with Ctrl-C.", data_dir.display()),
     }
     wait_for_signal().await;
     println!("Stopping.");
@@ -192,20 +171,13 @@ async fn self_check(endpoint: &str, is_echo: bool) -> Result<Option<f64>> {
         return Ok(None);
     }
     let t = Instant::now();
-    let mut s = TcpStream::connect(endpoint)
-        .await
-        .with_context(|| format!("connecting to {endpoint}"))?;
+    let mut s = TcpStream::connect(endpoint).await.with_context(|| format!("connecting to {endpoint}"))?;
     s.write_all(b"sluice quickstart").await?;
     s.shutdown().await?;
     let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back))
-        .await
-        .context("no echo in 10 s")??;
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await.context("no echo in 10 s")??;
     if back != b"sluice quickstart" {
-        bail!(
-            "the echo came back different: {:?}",
-            String::from_utf8_lossy(&back)
-        );
+        bail!("the echo came back different: {:?}", String::from_utf8_lossy(&back));
     }
     Ok(Some(t.elapsed().as_secs_f64() * 1000.0))
 }

@@ -163,11 +163,7 @@ impl Registry {
     }
 
     pub fn sessions_of(&self, resource_id: &str) -> Vec<Arc<AgentSession>> {
-        self.resources
-            .lock()
-            .get(resource_id)
-            .map(|l| l.sessions.clone())
-            .unwrap_or_default()
+        self.resources.lock().get(resource_id).map(|l| l.sessions.clone()).unwrap_or_default()
     }
 
     /// Cuts off every session of `resource_id` whose generation is below `min_generation`
@@ -179,10 +175,7 @@ impl Registry {
             .filter(|s| min_generation.is_none_or(|g| s.generation < g))
             .collect();
         for s in &victims {
-            s.send(RelayMsg::Rejected(Rejection {
-                code: RejectCode::RevokedCertificate,
-                message: why.to_owned(),
-            }));
+            s.send(RelayMsg::Rejected(Rejection { code: RejectCode::RevokedCertificate, message: why.to_owned() }));
             s.revoked.cancel();
             self.remove(s);
         }

@@ -43,6 +43,8 @@ pub struct Relay {
     pub signer: TokenSigner,
     pub store: Arc<dyn Store>,
     pub registry: Registry,
+    pub streams: Arc<crate::streams::Streams>,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub shutdown: CancellationToken,
     next_stream_id: AtomicU64,
 }
@@ -59,11 +61,7 @@ impl Relay {
         } else {
             self.config.resource_bind.to_string()
         };
-        if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        }
+        if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
     }
 }
 
@@ -90,24 +88,18 @@ pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
             .parse::<u16>()
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| {
-                format!("{p:?} is not a port number (1-65535); expected a range like 40000-40999")
-            })
+            .ok_or_else(|| format!("{p:?} is not a port number (1-65535); expected a range like 40000-40999"))
     };
     let (a, b) = (parse(a)?, parse(b)?);
     if a > b {
-        return Err(format!(
-            "port range {s:?} is empty: the first port must not exceed the last"
-        ));
+        return Err(format!("port range {s:?} is empty: the first port must not exceed the last"));
     }
     Ok(a..=b)
 }
 
 fn derive_public_url(cfg: &RelayConfig, agent_addr: SocketAddr) -> Result<RelayUrl> {
     if let Some(u) = &cfg.public_url {
-        return RelayUrl::parse(u)
-            .map_err(anyhow::Error::msg)
-            .context("--public-url");
+        return RelayUrl::parse(u).map_err(anyhow::Error::msg).context("--public-url");
     }
     let host = if agent_addr.ip().is_unspecified() {
         let name = hostname();
@@ -120,10 +112,7 @@ fn derive_public_url(cfg: &RelayConfig, agent_addr: SocketAddr) -> Result<RelayU
     } else {
         agent_addr.ip().to_string()
     };
-    Ok(RelayUrl {
-        host,
-        port: agent_addr.port(),
-    })
+    Ok(RelayUrl { host, port: agent_addr.port() })
 }
 
 /// This machine's host name (falls back to `localhost`).
@@ -144,57 +133,35 @@ fn open_store(cfg: &RelayConfig) -> Result<Arc<dyn Store>> {
         ),
         Some(u) => PathBuf::from(u.strip_prefix("sqlite://").unwrap_or(u)),
     };
-    let store = SqliteStore::open(&path)
-        .with_context(|| format!("opening the store at {}", path.display()))?;
+    let store = SqliteStore::open(&path).with_context(|| format!("opening the store at {}", path.display()))?;
     Ok(Arc::new(store))
 }
 
 /// Starts a relay: loads (or creates) its identity, opens the store, binds the agent and
 /// admin listeners, and returns once they accept.
 pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
-    let agent_listener = TcpListener::bind(config.agent_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the agent listener on {} (--agent-listen); is another relay running?",
-                config.agent_listen
-            )
-        })?;
-    let admin_listener = TcpListener::bind(config.admin_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "binding the admin API on {} (--admin-listen); is another relay running?",
-                config.admin_listen
-            )
-        })?;
+    let agent_listener = TcpListener::bind(config.agent_listen).await.with_context(|| {
+        format!("binding the agent listener on {} (--agent-listen); is another relay running?", config.agent_listen)
+    })?;
+    let admin_listener = TcpListener::bind(config.admin_listen).await.with_context(|| {
+        format!("binding the admin API on {} (--admin-listen); is another relay running?", config.admin_listen)
+    })?;
     let agent_addr = agent_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let public_url = derive_public_url(&config, agent_addr)?;
 
-    let mut names = vec![
-        public_url.host.clone(),
-        "localhost".to_owned(),
-        "127.0.0.1".to_owned(),
-        "::1".to_owned(),
-    ];
+    let mut names = vec![public_url.host.clone(), "localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
     names.dedup();
     let identity = RelayIdentity::load_or_create(&config.data_dir, &names)?;
     if identity.created {
         // Shown once, on the terminal of whoever first started the relay; it is also in
         // the data directory (0600) for the CLI on this host.
-        println!(
-            "Admin token (shown once; also stored in {}):",
-            config.data_dir.join(files::ADMIN_TOKEN).display()
-        );
+        println!("Admin token (shown once; also stored in {}):", config.data_dir.join(files::ADMIN_TOKEN).display());
         println!("  {}", identity.admin_token);
     }
     let store = open_store(&config)?;
     let admin_url = format!("http://{admin_addr}");
-    crate::pki::write_secret(
-        &config.data_dir.join(files::ADMIN_URL),
-        admin_url.as_bytes(),
-    )?;
+    crate::pki::write_secret(&config.data_dir.join(files::ADMIN_URL), admin_url.as_bytes())?;
 
     let relay = Arc::new(Relay {
         signer: TokenSigner::new(&identity.jwt_key),
@@ -202,6 +169,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         store,
         public_url,
         registry: Registry::default(),
+        streams: Arc::new(crate::streams::Streams::default()),
+        metrics: crate::metrics::install(),
         shutdown: CancellationToken::new(),
         next_stream_id: AtomicU64::new(0),
         config,
@@ -216,14 +185,10 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         ca_pin = %relay.identity.ca_pin,
         "relay ready"
     );
+    tokio::spawn(relay.streams.clone().run_sampler(relay.shutdown.clone()));
     tokio::spawn(crate::agent_port::serve(relay.clone(), agent_listener));
     tokio::spawn(crate::api::serve(relay.clone(), admin_listener));
-    Ok(RunningRelay {
-        relay,
-        agent_addr,
-        admin_addr,
-        admin_url,
-    })
+    Ok(RunningRelay { relay, agent_addr, admin_addr, admin_url })
 }
 
 #[cfg(test)]

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use sluice_proto::datapath::{self, StreamEnd, Transfer};
+use sluice_proto::datapath::{self, StreamEnd};
 use sluice_proto::wire::{self, StreamOpen, StreamReply};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsStream;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::registry::NoDataConn;
 use crate::relay::Relay;
 
 /// How long a stream waits for an agent to offer a data connection.
@@ -20,7 +21,7 @@ const DATA_CONN_WAIT: Duration = Duration::from_secs(10);
 const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Starts listening on a resource's port (called when its first agent session comes up).
-pub fn start(relay: Arc<Relay>, resource_id: String, port: u16) {
+pub fn start(relay: Arc<Relay>, resource_id: String, resource_name: String, port: u16) {
     let addr = SocketAddr::new(relay.config.resource_bind, port);
     let task_relay = relay.clone();
     let rid = resource_id.clone();
@@ -45,23 +46,23 @@ pub fn start(relay: Arc<Relay>, resource_id: String, port: u16) {
                 let _ = client.set_nodelay(true);
                 let relay = task_relay.clone();
                 let rid = rid.clone();
+                let name = resource_name.clone();
                 let stream_id = relay.next_stream_id();
                 tokio::spawn(
-                    forward(relay, rid, client, peer, stream_id).instrument(info_span!("stream", id = stream_id, client = %peer)),
+                    forward(relay, rid, name, client, peer, stream_id).instrument(info_span!("stream", id = stream_id, client = %peer)),
                 );
             }
         }
         .instrument(info_span!(parent: None, "resource", id = %resource_id)),
     );
-    relay
-        .registry
-        .set_listener(&resource_id, task.abort_handle());
+    relay.registry.set_listener(&resource_id, task.abort_handle());
 }
 
 /// Carries one platform connection through an agent.
 async fn forward(
     relay: Arc<Relay>,
     resource_id: String,
+    resource_name: String,
     client: TcpStream,
     peer: SocketAddr,
     stream_id: u64,
@@ -71,22 +72,19 @@ async fn forward(
     // any client byte is read, so trying the next one is safe.
     let mut last_err = String::new();
     for _attempt in 0..4 {
-        let (session, mut conn) = match relay
-            .registry
-            .take_data_conn(&resource_id, DATA_CONN_WAIT)
-            .await
-        {
+        let (session, mut conn) = match relay.registry.take_data_conn(&resource_id, DATA_CONN_WAIT).await {
             Ok(x) => x,
             Err(e) => {
+                crate::metrics::stream_failed(
+                    &resource_id,
+                    if matches!(e, NoDataConn::NoAgent) { "no_agent" } else { "timeout" },
+                );
                 warn!(reason = %e, "stream refused: no path to the private service");
                 datapath::reset(&client);
                 return;
             }
         };
-        let open = StreamOpen {
-            stream_id,
-            client_addr: peer.to_string(),
-        };
+        let open = StreamOpen { stream_id, client_addr: peer.to_string() };
         let reply = tokio::time::timeout(OPEN_TIMEOUT, async {
             wire::write_frame(&mut conn, &open).await?;
             wire::read_frame::<_, StreamReply>(&mut conn).await
@@ -95,26 +93,31 @@ async fn forward(
         match reply {
             Ok(Ok(StreamReply::Accepted)) => {
                 session.active_streams.fetch_add(1, Ordering::Relaxed);
-                let transfer = Transfer::default();
-                let report = datapath::run_stream(
-                    TlsStream::Server(conn),
-                    client,
-                    &transfer,
-                    &session.revoked,
-                )
-                .await;
+                let live =
+                    relay.streams.open(stream_id, &resource_id, &resource_name, &session.agent_id, &peer.to_string());
+                crate::metrics::stream_opened(&resource_id, "userspace");
+                let report =
+                    datapath::run_stream(TlsStream::Server(conn), client, &live.transfer, &session.revoked).await;
                 session.active_streams.fetch_sub(1, Ordering::Relaxed);
-                let (up, down) = transfer.get();
+                relay.streams.close(stream_id);
+                let (up, down) = live.transfer.get();
+                let end = match &report.end {
+                    StreamEnd::Clean => "clean",
+                    StreamEnd::Aborted { .. } => "aborted",
+                    StreamEnd::Cancelled => "cancelled",
+                };
+                crate::metrics::stream_closed(&resource_id, end);
                 if matches!(report.end, StreamEnd::Clean) {
-                    debug!(agent = %session.agent_id, path = report.path.as_str(), bytes_up = up, bytes_down = down,
+                    debug!(agent = %session.agent_id, path = report.path.as_str(), bytes_in = up, bytes_out = down,
                         secs = started.elapsed().as_secs_f64(), "stream closed");
                 } else {
-                    info!(agent = %session.agent_id, path = report.path.as_str(), bytes_up = up, bytes_down = down,
+                    info!(agent = %session.agent_id, path = report.path.as_str(), bytes_in = up, bytes_out = down,
                         end = %report.end.describe(), "stream ended abnormally");
                 }
                 return;
             }
             Ok(Ok(StreamReply::Refused { reason })) => {
+                crate::metrics::stream_failed(&resource_id, "refused");
                 info!(agent = %session.agent_id, %reason, "private service refused the stream");
                 datapath::reset(&client);
                 return;
@@ -122,6 +125,7 @@ async fn forward(
             Ok(Err(e)) => last_err = e.to_string(),
             Err(_) => {
                 // The agent may still be connecting: retrying could open the service twice.
+                crate::metrics::stream_failed(&resource_id, "timeout");
                 warn!(agent = %session.agent_id, "stream refused: the agent did not answer within {OPEN_TIMEOUT:?}");
                 datapath::reset(&client);
                 return;
@@ -129,6 +133,7 @@ async fn forward(
         }
         debug!(error = %last_err, "stale data connection; trying another");
     }
+    crate::metrics::stream_failed(&resource_id, "stale");
     warn!(error = %last_err, "stream refused: every data connection tried failed");
     datapath::reset(&client);
 }

@@ -85,11 +85,7 @@ pub trait Store: Send + Sync {
         now: u64,
     ) -> Result<Resource, StoreError>;
     fn resource(&self, id: &str) -> Result<Option<Resource>, StoreError>;
-    fn resource_by_name(
-        &self,
-        customer_id: Option<&str>,
-        name: &str,
-    ) -> Result<Option<Resource>, StoreError>;
+    fn resource_by_name(&self, customer_id: Option<&str>, name: &str) -> Result<Option<Resource>, StoreError>;
     fn resources(&self) -> Result<Vec<Resource>, StoreError>;
     /// Bumps the key generation and revokes every token issued for, or used to enroll,
     /// the resource. Returns the new generation.
@@ -163,9 +159,7 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let store = SqliteStore {
-            conn: Mutex::new(conn),
-        };
+        let store = SqliteStore { conn: Mutex::new(conn) };
         store.migrate()?;
         Ok(store)
     }
@@ -182,10 +176,7 @@ impl SqliteStore {
         Ok(())
     }
 
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut conn)
     }
@@ -206,11 +197,7 @@ fn resource_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Resource> {
 }
 
 fn customer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Customer> {
-    Ok(Customer {
-        id: r.get(0)?,
-        name: r.get(1)?,
-        created_at: r.get::<_, i64>(2)? as u64,
-    })
+    Ok(Customer { id: r.get(0)?, name: r.get(1)?, created_at: r.get::<_, i64>(2)? as u64 })
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
@@ -224,14 +211,10 @@ impl Store for SqliteStore {
                 "INSERT INTO customers (id, name, created_at) VALUES (?1, ?2, ?3)",
                 params![id, name, now as i64],
             ) {
-                Ok(_) => Ok(Customer {
-                    id: id.into(),
-                    name: name.into(),
-                    created_at: now,
-                }),
-                Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!(
-                    "a customer named {name:?} already exists"
-                ))),
+                Ok(_) => Ok(Customer { id: id.into(), name: name.into(), created_at: now }),
+                Err(e) if is_unique_violation(&e) => {
+                    Err(StoreError::Conflict(format!("a customer named {name:?} already exists")))
+                }
                 Err(e) => Err(e.into()),
             }
         })
@@ -239,8 +222,7 @@ impl Store for SqliteStore {
 
     fn customers(&self) -> Result<Vec<Customer>, StoreError> {
         self.with(|c| {
-            let mut st =
-                c.prepare("SELECT id, name, created_at FROM customers ORDER BY created_at, name")?;
+            let mut st = c.prepare("SELECT id, name, created_at FROM customers ORDER BY created_at, name")?;
             let rows = st.query_map([], customer_row)?.collect::<Result<_, _>>()?;
             Ok(rows)
         })
@@ -248,12 +230,8 @@ impl Store for SqliteStore {
 
     fn customer(&self, id: &str) -> Result<Option<Customer>, StoreError> {
         self.with(|c| {
-            Ok(c.query_row(
-                "SELECT id, name, created_at FROM customers WHERE id = ?1",
-                [id],
-                customer_row,
-            )
-            .optional()?)
+            Ok(c.query_row("SELECT id, name, created_at FROM customers WHERE id = ?1", [id], customer_row)
+                .optional()?)
         })
     }
 
@@ -281,21 +259,12 @@ impl Store for SqliteStore {
             let res = tx.execute(
                 "INSERT INTO resources (id, customer_id, scope, name, port, generation, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6)",
-                params![
-                    id,
-                    customer_id,
-                    customer_id.unwrap_or(""),
-                    name,
-                    port,
-                    now as i64
-                ],
+                params![id, customer_id, customer_id.unwrap_or(""), name, port, now as i64],
             );
             match res {
                 Ok(_) => {}
                 Err(e) if is_unique_violation(&e) => {
-                    return Err(StoreError::Conflict(format!(
-                        "a resource named {name:?} already exists"
-                    )));
+                    return Err(StoreError::Conflict(format!("a resource named {name:?} already exists")));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -314,20 +283,12 @@ impl Store for SqliteStore {
 
     fn resource(&self, id: &str) -> Result<Option<Resource>, StoreError> {
         self.with(|c| {
-            Ok(c.query_row(
-                &format!("SELECT {RESOURCE_COLS} FROM resources WHERE id = ?1"),
-                [id],
-                resource_row,
-            )
-            .optional()?)
+            Ok(c.query_row(&format!("SELECT {RESOURCE_COLS} FROM resources WHERE id = ?1"), [id], resource_row)
+                .optional()?)
         })
     }
 
-    fn resource_by_name(
-        &self,
-        customer_id: Option<&str>,
-        name: &str,
-    ) -> Result<Option<Resource>, StoreError> {
+    fn resource_by_name(&self, customer_id: Option<&str>, name: &str) -> Result<Option<Resource>, StoreError> {
         self.with(|c| {
             Ok(c.query_row(
                 &format!("SELECT {RESOURCE_COLS} FROM resources WHERE scope = ?1 AND name = ?2"),
@@ -340,9 +301,7 @@ impl Store for SqliteStore {
 
     fn resources(&self) -> Result<Vec<Resource>, StoreError> {
         self.with(|c| {
-            let mut st = c.prepare(&format!(
-                "SELECT {RESOURCE_COLS} FROM resources ORDER BY created_at, name"
-            ))?;
+            let mut st = c.prepare(&format!("SELECT {RESOURCE_COLS} FROM resources ORDER BY created_at, name"))?;
             let rows = st.query_map([], resource_row)?.collect::<Result<_, _>>()?;
             Ok(rows)
         })
@@ -351,15 +310,8 @@ impl Store for SqliteStore {
     fn rotate_resource(&self, id: &str, now: u64) -> Result<u64, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            tx.execute(
-                "UPDATE resources SET generation = generation + 1 WHERE id = ?1",
-                [id],
-            )?;
-            let generation: i64 = tx.query_row(
-                "SELECT generation FROM resources WHERE id = ?1",
-                [id],
-                |r| r.get(0),
-            )?;
+            tx.execute("UPDATE resources SET generation = generation + 1 WHERE id = ?1", [id])?;
+            let generation: i64 = tx.query_row("SELECT generation FROM resources WHERE id = ?1", [id], |r| r.get(0))?;
             revoke_tokens_of(&tx, id, now)?;
             tx.commit()?;
             Ok(generation as u64)
@@ -379,10 +331,7 @@ impl Store for SqliteStore {
 
     fn touch_resource(&self, id: &str, now: u64) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
-                "UPDATE resources SET last_seen_at = ?2 WHERE id = ?1",
-                params![id, now as i64],
-            )?;
+            c.execute("UPDATE resources SET last_seen_at = ?2 WHERE id = ?1", params![id, now as i64])?;
             Ok(())
         })
     }
@@ -458,20 +407,13 @@ impl Store for SqliteStore {
 
     fn mark_agent_connected(&self, agent_id: &str, now: u64) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
-                "UPDATE agents SET connected_at = ?2 WHERE id = ?1",
-                params![agent_id, now as i64],
-            )?;
+            c.execute("UPDATE agents SET connected_at = ?2 WHERE id = ?1", params![agent_id, now as i64])?;
             Ok(())
         })
     }
 }
 
-fn revoke_tokens_of(
-    tx: &rusqlite::Transaction<'_>,
-    resource_id: &str,
-    now: u64,
-) -> Result<(), StoreError> {
+fn revoke_tokens_of(tx: &rusqlite::Transaction<'_>, resource_id: &str, now: u64) -> Result<(), StoreError> {
     tx.execute(
         "UPDATE registration_tokens SET revoked_at = ?2
          WHERE revoked_at IS NULL
@@ -495,21 +437,14 @@ mod tests {
     fn ports_are_allocated_lowest_free_and_survive_reopen() {
         let (dir, s) = store();
         s.create_customer("c1", "acme", 1).unwrap();
-        let a = s
-            .create_resource("r1", Some("c1"), "db", 100..=102, 1)
-            .unwrap();
+        let a = s.create_resource("r1", Some("c1"), "db", 100..=102, 1).unwrap();
         let b = s.create_resource("r2", None, "db", 100..=102, 1).unwrap();
         assert_eq!((a.port, b.port), (100, 101));
         assert!(s.delete_resource("r1", 2).unwrap());
-        let c = s
-            .create_resource("r3", Some("c1"), "sftp", 100..=102, 3)
-            .unwrap();
+        let c = s.create_resource("r3", Some("c1"), "sftp", 100..=102, 3).unwrap();
         assert_eq!(c.port, 100, "a deleted resource's port is reused");
-        s.create_resource("r4", Some("c1"), "x", 100..=102, 3)
-            .unwrap();
-        let err = s
-            .create_resource("r5", Some("c1"), "y", 100..=102, 3)
-            .unwrap_err();
+        s.create_resource("r4", Some("c1"), "x", 100..=102, 3).unwrap();
+        let err = s.create_resource("r5", Some("c1"), "y", 100..=102, 3).unwrap_err();
         assert!(matches!(err, StoreError::Exhausted(_)));
         drop(s);
         let s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
@@ -521,20 +456,11 @@ mod tests {
         let (_d, s) = store();
         s.create_customer("c1", "acme", 1).unwrap();
         s.create_customer("c2", "globex", 1).unwrap();
-        assert!(matches!(
-            s.create_customer("c3", "acme", 1),
-            Err(StoreError::Conflict(_))
-        ));
+        assert!(matches!(s.create_customer("c3", "acme", 1), Err(StoreError::Conflict(_))));
         s.create_resource("r1", Some("c1"), "db", 1..=9, 1).unwrap();
         s.create_resource("r2", Some("c2"), "db", 1..=9, 1).unwrap();
-        assert!(matches!(
-            s.create_resource("r3", Some("c1"), "db", 1..=9, 1),
-            Err(StoreError::Conflict(_))
-        ));
-        assert_eq!(
-            s.resource_by_name(Some("c2"), "db").unwrap().unwrap().id,
-            "r2"
-        );
+        assert!(matches!(s.create_resource("r3", Some("c1"), "db", 1..=9, 1), Err(StoreError::Conflict(_))));
+        assert_eq!(s.resource_by_name(Some("c2"), "db").unwrap().unwrap().id, "r2");
         assert_eq!(s.resource_by_name(None, "db").unwrap(), None);
     }
 

@@ -17,10 +17,7 @@ pub struct TokenSigner {
 
 impl TokenSigner {
     pub fn new(key: &[u8]) -> Self {
-        TokenSigner {
-            enc: EncodingKey::from_secret(key),
-            dec: DecodingKey::from_secret(key),
-        }
+        TokenSigner { enc: EncodingKey::from_secret(key), dec: DecodingKey::from_secret(key) }
     }
 
     /// Signs `claims` into a compact JWT.
@@ -83,19 +80,10 @@ mod tests {
         assert_eq!(s.verify(&jwt).unwrap(), claims(None));
 
         let other = TokenSigner::new(b"k2k2k2k2k2k2k2k2k2k2k2k2k2k2k2k2");
-        assert_eq!(
-            other.verify(&jwt).unwrap_err().code,
-            RejectCode::InvalidToken
-        );
+        assert_eq!(other.verify(&jwt).unwrap_err().code, RejectCode::InvalidToken);
 
         let expired = s.sign(&claims(Some(1000)));
-        assert_eq!(
-            s.verify(&expired).unwrap_err().code,
-            RejectCode::ExpiredToken
-        );
-        assert_eq!(
-            s.verify("garbage").unwrap_err().code,
-            RejectCode::InvalidToken
-        );
+        assert_eq!(s.verify(&expired).unwrap_err().code, RejectCode::ExpiredToken);
+        assert_eq!(s.verify("garbage").unwrap_err().code, RejectCode::InvalidToken);
     }
 }

@@ -21,11 +21,7 @@ pub mod services;
 /// Directory holding the built binaries (next to the test executable's `deps/`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf();
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
     for b in ["sluice", "sluice-agent"] {
         assert!(
             dir.join(b).exists(),
@@ -42,11 +38,7 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A free loopback TCP port (free when checked).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 static RANGES: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
@@ -69,11 +61,7 @@ pub fn free_port_range(n: u16) -> (u16, u16) {
 }
 
 /// Polls `f` until it returns `Some` or `timeout` passes.
-pub fn wait_for<T>(
-    timeout: Duration,
-    what: &str,
-    mut f: impl FnMut() -> Option<T>,
-) -> Result<T, String> {
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> Result<T, String> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
@@ -95,12 +83,8 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
         let f = std::fs::File::create(&log).unwrap();
-        cmd.stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .stdin(Stdio::null());
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        cmd.stdout(f.try_clone().unwrap()).stderr(f).stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
         Proc { child, log }
     }
 
@@ -110,11 +94,7 @@ impl Proc {
 
     /// Waits for the process to exit; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        wait_for(timeout, "process exit", || {
-            self.child.try_wait().ok().flatten()
-        })
-        .ok()
-        .map(|s| s.code().unwrap_or(-1))
+        wait_for(timeout, "process exit", || self.child.try_wait().ok().flatten()).ok().map(|s| s.code().unwrap_or(-1))
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -175,10 +155,7 @@ impl Relay {
             .args(["--agent-listen", &format!("127.0.0.1:{}", self.agent_port)])
             .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin_port)])
             .args(["--public-url", &self.public_url()])
-            .args([
-                "--resource-ports",
-                &format!("{}-{}", self.ports.0, self.ports.1),
-            ])
+            .args(["--resource-ports", &format!("{}-{}", self.ports.0, self.ports.1)])
             .args(["--heartbeat-secs", "1", "--log", "info,sluice_relay=debug"]);
         let log = self.dir.join(format!("relay-{}.log", self.starts));
         self.proc = Some(Proc::spawn(cmd, log));
@@ -187,10 +164,8 @@ impl Relay {
         if self.starts > 1 {
             let _ = std::fs::remove_file(&url_file);
         }
-        wait_for(Duration::from_secs(20), "the relay to be ready", || {
-            url_file.exists().then_some(())
-        })
-        .unwrap_or_else(|e| panic!("{e}\n--- relay log ---\n{}", self.log()));
+        wait_for(Duration::from_secs(20), "the relay to be ready", || url_file.exists().then_some(()))
+            .unwrap_or_else(|e| panic!("{e}\n--- relay log ---\n{}", self.log()));
     }
 
     /// Stops the relay (SIGKILL) and starts it again on the same ports and data.
@@ -211,12 +186,7 @@ impl Relay {
 
     /// Runs the admin CLI against this relay (found through its data directory).
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("sluice"))
-            .args(args)
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .output()
-            .unwrap()
+        Command::new(bin("sluice")).args(args).arg("--data-dir").arg(self.data_dir()).output().unwrap()
     }
 
     /// Runs the CLI, asserting success; returns trimmed stdout.
@@ -236,37 +206,24 @@ impl Relay {
     }
 
     pub fn customer_jwt(&self, customer_id: &str) -> String {
-        self.cli_ok(&[
-            "resources",
-            "registration-jwt",
-            "--customer-id",
-            customer_id,
-        ])
+        self.cli_ok(&["resources", "registration-jwt", "--customer-id", customer_id])
     }
 
     /// The resource named `name` as the CLI's JSON shows it.
     pub fn resource(&self, name: &str) -> Option<Value> {
-        let list: Value =
-            serde_json::from_str(&self.cli_ok(&["resources", "list", "--output", "json"])).unwrap();
-        list.as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["name"] == name)
-            .cloned()
+        let list: Value = serde_json::from_str(&self.cli_ok(&["resources", "list", "--output", "json"])).unwrap();
+        list.as_array().unwrap().iter().find(|r| r["name"] == name).cloned()
     }
 
     pub fn status(&self, name: &str) -> Option<String> {
-        self.resource(name)
-            .map(|r| r["status"].as_str().unwrap().to_owned())
+        self.resource(name).map(|r| r["status"].as_str().unwrap().to_owned())
     }
 
     /// Waits until the resource has `status`; panics with both logs otherwise.
     pub fn wait_status(&self, name: &str, status: &str, agent: Option<&Agent>) {
-        wait_for(
-            Duration::from_secs(30),
-            &format!("{name} to be {status}"),
-            || (self.status(name).as_deref() == Some(status)).then_some(()),
-        )
+        wait_for(Duration::from_secs(30), &format!("{name} to be {status}"), || {
+            (self.status(name).as_deref() == Some(status)).then_some(())
+        })
         .unwrap_or_else(|e| {
             panic!(
                 "{e}\n--- relay log ---\n{}\n--- agent log ---\n{}",
@@ -299,10 +256,7 @@ impl Agent {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        Agent {
-            proc: Proc::spawn(cmd, dir.join(format!("agent-{label}.log"))),
-            state_dir,
-        }
+        Agent { proc: Proc::spawn(cmd, dir.join(format!("agent-{label}.log"))), state_dir }
     }
 
     /// Starts an agent for `APP_HOST=127.0.0.1 APP_PORT=port NAME=name`.
@@ -310,22 +264,14 @@ impl Agent {
         Self::start(
             dir,
             name,
-            &[
-                ("APP_HOST", "127.0.0.1"),
-                ("APP_PORT", &port.to_string()),
-                ("NAME", name),
-                ("REGISTRATION_JWT", jwt),
-            ],
+            &[("APP_HOST", "127.0.0.1"), ("APP_PORT", &port.to_string()), ("NAME", name), ("REGISTRATION_JWT", jwt)],
         )
     }
 }
 
 /// A temporary directory for one test (kept when `SLUICE_KEEP_TEST_DIRS` is set).
 pub fn test_dir(name: &str) -> tempfile::TempDir {
-    let d = tempfile::Builder::new()
-        .prefix(&format!("sluice-{name}-"))
-        .tempdir()
-        .unwrap();
+    let d = tempfile::Builder::new().prefix(&format!("sluice-{name}-")).tempdir().unwrap();
     if std::env::var_os("SLUICE_KEEP_TEST_DIRS").is_some() {
         eprintln!("test dir: {}", d.path().display());
     }

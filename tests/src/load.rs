@@ -15,9 +15,7 @@ pub struct Payload {
 
 impl Payload {
     pub fn new(seed: u64) -> Self {
-        Payload {
-            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
-        }
+        Payload { state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1 }
     }
 
     pub fn fill(&mut self, buf: &mut [u8]) {
@@ -32,11 +30,7 @@ impl Payload {
 }
 
 /// Writes `len` bytes of `Payload::new(seed)` and half-closes; returns their SHA-256.
-pub async fn send<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    len: u64,
-    seed: u64,
-) -> std::io::Result<[u8; 32]> {
+pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, len: u64, seed: u64) -> std::io::Result<[u8; 32]> {
     let mut p = Payload::new(seed);
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -123,11 +117,7 @@ pub async fn sink_source_server(
                 let (mut r, mut w) = s.into_split();
                 let (recv, sent) = tokio::join!(receive(&mut r), send(&mut w, reply_len, seed));
                 if let (Ok((received, received_digest)), Ok(sent_digest)) = (recv, sent) {
-                    let _ = tx.send(SinkReport {
-                        received,
-                        received_digest,
-                        sent_digest,
-                    });
+                    let _ = tx.send(SinkReport { received, received_digest, sent_digest });
                 }
             });
         }

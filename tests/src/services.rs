@@ -51,11 +51,7 @@ impl Postgres {
     pub fn start(dir: &Path) -> Postgres {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
-            .and_then(|d| {
-                d.filter_map(|e| e.ok())
-                    .map(|e| e.path().join("bin"))
-                    .find(|b| b.join("postgres").exists())
-            })
+            .and_then(|d| d.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).find(|b| b.join("postgres").exists()))
             .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"));
         must_exist(&bin.join("postgres"), "postgresql");
         let root = dir.join("pg");
@@ -65,64 +61,34 @@ impl Postgres {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         if is_root() {
-            let ok = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&root)
-                .status()
-                .unwrap();
+            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&root).status().unwrap();
             assert!(ok.success(), "chown to postgres failed");
         }
         let data = root.join("data");
         let out = as_postgres(&bin.join("initdb"))
             .args(["-D"])
             .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ])
+            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
         let mut cmd = as_postgres(&bin.join("postgres"));
         cmd.arg("-D")
             .arg(&data)
-            .args([
-                "-p",
-                &port.to_string(),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-            ])
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c"])
             .arg(format!("unix_socket_directories={}", root.display()))
             .args(["-c", "fsync=off"]);
         let proc = Proc::spawn(cmd, dir.join("postgres.log"));
-        wait_for(
-            Duration::from_secs(30),
-            "postgres to accept connections",
-            || {
-                let s = Command::new(bin.join("pg_isready"))
-                    .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-                    .output()
-                    .ok()?;
-                s.status.success().then_some(())
-            },
-        )
+        wait_for(Duration::from_secs(30), "postgres to accept connections", || {
+            let s = Command::new(bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .output()
+                .ok()?;
+            s.status.success().then_some(())
+        })
         .unwrap_or_else(|e| panic!("{e}\n{}", proc.log_text()));
-        Postgres {
-            port,
-            proc,
-            _dir: root,
-        }
+        Postgres { port, proc, _dir: root }
     }
 }
 
@@ -135,16 +101,8 @@ pub struct Sshd {
 }
 
 fn keygen(path: &Path) {
-    let out = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ssh-keygen failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(path).output().unwrap();
+    assert!(out.status.success(), "ssh-keygen failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 impl Sshd {
@@ -160,10 +118,7 @@ impl Sshd {
             // Privilege separation directory expected by Debian's sshd.
             let _ = std::fs::create_dir_all("/run/sshd");
         }
-        let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
-            .unwrap()
-            .trim()
-            .to_owned();
+        let user = String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout).unwrap().trim().to_owned();
         let port = free_port();
         let config = format!(
             "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {pid}\nAuthorizedKeysFile {ak}\n\
@@ -178,16 +133,9 @@ impl Sshd {
         let mut cmd = Command::new(&sshd);
         cmd.args(["-D", "-e", "-f"]).arg(root.join("sshd_config"));
         let proc = Proc::spawn(cmd, dir.join("sshd.log"));
-        wait_for(Duration::from_secs(20), "sshd to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", proc.log_text()));
-        Sshd {
-            port,
-            user,
-            key: root.join("user_key"),
-            proc,
-        }
+        wait_for(Duration::from_secs(20), "sshd to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok())
+            .unwrap_or_else(|e| panic!("{e}\n{}", proc.log_text()));
+        Sshd { port, user, key: root.join("user_key"), proc }
     }
 
     /// Runs an sftp batch against `host:port` (e.g. a Sluice endpoint).
@@ -197,14 +145,7 @@ impl Sshd {
         Command::new("sftp")
             .args(["-q", "-P", &port.to_string(), "-i"])
             .arg(&self.key)
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "BatchMode=yes",
-            ])
+            .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
             .args(["-o", "LogLevel=ERROR", "-b"])
             .arg(&batch_file)
             .arg(format!("{}@{host}", self.user))

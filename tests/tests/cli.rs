@@ -13,42 +13,23 @@ async fn registration_jwt_to_available_and_listing() {
     let relay = Relay::start(dir.path());
     let echo = echo_server().await;
     let cid = relay.create_customer("acme");
-    assert!(
-        cid.starts_with("cus_"),
-        "customers create prints only the id: {cid:?}"
-    );
+    assert!(cid.starts_with("cus_"), "customers create prints only the id: {cid:?}");
     let listed = relay.cli_ok(&["customers", "list", "--columns", "Id,Name"]);
-    assert!(
-        listed.starts_with("Id") && listed.contains(&cid) && listed.contains("acme"),
-        "{listed}"
-    );
-    assert!(
-        !listed.contains("Created"),
-        "--columns limits the columns: {listed}"
-    );
+    assert!(listed.starts_with("Id") && listed.contains(&cid) && listed.contains("acme"), "{listed}");
+    assert!(!listed.contains("Created"), "--columns limits the columns: {listed}");
 
     let jwt = relay.customer_jwt(&cid);
-    assert_eq!(
-        jwt.split('.').count(),
-        3,
-        "registration-jwt prints only the JWT: {jwt:?}"
-    );
+    assert_eq!(jwt.split('.').count(), 3, "registration-jwt prints only the JWT: {jwt:?}");
     let agent = Agent::for_service(dir.path(), "orders-db", echo.port(), &jwt);
     relay.wait_status("orders-db", "AVAILABLE", Some(&agent));
 
     let table = relay.cli_ok(&["resources", "list"]);
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["Name", "Status", "Customer"]);
-    assert!(
-        table.contains("orders-db") && table.contains("AVAILABLE") && table.contains("acme"),
-        "{table}"
-    );
+    assert!(table.contains("orders-db") && table.contains("AVAILABLE") && table.contains("acme"), "{table}");
     let ext = relay.cli_ok(&["resources", "list", "--extended"]);
     for col in ["Id", "CustomerId", "Endpoint", "Agents", "Last seen"] {
-        assert!(
-            ext.lines().next().unwrap().contains(col),
-            "--extended shows {col}: {ext}"
-        );
+        assert!(ext.lines().next().unwrap().contains(col), "--extended shows {col}: {ext}");
     }
     let r = relay.resource("orders-db").unwrap();
     assert_eq!(r["agents"], 1);
@@ -65,38 +46,23 @@ async fn registration_jwt_to_available_and_listing() {
             ("REGISTRATION_JWT", &jwt),
         ],
     );
-    sluice_e2e::wait_for(
-        Duration::from_secs(20),
-        "two agents on one resource",
-        || (relay.resource("orders-db").unwrap()["agents"] == 2).then_some(()),
-    )
+    sluice_e2e::wait_for(Duration::from_secs(20), "two agents on one resource", || {
+        (relay.resource("orders-db").unwrap()["agents"] == 2).then_some(())
+    })
     .unwrap_or_else(|e| panic!("{e}\n{}\n{}", relay.log(), agent2.proc.log_text()));
     let list: serde_json::Value =
         serde_json::from_str(&relay.cli_ok(&["resources", "list", "--output", "json"])).unwrap();
-    assert_eq!(
-        list.as_array().unwrap().len(),
-        1,
-        "same NAME + customer is one resource"
-    );
+    assert_eq!(list.as_array().unwrap().len(), 1, "same NAME + customer is one resource");
 
     // Endpoint by name and by id agree; delete closes the port.
     let ep = relay.endpoint("orders-db");
-    assert_eq!(
-        relay.cli_ok(&["resources", "endpoint", r["id"].as_str().unwrap()]),
-        ep
-    );
+    assert_eq!(relay.cli_ok(&["resources", "endpoint", r["id"].as_str().unwrap()]), ep);
     let out = relay.cli(&["resources", "delete", r["id"].as_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(relay.resource("orders-db").is_none());
-    sluice_e2e::wait_for(
-        Duration::from_secs(5),
-        "the deleted resource's port to close",
-        || std::net::TcpStream::connect(&ep).is_err().then_some(()),
-    )
+    sluice_e2e::wait_for(Duration::from_secs(5), "the deleted resource's port to close", || {
+        std::net::TcpStream::connect(&ep).is_err().then_some(())
+    })
     .unwrap();
     let missing = relay.cli(&["resources", "endpoint", "orders-db"]);
     assert!(!missing.status.success());
@@ -112,73 +78,37 @@ async fn rotation_revokes_old_jwt_and_cuts_off_connected_agents() {
     let old_jwt = relay.customer_jwt(&cid);
     let mut agent = Agent::for_service(dir.path(), "db", echo.port(), &old_jwt);
     relay.wait_status("db", "AVAILABLE", Some(&agent));
-    let rid = relay.resource("db").unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let rid = relay.resource("db").unwrap()["id"].as_str().unwrap().to_owned();
     let ep = relay.endpoint("db");
     // An open stream is cut off too.
     let mut open = TcpStream::connect(&ep).await.unwrap();
 
-    let out = relay.cli(&[
-        "resources",
-        "registration-jwt",
-        "--resource-id",
-        &rid,
-        "--rotate",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = relay.cli(&["resources", "registration-jwt", "--resource-id", &rid, "--rotate"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let new_jwt = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert!(String::from_utf8_lossy(&out.stderr).contains("1 agent(s) disconnected"));
 
     // The connected agent is cut off; it tries to re-enroll with its old JWT and stops
     // with a clear error.
     let code = agent.proc.wait_exit(Duration::from_secs(20));
-    assert_eq!(
-        code,
-        Some(1),
-        "agent must stop after revocation:\n{}",
-        agent.proc.log_text()
-    );
-    assert!(
-        agent.proc.log_text().contains("revoked"),
-        "{}",
-        agent.proc.log_text()
-    );
+    assert_eq!(code, Some(1), "agent must stop after revocation:\n{}", agent.proc.log_text());
+    assert!(agent.proc.log_text().contains("revoked"), "{}", agent.proc.log_text());
     relay.wait_status("db", "UNAVAILABLE", None);
     let mut buf = [0u8; 1];
-    let cut = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::io::AsyncReadExt::read(&mut open, &mut buf),
-    )
-    .await;
-    assert!(
-        matches!(cut, Ok(Ok(0)) | Ok(Err(_))),
-        "open stream is cut: {cut:?}"
-    );
+    let cut = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut open, &mut buf)).await;
+    assert!(matches!(cut, Ok(Ok(0)) | Ok(Err(_))), "open stream is cut: {cut:?}");
 
     // A fresh agent with the old JWT is refused with a clear, one-line error.
     let mut fresh = Agent::for_service(dir.path(), "db-fresh", echo.port(), &old_jwt);
     assert_eq!(fresh.proc.wait_exit(Duration::from_secs(20)), Some(1));
     let log = fresh.proc.log_text();
-    assert!(
-        log.contains("error: the relay refused this agent: the registration JWT was revoked"),
-        "{log}"
-    );
+    assert!(log.contains("error: the relay refused this agent: the registration JWT was revoked"), "{log}");
 
     // The new JWT works (NAME may be omitted: the JWT names the resource).
     let new_agent = Agent::start(
         dir.path(),
         "db-new",
-        &[
-            ("APP_HOST", "127.0.0.1"),
-            ("APP_PORT", &echo.port().to_string()),
-            ("REGISTRATION_JWT", &new_jwt),
-        ],
+        &[("APP_HOST", "127.0.0.1"), ("APP_PORT", &echo.port().to_string()), ("REGISTRATION_JWT", &new_jwt)],
     );
     relay.wait_status("db", "AVAILABLE", Some(&new_agent));
     assert_eq!(relay.resource("db").unwrap()["generation"], 2);
@@ -189,21 +119,13 @@ fn bad_admin_token_is_401_with_a_clear_message() {
     let dir = test_dir("cli-auth");
     let relay = Relay::start(dir.path());
     let out = Command::new(bin("sluice"))
-        .args([
-            "customers",
-            "list",
-            "--admin-url",
-            &format!("http://127.0.0.1:{}", relay.admin_port),
-        ])
+        .args(["customers", "list", "--admin-url", &format!("http://127.0.0.1:{}", relay.admin_port)])
         .args(["--admin-token", "wrong", "--data-dir", "/nonexistent"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("401") && err.contains("admin token is wrong"),
-        "{err}"
-    );
+    assert!(err.contains("401") && err.contains("admin token is wrong"), "{err}");
 
     let out = Command::new(bin("sluice"))
         .args(["customers", "list", "--data-dir", "/nonexistent"])
@@ -213,14 +135,7 @@ fn bad_admin_token_is_401_with_a_clear_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot find the relay"));
 
     let out = Command::new(bin("sluice"))
-        .args([
-            "customers",
-            "list",
-            "--admin-url",
-            "http://127.0.0.1:1",
-            "--admin-token",
-            "x",
-        ])
+        .args(["customers", "list", "--admin-url", "http://127.0.0.1:1", "--admin-token", "x"])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the relay's admin API"));
@@ -242,38 +157,18 @@ fn agent_rejects_bad_configuration_before_touching_the_network() {
             c.env(k, v);
         }
         let out = c.output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
-    let (code, err) = run(&[
-        ("APP_PORT", "5432"),
-        ("NAME", "x"),
-        ("REGISTRATION_JWT", "a.b.c"),
-    ]);
+    let (code, err) = run(&[("APP_PORT", "5432"), ("NAME", "x"), ("REGISTRATION_JWT", "a.b.c")]);
     assert_eq!(code, Some(2));
     assert_eq!(
         err.trim(),
         "sluice-agent: error: APP_HOST is not set: it must be the host name or IP of the private service"
     );
-    let (code, err) = run(&[
-        ("APP_HOST", "db"),
-        ("APP_PORT", "99999"),
-        ("NAME", "x"),
-        ("REGISTRATION_JWT", "a.b.c"),
-    ]);
+    let (code, err) = run(&[("APP_HOST", "db"), ("APP_PORT", "99999"), ("NAME", "x"), ("REGISTRATION_JWT", "a.b.c")]);
     assert_eq!(code, Some(2));
-    assert!(
-        err.contains("APP_PORT=\"99999\" is not a TCP port"),
-        "{err}"
-    );
-    let (code, err) = run(&[
-        ("APP_HOST", "db"),
-        ("APP_PORT", "1"),
-        ("NAME", "x"),
-        ("REGISTRATION_JWT", "garbage"),
-    ]);
+    assert!(err.contains("APP_PORT=\"99999\" is not a TCP port"), "{err}");
+    let (code, err) = run(&[("APP_HOST", "db"), ("APP_PORT", "1"), ("NAME", "x"), ("REGISTRATION_JWT", "garbage")]);
     assert_eq!(code, Some(2));
     assert!(err.contains("REGISTRATION_JWT is not usable"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");

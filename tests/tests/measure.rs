@@ -14,14 +14,7 @@ const GIB: u64 = 1 << 30;
 
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap()
+    s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// utime + stime of a process, in seconds.
@@ -102,9 +95,6 @@ async fn throughput_cpu_and_memory() {
         open.push(s);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    println!(
-        "agent RSS with 200 open streams: {} KiB",
-        rss_kib(agent2.proc.child.id())
-    );
+    println!("agent RSS with 200 open streams: {} KiB", rss_kib(agent2.proc.child.id()));
     drop(open);
 }

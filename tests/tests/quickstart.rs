@@ -11,20 +11,11 @@ fn quickstart_prints_a_working_endpoint() {
     let dir = test_dir("quickstart");
     let (lo, hi) = free_port_range(4);
     let mut cmd = Command::new(bin("sluice"));
-    cmd.args([
-        "quickstart",
-        "--resource-ports",
-        &format!("{lo}-{hi}"),
-        "--data-dir",
-    ])
-    .arg(dir.path().join("data"));
+    cmd.args(["quickstart", "--resource-ports", &format!("{lo}-{hi}"), "--data-dir"]).arg(dir.path().join("data"));
     cmd.stdout(Stdio::piped()).stderr(Stdio::null());
     let mut child = cmd.spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
-    let _guard = Proc {
-        child,
-        log: dir.path().join("none"),
-    };
+    let _guard = Proc { child, log: dir.path().join("none") };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -33,19 +24,15 @@ fn quickstart_prints_a_working_endpoint() {
     });
     let mut seen = Vec::new();
     let endpoint = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no endpoint printed: {seen:#?}"));
+        let line =
+            rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("no endpoint printed: {seen:#?}"));
         seen.push(line.clone());
         if let Some(ep) = line.strip_prefix("Platform jobs connect to:") {
             break ep.trim().to_owned();
         }
     };
     let check = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    assert!(
-        check.contains("self-check: a message went through the tunnel"),
-        "{check}"
-    );
+    assert!(check.contains("self-check: a message went through the tunnel"), "{check}");
     assert_eq!(endpoint, format!("127.0.0.1:{lo}"));
 
     let mut s = std::net::TcpStream::connect(&endpoint).unwrap();
@@ -55,8 +42,5 @@ fn quickstart_prints_a_working_endpoint() {
     s.read_to_string(&mut back).unwrap();
     assert_eq!(back, "hello through sluice");
     let rest: Vec<String> = rx.try_iter().collect();
-    assert!(
-        rest.iter().any(|l| l.contains("Stop with Ctrl-C")),
-        "tells how to stop: {rest:#?}"
-    );
+    assert!(rest.iter().any(|l| l.contains("Stop with Ctrl-C")), "tells how to stop: {rest:#?}");
 }

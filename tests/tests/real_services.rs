@@ -9,11 +9,7 @@ use sha2::{Digest, Sha256};
 use sluice_e2e::services::{Postgres, Sshd};
 use sluice_e2e::{Agent, Relay, split_endpoint, test_dir};
 
-fn through_tunnel(
-    dir: &std::path::Path,
-    name: &str,
-    service_port: u16,
-) -> (Relay, Agent, String, u16) {
+fn through_tunnel(dir: &std::path::Path, name: &str, service_port: u16) -> (Relay, Agent, String, u16) {
     let relay = Relay::start(dir);
     let cid = relay.create_customer("acme");
     let agent = Agent::for_service(dir, name, service_port, &relay.customer_jwt(&cid));
@@ -24,19 +20,7 @@ fn through_tunnel(
 
 fn psql(host: &str, port: u16, sql: &str, stdin: Option<&[u8]>) -> String {
     let mut child = Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-At",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            host,
-            "-p",
-            &port.to_string(),
-            "-U",
-            "postgres",
-        ])
+        .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", host, "-p", &port.to_string(), "-U", "postgres"])
         .args(["-d", "postgres", "-c", sql])
         .env("PGCONNECT_TIMEOUT", "10")
         .stdin(Stdio::piped())
@@ -53,11 +37,7 @@ fn psql(host: &str, port: u16, sql: &str, stdin: Option<&[u8]>) -> String {
     });
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap();
-    assert!(
-        out.status.success(),
-        "psql {sql:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "psql {sql:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -85,31 +65,15 @@ fn postgres_copy_100k_rows_through_the_tunnel() {
         })
         .collect();
     let t = Instant::now();
-    psql(
-        &host,
-        port,
-        "\\copy orders FROM STDIN",
-        Some(rows.as_bytes()),
-    );
+    psql(&host, port, "\\copy orders FROM STDIN", Some(rows.as_bytes()));
     let copied_in = t.elapsed();
     let count = psql(&host, port, "SELECT count(*) FROM orders", None);
     assert_eq!(count.trim(), "100000");
     let t = Instant::now();
-    let back = psql(
-        &host,
-        port,
-        "\\copy (SELECT * FROM orders ORDER BY id) TO STDOUT",
-        None,
-    );
+    let back = psql(&host, port, "\\copy (SELECT * FROM orders ORDER BY id) TO STDOUT", None);
     let copied_out = t.elapsed();
-    assert!(
-        back == rows,
-        "rows read back through the tunnel differ from the rows copied in"
-    );
-    eprintln!(
-        "COPY 100,000 rows ({} bytes) in {copied_in:?}, out {copied_out:?}",
-        rows.len()
-    );
+    assert!(back == rows, "rows read back through the tunnel differ from the rows copied in");
+    eprintln!("COPY 100,000 rows ({} bytes) in {copied_in:?}, out {copied_out:?}", rows.len());
     // The same data is visible directly on the server (the tunnel reached the real one).
     let direct = psql("127.0.0.1", pg.port, "SELECT sum(id) FROM orders", None);
     assert_eq!(direct.trim(), (0..100_000u64).sum::<u64>().to_string());
@@ -141,13 +105,7 @@ fn sftp_put_and_get_256_mib_through_the_tunnel() {
     }
     let remote = dir.path().join("remote.bin");
     let back = dir.path().join("download.bin");
-    let batch = format!(
-        "put {} {}\nget {} {}\n",
-        src.display(),
-        remote.display(),
-        remote.display(),
-        back.display()
-    );
+    let batch = format!("put {} {}\nget {} {}\n", src.display(), remote.display(), remote.display(), back.display());
     let t = Instant::now();
     let out = sshd.sftp(&host, port, &batch, dir.path());
     let secs = t.elapsed().as_secs_f64();
@@ -161,8 +119,5 @@ fn sftp_put_and_get_256_mib_through_the_tunnel() {
     let want = sha256_file(&src);
     assert_eq!(sha256_file(&remote), want, "uploaded file differs");
     assert_eq!(sha256_file(&back), want, "downloaded file differs");
-    eprintln!(
-        "sftp put+get of 256 MiB through the tunnel in {secs:.2} s ({:.0} MiB/s)",
-        512.0 / secs
-    );
+    eprintln!("sftp put+get of 256 MiB through the tunnel in {secs:.2} s ({:.0} MiB/s)", 512.0 / secs);
 }

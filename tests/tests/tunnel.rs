@@ -34,26 +34,14 @@ async fn one_gib_each_way_arrives_intact() {
     let secs = started.elapsed().as_secs_f64();
     let sent = sent.unwrap();
     let (got_len, got_digest) = got.unwrap();
-    let report = tokio::time::timeout(Duration::from_secs(30), reports.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(30), reports.recv()).await.unwrap().unwrap();
 
     assert_eq!(report.received, GIB, "backend received every byte");
-    assert_eq!(
-        report.received_digest, sent,
-        "client → service bytes are identical"
-    );
+    assert_eq!(report.received_digest, sent, "client → service bytes are identical");
     assert_eq!(got_len, GIB, "client received every byte");
-    assert_eq!(
-        got_digest, report.sent_digest,
-        "service → client bytes are identical"
-    );
+    assert_eq!(got_digest, report.sent_digest, "service → client bytes are identical");
     assert_eq!(sent, load::expected_digest(GIB, 1));
-    eprintln!(
-        "1 GiB each way (2 GiB total) in {secs:.2} s: {:.0} MiB/s per direction",
-        1024.0 / secs
-    );
+    eprintln!("1 GiB each way (2 GiB total) in {secs:.2} s: {:.0} MiB/s per direction", 1024.0 / secs);
     drop((relay, agent));
 }
 
@@ -68,9 +56,7 @@ async fn half_close_lets_the_client_read_the_reply() {
             tokio::spawn(async move {
                 let mut req = Vec::new();
                 s.read_to_end(&mut req).await.unwrap();
-                s.write_all(format!("got {} bytes", req.len()).as_bytes())
-                    .await
-                    .unwrap();
+                s.write_all(format!("got {} bytes", req.len()).as_bytes()).await.unwrap();
                 s.shutdown().await.unwrap();
             });
         }
@@ -81,10 +67,7 @@ async fn half_close_lets_the_client_read_the_reply() {
         s.write_all(&vec![7u8; size]).await.unwrap();
         s.shutdown().await.unwrap(); // half-close: no more writes, still reading
         let mut reply = String::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut reply))
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut reply)).await.unwrap().unwrap();
         assert_eq!(reply, format!("got {size} bytes"));
     }
 }
@@ -100,13 +83,9 @@ async fn two_hundred_concurrent_streams() {
         tasks.push(tokio::spawn(async move {
             let s = TcpStream::connect(&ep).await?;
             let (mut r, mut w) = s.into_split();
-            let (sent, got) =
-                tokio::join!(load::send(&mut w, 64 * 1024 + i, i), load::receive(&mut r));
+            let (sent, got) = tokio::join!(load::send(&mut w, 64 * 1024 + i, i), load::receive(&mut r));
             let (n, digest) = got?;
-            anyhow::ensure!(
-                n == 64 * 1024 + i && digest == sent?,
-                "stream {i} came back different"
-            );
+            anyhow::ensure!(n == 64 * 1024 + i && digest == sent?, "stream {i} came back different");
             Ok::<_, anyhow::Error>(())
         }));
     }
@@ -117,11 +96,7 @@ async fn two_hundred_concurrent_streams() {
             .unwrap_or_else(|_| panic!("stream {i} hung\n{}", relay.log()))
             .unwrap()
             .unwrap_or_else(|e| {
-                panic!(
-                    "{e}\n--- relay ---\n{}\n--- agent ---\n{}",
-                    relay.log(),
-                    agent.proc.log_text()
-                )
+                panic!("{e}\n--- relay ---\n{}\n--- agent ---\n{}", relay.log(), agent.proc.log_text())
             });
     }
 }
@@ -142,15 +117,8 @@ async fn refusing_backend_closes_the_client_promptly() {
     .await;
     let closed = matches!(r, Ok(Ok(0)) | Ok(Err(_)));
     assert!(closed, "client connection should be closed, got {r:?}");
-    eprintln!(
-        "client closed {:?} after connecting to a refusing backend",
-        started.elapsed()
-    );
-    assert!(
-        relay.log().contains("refused"),
-        "relay logs why:\n{}",
-        relay.log()
-    );
+    eprintln!("client closed {:?} after connecting to a refusing backend", started.elapsed());
+    assert!(relay.log().contains("refused"), "relay logs why:\n{}", relay.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,9 +128,7 @@ async fn no_agent_means_connection_refused() {
     let (relay, mut agent, ep) = setup(dir.path(), "gone", echo.port());
     agent.proc.kill();
     relay.wait_status("gone", "UNAVAILABLE", None);
-    let err = TcpStream::connect(&ep)
-        .await
-        .expect_err("port must not accept without an agent");
+    let err = TcpStream::connect(&ep).await.expect_err("port must not accept without an agent");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
 }
 
@@ -173,31 +139,23 @@ async fn agent_reconnects_after_relay_restart() {
     let (mut relay, agent, ep) = setup(dir.path(), "sticky", echo.port());
     relay.restart();
     relay.wait_status("sticky", "AVAILABLE", Some(&agent));
-    assert_eq!(
-        relay.endpoint("sticky"),
-        ep,
-        "the resource keeps its port across restarts"
-    );
-    let ok = wait_for(
-        Duration::from_secs(10),
-        "an echo through the restarted relay",
-        || {
-            let rt = tokio::runtime::Handle::current();
-            let ep = ep.clone();
-            std::thread::spawn(move || {
-                rt.block_on(async {
-                    let mut s = TcpStream::connect(&ep).await.ok()?;
-                    s.write_all(b"again").await.ok()?;
-                    s.shutdown().await.ok()?;
-                    let mut back = Vec::new();
-                    s.read_to_end(&mut back).await.ok()?;
-                    (back == b"again").then_some(())
-                })
+    assert_eq!(relay.endpoint("sticky"), ep, "the resource keeps its port across restarts");
+    let ok = wait_for(Duration::from_secs(10), "an echo through the restarted relay", || {
+        let rt = tokio::runtime::Handle::current();
+        let ep = ep.clone();
+        std::thread::spawn(move || {
+            rt.block_on(async {
+                let mut s = TcpStream::connect(&ep).await.ok()?;
+                s.write_all(b"again").await.ok()?;
+                s.shutdown().await.ok()?;
+                let mut back = Vec::new();
+                s.read_to_end(&mut back).await.ok()?;
+                (back == b"again").then_some(())
             })
-            .join()
-            .unwrap()
-        },
-    );
+        })
+        .join()
+        .unwrap()
+    });
     ok.unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
 }
 
@@ -208,31 +166,11 @@ async fn frozen_relay_is_declared_dead_and_the_agent_comes_back() {
     let (relay, agent, _ep) = setup(dir.path(), "frozen", echo.port());
     let pid = relay.proc.as_ref().unwrap().child.id().to_string();
     // SIGSTOP: the relay's sockets stay open but it says nothing (like a network partition).
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let seen = wait_for(
-        Duration::from_secs(15),
-        "the agent to declare the relay dead",
-        || {
-            agent
-                .proc
-                .log_text()
-                .contains("no word from the relay")
-                .then_some(())
-        },
-    );
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-CONT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let seen = wait_for(Duration::from_secs(15), "the agent to declare the relay dead", || {
+        agent.proc.log_text().contains("no word from the relay").then_some(())
+    });
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
     seen.unwrap_or_else(|e| panic!("{e}\n{}", agent.proc.log_text()));
     relay.wait_status("frozen", "AVAILABLE", Some(&agent));
 }
@@ -255,19 +193,9 @@ fn unreachable_relay_is_retried_and_logged() {
         ],
     );
     wait_for(Duration::from_secs(15), "two logged retries", || {
-        (agent
-            .proc
-            .log_text()
-            .matches("relay unreachable; will retry")
-            .count()
-            >= 2)
-            .then_some(())
+        (agent.proc.log_text().matches("relay unreachable; will retry").count() >= 2).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.proc.log_text()));
-    assert!(
-        agent.proc.log_text().contains("Connection refused"),
-        "says why: {}",
-        agent.proc.log_text()
-    );
+    assert!(agent.proc.log_text().contains("Connection refused"), "says why: {}", agent.proc.log_text());
     assert!(agent.proc.is_running(), "an unreachable relay is not fatal");
 }

@@ -13,10 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 /// Runs a command in the workspace root, echoing it and timing it; fails on non-zero exit.
@@ -25,11 +22,7 @@ fn run(step: &str, cmd: &mut Command) -> Result<()> {
     eprintln!("==> {step}: {cmd:?}");
     let t = Instant::now();
     let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
-    eprintln!(
-        "<== {step}: {} in {:.1} s",
-        if status.success() { "ok" } else { "FAILED" },
-        t.elapsed().as_secs_f64()
-    );
+    eprintln!("<== {step}: {} in {:.1} s", if status.success() { "ok" } else { "FAILED" }, t.elapsed().as_secs_f64());
     if !status.success() {
         bail!("{step} failed ({status})");
     }
@@ -42,65 +35,22 @@ fn cargo() -> Command {
 
 fn test(args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
-    run(
-        "install test services",
-        Command::new("bash").arg("scripts/install-test-deps.sh"),
-    )?;
+    run("install test services", Command::new("bash").arg("scripts/install-test-deps.sh"))?;
     if !quick {
-        run(
-            "format check",
-            cargo().args(["fmt", "--all", "--", "--check"]),
-        )?;
-        run(
-            "lints",
-            cargo().args([
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--release",
-                "--",
-                "-D",
-                "warnings",
-            ]),
-        )?;
+        run("format check", cargo().args(["fmt", "--all", "--", "--check"]))?;
+        run("lints", cargo().args(["clippy", "--workspace", "--all-targets", "--release", "--", "-D", "warnings"]))?;
     }
-    run(
-        "build release binaries",
-        cargo().args(["build", "--release", "--workspace", "--bins"]),
-    )?;
-    run(
-        "tests",
-        cargo().args([
-            "test",
-            "--release",
-            "--workspace",
-            "--",
-            "--test-threads",
-            "4",
-        ]),
-    )?;
+    run("build release binaries", cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    run("tests", cargo().args(["test", "--release", "--workspace", "--", "--test-threads", "4"]))?;
     eprintln!("xtask test: all steps passed");
     Ok(())
 }
 
 fn measure() -> Result<()> {
-    run(
-        "build release binaries",
-        cargo().args(["build", "--release", "--workspace", "--bins"]),
-    )?;
+    run("build release binaries", cargo().args(["build", "--release", "--workspace", "--bins"]))?;
     run(
         "measure",
-        cargo().args([
-            "test",
-            "--release",
-            "-p",
-            "sluice-e2e",
-            "--test",
-            "measure",
-            "--",
-            "--ignored",
-            "--nocapture",
-        ]),
+        cargo().args(["test", "--release", "-p", "sluice-e2e", "--test", "measure", "--", "--ignored", "--nocapture"]),
     )
 }
 
