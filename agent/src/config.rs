@@ -22,6 +22,8 @@ pub struct AgentConfig {
     pub relay_url: RelayUrl,
     /// Longest wait between reconnection attempts.
     pub reconnect_max: Duration,
+    /// eBPF or user-space byte counting.
+    pub counter: crate::meter::CounterMode,
     /// Where to serve Prometheus metrics; off when `None`.
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
@@ -37,6 +39,8 @@ pub struct RawConfig {
     pub relay_url: Option<String>,
     pub reconnect_max_secs: Option<u64>,
     pub metrics_listen: Option<String>,
+    /// `auto` (eBPF if it loads) or `userspace`.
+    pub counter: Option<String>,
 }
 
 /// The state directory when none is given.
@@ -88,7 +92,13 @@ impl RawConfig {
                 format!("SLUICE_METRICS_LISTEN={a:?} is not an address: use host:port, e.g. 127.0.0.1:9464")
             })?),
         };
+        let counter = match self.counter.as_deref().map(str::trim) {
+            None | Some("") | Some("auto") => crate::meter::CounterMode::Auto,
+            Some("userspace") => crate::meter::CounterMode::Userspace,
+            Some(other) => return Err(format!("SLUICE_COUNTER={other:?} is not valid: use auto or userspace")),
+        };
         Ok(AgentConfig {
+            counter,
             app_host,
             app_port,
             name,

@@ -8,6 +8,7 @@
 pub mod backoff;
 pub mod config;
 pub mod enroll;
+pub mod meter;
 pub mod metrics;
 pub mod session;
 
@@ -41,7 +42,13 @@ pub enum AgentError {
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let cfg = Arc::new(cfg);
     let handle = crate::metrics::install();
-    crate::metrics::ebpf_enabled(false);
+    let (meter, why) = crate::meter::Meter::start(cfg.counter);
+    match &why {
+        None => info!("counting stream bytes with eBPF"),
+        Some(why) => info!(reason = %why, "counting stream bytes in user space"),
+    }
+    crate::metrics::ebpf_enabled(why.is_none());
+    let meter = Arc::new(meter);
     if let Some(addr) = cfg.metrics_listen {
         tokio::spawn(crate::metrics::serve(addr, handle));
     }
@@ -79,7 +86,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
                 }
             },
         };
-        let end = session::run(cfg.clone(), &identity, &shutdown).await;
+        let end = session::run(cfg.clone(), meter.clone(), &identity, &shutdown).await;
         if !matches!(end, SessionEnd::Shutdown) {
             crate::metrics::reconnect();
         }

@@ -40,6 +40,9 @@ struct Args {
     /// default: the agent opens no port unless asked.
     #[arg(long, env = "SLUICE_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// How stream bytes are counted: auto (eBPF when it loads, else user space) or userspace.
+    #[arg(long, env = "SLUICE_COUNTER")]
+    counter: Option<String>,
     /// Log filter (error, warn, info, debug, trace).
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     log: String,
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         relay_url: args.sluice_url,
         reconnect_max_secs: Some(args.reconnect_max_secs),
         metrics_listen: args.metrics_listen,
+        counter: args.counter,
     }
     .validate();
     let cfg = match cfg {

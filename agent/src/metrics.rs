@@ -13,6 +13,8 @@
 //! | `sluice_agent_handshake_failures_total` | counter | |
 //! | `sluice_agent_enrollments_total` | counter | `outcome` |
 //! | `sluice_agent_ebpf_enabled` | gauge | 1 when stream bytes are counted by eBPF |
+//! | `sluice_agent_ebpf_map_entries` | gauge | sockets registered with the eBPF program |
+//! | `sluice_agent_idle_data_connections` | gauge | warm data connections waiting for a stream |
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -77,6 +79,11 @@ pub fn enrollment(outcome: &'static str) {
 
 pub fn ebpf_enabled(on: bool) {
     metrics::gauge!("sluice_agent_ebpf_enabled").set(if on { 1.0 } else { 0.0 });
+}
+
+pub fn pool(ebpf_map_entries: usize, idle_data_connections: u32) {
+    metrics::gauge!("sluice_agent_ebpf_map_entries").set(ebpf_map_entries as f64);
+    metrics::gauge!("sluice_agent_idle_data_connections").set(idle_data_connections as f64);
 }
 
 /// Serves `GET /metrics` on `addr` (a deliberately tiny HTTP/1.1 responder: one

@@ -12,6 +12,7 @@ use std::time::Duration;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use parking_lot::Mutex;
 use sluice_proto::datapath::{self, PathKind, StreamEnd, Transfer};
@@ -21,7 +22,7 @@ use sluice_proto::wire::{
     RelayMsg, StreamOpen, StreamReply, StreamStat,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::{TlsConnector, TlsStream};
 use tokio_util::sync::CancellationToken;
@@ -29,6 +30,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::AgentConfig;
 use crate::enroll::Identity;
+use crate::meter::{Cookie, Meter};
 
 /// How a session ended.
 #[derive(Debug)]
@@ -62,65 +64,108 @@ struct Pool {
     control: mpsc::UnboundedSender<AgentMsg>,
     /// Running streams, for the periodic stats.
     active: Mutex<HashMap<u64, Arc<ActiveStream>>>,
+    meter: Arc<Meter>,
 }
 
-/// A running stream's counts.
-#[derive(Default)]
+/// A running stream's counts: from the eBPF program for its registered sockets, else
+/// from the copy loop.
 struct ActiveStream {
     transfer: Transfer,
+    meter: Arc<Meter>,
+    /// The private-service socket (payload bytes of the stream).
+    service: Option<Cookie>,
+    /// The tunnel socket (TLS bytes).
+    tunnel: Option<Cookie>,
     /// Bytes already added to the Prometheus counters.
     metered: Mutex<(u64, u64)>,
 }
 
 impl ActiveStream {
-    /// (bytes in = to the service, bytes out = from the service).
-    fn counts(&self) -> (u64, u64) {
+    /// (bytes in = to the service, bytes out = from the service) and who counted them.
+    fn counts(&self) -> (u64, u64, CounterSource) {
+        if let Some(c) = self.service.and_then(|c| self.meter.counts(c)) {
+            return (c.tx_bytes, c.rx_bytes, CounterSource::Ebpf);
+        }
         let (plain_to_tunnel, tunnel_to_plain) = self.transfer.get();
-        (tunnel_to_plain, plain_to_tunnel)
+        (tunnel_to_plain, plain_to_tunnel, CounterSource::Userspace)
     }
 
-    fn stat(&self, stream_id: u64, closed: bool) -> StreamStat {
-        let (bytes_in, bytes_out) = self.counts();
+    fn stat_from(
+        &self,
+        stream_id: u64,
+        closed: bool,
+        counts: (u64, u64, CounterSource),
+        tunnel: Option<(u64, u64)>,
+    ) -> StreamStat {
+        let (bytes_in, bytes_out, counter) = counts;
         let mut m = self.metered.lock();
-        crate::metrics::bytes(bytes_in - m.0, bytes_out - m.1);
-        *m = (bytes_in, bytes_out);
-        StreamStat {
-            stream_id,
-            bytes_in,
-            bytes_out,
-            path: PathKind::Userspace,
-            counter: CounterSource::Userspace,
-            closed,
-        }
+        crate::metrics::bytes(bytes_in.saturating_sub(m.0), bytes_out.saturating_sub(m.1));
+        *m = (bytes_in.max(m.0), bytes_out.max(m.1));
+        StreamStat { stream_id, bytes_in, bytes_out, path: PathKind::Userspace, counter, closed, tunnel_bytes: tunnel }
+    }
+
+    fn stat(&self, stream_id: u64) -> StreamStat {
+        let tunnel = self.tunnel.and_then(|c| self.meter.counts(c)).map(|c| (c.rx_bytes, c.tx_bytes));
+        self.stat_from(stream_id, false, self.counts(), tunnel)
     }
 }
 
 impl Pool {
     /// Stats of every running stream (and their bytes into the metrics).
     fn stats(&self) -> Vec<StreamStat> {
-        self.active.lock().iter().map(|(id, s)| s.stat(*id, false)).collect()
+        self.active.lock().iter().map(|(id, s)| s.stat(*id)).collect()
     }
 }
+
+/// Connects to `target`, registering the socket with `meter` before the handshake so
+/// every byte is counted. Returns the socket and its cookie (None: count in user space).
+pub async fn connect_metered(target: &str, meter: Option<&Meter>) -> std::io::Result<(TcpStream, Option<Cookie>)> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{target} resolves to no address"));
+    for addr in tokio::net::lookup_host(target).await? {
+        let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let cookie = meter.and_then(|m| m.register(sock.as_fd()));
+        match sock.connect(addr).await {
+            Ok(s) => return Ok((s, cookie)),
+            Err(e) => {
+                if let (Some(m), Some(c)) = (meter, cookie) {
+                    m.unregister(c);
+                }
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+type Tunnel = tokio_rustls::client::TlsStream<TcpStream>;
 
 async fn dial(
     cfg: &AgentConfig,
     connector: &TlsConnector,
     name: &ServerName<'static>,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    meter: Option<&Meter>,
+) -> Result<(Tunnel, Option<Cookie>), String> {
     let authority = cfg.relay_url.authority();
-    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&authority))
+    let (tcp, cookie) = tokio::time::timeout(Duration::from_secs(10), connect_metered(&authority, meter))
         .await
         .map_err(|_| format!("connecting to the relay at {authority} timed out"))?
         .map_err(|e| format!("cannot connect to the relay at {authority}: {e}"))?;
+    let forget = |why: String| {
+        if let (Some(m), Some(c)) = (meter, cookie) {
+            m.unregister(c);
+        }
+        why
+    };
     let _ = tcp.set_nodelay(true);
     datapath::tune_tunnel_socket(&tcp);
-    tokio::time::timeout(Duration::from_secs(15), connector.connect(name.clone(), tcp))
+    let tls = tokio::time::timeout(Duration::from_secs(15), connector.connect(name.clone(), tcp))
         .await
-        .map_err(|_| format!("TLS handshake with the relay at {authority} timed out"))?
+        .map_err(|_| forget(format!("TLS handshake with the relay at {authority} timed out")))?
         .map_err(|e| {
             crate::metrics::handshake_failed();
-            format!("TLS handshake with the relay at {authority} failed: {e}")
-        })
+            forget(format!("TLS handshake with the relay at {authority} failed: {e}"))
+        })?;
+    Ok((tls, cookie))
 }
 
 fn client_config(id: &Identity, alpn: &[u8]) -> Result<Arc<ClientConfig>, String> {
@@ -130,7 +175,7 @@ fn client_config(id: &Identity, alpn: &[u8]) -> Result<Arc<ClientConfig>, String
 }
 
 /// Runs one control session until it ends.
-pub async fn run(cfg: Arc<AgentConfig>, id: &Identity, shutdown: &CancellationToken) -> SessionEnd {
+pub async fn run(cfg: Arc<AgentConfig>, meter: Arc<Meter>, id: &Identity, shutdown: &CancellationToken) -> SessionEnd {
     let name = match tls::server_name_of(&cfg.relay_url.host) {
         Ok(n) => n,
         Err(e) => return SessionEnd::Lost(e.to_string()),
@@ -139,8 +184,8 @@ pub async fn run(cfg: Arc<AgentConfig>, id: &Identity, shutdown: &CancellationTo
         (Ok(c), Ok(d)) => (c, d),
         (Err(e), _) | (_, Err(e)) => return SessionEnd::Revoked(e),
     };
-    let mut tls = match dial(&cfg, &TlsConnector::from(control_cfg), &name).await {
-        Ok(t) => t,
+    let mut tls = match dial(&cfg, &TlsConnector::from(control_cfg), &name, None).await {
+        Ok((t, _)) => t,
         Err(e) => return SessionEnd::Lost(e),
     };
     let hello = AgentMsg::Hello {
@@ -188,6 +233,7 @@ pub async fn run(cfg: Arc<AgentConfig>, id: &Identity, shutdown: &CancellationTo
         stop_streams: shutdown.child_token(),
         control: out_tx.clone(),
         active: Mutex::new(HashMap::new()),
+        meter,
     });
     crate::metrics::session(true);
     refill(&pool);
@@ -231,6 +277,7 @@ pub async fn run(cfg: Arc<AgentConfig>, id: &Identity, shutdown: &CancellationTo
                 m = out_rx.recv() => match m { Some(m) => m, None => return SessionEnd::Ended("session closed".into()) },
                 _ = tick.tick() => { seq += 1; AgentMsg::Ping { seq } }
                 _ = stats_tick.tick() => {
+                    crate::metrics::pool(stats_pool.meter.entries(), stats_pool.idle.load(Ordering::Relaxed));
                     let streams = stats_pool.stats();
                     if streams.is_empty() { continue }
                     AgentMsg::StreamStats { streams }
@@ -270,7 +317,7 @@ fn spawn_data_conn(pool: &Arc<Pool>) {
     tokio::spawn(async move {
         let conn = data_conn(&pool).await;
         pool.connecting.fetch_sub(1, Ordering::Relaxed);
-        let Ok(mut tls) = conn.inspect_err(|e| debug!(error = %e, "opening a data connection failed")) else {
+        let Ok((mut tls, cookie)) = conn.inspect_err(|e| debug!(error = %e, "opening a data connection failed")) else {
             // Try again a little later, unless the session is over.
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => refill(&pool),
@@ -281,18 +328,23 @@ fn spawn_data_conn(pool: &Arc<Pool>) {
         pool.idle.fetch_add(1, Ordering::Relaxed);
         let open = tokio::select! {
             o = wire::read_frame::<_, StreamOpen>(&mut tls) => o,
-            _ = pool.closed.cancelled() => { pool.idle.fetch_sub(1, Ordering::Relaxed); return; }
+            _ = pool.closed.cancelled() => {
+                pool.idle.fetch_sub(1, Ordering::Relaxed);
+                forget(&pool.meter, cookie);
+                return;
+            }
         };
         pool.idle.fetch_sub(1, Ordering::Relaxed);
         match open {
             Ok(open) => {
                 refill(&pool);
                 let span = info_span!("stream", id = open.stream_id, client = %open.client_addr);
-                serve_stream(&pool, tls, open).instrument(span).await;
+                serve_stream(&pool, tls, cookie, open).instrument(span).await;
             }
             Err(e) => {
                 // The relay closed an idle connection (its pool was full, or it restarted).
                 debug!(error = %e, "idle data connection closed by the relay");
+                forget(&pool.meter, cookie);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(200)) => refill(&pool),
                     _ = pool.closed.cancelled() => {}
@@ -302,45 +354,99 @@ fn spawn_data_conn(pool: &Arc<Pool>) {
     });
 }
 
-async fn data_conn(pool: &Pool) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
-    let mut tls = dial(&pool.cfg, &pool.connector, &pool.server_name).await?;
-    wire::write_frame(&mut tls, &DataHello { version: PROTOCOL_VERSION, session_id: pool.session_id.clone() })
-        .await
-        .map_err(|e| format!("sending the data hello: {e}"))?;
-    Ok(tls)
+fn forget(meter: &Meter, cookie: Option<Cookie>) {
+    if let Some(c) = cookie {
+        meter.unregister(c);
+    }
+}
+
+async fn data_conn(pool: &Pool) -> Result<(Tunnel, Option<Cookie>), String> {
+    let (mut tls, cookie) = dial(&pool.cfg, &pool.connector, &pool.server_name, Some(&pool.meter)).await?;
+    let hello = DataHello { version: PROTOCOL_VERSION, session_id: pool.session_id.clone() };
+    if let Err(e) = wire::write_frame(&mut tls, &hello).await {
+        forget(&pool.meter, cookie);
+        return Err(format!("sending the data hello: {e}"));
+    }
+    Ok((tls, cookie))
+}
+
+/// Waits (up to 10 s) until the peer has acknowledged everything queued on `fd`, so the
+/// eBPF program has seen every byte the application wrote before the final read.
+async fn drained(fd: &OwnedFd) {
+    for i in 0..1000u64 {
+        match crate::meter::unacked_bytes(fd.as_fd()) {
+            Some(0) | None => return,
+            Some(_) => tokio::time::sleep(Duration::from_millis(1 + i.min(9))).await,
+        }
+    }
 }
 
 /// Connects to the private service for a stream the relay opened, and moves its bytes.
-async fn serve_stream(pool: &Pool, mut tls: tokio_rustls::client::TlsStream<TcpStream>, open: StreamOpen) {
+async fn serve_stream(pool: &Pool, mut tls: Tunnel, tunnel_cookie: Option<Cookie>, open: StreamOpen) {
     let target = format!("{}:{}", pool.cfg.app_host, pool.cfg.app_port);
-    let service = match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&target)).await {
+    let connect = tokio::time::timeout(Duration::from_secs(10), connect_metered(&target, Some(&pool.meter))).await;
+    let (service, service_cookie) = match connect {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             crate::metrics::stream_failed("service_unreachable");
+            forget(&pool.meter, tunnel_cookie);
             return refuse(tls, format!("cannot connect to the private service {target}: {e}")).await;
         }
         Err(_) => {
             crate::metrics::stream_failed("service_unreachable");
+            forget(&pool.meter, tunnel_cookie);
             return refuse(tls, format!("connecting to the private service {target} timed out after 10 s")).await;
         }
     };
     let _ = service.set_nodelay(true);
     if let Err(e) = wire::write_frame(&mut tls, &StreamReply::Accepted).await {
+        forget(&pool.meter, tunnel_cookie);
+        forget(&pool.meter, service_cookie);
         return debug!(error = %e, "the relay went away before the stream started");
     }
     debug!(stream = open.stream_id, "stream open");
-    let stream = Arc::new(ActiveStream::default());
+    // Keep the sockets open past the copy loop until the kernel has sent everything, so
+    // the final eBPF counts include the last bytes (closing them here, not in the loop).
+    let keep = |fd: BorrowedFd<'_>, c: Option<Cookie>| c.and_then(|_| fd.try_clone_to_owned().ok());
+    let service_fd = keep(service.as_fd(), service_cookie);
+    let tunnel_fd = keep(tls.get_ref().0.as_fd(), tunnel_cookie);
+    let stream = Arc::new(ActiveStream {
+        transfer: Transfer::default(),
+        meter: pool.meter.clone(),
+        service: service_cookie,
+        tunnel: tunnel_cookie,
+        metered: Mutex::new((0, 0)),
+    });
     pool.active.lock().insert(open.stream_id, stream.clone());
     crate::metrics::stream_opened(PathKind::Userspace.as_str());
     let report = datapath::run_stream(TlsStream::Client(tls), service, &stream.transfer, &pool.stop_streams).await;
     pool.active.lock().remove(&open.stream_id);
-    let last = stream.stat(open.stream_id, true);
+    if matches!(report.end, StreamEnd::Clean) {
+        if let Some(fd) = &service_fd {
+            drained(fd).await;
+        }
+        if let Some(fd) = &tunnel_fd {
+            drained(fd).await;
+        }
+    }
+    let service_final = service_cookie.and_then(|c| pool.meter.unregister(c));
+    let tunnel_final = tunnel_cookie.and_then(|c| pool.meter.unregister(c)).map(|c| (c.rx_bytes, c.tx_bytes));
+    drop((service_fd, tunnel_fd));
+    let counts = match service_final {
+        Some(c) => (c.tx_bytes, c.rx_bytes, CounterSource::Ebpf),
+        None => {
+            let (plain_to_tunnel, tunnel_to_plain) = stream.transfer.get();
+            (tunnel_to_plain, plain_to_tunnel, CounterSource::Userspace)
+        }
+    };
+    let last = stream.stat_from(open.stream_id, true, counts, tunnel_final);
     let _ = pool.control.send(AgentMsg::StreamStats { streams: vec![last.clone()] });
     let (bytes_in, bytes_out) = (last.bytes_in, last.bytes_out);
+    let (copied_out, copied_in) = stream.transfer.get();
     match report.end {
         StreamEnd::Clean => {
             crate::metrics::stream_closed("clean");
-            debug!(path = report.path.as_str(), bytes_in, bytes_out, "stream closed")
+            debug!(path = report.path.as_str(), bytes_in, bytes_out, copied_in, copied_out, counter = ?last.counter, "stream closed")
         }
         end => {
             crate::metrics::stream_closed(if matches!(end, StreamEnd::Cancelled) { "cancelled" } else { "aborted" });
@@ -349,7 +455,7 @@ async fn serve_stream(pool: &Pool, mut tls: tokio_rustls::client::TlsStream<TcpS
     }
 }
 
-async fn refuse(mut tls: tokio_rustls::client::TlsStream<TcpStream>, reason: String) {
+async fn refuse(mut tls: Tunnel, reason: String) {
     warn!(%reason, "stream refused");
     let _ = wire::write_frame(&mut tls, &StreamReply::Refused { reason }).await;
     let _ = tls.shutdown().await;

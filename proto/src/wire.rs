@@ -226,6 +226,9 @@ pub struct StreamStat {
     /// This is the stream's final record.
     #[serde(default)]
     pub closed: bool,
+    /// TLS bytes the tunnel socket received/sent for this stream (eBPF only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_bytes: Option<(u64, u64)>,
 }
 
 /// Messages from relay to agent on the control session.

@@ -9,7 +9,7 @@
 //! | GET    | /v1/resources                 | list resources with live status       |
 //! | GET    | /v1/resources/{id_or_name}    | one resource                          |
 //! | DELETE | /v1/resources/{id}            | delete a resource                     |
-//! | GET    | /v1/streams[?resource=NAME]   | live streams with bytes and rates     |
+//! | GET    | /v1/streams[?resource=NAME][&closed=true] | live (or recently closed) streams |
 //! | GET    | /metrics                      | Prometheus text (no token: keep the admin listener private) |
 //!
 //! Errors are `{ "error": "what happened and what to do" }` with a fitting status.
@@ -133,13 +133,20 @@ async fn delete_resource(State(r): State<Arc<Relay>>, Path(id): Path<String>) ->
 #[derive(Deserialize)]
 struct StreamsQuery {
     resource: Option<String>,
+    /// `true`: the recently closed streams instead of the open ones.
+    #[serde(default)]
+    closed: bool,
 }
 
 async fn list_streams(
     State(r): State<Arc<Relay>>,
     Query(q): Query<StreamsQuery>,
 ) -> ApiResult<Vec<crate::streams::StreamView>> {
-    Ok(Json(r.streams.views(q.resource.as_deref())))
+    Ok(Json(if q.closed {
+        r.streams.closed_views(q.resource.as_deref())
+    } else {
+        r.streams.views(q.resource.as_deref())
+    }))
 }
 
 async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {

@@ -109,6 +109,9 @@ pub struct StreamsArgs {
     /// Refresh in place every second (like top) until Ctrl-C.
     #[arg(long)]
     pub watch: bool,
+    /// Show the recently closed streams (last 1,000) with their final counts instead.
+    #[arg(long, conflicts_with = "watch")]
+    pub closed: bool,
 }
 
 /// Parses `3600`, `30s`, `30m`, `24h` or `7d` into seconds.
@@ -291,10 +294,10 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
 /// Runs `sluice streams`.
 pub async fn streams(conn: &AdminConn, args: StreamsArgs) -> Result<()> {
     let api = AdminClient::new(conn)?;
-    let path = match &args.resource {
-        Some(r) => format!("/v1/streams?resource={}", encode_path(r)),
-        None => "/v1/streams".to_owned(),
-    };
+    let mut path = format!("/v1/streams?closed={}", args.closed);
+    if let Some(r) = &args.resource {
+        path.push_str(&format!("&resource={}", encode_path(r)));
+    }
     loop {
         let list: Vec<StreamView> = api.call("GET", &path, None).await?;
         if args.watch {

@@ -110,6 +110,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         relay_url: None,
         reconnect_max_secs: Some(5),
         metrics_listen: None,
+        counter: None,
     }
     .validate()
     .map_err(anyhow::Error::msg)?;

@@ -32,6 +32,8 @@ pub struct LiveStream {
     last_sample: Mutex<(Instant, u64, u64)>,
     /// Relay-side bytes already added to the Prometheus counters.
     metered: Mutex<(u64, u64)>,
+    /// How long the stream lasted, once closed.
+    ended: Mutex<Option<Duration>>,
 }
 
 /// A stream as operators see it.
@@ -54,12 +56,20 @@ pub struct StreamView {
     pub path: PathKind,
     /// Who counted the bytes: `ebpf` or `userspace` (the agent), or `relay`.
     pub counter: String,
+    pub closed: bool,
+    /// TLS bytes (received, sent) on the agent's tunnel socket, when counted by eBPF.
+    pub tunnel_bytes: Option<(u64, u64)>,
 }
 
-/// Every open stream of this relay.
+/// How many closed streams are kept for `sluice streams --closed`.
+pub const RECENT_CLOSED: usize = 1000;
+
+/// Every open stream of this relay, and the most recently closed ones (whose final
+/// agent reports may still arrive).
 #[derive(Default)]
 pub struct Streams {
     live: Mutex<HashMap<u64, Arc<LiveStream>>>,
+    recent: Mutex<std::collections::VecDeque<Arc<LiveStream>>>,
 }
 
 impl Streams {
@@ -85,6 +95,7 @@ impl Streams {
             rate: Mutex::new((0.0, 0.0)),
             last_sample: Mutex::new((Instant::now(), 0, 0)),
             metered: Mutex::new((0, 0)),
+            ended: Mutex::new(None),
         });
         self.live.lock().insert(id, s.clone());
         s
@@ -93,6 +104,13 @@ impl Streams {
     pub fn close(&self, id: u64) {
         if let Some(s) = self.live.lock().remove(&id) {
             s.flush_metrics();
+            *s.rate.lock() = (0.0, 0.0);
+            *s.ended.lock() = Some(s.started.elapsed());
+            let mut recent = self.recent.lock();
+            if recent.len() == RECENT_CLOSED {
+                recent.pop_front();
+            }
+            recent.push_back(s);
         }
     }
 
@@ -100,7 +118,12 @@ impl Streams {
     pub fn report(&self, agent_id: &str, stats: &[StreamStat]) {
         let live = self.live.lock();
         for st in stats {
-            if let Some(s) = live.get(&st.stream_id).filter(|s| s.agent_id == agent_id) {
+            let s = match live.get(&st.stream_id) {
+                Some(s) => Some(s.clone()),
+                None if st.closed => self.recent.lock().iter().rev().find(|s| s.id == st.stream_id).cloned(),
+                None => None,
+            };
+            if let Some(s) = s.filter(|s| s.agent_id == agent_id) {
                 *s.agent_report.lock() = Some(st.clone());
             }
         }
@@ -131,6 +154,16 @@ impl Streams {
                 _ = stop.cancelled() => return,
             }
         }
+    }
+
+    /// Recently closed streams (with the agent's final counts once reported).
+    pub fn closed_views(&self, resource: Option<&str>) -> Vec<StreamView> {
+        self.recent
+            .lock()
+            .iter()
+            .filter(|s| resource.is_none_or(|r| s.resource_name == r || s.resource_id == r))
+            .map(|s| s.view())
+            .collect()
     }
 
     pub fn views(&self, resource: Option<&str>) -> Vec<StreamView> {
@@ -168,6 +201,7 @@ impl LiveStream {
         let report = self.agent_report.lock().clone();
         let (bytes_in, bytes_out) = self.bytes();
         let (rate_in_bps, rate_out_bps) = *self.rate.lock();
+        let ended = *self.ended.lock();
         StreamView {
             stream_id: self.id,
             resource_id: self.resource_id.clone(),
@@ -175,7 +209,9 @@ impl LiveStream {
             agent_id: self.agent_id.clone(),
             client_addr: self.client_addr.clone(),
             started_at: self.started_at,
-            age_secs: self.started.elapsed().as_secs_f64(),
+            age_secs: ended.unwrap_or_else(|| self.started.elapsed()).as_secs_f64(),
+            closed: ended.is_some(),
+            tunnel_bytes: report.as_ref().and_then(|r| r.tunnel_bytes),
             bytes_in,
             bytes_out,
             rate_in_bps,
@@ -210,6 +246,7 @@ mod tests {
             path: PathKind::Userspace,
             counter: CounterSource::Ebpf,
             closed: false,
+            tunnel_bytes: None,
         };
         streams.report("agt_other", std::slice::from_ref(&stat));
         assert_eq!(streams.views(None)[0].counter, "relay", "another agent cannot report for this stream");

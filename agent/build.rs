@@ -1,0 +1,51 @@
+//! Builds the agent's eBPF program (`agent-ebpf`) with aya-build when its toolchain is
+//! installed (`scripts/setup-ebpf.sh`: a pinned nightly with rust-src, bpf-linker).
+//! Without it the agent still builds — without the program — and says so; at run time
+//! it then counts stream bytes in user space.
+
+use std::path::Path;
+use std::process::Command;
+
+/// The nightly that builds the eBPF program (pinned so a new nightly cannot break CI).
+const NIGHTLY: &str = "nightly-2026-10-29";
+
+fn missing_toolchain() -> Option<String> {
+    if std::env::var_os("SLUICE_NO_EBPF").is_some() {
+        return Some("SLUICE_NO_EBPF is set".into());
+    }
+    let linker = Command::new("bpf-linker").arg("--version").output();
+    if !linker.is_ok_and(|o| o.status.success()) {
+        return Some("bpf-linker is not installed".into());
+    }
+    let rustc = Command::new("rustup").args(["run", NIGHTLY, "rustc", "--version"]).output();
+    if !rustc.is_ok_and(|o| o.status.success()) {
+        return Some(format!("the {NIGHTLY} toolchain is not installed"));
+    }
+    let src = Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]).output();
+    if !src.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src"))) {
+        return Some(format!("rust-src is not installed for {NIGHTLY}"));
+    }
+    None
+}
+
+fn main() {
+    println!("cargo:rustc-check-cfg=cfg(sluice_ebpf)");
+    println!("cargo:rerun-if-env-changed=SLUICE_NO_EBPF");
+    println!("cargo:rerun-if-changed=build.rs");
+    if let Some(why) = missing_toolchain() {
+        println!(
+            "cargo:warning=building sluice-agent without its eBPF program ({why}); it will count stream bytes in \
+             user space. Run scripts/setup-ebpf.sh to build the program."
+        );
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent-ebpf");
+    let root = root.to_str().expect("UTF-8 path");
+    println!("cargo:rerun-if-changed={root}/src");
+    println!("cargo:rerun-if-changed={root}/../agent-ebpf-common/src");
+    let package = aya_build::Package { name: "sluice-agent-ebpf", root_dir: root, ..Default::default() };
+    if let Err(e) = aya_build::build_ebpf([package], aya_build::Toolchain::Custom(NIGHTLY)) {
+        panic!("the eBPF program failed to build: {e:#}");
+    }
+    println!("cargo:rustc-cfg=sluice_ebpf");
+}

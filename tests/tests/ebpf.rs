@@ -1,0 +1,193 @@
+//! The agent's eBPF byte counting against the application's own counts: exact per
+//! stream, in both directions, for tiny and large streams running concurrently; the
+//! user-space fallback gives the same numbers; no map entry outlives its stream.
+//!
+//! Loading eBPF needs root: as another user these tests print why and pass without
+//! checking (CI runs as root, where they must count with eBPF).
+
+use std::time::Duration;
+
+use serde_json::Value;
+use sluice_e2e::load::{self, echo_server};
+use sluice_e2e::{Agent, Relay, free_port, test_dir, wait_for};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// A service that reads an 8-byte reply length, then receives until EOF while sending
+/// that many bytes back.
+async fn sized_reply_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let n = r.read_u64().await.unwrap();
+                let _ = tokio::join!(load::receive(&mut r), load::send(&mut w, n, 9));
+            });
+        }
+    });
+    port
+}
+
+/// (client → service payload, service → client payload) per stream.
+const STREAMS: [(u64, u64); 6] =
+    [(1, 1), (1 << 20, 1), (1, 1 << 20), (100 << 20, 1 << 20), (1 << 20, 100 << 20), (0, 0)];
+
+/// Runs the streams concurrently; returns each stream's client address.
+async fn run_streams(ep: &str) -> Vec<(String, u64, u64)> {
+    let mut tasks = Vec::new();
+    for (i, (up, down)) in STREAMS.into_iter().enumerate() {
+        let ep = ep.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let s = TcpStream::connect(&ep).await.unwrap();
+            let local = s.local_addr().unwrap().to_string();
+            let (mut r, mut w) = s.into_split();
+            w.write_u64(down).await.unwrap();
+            let (sent, got) = tokio::join!(load::send(&mut w, up, i as u64), load::receive(&mut r));
+            sent.unwrap();
+            assert_eq!(got.unwrap().0, down);
+            // What the application moved: the 8-byte header counts too.
+            (local, up + 8, down)
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// Waits for the agent's final counts of every stream and checks them exactly.
+fn check_final_counts(relay: &Relay, resource: &str, moved: &[(String, u64, u64)], counter: &str) {
+    let closed = wait_for(Duration::from_secs(20), "the agent's final counts", || {
+        let v: Value =
+            serde_json::from_str(&relay.cli_ok(&["streams", "--closed", "--resource", resource, "--output", "json"]))
+                .unwrap();
+        let all = v.as_array().unwrap().clone();
+        let done = moved
+            .iter()
+            .all(|(addr, _, _)| all.iter().any(|s| s["client_addr"] == addr.as_str() && s["counter"] == counter));
+        done.then_some(all)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
+    for (addr, up, down) in moved {
+        let s = closed.iter().find(|s| s["client_addr"] == addr.as_str()).unwrap();
+        assert_eq!(s["counter"], counter);
+        assert_eq!(s["bytes_in"], *up, "client → service bytes of {addr} counted by {counter}: {s}");
+        assert_eq!(s["bytes_out"], *down, "service → client bytes of {addr} counted by {counter}: {s}");
+        if counter == "ebpf" {
+            let tunnel = s["tunnel_bytes"].as_array().expect("tunnel socket counted too");
+            // TLS adds records and framing: the tunnel carries at least the payload.
+            assert!(tunnel[0].as_u64().unwrap() >= *up && tunnel[1].as_u64().unwrap() >= *down, "{s}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_counts_equal_application_counts_and_userspace_agrees() {
+    if !is_root() {
+        eprintln!("SKIPPED: loading eBPF needs root (CI runs this as root)");
+        return;
+    }
+    let dir = test_dir("ebpf");
+    let port = sized_reply_server().await;
+    let relay = Relay::start(dir.path());
+    let cid = relay.create_customer("acme");
+    let jwt = relay.customer_jwt(&cid);
+    let env = |name: &'static str, counter: &'static str| {
+        vec![
+            ("APP_HOST", "127.0.0.1".to_owned()),
+            ("APP_PORT", port.to_string()),
+            ("NAME", name.to_owned()),
+            ("REGISTRATION_JWT", jwt.clone()),
+            ("SLUICE_COUNTER", counter.to_owned()),
+        ]
+    };
+    let start = |name, counter| {
+        let e = env(name, counter);
+        let refs: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Agent::start(dir.path(), name, &refs)
+    };
+
+    let ebpf_agent = start("counted-ebpf", "auto");
+    relay.wait_status("counted-ebpf", "AVAILABLE", Some(&ebpf_agent));
+    assert!(
+        ebpf_agent.proc.log_text().contains("counting stream bytes with eBPF"),
+        "as root the agent must load its eBPF program (is scripts/setup-ebpf.sh installed?):\n{}",
+        ebpf_agent.proc.log_text()
+    );
+    let moved = run_streams(&relay.endpoint("counted-ebpf")).await;
+    check_final_counts(&relay, "counted-ebpf", &moved, "ebpf");
+
+    let user_agent = start("counted-user", "userspace");
+    relay.wait_status("counted-user", "AVAILABLE", Some(&user_agent));
+    assert!(user_agent.proc.log_text().contains("counting stream bytes in user space"));
+    let moved = run_streams(&relay.endpoint("counted-user")).await;
+    check_final_counts(&relay, "counted-user", &moved, "userspace");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_map_entry_outlives_its_stream() {
+    if !is_root() {
+        eprintln!("SKIPPED: loading eBPF needs root (CI runs this as root)");
+        return;
+    }
+    let dir = test_dir("ebpf-leak");
+    let echo = echo_server().await;
+    let relay = Relay::start(dir.path());
+    let cid = relay.create_customer("acme");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let agent = Agent::start(
+        dir.path(),
+        "leak",
+        &[
+            ("APP_HOST", "127.0.0.1"),
+            ("APP_PORT", &echo.port().to_string()),
+            ("NAME", "leak"),
+            ("REGISTRATION_JWT", &relay.customer_jwt(&cid)),
+            ("SLUICE_METRICS_LISTEN", &metrics),
+        ],
+    );
+    relay.wait_status("leak", "AVAILABLE", Some(&agent));
+    let ep = relay.endpoint("leak");
+    for batch in 0..10 {
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let ep = ep.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut s = TcpStream::connect(&ep).await.unwrap();
+                s.write_all(&[(batch * 100 + i) as u8]).await.unwrap();
+                s.shutdown().await.unwrap();
+                let mut b = Vec::new();
+                s.read_to_end(&mut b).await.unwrap();
+                assert_eq!(b.len(), 1);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+    // Once every stream has ended, only the idle pool's tunnel sockets stay registered.
+    let gauge = |body: &str, name: &str| -> Option<f64> {
+        body.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().last()?.parse().ok())
+    };
+    let (entries, idle) = wait_for(Duration::from_secs(20), "the map to shrink to the idle pool", || {
+        let body =
+            std::process::Command::new("curl").args(["-sf", &format!("http://{metrics}/metrics")]).output().ok()?;
+        let body = String::from_utf8(body.stdout).ok()?;
+        let entries = gauge(&body, "sluice_agent_ebpf_map_entries")?;
+        let idle = gauge(&body, "sluice_agent_idle_data_connections")?;
+        (entries <= idle && idle > 0.0).then_some((entries, idle))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.proc.log_text()));
+    eprintln!("after 1,000 streams: {entries} map entries, {idle} idle data connections");
+    assert!(entries < 100.0, "1,000 streams must not leave entries behind ({entries})");
+}

@@ -1,0 +1,154 @@
+//! The kTLS VM harness behind `cargo xtask vm-test` and `cargo xtask vm-test-smoke`.
+//!
+//! Sluice's fastest data path hands TLS to the kernel (kTLS) and splices sockets, but
+//! the machines that build and test it run a kernel without `CONFIG_TLS`. This module
+//! tests that path anyway: it boots a stock Debian cloud kernel (which ships `tls` as a
+//! module) under QEMU software emulation, with an initramfs holding busybox, the kTLS
+//! modules, the caller's static binaries and a driver script, and reads the results
+//! from the serial console.
+//!
+//! Everything it fetches or builds is cached under `target/vm-cache/` in the workspace
+//! root, so only the first run pays for installing QEMU and downloading the kernel:
+//!
+//! ```text
+//! target/vm-cache/
+//!   kernel/<package>/           the extracted kernel .deb (boot/vmlinuz-*, lib/modules/*)
+//!   kernel/<package>_*.deb      the downloaded package
+//!   run-<pid>/initrd.cpio       the initramfs of a run in progress (removed afterwards)
+//!   serial.log                  serial console and QEMU output of the last run
+//! ```
+//!
+//! The protocol with the guest is line-based: `PASS <name> …` and `FAIL <name> …`
+//! lines are results, and `/init` ends with `VM-DONE rc=N`, the driver script's exit
+//! code. A run succeeds only if it printed at least one PASS, no FAIL, and `VM-DONE
+//! rc=0` before the timeout. The last line printed is always
+//! `vm-test: N passed, M failed`.
+//!
+//! Pieces: [`host`] installs the host tools, [`kernel`] gets the kernel and picks the
+//! modules, [`elf`] reads the few ELF facts needed, [`initramfs`] writes the newc
+//! archive, [`boot`] runs QEMU and judges the output, [`smoke`] is the built-in kTLS
+//! smoke test.
+
+mod boot;
+mod elf;
+mod host;
+mod initramfs;
+mod kernel;
+mod smoke;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub use boot::VmReport;
+
+/// Default limit for one VM run, boot to power-off.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What to run in the VM.
+#[derive(Debug, Clone)]
+pub struct VmRun {
+    /// Statically linked executables, installed as `/usr/local/bin/<file name>` (first
+    /// on the guest's `PATH`). Dynamically linked ones are refused: the guest has no
+    /// libc.
+    pub binaries: Vec<PathBuf>,
+    /// The test driver: a busybox `sh` script, run as `/driver.sh` from `/tmp` after the
+    /// kTLS modules are loaded and loopback is up. It reports with `PASS <name> …` /
+    /// `FAIL <name> …` lines on stdout; its exit code becomes `VM-DONE rc=N`.
+    pub driver_script: String,
+    /// Hard limit for the whole boot; QEMU is killed when it passes.
+    pub timeout: Duration,
+}
+
+/// Boots the VM with `run` and judges its output.
+///
+/// Installs missing host tools (as root, with apt), downloads and extracts the kernel
+/// once, builds the initramfs, boots, streams the serial console to stdout and to
+/// `target/vm-cache/serial.log`, and prints `vm-test: N passed, M failed` last.
+/// Returns an error if the VM printed any `FAIL`, no `PASS`, no `VM-DONE`, or a
+/// non-zero `rc`; the report of a successful run otherwise.
+pub fn run(ws_root: &Path, run: &VmRun) -> Result<VmReport> {
+    let cache = ws_root.join("target").join("vm-cache");
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+
+    let t = Instant::now();
+    let tools = host::ensure_tools()?;
+    let kernel = kernel::ensure_kernel(&cache)?;
+    let run_dir = cache.join(format!("run-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir)?;
+    let initrd = run_dir.join("initrd.cpio");
+    initramfs::build(&initrd, &tools.busybox, &kernel, run)?;
+    let setup = t.elapsed();
+    eprintln!("vm-test: set-up {:.1} s (kernel {})", setup.as_secs_f64(), kernel.version);
+
+    let result = boot::boot(&tools.qemu, &kernel.vmlinuz, &initrd, &cache.join("serial.log"), run.timeout, setup);
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let report = result?;
+    report.print_summary();
+    if !report.failed.is_empty() {
+        bail!("VM tests failed: {} (log: {})", report.failed.join(", "), report.log_path.display());
+    }
+    Ok(report)
+}
+
+/// `cargo xtask vm-test [--smoke] [--bin PATH]... [--script FILE] [--timeout SECS]`.
+///
+/// With `--smoke` it is `vm-test-smoke`; otherwise it boots the given binaries with the
+/// given driver script.
+pub fn vm_test_cli(ws_root: &Path, args: &[String]) -> Result<()> {
+    let mut binaries = Vec::new();
+    let mut script = None;
+    let mut timeout = DEFAULT_TIMEOUT;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--smoke" => {
+                return smoke_cli(ws_root, &args.iter().filter(|a| *a != "--smoke").cloned().collect::<Vec<_>>());
+            }
+            "--bin" => binaries.push(PathBuf::from(it.next().context("--bin needs a path")?)),
+            "--script" => script = Some(PathBuf::from(it.next().context("--script needs a path")?)),
+            "--timeout" => timeout = parse_secs(it.next())?,
+            other => rest.push(other.to_string()),
+        }
+    }
+    if !rest.is_empty() {
+        bail!("unknown arguments {rest:?}\n{USAGE}");
+    }
+    let script = script.with_context(|| format!("--script is required\n{USAGE}"))?;
+    let driver_script =
+        std::fs::read_to_string(&script).with_context(|| format!("reading driver script {}", script.display()))?;
+    run(ws_root, &VmRun { binaries, driver_script, timeout }).map(|_| ())
+}
+
+/// `cargo xtask vm-test-smoke [--mib N] [--timeout SECS]`: builds `vm/ktls-probe`
+/// statically and runs it in the VM (real kTLS: AES-GCM, ChaCha20-Poly1305, splice,
+/// close_notify handling).
+pub fn smoke_cli(ws_root: &Path, args: &[String]) -> Result<()> {
+    let mut mib = 64;
+    let mut timeout = DEFAULT_TIMEOUT;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--mib" => mib = it.next().context("--mib needs a number")?.parse().context("--mib")?,
+            "--timeout" => timeout = parse_secs(it.next())?,
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    smoke::smoke(ws_root, mib, timeout).map(|_| ())
+}
+
+/// Usage text for the two subcommands, for the caller's help output.
+pub const USAGE: &str = "\
+  vm-test --bin PATH... --script FILE [--timeout SECS]
+                  boot the kTLS VM (Debian cloud kernel under QEMU) with these static
+                  binaries and this driver script; PASS/FAIL lines are the results
+  vm-test-smoke [--mib N] [--timeout SECS]   (also: vm-test --smoke)
+                  build vm/ktls-probe statically and run it in the VM: real kTLS with
+                  AES-GCM, ChaCha20-Poly1305, splice and close_notify, N MiB each way";
+
+fn parse_secs(v: Option<&String>) -> Result<Duration> {
+    let v = v.context("--timeout needs a number of seconds")?;
+    Ok(Duration::from_secs(v.parse().with_context(|| format!("--timeout {v:?}"))?))
+}
