@@ -98,3 +98,62 @@ async fn throughput_cpu_and_memory() {
     println!("agent RSS with 200 open streams: {} KiB", rss_kib(agent2.proc.child.id()));
     drop(open);
 }
+
+/// Throughput of 1 GiB transfers with the eBPF counter attached and with no program
+/// attached at all (user-space counting), interleaved in one run; also prints one
+/// `sluice streams` frame taken mid-transfer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; run with cargo xtask measure"]
+async fn ebpf_counting_overhead() {
+    let dir = test_dir("measure-ebpf");
+    let relay = Relay::start(dir.path());
+    let cid = relay.create_customer("acme");
+    let jwt = relay.customer_jwt(&cid);
+    let (backend, mut reports) = sink_source_server(0, 0).await;
+    let port = backend.port().to_string();
+    let mut results: Vec<(&str, f64)> = Vec::new();
+    for round in 0..3u64 {
+        for counter in ["auto", "userspace"] {
+            let mut agent = Agent::start(
+                dir.path(),
+                &format!("bulk-{counter}-{round}"),
+                &[
+                    ("APP_HOST", "127.0.0.1"),
+                    ("APP_PORT", &port),
+                    ("NAME", "bulk"),
+                    ("REGISTRATION_JWT", &jwt),
+                    ("SLUICE_COUNTER", counter),
+                ],
+            );
+            relay.wait_status("bulk", "AVAILABLE", Some(&agent));
+            let ebpf = agent.proc.log_text().contains("counting stream bytes with eBPF");
+            let label = if ebpf { "eBPF attached" } else { "no program" };
+            let ep = relay.endpoint("bulk");
+            let t = Instant::now();
+            let s = TcpStream::connect(&ep).await.unwrap();
+            let (_r, mut w) = s.into_split();
+            let send = tokio::spawn(async move { load::send(&mut w, GIB, 3).await.unwrap() });
+            if round == 0 && ebpf {
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                println!("`sluice streams` during a transfer:\n{}", relay.cli_ok(&["streams"]));
+            }
+            send.await.unwrap();
+            assert_eq!(reports.recv().await.unwrap().received, GIB);
+            let gbps = 8.0 * GIB as f64 / t.elapsed().as_secs_f64() / 1e9;
+            println!("round {round}, {label}: {gbps:.2} Gbit/s");
+            results.push((label, gbps));
+            agent.proc.kill();
+            relay.wait_status("bulk", "UNAVAILABLE", None);
+        }
+    }
+    let median = |label: &str| {
+        let mut v: Vec<f64> = results.iter().filter(|r| r.0 == label).map(|r| r.1).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (with, without) = (median("eBPF attached"), median("no program"));
+    println!(
+        "median: eBPF attached {with:.2} Gbit/s, no program {without:.2} Gbit/s, difference {:+.1}%",
+        (with - without) / without * 100.0
+    );
+}
