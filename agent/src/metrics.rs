@@ -16,26 +16,15 @@
 //! | `sluice_agent_ebpf_map_entries` | gauge | sockets registered with the eBPF program |
 //! | `sluice_agent_idle_data_connections` | gauge | warm data connections waiting for a stream |
 
+use sluice_proto::metrics::PrometheusHandle;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
-
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-
-/// Installs the process-wide recorder (once).
+/// Installs the process-wide Prometheus recorder (once) and returns its handle.
 pub fn install() -> PrometheusHandle {
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
-            let handle = recorder.handle();
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
+    sluice_proto::metrics::install()
 }
 
 pub fn bytes(bytes_in: u64, bytes_out: u64) {

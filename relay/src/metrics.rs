@@ -11,24 +11,11 @@
 //! | `sluice_relay_handshake_failures_total` | counter | |
 //! | `sluice_relay_enrollments_total` | counter | `outcome` (`enrolled` or a rejection code) |
 
-use std::sync::OnceLock;
-
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+use sluice_proto::metrics::PrometheusHandle;
 
 /// Installs the process-wide Prometheus recorder (once) and returns its handle.
 pub fn install() -> PrometheusHandle {
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
-            let handle = recorder.handle();
-            // Another recorder may already be installed (e.g. in tests); then ours
-            // renders nothing, which is harmless.
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
+    sluice_proto::metrics::install()
 }
 
 pub fn bytes(resource: &str, bytes_in: u64, bytes_out: u64) {

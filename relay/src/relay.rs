@@ -44,7 +44,7 @@ pub struct Relay {
     pub store: Arc<dyn Store>,
     pub registry: Registry,
     pub streams: Arc<crate::streams::Streams>,
-    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    pub metrics: sluice_proto::metrics::PrometheusHandle,
     pub shutdown: CancellationToken,
     next_stream_id: AtomicU64,
 }

@@ -29,6 +29,19 @@ impl Payload {
     }
 }
 
+/// Calls `f` with consecutive chunks of `len` bytes of `Payload::new(seed)`.
+fn chunks(len: u64, seed: u64, mut f: impl FnMut(&[u8])) {
+    let mut p = Payload::new(seed);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        p.fill(&mut buf[..n]);
+        f(&buf[..n]);
+        left -= n as u64;
+    }
+}
+
 /// Writes `len` bytes of `Payload::new(seed)` and half-closes; returns their SHA-256.
 pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, len: u64, seed: u64) -> std::io::Result<[u8; 32]> {
     let mut p = Payload::new(seed);
@@ -63,16 +76,8 @@ pub async fn receive<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<(u64, [
 
 /// SHA-256 of `len` bytes of `Payload::new(seed)`, without sending them.
 pub fn expected_digest(len: u64, seed: u64) -> [u8; 32] {
-    let mut p = Payload::new(seed);
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        p.fill(&mut buf[..n]);
-        h.update(&buf[..n]);
-        left -= n as u64;
-    }
+    chunks(len, seed, |c| h.update(c));
     h.finalize().into()
 }
 
