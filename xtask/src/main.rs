@@ -3,8 +3,12 @@
 //! - `cargo xtask test`: everything CI runs, from a clean clone: installs the real
 //!   services the tests start (PostgreSQL, OpenSSH) and the eBPF toolchain, checks
 //!   formatting and lints, builds the release binaries, and runs every test against them.
+//!   Last, it boots the kTLS VM and runs the kernel-TLS smoke test (`vm/`).
+//! - `cargo xtask vm-test`, `cargo xtask vm-test-smoke`: the kTLS VM harness (`xtask/src/vm.rs`).
 //! - `cargo xtask measure`: throughput of a 1 GiB transfer and the agent's memory, idle
 //!   and with open streams (the numbers quoted in docs/benchmarks.md).
+
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -65,6 +69,12 @@ fn test(args: &[String]) -> Result<()> {
         "tests",
         cargo().args(["test", "--release", "--workspace", "--exclude", EBPF_CRATE, "--", "--test-threads", "4"]),
     )?;
+    // Real kernel TLS in a VM (this kernel has none): keeps the harness the kTLS data
+    // path will be proven in working on every run.
+    eprintln!("==> kTLS VM smoke test (cargo xtask vm-test-smoke --mib 16)");
+    let t = Instant::now();
+    vm::smoke_cli(&workspace_root(), &["--mib".to_owned(), "16".to_owned()])?;
+    eprintln!("<== kTLS VM smoke test: ok in {:.1} s", t.elapsed().as_secs_f64());
     eprintln!("xtask test: all steps passed");
     Ok(())
 }
@@ -85,13 +95,16 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("measure") => measure(),
+        Some("vm-test") => vm::vm_test_cli(&workspace_root(), &args[1..]),
+        Some("vm-test-smoke") => vm::smoke_cli(&workspace_root(), &args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
                  commands:\n  \
                  test [--quick]  install test services, check fmt + clippy, build, run every test (what CI runs);\n                  \
                  --quick skips fmt and clippy\n  \
-                 measure         1 GiB throughput and agent memory (idle, 8 and 200 streams)"
+                 measure         1 GiB throughput and agent memory (idle, 8 and 200 streams)\n{}",
+                vm::USAGE
             );
             std::process::exit(2);
         }

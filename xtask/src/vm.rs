@@ -75,14 +75,15 @@ pub fn run(ws_root: &Path, run: &VmRun) -> Result<VmReport> {
     let t = Instant::now();
     let tools = host::ensure_tools()?;
     let kernel = kernel::ensure_kernel(&cache)?;
+    remove_stale_run_dirs(&cache);
     let run_dir = cache.join(format!("run-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir)?;
     let initrd = run_dir.join("initrd.cpio");
-    initramfs::build(&initrd, &tools.busybox, &kernel, run)?;
-    let setup = t.elapsed();
-    eprintln!("vm-test: set-up {:.1} s (kernel {})", setup.as_secs_f64(), kernel.version);
-
-    let result = boot::boot(&tools.qemu, &kernel.vmlinuz, &initrd, &cache.join("serial.log"), run.timeout, setup);
+    let result = initramfs::build(&initrd, &tools.busybox, &kernel, run).and_then(|()| {
+        let setup = t.elapsed();
+        eprintln!("vm-test: set-up {:.1} s (kernel {})", setup.as_secs_f64(), kernel.version);
+        boot::boot(&tools.qemu, &kernel.vmlinuz, &initrd, &cache.join("serial.log"), run.timeout, setup)
+    });
     let _ = std::fs::remove_dir_all(&run_dir);
     let report = result?;
     report.print_summary();
@@ -90,6 +91,18 @@ pub fn run(ws_root: &Path, run: &VmRun) -> Result<VmReport> {
         bail!("VM tests failed: {} (log: {})", report.failed.join(", "), report.log_path.display());
     }
     Ok(report)
+}
+
+/// Removes `run-<pid>` directories left by runs that were killed (their pid is gone).
+fn remove_stale_run_dirs(cache: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("run-")) else { continue };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// `cargo xtask vm-test [--smoke] [--bin PATH]... [--script FILE] [--timeout SECS]`.
@@ -140,8 +153,7 @@ pub fn smoke_cli(ws_root: &Path, args: &[String]) -> Result<()> {
 }
 
 /// Usage text for the two subcommands, for the caller's help output.
-pub const USAGE: &str = "\
-  vm-test --bin PATH... --script FILE [--timeout SECS]
+pub const USAGE: &str = "  vm-test --bin PATH... --script FILE [--timeout SECS]
                   boot the kTLS VM (Debian cloud kernel under QEMU) with these static
                   binaries and this driver script; PASS/FAIL lines are the results
   vm-test-smoke [--mib N] [--timeout SECS]   (also: vm-test --smoke)

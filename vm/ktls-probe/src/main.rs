@@ -11,7 +11,8 @@
 //!   close_notify alert followed by a FIN.
 //! - `ktls-splice-*`: the agent's data path: one end of the kTLS connection is joined to
 //!   a plain TCP socket by two `splice(2)` pumps through pipes (kTLS RX → pipe → plain,
-//!   and plain → pipe → kTLS TX), carrying `--mib` MiB each way.
+//!   and plain → pipe → kTLS TX), carrying `--mib` MiB each way; `ktls-splice` with the
+//!   `splice` syscall, `ktls-uring-splice` with io_uring's `IORING_OP_SPLICE`.
 //! - It reports (`INFO ktls-rx-control …`) what `read(2)` and `splice(2)` return when the
 //!   next record on a kTLS RX socket is not application data (the close_notify alert),
 //!   and reads that record with `recvmsg(2)` and the `SOL_TLS`/`TLS_GET_RECORD_TYPE`
@@ -77,7 +78,9 @@ fn main() {
     for (name, suite) in suites {
         report(name, read_write_test(&cert, suite, bytes));
     }
-    report("ktls-splice", splice_test(&cert, aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256, bytes));
+    let aes128 = aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256;
+    report("ktls-splice", splice_test(&cert, aes128, bytes, false));
+    report("ktls-uring-splice", splice_test(&cert, aes128, bytes, true));
 
     std::process::exit(if failed == 0 { 0 } else { 1 });
 }
@@ -280,6 +283,7 @@ fn errno_name(e: &io::Error) -> String {
         Some(libc::ENOTCONN) => "ENOTCONN",
         Some(libc::ECONNRESET) => "ECONNRESET",
         Some(libc::EMSGSIZE) => "EMSGSIZE",
+        Some(libc::ENOENT) => "ENOENT",
         _ => return e.to_string(),
     };
     format!("{name}({})", e.raw_os_error().unwrap_or(0))
@@ -386,44 +390,70 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     }
 }
 
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: plain syscall on fds we own; null offsets mean "current position".
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE,
-        )
-    };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+/// How the pumps move bytes: the `splice(2)` syscall, or `IORING_OP_SPLICE` through an
+/// io_uring (what the agent's data path uses), one operation in flight at a time.
+enum Splicer {
+    Syscall,
+    Uring(Box<io_uring::IoUring>),
 }
 
-/// Moves `n` bytes already in the pipe to `to`.
-fn drain_pipe(pipe_r: RawFd, to: RawFd, mut n: usize) -> io::Result<()> {
-    while n > 0 {
-        match splice(pipe_r, to, n) {
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "splice out of the pipe moved 0 bytes")),
-            Ok(m) => n -= m,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+impl Splicer {
+    fn new(uring: bool) -> io::Result<Self> {
+        Ok(if uring { Splicer::Uring(Box::new(io_uring::IoUring::new(8)?)) } else { Splicer::Syscall })
     }
-    Ok(())
+
+    fn splice(&mut self, from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+        let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE;
+        let n = match self {
+            Splicer::Syscall => {
+                // SAFETY: plain syscall on open fds; null offsets mean "current position".
+                unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, flags) }
+            }
+            Splicer::Uring(ring) => {
+                use io_uring::{opcode, types};
+                let len = u32::try_from(len).unwrap_or(u32::MAX);
+                let sqe = opcode::Splice::new(types::Fd(from), -1, types::Fd(to), -1, len).flags(flags).build();
+                // SAFETY: the entry refers only to fds that outlive the operation, which
+                // completes before this function returns.
+                unsafe { ring.submission().push(&sqe) }
+                    .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+                ring.submit_and_wait(1)?;
+                let cqe = ring.completion().next().ok_or_else(|| io::Error::other("io_uring: no completion"))?;
+                let r = cqe.result();
+                if r < 0 {
+                    return Err(io::Error::from_raw_os_error(-r));
+                }
+                r as isize
+            }
+        };
+        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    }
+
+    /// Moves `n` bytes already in the pipe to `to`.
+    fn drain_pipe(&mut self, pipe_r: RawFd, to: RawFd, mut n: usize) -> io::Result<()> {
+        while n > 0 {
+            match self.splice(pipe_r, to, n) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "splice out of the pipe moved 0 bytes")),
+                Ok(m) => n -= m,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// kTLS RX → pipe → plain socket until close_notify; then half-closes the plain socket.
 /// Returns bytes moved, the errno splice gave at the alert, and the alert.
-fn pump_ktls_to_plain(ktls_sock: &TcpStream, plain: &TcpStream) -> Result<(usize, String, Vec<u8>)> {
+fn pump_ktls_to_plain(ktls_sock: &TcpStream, plain: &TcpStream, uring: bool) -> Result<(usize, String, Vec<u8>)> {
     let (pr, pw) = pipe()?;
+    let mut sp = Splicer::new(uring)?;
     let mut moved = 0;
     loop {
-        match splice(ktls_sock.as_raw_fd(), pw.as_raw_fd(), CHUNK) {
+        match sp.splice(ktls_sock.as_raw_fd(), pw.as_raw_fd(), CHUNK) {
             Ok(0) => bail!("EOF on the kTLS socket without close_notify after {moved} bytes"),
             Ok(n) => {
-                drain_pipe(pr.as_raw_fd(), plain.as_raw_fd(), n).context("splice pipe → plain")?;
+                sp.drain_pipe(pr.as_raw_fd(), plain.as_raw_fd(), n).context("splice pipe → plain")?;
                 moved += n;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -437,17 +467,18 @@ fn pump_ktls_to_plain(ktls_sock: &TcpStream, plain: &TcpStream) -> Result<(usize
 }
 
 /// plain socket → pipe → kTLS TX until EOF; then close_notify + FIN on the kTLS socket.
-fn pump_plain_to_ktls(plain: &TcpStream, ktls_sock: &TcpStream) -> Result<usize> {
+fn pump_plain_to_ktls(plain: &TcpStream, ktls_sock: &TcpStream, uring: bool) -> Result<usize> {
     let (pr, pw) = pipe()?;
+    let mut sp = Splicer::new(uring)?;
     let mut moved = 0;
     loop {
-        match splice(plain.as_raw_fd(), pw.as_raw_fd(), CHUNK) {
+        match sp.splice(plain.as_raw_fd(), pw.as_raw_fd(), CHUNK) {
             Ok(0) => {
                 close_ktls_tx(ktls_sock).context("close_notify after splice")?;
                 return Ok(moved);
             }
             Ok(n) => {
-                drain_pipe(pr.as_raw_fd(), ktls_sock.as_raw_fd(), n).context("splice pipe → kTLS")?;
+                sp.drain_pipe(pr.as_raw_fd(), ktls_sock.as_raw_fd(), n).context("splice pipe → kTLS")?;
                 moved += n;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -459,7 +490,7 @@ fn pump_plain_to_ktls(plain: &TcpStream, ktls_sock: &TcpStream) -> Result<usize>
 /// The agent's data path: `tunnel` (kTLS client, the relay's end) talks to `agent`
 /// (kTLS server end), which is spliced both ways to a plain socket pair standing for
 /// the private service.
-fn splice_test(cert: &Cert, suite: SupportedCipherSuite, bytes: usize) -> Result<String> {
+fn splice_test(cert: &Cert, suite: SupportedCipherSuite, bytes: usize, uring: bool) -> Result<String> {
     let (tunnel, agent) = ktls_pair(cert, suite)?;
     let l = TcpListener::bind("127.0.0.1:0")?;
     let app = TcpStream::connect(l.local_addr()?)?;
@@ -467,8 +498,8 @@ fn splice_test(cert: &Cert, suite: SupportedCipherSuite, bytes: usize) -> Result
     let t = Instant::now();
 
     let (agent2, agent_plain2) = (agent.try_clone()?, agent_plain.try_clone()?);
-    let rx_pump = thread::spawn(move || pump_ktls_to_plain(&agent, &agent_plain));
-    let tx_pump = thread::spawn(move || pump_plain_to_ktls(&agent_plain2, &agent2));
+    let rx_pump = thread::spawn(move || pump_ktls_to_plain(&agent, &agent_plain, uring));
+    let tx_pump = thread::spawn(move || pump_plain_to_ktls(&agent_plain2, &agent2, uring));
     let app_tx = app.try_clone()?;
     let app_send = thread::spawn(move || -> io::Result<[u8; 32]> {
         let d = send_payload(&app_tx, bytes, 0x5555_aaaa_3333_cccc)?;
@@ -495,8 +526,9 @@ fn splice_test(cert: &Cert, suite: SupportedCipherSuite, bytes: usize) -> Result
     ensure!(tx_moved == bytes && tunnel_recv.bytes == bytes, "plain → kTLS moved {tx_moved}");
     ensure!(app_digest == tunnel_sent, "tunnel → app SHA-256 mismatch (splice out of kTLS RX)");
     ensure!(tunnel_recv.digest == app_sent, "app → tunnel SHA-256 mismatch (splice into kTLS TX)");
+    let how = if uring { "io_uring IORING_OP_SPLICE" } else { "splice()" };
     println!(
-        "INFO ktls-rx-control splice() at close_notify: {splice_errno}; recvmsg cmsg SOL_TLS/TLS_GET_RECORD_TYPE=21 payload {alert:?}, then read()=0 at FIN"
+        "INFO ktls-rx-control {how} at close_notify: {splice_errno}; recvmsg cmsg SOL_TLS/TLS_GET_RECORD_TYPE=21 payload {alert:?}, then read()=0 at FIN"
     );
     Ok(format!(
         "{} MiB each way kTLS RX→pipe→plain and plain→pipe→kTLS TX, sha256 ok, {:.1} s ({:.0} MiB/s per direction)",

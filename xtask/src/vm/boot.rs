@@ -94,6 +94,33 @@ enum Event {
     Qemu(String),
 }
 
+/// Drops terminal escape sequences (SeaBIOS clears the screen) and control characters,
+/// so lines match their markers and the log reads cleanly.
+fn clean(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                if chars.next_if_eq(&'[').is_some() {
+                    // CSI: parameters and intermediates, then one final byte @..~.
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                } else {
+                    chars.next(); // two-character sequence such as ESC c
+                }
+            }
+            '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Spawns a thread sending each line of `r` through `tx`.
 fn pump(
     r: impl Read + Send + 'static,
@@ -108,7 +135,7 @@ fn pump(
             match r.read_until(b'\n', &mut buf) {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).replace('\r', "");
+                    let line = clean(&String::from_utf8_lossy(&buf));
                     if tx.send(wrap(line)).is_err() {
                         return;
                     }
@@ -218,6 +245,12 @@ mod tests {
             p,
             Parsed { passed: vec!["ktls-aes128-gcm".into(), "ktls-splice".into()], failed: vec![], rc: Some(0) }
         );
+    }
+
+    #[test]
+    fn cleans_escapes() {
+        assert_eq!(clean("\x1bc\x1b[?7l\x1b[2Jvm-init: kernel 6.1\r\n"), "vm-init: kernel 6.1");
+        assert_eq!(clean("PASS a\tb"), "PASS a\tb");
     }
 
     #[test]
