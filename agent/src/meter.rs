@@ -44,7 +44,12 @@ impl Meter {
         if mode == CounterMode::Userspace {
             return (Meter { ebpf: None }, Some("user-space counting was requested (SLUICE_COUNTER=userspace)".into()));
         }
-        match load() {
+        let loaded = load();
+        // Loading parses the kernel's BTF (megabytes, freed afterwards): give that memory
+        // back to the OS so the agent's resident size stays small.
+        // SAFETY: malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
+        match loaded {
             Ok(l) => (Meter { ebpf: Some(Mutex::new(l)) }, None),
             Err(why) => (Meter { ebpf: None }, Some(why)),
         }

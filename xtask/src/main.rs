@@ -86,7 +86,19 @@ fn measure() -> Result<()> {
     )?;
     run(
         "measure",
-        cargo().args(["test", "--release", "-p", "sluice-e2e", "--test", "measure", "--", "--ignored", "--nocapture"]),
+        cargo().args([
+            "test",
+            "--release",
+            "-p",
+            "sluice-e2e",
+            "--test",
+            "measure",
+            "--",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ]),
     )
 }
 
