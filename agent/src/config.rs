@@ -1,6 +1,7 @@
 //! The agent's configuration, checked up front: every problem is reported as one clear
 //! line before the agent touches the network.
 
+use sluice_proto::datapath::{DataPathMode, KtlsEngine};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,6 +27,10 @@ pub struct AgentConfig {
     pub counter: crate::meter::CounterMode,
     /// Where to serve Prometheus metrics; off when `None`.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Kernel TLS when available, or always user-space rustls.
+    pub data_path: DataPathMode,
+    /// How kernel-TLS streams move bytes.
+    pub ktls_engine: KtlsEngine,
 }
 
 /// The raw inputs (environment variables or flags), before validation.
@@ -41,6 +46,10 @@ pub struct RawConfig {
     pub metrics_listen: Option<String>,
     /// `auto` (eBPF if it loads) or `userspace`.
     pub counter: Option<String>,
+    /// `auto` (kernel TLS when available) or `userspace`.
+    pub data_path: Option<String>,
+    /// `splice`, `uring`, `threads` or `copy`.
+    pub ktls_engine: Option<String>,
 }
 
 /// The state directory when none is given.
@@ -97,7 +106,17 @@ impl RawConfig {
             Some("userspace") => crate::meter::CounterMode::Userspace,
             Some(other) => return Err(format!("SLUICE_COUNTER={other:?} is not valid: use auto or userspace")),
         };
+        let data_path = match self.data_path.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            None => DataPathMode::Auto,
+            Some(s) => s.parse().map_err(|e| format!("SLUICE_DATA_PATH: {e}"))?,
+        };
+        let ktls_engine = match self.ktls_engine.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            None => KtlsEngine::default(),
+            Some(s) => s.parse().map_err(|e| format!("SLUICE_KTLS_ENGINE: {e}"))?,
+        };
         Ok(AgentConfig {
+            data_path,
+            ktls_engine,
             counter,
             app_host,
             app_port,
@@ -162,6 +181,11 @@ mod tests {
         let c = raw(d.path()).validate().unwrap();
         assert_eq!(c.relay_url.to_string(), "https://relay.example:8443");
         assert_eq!(c.app_port, 5432);
+        assert_eq!((c.data_path, c.ktls_engine), (DataPathMode::Auto, KtlsEngine::Splice));
+        let mut r = raw(d.path());
+        (r.data_path, r.ktls_engine) = (Some("userspace".into()), Some("uring".into()));
+        let c = r.validate().unwrap();
+        assert_eq!((c.data_path, c.ktls_engine), (DataPathMode::Userspace, KtlsEngine::Uring));
     }
 
     #[test]
@@ -179,6 +203,8 @@ mod tests {
             (Box::new(|r| r.registration_jwt = Some(jwt(serde_json::json!({"exp": 5})))), "expired"),
             (Box::new(|r| r.relay_url = Some("http://x".into())), "SLUICE_URL"),
             (Box::new(|r| r.state_dir = Some("/proc/nope".into())), "STATE_DIR /proc/nope is not writable"),
+            (Box::new(|r| r.data_path = Some("kernel".into())), "SLUICE_DATA_PATH: unknown data path \"kernel\""),
+            (Box::new(|r| r.ktls_engine = Some("fast".into())), "SLUICE_KTLS_ENGINE: unknown kernel TLS engine"),
         ];
         for (mutate, want) in cases {
             let mut r = raw(d.path());

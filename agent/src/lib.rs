@@ -12,6 +12,7 @@ pub mod meter;
 pub mod metrics;
 pub mod session;
 
+use sluice_proto::datapath::DataPath;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +49,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         Some(why) => info!(reason = %why, "counting stream bytes in user space"),
     }
     crate::metrics::ebpf_enabled(why.is_none());
+    let data_path = Arc::new(DataPath::new(cfg.data_path, cfg.ktls_engine));
+    info!(path = data_path.default_path().as_str(), "data path: {}", data_path.describe());
     let meter = Arc::new(meter);
     if let Some(addr) = cfg.metrics_listen {
         tokio::spawn(crate::metrics::serve(addr, handle));
@@ -86,7 +89,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
                 }
             },
         };
-        let end = session::run(cfg.clone(), meter.clone(), &identity, &shutdown).await;
+        let end = session::run(cfg.clone(), meter.clone(), data_path.clone(), &identity, &shutdown).await;
         if !matches!(end, SessionEnd::Shutdown) {
             crate::metrics::reconnect();
         }

@@ -43,6 +43,13 @@ struct Args {
     /// How stream bytes are counted: auto (eBPF when it loads, else user space) or userspace.
     #[arg(long, env = "SLUICE_COUNTER")]
     counter: Option<String>,
+    /// How stream bytes move: auto (kernel TLS + splice when the kernel has TLS, else
+    /// user-space rustls) or userspace.
+    #[arg(long, env = "SLUICE_DATA_PATH")]
+    data_path: Option<String>,
+    /// Kernel-TLS engine, for benchmarks: splice (default), uring, threads or copy.
+    #[arg(long, env = "SLUICE_KTLS_ENGINE", hide_short_help = true)]
+    ktls_engine: Option<String>,
     /// Log filter (error, warn, info, debug, trace).
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     log: String,
@@ -60,6 +67,8 @@ fn main() -> ExitCode {
         reconnect_max_secs: Some(args.reconnect_max_secs),
         metrics_listen: args.metrics_listen,
         counter: args.counter,
+        data_path: args.data_path,
+        ktls_engine: args.ktls_engine,
     }
     .validate();
     let cfg = match cfg {

@@ -4,9 +4,10 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `sluice_agent_bytes_total` | counter | `direction` (`in`: to the private service, `out`) |
-//! | `sluice_agent_streams_opened_total` | counter | `path` |
+//! | `sluice_agent_streams_opened_total` | counter | `path` (`ktls_splice`, `userspace`, …) |
+//! | `sluice_agent_userspace_copy_bytes_total` | counter | payload bytes copied through user space |
 //! | `sluice_agent_streams_closed_total` | counter | `end` (`clean`, `aborted`, `cancelled`) |
-//! | `sluice_agent_streams_failed_total` | counter | `reason` (`service_unreachable`) |
+//! | `sluice_agent_streams_failed_total` | counter | `reason` (`service_unreachable`, `ktls`) |
 //! | `sluice_agent_streams_active` | gauge | |
 //! | `sluice_agent_sessions` | gauge | (1 while the control session is up) |
 //! | `sluice_agent_reconnects_total` | counter | |
@@ -44,6 +45,11 @@ pub fn stream_opened(path: &'static str) {
 pub fn stream_closed(end: &'static str) {
     metrics::counter!("sluice_agent_streams_closed_total", "end" => end).increment(1);
     metrics::gauge!("sluice_agent_streams_active").decrement(1.0);
+}
+
+/// Payload bytes a finished stream passed through a user-space buffer (0 with splice).
+pub fn userspace_copy(bytes: u64) {
+    metrics::counter!("sluice_agent_userspace_copy_bytes_total").increment(bytes);
 }
 
 pub fn stream_failed(reason: &'static str) {

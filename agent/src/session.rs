@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use parking_lot::Mutex;
-use sluice_proto::datapath::{self, PathKind, StreamEnd, Transfer};
+use sluice_proto::datapath::{self, DataPath, PathKind, StreamEnd, Transfer, TunnelSocket};
 use sluice_proto::tls;
 use sluice_proto::wire::{
     self, ALPN_CONTROL, ALPN_DATA, AgentMsg, Capabilities, CounterSource, DataHello, PROTOCOL_VERSION, RejectCode,
@@ -51,6 +51,8 @@ pub enum SessionEnd {
 struct Pool {
     cfg: Arc<AgentConfig>,
     connector: TlsConnector,
+    /// How streams move bytes.
+    data_path: Arc<DataPath>,
     server_name: ServerName<'static>,
     session_id: String,
     target: u32,
@@ -71,6 +73,8 @@ struct Pool {
 /// from the copy loop.
 struct ActiveStream {
     transfer: Transfer,
+    /// The path the stream's bytes take.
+    path: PathKind,
     meter: Arc<Meter>,
     /// The private-service socket (payload bytes of the stream).
     service: Option<Cookie>,
@@ -101,7 +105,7 @@ impl ActiveStream {
         let mut m = self.metered.lock();
         crate::metrics::bytes(bytes_in.saturating_sub(m.0), bytes_out.saturating_sub(m.1));
         *m = (bytes_in.max(m.0), bytes_out.max(m.1));
-        StreamStat { stream_id, bytes_in, bytes_out, path: PathKind::Userspace, counter, closed, tunnel_bytes: tunnel }
+        StreamStat { stream_id, bytes_in, bytes_out, path: self.path, counter, closed, tunnel_bytes: tunnel }
     }
 
     fn stat(&self, stream_id: u64) -> StreamStat {
@@ -137,7 +141,7 @@ pub async fn connect_metered(target: &str, meter: Option<&Meter>) -> std::io::Re
     Err(last)
 }
 
-type Tunnel = tokio_rustls::client::TlsStream<TcpStream>;
+type Tunnel = tokio_rustls::client::TlsStream<TunnelSocket>;
 
 async fn dial(
     cfg: &AgentConfig,
@@ -158,7 +162,7 @@ async fn dial(
     };
     let _ = tcp.set_nodelay(true);
     datapath::tune_tunnel_socket(&tcp);
-    let tls = tokio::time::timeout(Duration::from_secs(15), connector.connect(name.clone(), tcp))
+    let tls = tokio::time::timeout(Duration::from_secs(15), connector.connect(name.clone(), TunnelSocket::new(tcp)))
         .await
         .map_err(|_| forget(format!("TLS handshake with the relay at {authority} timed out")))?
         .map_err(|e| {
@@ -175,7 +179,13 @@ fn client_config(id: &Identity, alpn: &[u8]) -> Result<Arc<ClientConfig>, String
 }
 
 /// Runs one control session until it ends.
-pub async fn run(cfg: Arc<AgentConfig>, meter: Arc<Meter>, id: &Identity, shutdown: &CancellationToken) -> SessionEnd {
+pub async fn run(
+    cfg: Arc<AgentConfig>,
+    meter: Arc<Meter>,
+    data_path: Arc<DataPath>,
+    id: &Identity,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
     let name = match tls::server_name_of(&cfg.relay_url.host) {
         Ok(n) => n,
         Err(e) => return SessionEnd::Lost(e.to_string()),
@@ -224,6 +234,7 @@ pub async fn run(cfg: Arc<AgentConfig>, meter: Arc<Meter>, id: &Identity, shutdo
     let pool = Arc::new(Pool {
         cfg: cfg.clone(),
         connector: TlsConnector::from(data_cfg),
+        data_path,
         server_name: name,
         session_id: session_id.clone(),
         target: pool_size.max(1),
@@ -404,22 +415,34 @@ async fn serve_stream(pool: &Pool, mut tls: Tunnel, tunnel_cookie: Option<Cookie
         forget(&pool.meter, service_cookie);
         return debug!(error = %e, "the relay went away before the stream started");
     }
-    debug!(stream = open.stream_id, "stream open");
+    let prepared = match pool.data_path.prepare(TlsStream::Client(tls)) {
+        Ok(p) => p,
+        Err(e) => {
+            crate::metrics::stream_failed("ktls");
+            forget(&pool.meter, tunnel_cookie);
+            forget(&pool.meter, service_cookie);
+            datapath::reset(&service);
+            return warn!(stream = open.stream_id, error = %e, "stream failed: the kernel refused the connection's TLS keys");
+        }
+    };
+    debug!(stream = open.stream_id, path = prepared.path().as_str(), "stream open");
     // Keep the sockets open past the copy loop until the kernel has sent everything, so
     // the final eBPF counts include the last bytes (closing them here, not in the loop).
     let keep = |fd: BorrowedFd<'_>, c: Option<Cookie>| c.and_then(|_| fd.try_clone_to_owned().ok());
     let service_fd = keep(service.as_fd(), service_cookie);
-    let tunnel_fd = keep(tls.get_ref().0.as_fd(), tunnel_cookie);
+    let tunnel_fd = keep(prepared.tunnel_tcp().as_fd(), tunnel_cookie);
     let stream = Arc::new(ActiveStream {
         transfer: Transfer::default(),
+        path: prepared.path(),
         meter: pool.meter.clone(),
         service: service_cookie,
         tunnel: tunnel_cookie,
         metered: Mutex::new((0, 0)),
     });
     pool.active.lock().insert(open.stream_id, stream.clone());
-    crate::metrics::stream_opened(PathKind::Userspace.as_str());
-    let report = datapath::run_stream(TlsStream::Client(tls), service, &stream.transfer, &pool.stop_streams).await;
+    crate::metrics::stream_opened(prepared.path().as_str());
+    let report = prepared.run(service, &stream.transfer, &pool.stop_streams).await;
+    crate::metrics::userspace_copy(stream.transfer.copied());
     pool.active.lock().remove(&open.stream_id);
     if matches!(report.end, StreamEnd::Clean) {
         if let Some(fd) = &service_fd {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use rand::Rng;
 use rustls::ServerConfig;
 use rustls::server::Acceptor;
+use sluice_proto::datapath::TunnelSocket;
 use sluice_proto::identity::{AgentIdentity, RegistrationClaims, unix_now};
 use sluice_proto::wire::{
     self, ALPN_CONTROL, ALPN_DATA, ALPN_ENROLL, AgentMsg, DataHello, EnrollRequest, EnrollResponse, Enrollment,
@@ -85,13 +86,13 @@ async fn handshake(
     tcp: TcpStream,
     enroll_cfg: Arc<ServerConfig>,
     agent_cfg: Arc<ServerConfig>,
-) -> std::io::Result<TlsStream<TcpStream>> {
-    let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
+) -> std::io::Result<TlsStream<TunnelSocket>> {
+    let start = LazyConfigAcceptor::new(Acceptor::default(), TunnelSocket::new(tcp)).await?;
     let wants_enroll = start.client_hello().alpn().is_some_and(|mut protos| protos.any(|p| p == ALPN_ENROLL));
     start.into_stream(if wants_enroll { enroll_cfg } else { agent_cfg }).await
 }
 
-async fn dispatch(relay: Arc<Relay>, tls: TlsStream<TcpStream>, peer: SocketAddr) {
+async fn dispatch(relay: Arc<Relay>, tls: TlsStream<TunnelSocket>, peer: SocketAddr) {
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     match alpn.as_deref() {
         Some(ALPN_ENROLL) => enroll(relay, tls, peer).instrument(info_span!("enroll", %peer)).await,
@@ -111,7 +112,7 @@ async fn dispatch(relay: Arc<Relay>, tls: TlsStream<TcpStream>, peer: SocketAddr
     }
 }
 
-fn peer_identity(tls: &TlsStream<TcpStream>) -> Option<AgentIdentity> {
+fn peer_identity(tls: &TlsStream<TunnelSocket>) -> Option<AgentIdentity> {
     let certs = tls.get_ref().1.peer_certificates()?;
     AgentIdentity::from_cert_der(certs.first()?)
 }
@@ -127,7 +128,7 @@ fn internal(e: StoreError) -> Rejection {
 
 // === Enrollment ===
 
-async fn enroll(relay: Arc<Relay>, mut tls: TlsStream<TcpStream>, peer: SocketAddr) {
+async fn enroll(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, peer: SocketAddr) {
     let req: EnrollRequest = match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame(&mut tls)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return debug!(error = %e, "bad enrollment request"),
@@ -320,7 +321,7 @@ fn check_identity(relay: &Relay, who: &AgentIdentity) -> Result<Resource, Reject
 
 // === Control sessions ===
 
-async fn control(relay: Arc<Relay>, mut tls: TlsStream<TcpStream>, who: AgentIdentity) {
+async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: AgentIdentity) {
     let resource = match check_identity(&relay, &who) {
         Ok(r) => r,
         Err(r) => {
@@ -433,7 +434,7 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TcpStream>, who: AgentIde
 
 // === Data connections ===
 
-async fn data(relay: Arc<Relay>, mut tls: TlsStream<TcpStream>, who: AgentIdentity, peer: SocketAddr) {
+async fn data(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: AgentIdentity, peer: SocketAddr) {
     let hello: DataHello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame(&mut tls)).await {
         Ok(Ok(h)) => h,
         _ => return debug!(%peer, "data connection closed before its hello"),

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use sluice_proto::datapath::{DataPathMode, KtlsEngine};
 use sluice_relay::cli::{self, AdminConn, CustomersCmd, ResourcesCmd};
 use sluice_relay::quickstart::{self, QuickstartArgs};
 use sluice_relay::relay::{self, RelayConfig, parse_port_range};
@@ -91,6 +92,15 @@ struct ServeArgs {
     /// Idle data connections each agent keeps open for new streams.
     #[arg(long, env = "SLUICE_POOL_SIZE", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pool_size: u32,
+    /// How stream bytes move: `auto` hands each tunnel connection's TLS to the kernel
+    /// (kTLS + splice, no payload copies) when the kernel supports it and falls back to
+    /// user-space rustls otherwise; `userspace` always uses rustls.
+    #[arg(long, env = "SLUICE_DATA_PATH", default_value = "auto")]
+    data_path: DataPathMode,
+    /// Kernel-TLS engine, for benchmarks: splice (default, fastest measured), uring,
+    /// threads, or copy (read/write through a buffer).
+    #[arg(long, env = "SLUICE_KTLS_ENGINE", default_value = "splice", hide_short_help = true)]
+    ktls_engine: KtlsEngine,
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -104,6 +114,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         database_url: args.database_url,
         heartbeat: Duration::from_secs(args.heartbeat_secs),
         pool_size: args.pool_size,
+        data_path: args.data_path,
+        ktls_engine: args.ktls_engine,
     })
     .await?;
     quickstart::wait_for_signal().await;

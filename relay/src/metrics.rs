@@ -3,9 +3,10 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `sluice_relay_bytes_total` | counter | `resource`, `direction` (`in`: client → service, `out`) |
-//! | `sluice_relay_streams_opened_total` | counter | `resource`, `path` |
+//! | `sluice_relay_streams_opened_total` | counter | `resource`, `path` (`ktls_splice`, `userspace`, …) |
+//! | `sluice_relay_userspace_copy_bytes_total` | counter | | payload bytes copied through user space |
 //! | `sluice_relay_streams_closed_total` | counter | `resource`, `end` (`clean`, `aborted`, `cancelled`) |
-//! | `sluice_relay_streams_failed_total` | counter | `resource`, `reason` (`no_agent`, `refused`, `timeout`, `stale`) |
+//! | `sluice_relay_streams_failed_total` | counter | `resource`, `reason` (`no_agent`, `refused`, `timeout`, `stale`, `ktls`) |
 //! | `sluice_relay_streams_active` | gauge | `resource` |
 //! | `sluice_relay_agent_sessions` | gauge | `resource` |
 //! | `sluice_relay_handshake_failures_total` | counter | |
@@ -39,6 +40,11 @@ pub fn stream_closed(resource: &str, end: &'static str) {
     metrics::counter!("sluice_relay_streams_closed_total", "resource" => resource.to_owned(), "end" => end)
         .increment(1);
     metrics::gauge!("sluice_relay_streams_active", "resource" => resource.to_owned()).decrement(1.0);
+}
+
+/// Payload bytes a finished stream passed through a user-space buffer (0 with splice).
+pub fn userspace_copy(bytes: u64) {
+    metrics::counter!("sluice_relay_userspace_copy_bytes_total").increment(bytes);
 }
 
 pub fn stream_failed(resource: &str, reason: &'static str) {

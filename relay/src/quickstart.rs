@@ -83,6 +83,8 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         database_url: None,
         heartbeat: Duration::from_secs(10),
         pool_size: 4,
+        data_path: Default::default(),
+        ktls_engine: Default::default(),
     })
     .await?;
     let relay = running.relay.clone();
@@ -111,6 +113,8 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         reconnect_max_secs: Some(5),
         metrics_listen: None,
         counter: None,
+        data_path: None,
+        ktls_engine: None,
     }
     .validate()
     .map_err(anyhow::Error::msg)?;

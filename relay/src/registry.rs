@@ -12,13 +12,12 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use sluice_proto::wire::{RejectCode, Rejection, RelayMsg};
-use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
 /// A data connection from an agent, handshaken and bound to its session, waiting for a stream.
-pub type DataConn = tokio_rustls::server::TlsStream<TcpStream>;
+pub type DataConn = tokio_rustls::server::TlsStream<sluice_proto::datapath::TunnelSocket>;
 
 /// Idle data connections a session may park at the relay; more are closed on arrival.
 const MAX_IDLE_PER_SESSION: usize = 64;

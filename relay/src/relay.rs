@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use sluice_proto::datapath::{DataPath, DataPathMode, KtlsEngine};
 use sluice_proto::relay_url::RelayUrl;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +34,10 @@ pub struct RelayConfig {
     pub heartbeat: Duration,
     /// Idle data connections each agent keeps open.
     pub pool_size: u32,
+    /// Kernel TLS when available (`auto`) or always user-space rustls.
+    pub data_path: DataPathMode,
+    /// How kernel-TLS streams move bytes.
+    pub ktls_engine: KtlsEngine,
 }
 
 /// The relay's shared state, handed to every task.
@@ -46,6 +51,8 @@ pub struct Relay {
     pub streams: Arc<crate::streams::Streams>,
     pub metrics: sluice_proto::metrics::PrometheusHandle,
     pub shutdown: CancellationToken,
+    /// How streams move bytes (decided once at start).
+    pub data_path: DataPath,
     next_stream_id: AtomicU64,
 }
 
@@ -172,10 +179,12 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         streams: Arc::new(crate::streams::Streams::default()),
         metrics: crate::metrics::install(),
         shutdown: CancellationToken::new(),
+        data_path: DataPath::new(config.data_path, config.ktls_engine),
         next_stream_id: AtomicU64::new(0),
         config,
     });
 
+    info!(path = relay.data_path.default_path().as_str(), "data path: {}", relay.data_path.describe());
     let n_resources = relay.store.resources()?.len();
     info!(
         agent_listen = %agent_addr,

@@ -92,24 +92,29 @@ async fn forward(
         .await;
         match reply {
             Ok(Ok(StreamReply::Accepted)) => {
+                let prepared = match relay.data_path.prepare(TlsStream::Server(conn)) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        crate::metrics::stream_failed(&resource_id, "ktls");
+                        warn!(agent = %session.agent_id, error = %e, "stream failed: the kernel refused the connection's TLS keys");
+                        datapath::reset(&client);
+                        return;
+                    }
+                };
                 session.active_streams.fetch_add(1, Ordering::Relaxed);
                 let live =
                     relay.streams.open(stream_id, &resource_id, &resource_name, &session.agent_id, &peer.to_string());
-                crate::metrics::stream_opened(&resource_id, "userspace");
-                let report =
-                    datapath::run_stream(TlsStream::Server(conn), client, &live.transfer, &session.revoked).await;
+                crate::metrics::stream_opened(&resource_id, prepared.path().as_str());
+                let report = prepared.run(client, &live.transfer, &session.revoked).await;
                 session.active_streams.fetch_sub(1, Ordering::Relaxed);
                 relay.streams.close(stream_id);
                 let (up, down) = live.transfer.get();
-                let end = match &report.end {
-                    StreamEnd::Clean => "clean",
-                    StreamEnd::Aborted { .. } => "aborted",
-                    StreamEnd::Cancelled => "cancelled",
-                };
-                crate::metrics::stream_closed(&resource_id, end);
+                let copied = live.transfer.copied();
+                crate::metrics::stream_closed(&resource_id, report.end.label());
+                crate::metrics::userspace_copy(copied);
                 if matches!(report.end, StreamEnd::Clean) {
                     debug!(agent = %session.agent_id, path = report.path.as_str(), bytes_in = up, bytes_out = down,
-                        secs = started.elapsed().as_secs_f64(), "stream closed");
+                        copied, secs = started.elapsed().as_secs_f64(), "stream closed");
                 } else {
                     info!(agent = %session.agent_id, path = report.path.as_str(), bytes_in = up, bytes_out = down,
                         end = %report.end.describe(), "stream ended abnormally");

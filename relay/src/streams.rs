@@ -124,7 +124,12 @@ impl Streams {
                 None => None,
             };
             if let Some(s) = s.filter(|s| s.agent_id == agent_id) {
-                *s.agent_report.lock() = Some(st.clone());
+                let mut current = s.agent_report.lock();
+                // A periodic report taken just before the stream ended can arrive after
+                // the final one: it must not replace the final counts.
+                if !current.as_ref().is_some_and(|c| c.closed && !st.closed) {
+                    *current = Some(st.clone());
+                }
             }
         }
     }
@@ -256,6 +261,25 @@ mod tests {
         assert!(streams.views(Some("other")).is_empty());
         streams.close(1);
         assert!(streams.views(None).is_empty());
+    }
+
+    #[test]
+    fn a_late_periodic_report_does_not_undo_the_final_one() {
+        let streams = Streams::default();
+        streams.open(1, "res_1", "db", "agt_a", "1.2.3.4:5");
+        let stat = |bytes_in, closed| StreamStat {
+            stream_id: 1,
+            bytes_in,
+            bytes_out: 0,
+            path: PathKind::KtlsSplice,
+            counter: CounterSource::Ebpf,
+            closed,
+            tunnel_bytes: None,
+        };
+        streams.report("agt_a", &[stat(100, true)]);
+        streams.report("agt_a", &[stat(60, false)]);
+        let v = &streams.views(None)[0];
+        assert_eq!((v.bytes_in, v.path), (100, PathKind::KtlsSplice));
     }
 
     #[test]

@@ -271,9 +271,10 @@ impl Agent {
 
 /// A temporary directory for one test (kept when `SLUICE_KEEP_TEST_DIRS` is set).
 pub fn test_dir(name: &str) -> tempfile::TempDir {
-    let d = tempfile::Builder::new().prefix(&format!("sluice-{name}-")).tempdir().unwrap();
+    let mut d = tempfile::Builder::new().prefix(&format!("sluice-{name}-")).tempdir().unwrap();
     if std::env::var_os("SLUICE_KEEP_TEST_DIRS").is_some() {
-        eprintln!("test dir: {}", d.path().display());
+        d.disable_cleanup(true);
+        eprintln!("test dir (kept): {}", d.path().display());
     }
     d
 }

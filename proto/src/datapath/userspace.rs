@@ -1,114 +1,29 @@
-//! The data path: moving one stream's bytes between a tunnel (TLS) connection and a
-//! plain TCP socket, in both directions, with exact end-of-stream semantics.
-//!
-//! [`run_stream`] is the single entry point used by relay and agent. It picks the path
-//! for a stream (today the user-space rustls copy; kernel TLS + splice slots in here as
-//! another [`PathKind`]) and reports how the stream ended and how many bytes moved.
-//!
-//! Semantics, identical on every path:
-//! - A clean end of one direction (EOF on the plain socket, TLS `close_notify` on the
-//!   tunnel) is propagated as a half-close: the other side is shut down for writing
-//!   (TCP FIN, or `close_notify` + FIN), and the opposite direction keeps flowing.
-//! - Anything else (a reset, a TLS error, a TCP FIN without `close_notify`) is an abort:
-//!   both sockets are reset (RST) at once, so neither peer mistakes a truncated stream
-//!   for a complete one.
+//! The user-space path: rustls encrypts and decrypts, and each direction copies through
+//! a fixed buffer. Used when the kernel has no TLS offload, when offload is switched
+//! off, or when a connection cannot be offloaded.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-/// Bytes buffered per direction of a stream on the user-space path. 64 KiB holds four
-/// full TLS records, which keeps syscalls per GiB low without costing much memory.
-pub const COPY_BUF: usize = 64 * 1024;
+use super::{COPY_BUF, Side, StreamEnd, Transfer, TunnelSocket, reset};
 
-/// How a stream's bytes move.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PathKind {
-    /// rustls in user space; payload is copied through a user-space buffer.
-    Userspace,
-}
-
-impl PathKind {
-    /// Short name used in logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PathKind::Userspace => "userspace",
-        }
-    }
-}
-
-/// Live byte counts of one stream, updated as bytes are written (readable while the
-/// stream runs, for stats).
-#[derive(Debug, Default)]
-pub struct Transfer {
-    /// Bytes read from the plain socket and written into the tunnel.
-    pub plain_to_tunnel: AtomicU64,
-    /// Bytes read from the tunnel and written to the plain socket.
-    pub tunnel_to_plain: AtomicU64,
-}
-
-impl Transfer {
-    /// Snapshot `(plain_to_tunnel, tunnel_to_plain)`.
-    pub fn get(&self) -> (u64, u64) {
-        (self.plain_to_tunnel.load(Ordering::Relaxed), self.tunnel_to_plain.load(Ordering::Relaxed))
-    }
-}
-
-/// Which side of a stream failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Tunnel,
-    Plain,
-}
-
-/// How a stream ended.
-#[derive(Debug)]
-pub enum StreamEnd {
-    /// Both directions reached a clean end and were propagated.
-    Clean,
-    /// One side failed; both sockets were reset.
-    Aborted { side: Side, error: io::Error },
-    /// The stream was cut from outside (revocation, shutdown); both sockets were reset.
-    Cancelled,
-}
-
-impl StreamEnd {
-    /// Short description for logs.
-    pub fn describe(&self) -> String {
-        match self {
-            StreamEnd::Clean => "clean".into(),
-            StreamEnd::Aborted { side: Side::Tunnel, error } => format!("aborted: tunnel side failed: {error}"),
-            StreamEnd::Aborted { side: Side::Plain, error } => format!("aborted: socket side failed: {error}"),
-            StreamEnd::Cancelled => "cancelled".into(),
-        }
-    }
-}
-
-/// What [`run_stream`] reports.
-#[derive(Debug)]
-pub struct StreamReport {
-    pub path: PathKind,
-    pub end: StreamEnd,
-}
-
-/// Moves one stream's bytes between `tunnel` and `plain` until both directions end,
-/// then closes both. On abort, or when `cancel` fires (credentials revoked, shutdown),
-/// both TCP sockets are reset.
-pub async fn run_stream(
-    mut tunnel: TlsStream<TcpStream>,
+/// Moves one stream until both directions end, one side fails, or `cancel` fires; on
+/// anything but a clean end both sockets are reset.
+pub(crate) async fn run(
+    mut tunnel: TlsStream<TunnelSocket>,
     mut plain: TcpStream,
     transfer: &Transfer,
     cancel: &CancellationToken,
-) -> StreamReport {
+) -> StreamEnd {
+    tunnel.get_mut().0.unbound();
     let copy = Bidirectional {
         tunnel: &mut tunnel,
         plain: &mut plain,
@@ -123,26 +38,13 @@ pub async fn run_stream(
         },
         _ = cancel.cancelled() => StreamEnd::Cancelled,
     };
+    let (up, down) = transfer.get();
+    transfer.copied.store(up + down, Ordering::Relaxed);
     if !matches!(end, StreamEnd::Clean) {
-        reset(tunnel.get_ref().0);
+        reset(tunnel.get_ref().0.tcp());
         reset(&plain);
     }
-    StreamReport { path: PathKind::Userspace, end }
-}
-
-/// TCP keepalive for tunnel sockets, so a vanished peer is noticed even on an idle
-/// stream (30 s idle, then 3 probes 10 s apart).
-pub fn tune_tunnel_socket(tcp: &TcpStream) {
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10))
-        .with_retries(3);
-    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
-}
-
-/// Makes the next close of `tcp` send RST instead of FIN (SO_LINGER 0).
-pub fn reset(tcp: &TcpStream) {
-    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+    end
 }
 
 /// Copies both directions of a stream in one task, without splitting either stream

@@ -1,0 +1,261 @@
+//! The readiness-driven engines: both directions of a stream in one tokio task, each
+//! system call made when epoll says the socket is ready.
+//!
+//! - [`Mover::Splice`]: socket → pipe → socket with `splice(2)`; the payload stays in
+//!   kernel pages (kernel TLS decrypts into them and encrypts out of them).
+//! - [`Mover::Copy`]: `recvmsg`/`read` into a buffer and `send` out of it: kernel TLS
+//!   with one user-space copy per byte (the comparison point).
+//!
+//! Ends follow the data path's rules: EOF on the plain socket becomes close_notify +
+//! FIN on the tunnel; a close_notify from the tunnel becomes FIN on the plain socket; a
+//! tunnel FIN without close_notify, an alert, or any error aborts the stream.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::records::{self, Received};
+use super::sys;
+use crate::datapath::{COPY_BUF, PIPE_SIZE, Side, Transfer};
+
+/// How payload moves once the kernel does the TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mover {
+    Splice,
+    Copy,
+}
+
+/// Whether the tunnel socket really runs kernel TLS. `Plain` exists for tests of the
+/// engines on kernels without TLS: ends are then plain FINs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TunnelTls {
+    Kernel,
+    Plain,
+}
+
+/// Plaintext rustls decrypted before offload, and whether it had seen close_notify.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    pub bytes: Vec<u8>,
+    pub peer_closed: bool,
+}
+
+type Failure = (Side, io::Error);
+
+/// Moves both directions until both end cleanly, or one fails.
+pub(crate) async fn run(
+    tunnel: &TcpStream,
+    plain: &TcpStream,
+    pending: Pending,
+    mover: Mover,
+    tls: TunnelTls,
+    transfer: &Transfer,
+) -> Result<(), Failure> {
+    let up = up(plain, tunnel, mover, tls, &transfer.plain_to_tunnel, &transfer.copied);
+    let down = down(tunnel, plain, pending, mover, tls, &transfer.tunnel_to_plain, &transfer.copied);
+    tokio::try_join!(up, down).map(|_| ())
+}
+
+/// Retries `f` whenever the socket is not ready, waiting for readiness in between.
+async fn when_ready<T>(s: &TcpStream, interest: Interest, mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match s.try_io(interest, &mut f) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                s.ready(interest).await?;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn write_all(s: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = when_ready(s, Interest::WRITABLE, || sys::send(s.as_raw_fd(), data)).await?;
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+/// Writes the `n` bytes in `pipe` to `dst`.
+async fn drain_pipe(pipe: &sys::Pipe, dst: &TcpStream, mut n: usize, counter: &AtomicU64) -> io::Result<()> {
+    while n > 0 {
+        let m = when_ready(dst, Interest::WRITABLE, || sys::splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), n, true))
+            .await?;
+        if m == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        n -= m;
+        counter.fetch_add(m as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Ends the tunnel's sending direction cleanly: close_notify, then FIN.
+pub(crate) async fn finish_tunnel(tunnel: &TcpStream, tls: TunnelTls) -> io::Result<()> {
+    let fd = tunnel.as_raw_fd();
+    if tls == TunnelTls::Kernel {
+        when_ready(tunnel, Interest::WRITABLE, || sys::send_record(fd, records::ALERT, &records::CLOSE_NOTIFY, true))
+            .await?;
+    }
+    sys::shutdown_write(fd)
+}
+
+/// plain → tunnel.
+async fn up(
+    plain: &TcpStream,
+    tunnel: &TcpStream,
+    mover: Mover,
+    tls: TunnelTls,
+    counter: &AtomicU64,
+    copied: &AtomicU64,
+) -> Result<(), Failure> {
+    let pfd = plain.as_raw_fd();
+    let tunnel_err = |e| (Side::Tunnel, e);
+    match mover {
+        Mover::Splice => {
+            let pipe = sys::Pipe::new(true, PIPE_SIZE).map_err(|e| (Side::Plain, e))?;
+            loop {
+                let n = when_ready(plain, Interest::READABLE, || {
+                    sys::splice(pfd, pipe.write.as_raw_fd(), pipe.capacity, true)
+                })
+                .await
+                .map_err(|e| (Side::Plain, e))?;
+                if n == 0 {
+                    return finish_tunnel(tunnel, tls).await.map_err(tunnel_err);
+                }
+                drain_pipe(&pipe, tunnel, n, counter).await.map_err(tunnel_err)?;
+            }
+        }
+        Mover::Copy => {
+            let mut buf = vec![0u8; COPY_BUF];
+            loop {
+                let n = when_ready(plain, Interest::READABLE, || sys::read(pfd, &mut buf))
+                    .await
+                    .map_err(|e| (Side::Plain, e))?;
+                if n == 0 {
+                    return finish_tunnel(tunnel, tls).await.map_err(tunnel_err);
+                }
+                write_all(tunnel, &buf[..n]).await.map_err(tunnel_err)?;
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+                copied.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// What the receive loop does after a record read with `recvmsg`.
+enum Next {
+    Continue,
+    Done,
+}
+
+/// Acts on one record read with `recvmsg`: payload goes to `plain`.
+async fn on_record(
+    record_type: u8,
+    data: &[u8],
+    plain: &TcpStream,
+    counter: &AtomicU64,
+    copied: &AtomicU64,
+) -> Result<Next, Failure> {
+    match records::classify(record_type, data) {
+        Received::Data => {
+            write_all(plain, data).await.map_err(|e| (Side::Plain, e))?;
+            counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+            copied.fetch_add(data.len() as u64, Ordering::Relaxed);
+            Ok(Next::Continue)
+        }
+        Received::CloseNotify => {
+            sys::shutdown_write(plain.as_raw_fd()).map_err(|e| (Side::Plain, e))?;
+            Ok(Next::Done)
+        }
+        Received::Ignore(what) => {
+            debug!(what, "ignoring a TLS record after kernel offload");
+            Ok(Next::Continue)
+        }
+        Received::Fatal(why) => Err((Side::Tunnel, io::Error::other(why))),
+    }
+}
+
+/// The tunnel's FIN: clean only without TLS (tests); with TLS it means truncation.
+fn tunnel_eof(plain: &TcpStream, tls: TunnelTls) -> Result<(), Failure> {
+    match tls {
+        TunnelTls::Plain => sys::shutdown_write(plain.as_raw_fd()).map_err(|e| (Side::Plain, e)),
+        TunnelTls::Kernel => Err((Side::Tunnel, truncated())),
+    }
+}
+
+pub(crate) fn truncated() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "the tunnel closed without TLS close_notify (stream truncated)")
+}
+
+/// tunnel → plain.
+async fn down(
+    tunnel: &TcpStream,
+    plain: &TcpStream,
+    pending: Pending,
+    mover: Mover,
+    tls: TunnelTls,
+    counter: &AtomicU64,
+    copied: &AtomicU64,
+) -> Result<(), Failure> {
+    let tfd = tunnel.as_raw_fd();
+    if !pending.bytes.is_empty() {
+        write_all(plain, &pending.bytes).await.map_err(|e| (Side::Plain, e))?;
+        counter.fetch_add(pending.bytes.len() as u64, Ordering::Relaxed);
+        copied.fetch_add(pending.bytes.len() as u64, Ordering::Relaxed);
+    }
+    if pending.peer_closed {
+        return sys::shutdown_write(plain.as_raw_fd()).map_err(|e| (Side::Plain, e));
+    }
+    match mover {
+        Mover::Splice => {
+            let pipe = sys::Pipe::new(true, PIPE_SIZE).map_err(|e| (Side::Plain, e))?;
+            let mut record = Vec::new();
+            loop {
+                let r = when_ready(tunnel, Interest::READABLE, || {
+                    sys::splice(tfd, pipe.write.as_raw_fd(), pipe.capacity, true)
+                })
+                .await;
+                match r {
+                    Ok(0) => return tunnel_eof(plain, tls),
+                    Ok(n) => drain_pipe(&pipe, plain, n, counter).await.map_err(|e| (Side::Plain, e))?,
+                    Err(e) if tls == TunnelTls::Kernel && sys::is_control_record_next(&e) => {
+                        record.resize(RECORD_BUF, 0);
+                        let (n, ty) =
+                            when_ready(tunnel, Interest::READABLE, || sys::recv_record(tfd, &mut record, true))
+                                .await
+                                .map_err(|e| (Side::Tunnel, e))?;
+                        if n == 0 {
+                            return tunnel_eof(plain, tls);
+                        }
+                        if let Next::Done = on_record(ty, &record[..n], plain, counter, copied).await? {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => return Err((Side::Tunnel, e)),
+                }
+            }
+        }
+        Mover::Copy => {
+            let mut buf = vec![0u8; COPY_BUF];
+            loop {
+                let (n, ty) = when_ready(tunnel, Interest::READABLE, || sys::recv_record(tfd, &mut buf, true))
+                    .await
+                    .map_err(|e| (Side::Tunnel, e))?;
+                if n == 0 {
+                    return tunnel_eof(plain, tls);
+                }
+                if let Next::Done = on_record(ty, &buf[..n], plain, counter, copied).await? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Room for one TLS record's plaintext (16 KiB) and then some.
+pub(crate) const RECORD_BUF: usize = 16 * 1024 + 256;

@@ -1,0 +1,444 @@
+//! The data path: moving one stream's bytes between a tunnel (TLS) connection and a
+//! plain TCP socket, in both directions, with exact end-of-stream semantics.
+//!
+//! Relay and agent use it the same way: [`DataPath::new`] once at start (it asks the
+//! kernel what it supports; [`DataPath::describe`] says what was chosen), then per
+//! stream [`DataPath::prepare`] once the last control frame is through — which hands
+//! the connection's TLS keys to the kernel when it can — and [`PreparedStream::run`].
+//!
+//! Paths ([`PathKind`]):
+//! - kernel TLS + splice (the default where the kernel has TLS): payload moves socket →
+//!   pipe → socket in kernel pages, never copied through user space;
+//! - user-space rustls ([`userspace`]): where the kernel has no TLS, the cipher cannot
+//!   be offloaded, the operator forces it, or a connection refuses the ULP;
+//! - three more kernel-TLS engines, selectable for benchmarks ([`KtlsEngine`]).
+//!
+//! Semantics, identical on every path:
+//! - A clean end of one direction (EOF on the plain socket, TLS `close_notify` on the
+//!   tunnel) is propagated as a half-close: the other side is shut down for writing
+//!   (TCP FIN, or `close_notify` + FIN), and the opposite direction keeps flowing.
+//! - Anything else (a reset, a TLS error or alert, a TCP FIN without `close_notify`) is
+//!   an abort: both sockets are reset (RST) at once, so neither peer mistakes a
+//!   truncated stream for a complete one.
+
+pub mod ktls;
+mod tunnel_socket;
+mod userspace;
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio_rustls::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+pub use ktls::KtlsSupport;
+pub use tunnel_socket::TunnelSocket;
+
+use ktls::pump::{self, Mover, Pending, TunnelTls};
+use ktls::{Offload, Offloaded};
+
+/// Bytes buffered per direction of a stream on the copying paths. 64 KiB holds four
+/// full TLS records, which keeps syscalls per GiB low without costing much memory.
+pub const COPY_BUF: usize = 64 * 1024;
+
+/// Pipe size per direction on the splice paths (the kernel default; larger pipes cost
+/// unprivileged users their pipe-pages quota with many streams).
+pub const PIPE_SIZE: usize = 64 * 1024;
+
+/// A tunnel connection on either end: rustls over a [`TunnelSocket`].
+pub type Tunnel = TlsStream<TunnelSocket>;
+
+/// How a stream's bytes move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathKind {
+    /// rustls in user space; payload is copied through a user-space buffer.
+    Userspace,
+    /// Kernel TLS; splice through a pipe, driven by readiness on tokio. Zero-copy.
+    KtlsSplice,
+    /// Kernel TLS; splice through a pipe submitted to io_uring. Zero-copy.
+    KtlsUring,
+    /// Kernel TLS; blocking splice on a thread per direction. Zero-copy.
+    KtlsThreads,
+    /// Kernel TLS; read/write through a user-space buffer.
+    KtlsCopy,
+}
+
+impl PathKind {
+    /// Short name used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathKind::Userspace => "userspace",
+            PathKind::KtlsSplice => "ktls_splice",
+            PathKind::KtlsUring => "ktls_uring",
+            PathKind::KtlsThreads => "ktls_threads",
+            PathKind::KtlsCopy => "ktls_copy",
+        }
+    }
+}
+
+/// Which data path an end may use (`SLUICE_DATA_PATH`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataPathMode {
+    /// Kernel TLS where the kernel supports it, else user-space rustls.
+    #[default]
+    Auto,
+    /// Always user-space rustls.
+    Userspace,
+}
+
+impl FromStr for DataPathMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DataPathMode::Auto),
+            "userspace" => Ok(DataPathMode::Userspace),
+            _ => Err(format!("unknown data path {s:?}: expected `auto` (kernel TLS when available) or `userspace`")),
+        }
+    }
+}
+
+/// How kernel-TLS streams move bytes (`SLUICE_KTLS_ENGINE`); the default is the one
+/// that measured fastest (docs/benchmarks.md), the others are kept for measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KtlsEngine {
+    /// splice through a pipe when epoll says ready (tokio).
+    #[default]
+    Splice,
+    /// splice through a pipe, submitted to io_uring.
+    Uring,
+    /// blocking splice, one thread per direction.
+    Threads,
+    /// read/write through a buffer (not zero-copy).
+    Copy,
+}
+
+impl KtlsEngine {
+    fn path(self) -> PathKind {
+        match self {
+            KtlsEngine::Splice => PathKind::KtlsSplice,
+            KtlsEngine::Uring => PathKind::KtlsUring,
+            KtlsEngine::Threads => PathKind::KtlsThreads,
+            KtlsEngine::Copy => PathKind::KtlsCopy,
+        }
+    }
+}
+
+impl FromStr for KtlsEngine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "splice" => Ok(KtlsEngine::Splice),
+            "uring" => Ok(KtlsEngine::Uring),
+            "threads" => Ok(KtlsEngine::Threads),
+            "copy" => Ok(KtlsEngine::Copy),
+            _ => Err(format!("unknown kernel TLS engine {s:?}: expected splice, uring, threads or copy")),
+        }
+    }
+}
+
+/// Live byte counts of one stream, updated as bytes are written (readable while the
+/// stream runs, for stats).
+#[derive(Debug, Default)]
+pub struct Transfer {
+    /// Bytes read from the plain socket and written into the tunnel.
+    pub plain_to_tunnel: AtomicU64,
+    /// Bytes read from the tunnel and written to the plain socket.
+    pub tunnel_to_plain: AtomicU64,
+    /// Payload bytes (either direction) that passed through a user-space buffer: all of
+    /// them on the copying paths, next to none with splice.
+    pub copied: AtomicU64,
+}
+
+impl Transfer {
+    /// Snapshot `(plain_to_tunnel, tunnel_to_plain)`.
+    pub fn get(&self) -> (u64, u64) {
+        (self.plain_to_tunnel.load(Ordering::Relaxed), self.tunnel_to_plain.load(Ordering::Relaxed))
+    }
+
+    /// Payload bytes copied through user space so far.
+    pub fn copied(&self) -> u64 {
+        self.copied.load(Ordering::Relaxed)
+    }
+}
+
+/// Which side of a stream failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Tunnel,
+    Plain,
+}
+
+/// How a stream ended.
+#[derive(Debug)]
+pub enum StreamEnd {
+    /// Both directions reached a clean end and were propagated.
+    Clean,
+    /// One side failed; both sockets were reset.
+    Aborted { side: Side, error: io::Error },
+    /// The stream was cut from outside (revocation, shutdown); both sockets were reset.
+    Cancelled,
+}
+
+impl StreamEnd {
+    /// Short description for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            StreamEnd::Clean => "clean".into(),
+            StreamEnd::Aborted { side: Side::Tunnel, error } => format!("aborted: tunnel side failed: {error}"),
+            StreamEnd::Aborted { side: Side::Plain, error } => format!("aborted: socket side failed: {error}"),
+            StreamEnd::Cancelled => "cancelled".into(),
+        }
+    }
+
+    /// `clean`, `aborted` or `cancelled`: the metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            StreamEnd::Clean => "clean",
+            StreamEnd::Aborted { .. } => "aborted",
+            StreamEnd::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What [`PreparedStream::run`] reports.
+#[derive(Debug)]
+pub struct StreamReport {
+    pub path: PathKind,
+    pub end: StreamEnd,
+}
+
+/// One end's data path choice, made once at start.
+#[derive(Debug, Clone)]
+pub struct DataPath {
+    mode: DataPathMode,
+    engine: KtlsEngine,
+    support: KtlsSupport,
+}
+
+impl DataPath {
+    /// Decides the path: with [`DataPathMode::Auto`] asks the kernel which TLS ciphers
+    /// it can take over.
+    pub fn new(mode: DataPathMode, engine: KtlsEngine) -> DataPath {
+        let support = match mode {
+            DataPathMode::Auto => KtlsSupport::probe(),
+            DataPathMode::Userspace => KtlsSupport::with(Vec::new(), Some("user-space path forced".into())),
+        };
+        DataPath { mode, engine, support }
+    }
+
+    /// A path with the given kernel support (tests).
+    pub fn with_support(mode: DataPathMode, engine: KtlsEngine, support: KtlsSupport) -> DataPath {
+        DataPath { mode, engine, support }
+    }
+
+    /// True when streams will be offered to the kernel.
+    pub fn kernel_tls(&self) -> bool {
+        self.mode == DataPathMode::Auto && self.support.unavailable.is_none()
+    }
+
+    /// The path streams take, as `ktls_splice` or `userspace`.
+    pub fn default_path(&self) -> PathKind {
+        if self.kernel_tls() { self.engine.path() } else { PathKind::Userspace }
+    }
+
+    /// One line for the start-up log: which path, and why.
+    pub fn describe(&self) -> String {
+        match (&self.mode, &self.support.unavailable) {
+            (DataPathMode::Userspace, _) => "user-space rustls (forced by SLUICE_DATA_PATH=userspace)".into(),
+            (DataPathMode::Auto, Some(why)) => format!("user-space rustls: {why}"),
+            (DataPathMode::Auto, None) => format!(
+                "kernel TLS, engine {} ({}; offloadable: {:?})",
+                self.engine.path().as_str(),
+                if self.engine == KtlsEngine::Copy { "payload copied through user space" } else { "zero-copy splice" },
+                self.support.ciphers
+            ),
+        }
+    }
+
+    /// Chooses the path of one stream whose control frames are done, handing the
+    /// connection's TLS to the kernel when possible. An error means the keys had left
+    /// rustls when the kernel refused them: the tunnel connection was reset.
+    pub fn prepare(&self, tunnel: Tunnel) -> io::Result<PreparedStream> {
+        if self.mode == DataPathMode::Userspace {
+            return Ok(PreparedStream { inner: Prepared::Userspace(Box::new(tunnel)), path: PathKind::Userspace });
+        }
+        Ok(match ktls::offload(tunnel, &self.support)? {
+            Offload::Kernel(o) => PreparedStream { inner: Prepared::Kernel(o, self.engine), path: self.engine.path() },
+            Offload::Userspace { tls, reason } => {
+                if self.support.unavailable.is_none() {
+                    tracing::debug!(%reason, "stream stays on user-space rustls");
+                }
+                PreparedStream { inner: Prepared::Userspace(tls), path: PathKind::Userspace }
+            }
+        })
+    }
+}
+
+/// A stream whose path is chosen.
+#[derive(Debug)]
+pub struct PreparedStream {
+    inner: Prepared,
+    path: PathKind,
+}
+
+#[derive(Debug)]
+enum Prepared {
+    Userspace(Box<Tunnel>),
+    Kernel(Offloaded, KtlsEngine),
+}
+
+impl PreparedStream {
+    /// The path this stream takes.
+    pub fn path(&self) -> PathKind {
+        self.path
+    }
+
+    /// The tunnel's TCP socket.
+    pub fn tunnel_tcp(&self) -> &TcpStream {
+        match &self.inner {
+            Prepared::Userspace(tls) => tls.get_ref().0.tcp(),
+            Prepared::Kernel(o, _) => &o.tcp,
+        }
+    }
+
+    /// Moves the stream's bytes between the tunnel and `plain` until both directions
+    /// end, then closes both. On abort, or when `cancel` fires (credentials revoked,
+    /// shutdown), both TCP sockets are reset.
+    pub async fn run(self, plain: TcpStream, transfer: &Transfer, cancel: &CancellationToken) -> StreamReport {
+        let end = match self.inner {
+            Prepared::Userspace(tls) => userspace::run(*tls, plain, transfer, cancel).await,
+            Prepared::Kernel(o, engine) => {
+                let pending = Pending { bytes: o.pending, peer_closed: o.peer_closed };
+                match engine {
+                    KtlsEngine::Splice => run_pump(o.tcp, plain, pending, Mover::Splice, transfer, cancel).await,
+                    KtlsEngine::Copy => run_pump(o.tcp, plain, pending, Mover::Copy, transfer, cancel).await,
+                    KtlsEngine::Uring => {
+                        ktls::blocking::run(o.tcp, plain, pending, true, TunnelTls::Kernel, transfer, cancel).await
+                    }
+                    KtlsEngine::Threads => {
+                        ktls::blocking::run(o.tcp, plain, pending, false, TunnelTls::Kernel, transfer, cancel).await
+                    }
+                }
+            }
+        };
+        StreamReport { path: self.path, end }
+    }
+}
+
+async fn run_pump(
+    tunnel: TcpStream,
+    plain: TcpStream,
+    pending: Pending,
+    mover: Mover,
+    transfer: &Transfer,
+    cancel: &CancellationToken,
+) -> StreamEnd {
+    run_pump_with(tunnel, plain, pending, mover, TunnelTls::Kernel, transfer, cancel).await
+}
+
+async fn run_pump_with(
+    tunnel: TcpStream,
+    plain: TcpStream,
+    pending: Pending,
+    mover: Mover,
+    tls: TunnelTls,
+    transfer: &Transfer,
+    cancel: &CancellationToken,
+) -> StreamEnd {
+    let end = tokio::select! {
+        r = pump::run(&tunnel, &plain, pending, mover, tls, transfer) => match r {
+            Ok(()) => StreamEnd::Clean,
+            Err((side, error)) => StreamEnd::Aborted { side, error },
+        },
+        _ = cancel.cancelled() => StreamEnd::Cancelled,
+    };
+    if !matches!(end, StreamEnd::Clean) {
+        reset(&tunnel);
+        reset(&plain);
+    }
+    end
+}
+
+impl fmt::Display for PathKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// TCP keepalive for tunnel sockets, so a vanished peer is noticed even on an idle
+/// stream (30 s idle, then 3 probes 10 s apart).
+pub fn tune_tunnel_socket(tcp: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+}
+
+/// Makes the next close of `tcp` send RST instead of FIN (SO_LINGER 0).
+pub fn reset(tcp: &TcpStream) {
+    reset_fd(tcp.as_raw_fd());
+}
+
+/// [`reset`] for a raw descriptor the caller keeps open.
+pub(crate) fn reset_fd(fd: RawFd) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt with a valid struct on a descriptor the caller keeps open.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as _,
+        );
+    }
+}
+
+/// Entry points for the criterion benchmarks and tests: the kernel-TLS engines driven
+/// over plain sockets (no TLS), which measures and checks their mechanics on any kernel.
+#[doc(hidden)]
+pub mod engines_without_tls {
+    use super::*;
+
+    /// The four kernel-TLS engines.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Engine {
+        Splice,
+        Copy,
+        Threads,
+        Uring,
+    }
+
+    pub const ALL: [Engine; 4] = [Engine::Splice, Engine::Copy, Engine::Threads, Engine::Uring];
+
+    /// Runs `engine` between `tunnel` and `plain`; `pending` plays the plaintext rustls
+    /// held at offload. `kernel_tls` makes a bare tunnel FIN an abort, as with kTLS.
+    pub async fn run(
+        engine: Engine,
+        tunnel: TcpStream,
+        plain: TcpStream,
+        pending: Vec<u8>,
+        kernel_tls: bool,
+        transfer: &Transfer,
+        cancel: &CancellationToken,
+    ) -> StreamEnd {
+        let tls = if kernel_tls { TunnelTls::Kernel } else { TunnelTls::Plain };
+        let pending = Pending { bytes: pending, peer_closed: false };
+        match engine {
+            Engine::Splice => run_pump_with(tunnel, plain, pending, Mover::Splice, tls, transfer, cancel).await,
+            Engine::Copy => run_pump_with(tunnel, plain, pending, Mover::Copy, tls, transfer, cancel).await,
+            Engine::Threads => ktls::blocking::run(tunnel, plain, pending, false, tls, transfer, cancel).await,
+            Engine::Uring => ktls::blocking::run(tunnel, plain, pending, true, tls, transfer, cancel).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
