@@ -25,7 +25,10 @@ use tracing::{info, warn};
 
 /// Installs the process-wide Prometheus recorder (once) and returns its handle.
 pub fn install() -> PrometheusHandle {
-    sluice_proto::metrics::install()
+    let handle = sluice_proto::metrics::install();
+    // Present from the start, so "0 bytes copied" is visible before any stream ends.
+    metrics::counter!("sluice_agent_userspace_copy_bytes_total").increment(0);
+    handle
 }
 
 pub fn bytes(bytes_in: u64, bytes_out: u64) {

@@ -202,7 +202,7 @@ pub async fn run(
         version: PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").into(),
         hostname: crate::hostname(),
-        capabilities: Capabilities::default(),
+        capabilities: Capabilities { ktls: data_path.kernel_tls(), ebpf: meter.source() == CounterSource::Ebpf },
     };
     if let Err(e) = wire::write_frame(&mut tls, &hello).await {
         return SessionEnd::Lost(format!("sending hello: {e}"));

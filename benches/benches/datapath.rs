@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use sluice_proto::datapath::engines_without_tls::{self, Engine};
+use sluice_proto::datapath::engines_without_tls;
 use sluice_proto::datapath::{DataPath, DataPathMode, KtlsEngine, StreamEnd, Transfer, TunnelSocket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -16,7 +16,10 @@ use sluice_proto::metrics::PrometheusHandle;
 
 /// Installs the process-wide Prometheus recorder (once) and returns its handle.
 pub fn install() -> PrometheusHandle {
-    sluice_proto::metrics::install()
+    let handle = sluice_proto::metrics::install();
+    // Present from the start, so "0 bytes copied" is visible before any stream ends.
+    metrics::counter!("sluice_relay_userspace_copy_bytes_total").increment(0);
+    handle
 }
 
 pub fn bytes(resource: &str, bytes_in: u64, bytes_out: u64) {

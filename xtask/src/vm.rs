@@ -1,4 +1,4 @@
-//! The kTLS VM harness behind `cargo xtask vm-test` and `cargo xtask vm-test-smoke`.
+//! The kTLS VM harness behind `cargo xtask vm-test`, `vm-bench` and `vm-test-smoke`.
 //!
 //! Sluice's fastest data path hands TLS to the kernel (kTLS) and splices sockets, but
 //! the machines that build and test it run a kernel without `CONFIG_TLS`. This module
@@ -7,10 +7,13 @@
 //! modules, the caller's static binaries and a driver script, and reads the results
 //! from the serial console.
 //!
-//! Everything it fetches or builds is cached under `target/vm-cache/` in the workspace
-//! root, so only the first run pays for installing QEMU and downloading the kernel:
+//! Everything it fetches or builds is cached under `target/` in the workspace root, so
+//! only the first run pays for installing QEMU, downloading the kernel and building the
+//! static binaries:
 //!
 //! ```text
+//! target/vm-static/             static relay, agent and VM driver (cargo's own cache)
+//!   guest/                      the same with debug info stripped: what goes in the VM
 //! target/vm-cache/
 //!   kernel/<package>/           the extracted kernel .deb (boot/vmlinuz-*, lib/modules/*)
 //!   kernel/<package>_*.deb      the downloaded package
@@ -27,9 +30,10 @@
 //! Pieces: [`host`] installs the host tools, [`kernel`] gets the kernel and picks the
 //! modules, [`elf`] reads the few ELF facts needed, [`initramfs`] writes the newc
 //! archive, [`boot`] runs QEMU and judges the output, [`smoke`] is the built-in kTLS
-//! smoke test.
+//! smoke test, [`e2e`] the end-to-end test and benchmark of the real binaries.
 
 mod boot;
+mod e2e;
 mod elf;
 mod host;
 mod initramfs;
@@ -42,6 +46,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub use boot::VmReport;
+pub use e2e::{BenchOptions, E2eOptions};
 
 /// Default limit for one VM run, boot to power-off.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -105,11 +110,21 @@ fn remove_stale_run_dirs(cache: &Path) {
     }
 }
 
-/// `cargo xtask vm-test [--smoke] [--bin PATH]... [--script FILE] [--timeout SECS]`.
-///
-/// With `--smoke` it is `vm-test-smoke`; otherwise it boots the given binaries with the
-/// given driver script.
+/// `cargo xtask vm-test …`: with no `--bin`/`--script`, the end-to-end test of the real
+/// binaries ([`e2e_cli`]); with `--bench`, the engine benchmark ([`bench_cli`]); with
+/// `--smoke`, `vm-test-smoke`; otherwise it boots the given binaries with the given
+/// driver script.
 pub fn vm_test_cli(ws_root: &Path, args: &[String]) -> Result<()> {
+    let without = |flag: &str| args.iter().filter(|a| *a != flag).cloned().collect::<Vec<_>>();
+    if args.iter().any(|a| a == "--smoke") {
+        return smoke_cli(ws_root, &without("--smoke"));
+    }
+    if args.iter().any(|a| a == "--bench") {
+        return bench_cli(ws_root, &without("--bench"));
+    }
+    if !args.iter().any(|a| a == "--bin" || a == "--script") {
+        return e2e_cli(ws_root, args);
+    }
     let mut binaries = Vec::new();
     let mut script = None;
     let mut timeout = DEFAULT_TIMEOUT;
@@ -117,9 +132,6 @@ pub fn vm_test_cli(ws_root: &Path, args: &[String]) -> Result<()> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--smoke" => {
-                return smoke_cli(ws_root, &args.iter().filter(|a| *a != "--smoke").cloned().collect::<Vec<_>>());
-            }
             "--bin" => binaries.push(PathBuf::from(it.next().context("--bin needs a path")?)),
             "--script" => script = Some(PathBuf::from(it.next().context("--script needs a path")?)),
             "--timeout" => timeout = parse_secs(it.next())?,
@@ -129,10 +141,44 @@ pub fn vm_test_cli(ws_root: &Path, args: &[String]) -> Result<()> {
     if !rest.is_empty() {
         bail!("unknown arguments {rest:?}\n{USAGE}");
     }
-    let script = script.with_context(|| format!("--script is required\n{USAGE}"))?;
+    let script = script.with_context(|| format!("--script is required with --bin\n{USAGE}"))?;
     let driver_script =
         std::fs::read_to_string(&script).with_context(|| format!("reading driver script {}", script.display()))?;
     run(ws_root, &VmRun { binaries, driver_script, timeout }).map(|_| ())
+}
+
+/// `cargo xtask vm-test [--mib N] [--compare-mib N] [--timeout SECS]`: builds the relay,
+/// the agent and `vm/driver` statically and runs the end-to-end test in the VM (bulk,
+/// half-close, resets both ways, data path from the metrics, user space vs kTLS).
+/// `e2e_cli(ws_root, &[])` (default sizes) is the call for `cargo xtask test`.
+pub fn e2e_cli(ws_root: &Path, args: &[String]) -> Result<()> {
+    let mut opts = E2eOptions::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--mib" => opts.mib = parse_mib(a, it.next())?,
+            "--compare-mib" => opts.compare_mib = parse_mib(a, it.next())?,
+            "--timeout" => opts.timeout = Some(parse_secs(it.next())?),
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    e2e::e2e(ws_root, &opts).map(|_| ())
+}
+
+/// `cargo xtask vm-bench [--mib N] [--engines LIST] [--timeout SECS]` (also `vm-test
+/// --bench`): the bulk transfer once per data-path engine, printed as a table.
+pub fn bench_cli(ws_root: &Path, args: &[String]) -> Result<()> {
+    let mut opts = BenchOptions::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--mib" => opts.mib = parse_mib(a, it.next())?,
+            "--engines" => opts.engines = it.next().context("--engines needs a comma-separated list")?.clone(),
+            "--timeout" => opts.timeout = Some(parse_secs(it.next())?),
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    e2e::bench(ws_root, &opts).map(|_| ())
 }
 
 /// `cargo xtask vm-test-smoke [--mib N] [--timeout SECS]`: builds `vm/ktls-probe`
@@ -152,13 +198,29 @@ pub fn smoke_cli(ws_root: &Path, args: &[String]) -> Result<()> {
     smoke::smoke(ws_root, mib, timeout).map(|_| ())
 }
 
-/// Usage text for the two subcommands, for the caller's help output.
-pub const USAGE: &str = "  vm-test --bin PATH... --script FILE [--timeout SECS]
-                  boot the kTLS VM (Debian cloud kernel under QEMU) with these static
-                  binaries and this driver script; PASS/FAIL lines are the results
+/// Usage text for the VM subcommands, for the caller's help output.
+pub const USAGE: &str = "  vm-test [--mib N] [--compare-mib N] [--timeout SECS]
+                  build sluice, sluice-agent and vm/driver statically and test them end
+                  to end in the kTLS VM (Debian cloud kernel under QEMU): bulk N MiB each
+                  way (default 256), half-close, resets, data path from the metrics,
+                  user space vs kTLS CPU per GiB (compare, default 32 MiB each way)
+  vm-bench [--mib N] [--engines splice,uring,threads,copy,userspace] [--timeout SECS]
+                  (also: vm-test --bench) the bulk transfer once per data-path engine,
+                  as a table: MiB/s, CPU-s/GiB of relay+agent, user-space copied bytes
+  vm-test --bin PATH... --script FILE [--timeout SECS]
+                  boot the kTLS VM with these static binaries and this driver script;
+                  PASS/FAIL lines are the results
   vm-test-smoke [--mib N] [--timeout SECS]   (also: vm-test --smoke)
                   build vm/ktls-probe statically and run it in the VM: real kTLS with
                   AES-GCM, ChaCha20-Poly1305, splice and close_notify, N MiB each way";
+
+fn parse_mib(flag: &str, v: Option<&String>) -> Result<u64> {
+    let v = v.with_context(|| format!("{flag} needs a number of MiB"))?;
+    match v.parse() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => bail!("{flag} {v:?}: expected a positive number of MiB"),
+    }
+}
 
 fn parse_secs(v: Option<&String>) -> Result<Duration> {
     let v = v.context("--timeout needs a number of seconds")?;

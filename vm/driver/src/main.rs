@@ -1,0 +1,288 @@
+//! `sluice-vm-driver`: the end-to-end test of the real `sluice` and `sluice-agent`
+//! binaries inside the kTLS VM (`cargo xtask vm-test`), and the data-path benchmark
+//! (`cargo xtask vm-bench`).
+//!
+//! ```text
+//! sluice-vm-driver e2e   [--mib N] [--compare-mib N]
+//! sluice-vm-driver bench [--mib N] [--engines splice,uring,threads,copy,userspace]
+//! ```
+//!
+//! It starts a backend (the private service), the relay, a customer and registration
+//! JWT (admin CLI), and the agent, then drives streams through the relay's resource port
+//! (see [`checks`]). Results follow the VM harness protocol: `PASS <name> …` and
+//! `FAIL <name> …` lines (the host counts them), `INFO …` lines for people; the exit
+//! code is 1 if anything failed.
+//!
+//! `e2e` checks, in order: `bulk` (N MiB each way at once, SHA-256 both ends), `half_close`,
+//! `abort_backend`, `abort_client`, `path` (every stream on kernel TLS on both binaries,
+//! no payload copied through user space), and `compare` (relay + agent restarted with
+//! `SLUICE_DATA_PATH=userspace`, the same transfer at `--compare-mib`, CPU per GiB side
+//! by side). `bench` runs the bulk transfer once per engine and prints a table.
+
+mod backend;
+mod checks;
+mod metrics;
+mod payload;
+mod stack;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use backend::Backend;
+use checks::{Bulk, Ids, Want};
+use stack::Stack;
+
+/// The backend's port in the guest.
+const BACKEND_PORT: u16 = 9000;
+
+/// Engines `bench` knows: `SLUICE_KTLS_ENGINE` values, plus `userspace` (no kTLS).
+const ENGINES: &[&str] = &["splice", "uring", "threads", "copy", "userspace"];
+
+const USAGE: &str = "usage: sluice-vm-driver e2e [--mib N] [--compare-mib N]
+       sluice-vm-driver bench [--mib N] [--engines splice,uring,threads,copy,userspace]";
+
+/// Counts results and prints them in the harness's format.
+#[derive(Default)]
+struct Results {
+    failed: u32,
+}
+
+impl Results {
+    /// Prints `PASS name detail` or `FAIL name error` (with the error's causes and any
+    /// further lines indented under it); returns the value on success.
+    fn record<T>(
+        &mut self,
+        name: &str,
+        started: Instant,
+        r: Result<T>,
+        detail: impl FnOnce(&T) -> String,
+    ) -> Option<T> {
+        let secs = started.elapsed().as_secs_f64();
+        match r {
+            Ok(v) => {
+                println!("PASS {name} {} ({secs:.1} s)", detail(&v));
+                Some(v)
+            }
+            Err(e) => {
+                self.failed += 1;
+                let text = format!("{e:#}");
+                let mut lines = text.lines();
+                println!("FAIL {name} {} ({secs:.1} s)", lines.next().unwrap_or_default());
+                for l in lines {
+                    println!("    {l}");
+                }
+                None
+            }
+        }
+    }
+}
+
+fn info(s: impl AsRef<str>) {
+    for l in s.as_ref().lines() {
+        println!("INFO {l}");
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            println!("FAIL driver {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs the command; returns the number of failed checks.
+fn run(args: &[String]) -> Result<u32> {
+    let (cmd, rest) = args.split_first().with_context(|| format!("no command\n{USAGE}"))?;
+    let mut mib = None;
+    let mut compare_mib = None;
+    let mut engines: Vec<String> = ENGINES.iter().map(|s| s.to_string()).collect();
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value\n{USAGE}"));
+        match a.as_str() {
+            "--mib" => mib = Some(value()?.parse::<u64>().context("--mib")?),
+            "--compare-mib" => compare_mib = Some(value()?.parse::<u64>().context("--compare-mib")?),
+            "--engines" => engines = value()?.split(',').map(str::to_owned).collect(),
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if let Some(bad) = engines.iter().find(|e| !ENGINES.contains(&e.as_str())) {
+        bail!("unknown engine {bad:?}; known: {}", ENGINES.join(", "));
+    }
+    info(format!(
+        "guest: kernel {}, {} cpus, {} MiB RAM",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        meminfo_mib("MemTotal:")
+    ));
+    match cmd.as_str() {
+        "e2e" => {
+            let mib = mib.unwrap_or(256);
+            e2e(mib, compare_mib.unwrap_or(mib.min(32)))
+        }
+        "bench" => bench(mib.unwrap_or(64), &engines),
+        other => bail!("unknown command {other:?}\n{USAGE}"),
+    }
+}
+
+fn meminfo_mib(key: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = text.lines().find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse::<u64>().ok());
+    kib.unwrap_or(0) / 1024
+}
+
+/// Starts the stack with `env`, reporting a failure as `FAIL <name>`.
+fn start(res: &mut Results, name: &str, env: &[(&str, &str)]) -> Option<Stack> {
+    let t = Instant::now();
+    let stack = Stack::start(BACKEND_PORT, env);
+    res.record(name, t, stack, |s| format!("relay + agent up, resource AVAILABLE at {}", s.endpoint))
+}
+
+fn env_line(env: &[(&str, &str)]) -> String {
+    env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+}
+
+fn e2e(mib: u64, compare_mib: u64) -> Result<u32> {
+    let mut res = Results::default();
+    let mut backend = Backend::start(BACKEND_PORT)?;
+    let mut ids = Ids::new();
+    let ktls_env = [("SLUICE_DATA_PATH", "auto")];
+    info(format!("e2e: bulk {mib} MiB each way, compare {compare_mib} MiB each way; {}", env_line(&ktls_env)));
+    let Some(mut stack) = start(&mut res, "setup", &ktls_env) else { return Ok(res.failed) };
+    info(stack.data_path_log_lines().join("\n"));
+
+    let t = Instant::now();
+    let r = checks::bulk(&stack, &mut backend, &mut ids, mib);
+    let ktls = res.record("bulk", t, r, Bulk::summary);
+    let t = Instant::now();
+    res.record("half_close", t, checks::half_close(&stack, &mut backend, &mut ids), String::clone);
+    let t = Instant::now();
+    res.record("abort_backend", t, checks::abort_backend(&stack, &mut backend, &mut ids), String::clone);
+    let t = Instant::now();
+    res.record("abort_client", t, checks::abort_client(&stack, &mut backend, &mut ids), String::clone);
+
+    let t = Instant::now();
+    let path = stack
+        .relay_metrics()
+        .and_then(|r| Ok((r, stack.agent_metrics()?)))
+        .and_then(|(r, a)| checks::path(&r, &a, Want::AnyKtls));
+    res.record("path", t, path, String::clone);
+
+    let t = Instant::now();
+    let user_env = [("SLUICE_DATA_PATH", "userspace")];
+    let compare = stack.restart(&user_env).and_then(|()| {
+        info(format!("compare: relay + agent restarted with {}", env_line(&user_env)));
+        info(stack.data_path_log_lines().join("\n"));
+        let u = checks::bulk(&stack, &mut backend, &mut ids, compare_mib)?;
+        checks::check_paths(&u.paths_relay, &u.paths_agent, Want::Exactly("userspace"))
+            .context("SLUICE_DATA_PATH=userspace did not force the user-space path")?;
+        Ok(u)
+    });
+    if let Some(u) = res.record("compare", t, compare, |u| format!("userspace: {}", u.summary())) {
+        let row = |name: &str, b: &Bulk| {
+            format!(
+                "compare: {name:<9} {:>8.2} MiB/s per direction  {:>7.1} CPU-s/GiB relay+agent  user-space copied \
+                 per payload byte: relay {}, agent {}  (paths: relay {}, agent {})",
+                b.mib_per_sec(),
+                b.cpu_per_gib(),
+                per_byte(b.copied_relay, b),
+                per_byte(b.copied_agent, b),
+                checks::paths(&b.paths_relay),
+                checks::paths(&b.paths_agent)
+            )
+        };
+        info(row("userspace", &u));
+        match &ktls {
+            Some(k) => {
+                info(row("auto", k));
+                info(format!(
+                    "compare: auto (bulk) uses {:.0}% of the CPU per GiB that userspace uses",
+                    100.0 * k.cpu_per_gib() / u.cpu_per_gib()
+                ));
+            }
+            None => info("compare: no numbers for the auto path (bulk failed)"),
+        }
+    }
+    info(format!(
+        "guest memory: {} MiB available of {} MiB after the checks",
+        meminfo_mib("MemAvailable:"),
+        meminfo_mib("MemTotal:")
+    ));
+    stack.stop();
+    Ok(res.failed)
+}
+
+/// Copied bytes per payload byte moved (both directions), e.g. `2.00`.
+fn per_byte(copied: Option<f64>, b: &Bulk) -> String {
+    copied.map_or("absent".into(), |c| format!("{:.2}", c / (2.0 * (b.mib * payload::MIB) as f64)))
+}
+
+fn bench(mib: u64, engines: &[String]) -> Result<u32> {
+    let mut res = Results::default();
+    let mut backend = Backend::start(BACKEND_PORT)?;
+    let mut ids = Ids::new();
+    let mut stack: Option<Stack> = None;
+    let mut rows = Vec::new();
+    info(format!("bench: {mib} MiB each way per engine: {}", engines.join(", ")));
+    for engine in engines {
+        let (env, want): (Vec<(&str, &str)>, String) = if engine == "userspace" {
+            (vec![("SLUICE_DATA_PATH", "userspace")], "userspace".into())
+        } else {
+            (vec![("SLUICE_DATA_PATH", "auto"), ("SLUICE_KTLS_ENGINE", engine.as_str())], format!("ktls_{engine}"))
+        };
+        let name = format!("bench-{engine}");
+        let t = Instant::now();
+        let r = match stack.as_mut() {
+            Some(s) => s.restart(&env),
+            None => Stack::start(BACKEND_PORT, &env).map(|s| {
+                stack = Some(s);
+            }),
+        };
+        if res.record(&format!("{name}-setup"), t, r, |()| env_line(&env)).is_none() {
+            rows.push(format!("| {engine} | setup failed | | | | |"));
+            continue;
+        }
+        let s = stack.as_ref().expect("started");
+        info(s.data_path_log_lines().join("\n"));
+        let t = Instant::now();
+        let r = checks::bulk(s, &mut backend, &mut ids, mib).and_then(|b| {
+            checks::check_paths(&b.paths_relay, &b.paths_agent, Want::Exactly(&want))
+                .with_context(|| format!("SLUICE_KTLS_ENGINE={engine} was not honoured; {}", b.summary()))?;
+            Ok(b)
+        });
+        match res.record(&name, t, r, Bulk::summary) {
+            Some(b) => rows.push(format!(
+                "| {engine} | {} / {} | {:.2} | {:.1} | {:.1} / {:.1} | {} / {} |",
+                checks::paths(&b.paths_relay),
+                checks::paths(&b.paths_agent),
+                b.mib_per_sec(),
+                b.cpu_per_gib(),
+                b.cpu_relay,
+                b.cpu_agent,
+                checks::bytes(b.copied_relay),
+                checks::bytes(b.copied_agent)
+            )),
+            None => rows.push(format!("| {engine} | failed | | | | |")),
+        }
+    }
+    if let Some(mut s) = stack {
+        s.stop();
+    }
+    println!("bench: {mib} MiB each way at once, one stream, relay + agent in the kTLS VM (emulated CPU)");
+    println!(
+        "| engine | path relay / agent | MiB/s per direction | CPU-s/GiB relay+agent | CPU-s relay / agent | \
+         user-space copied relay / agent |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    Ok(res.failed)
+}
