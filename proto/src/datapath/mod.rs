@@ -315,31 +315,29 @@ impl PreparedStream {
             Prepared::Userspace(tls) => userspace::run(*tls, plain, transfer, cancel).await,
             Prepared::Kernel(o, engine) => {
                 let pending = Pending { bytes: o.pending, peer_closed: o.peer_closed };
-                match engine {
-                    KtlsEngine::Splice => run_pump(o.tcp, plain, pending, Mover::Splice, transfer, cancel).await,
-                    KtlsEngine::Copy => run_pump(o.tcp, plain, pending, Mover::Copy, transfer, cancel).await,
-                    KtlsEngine::Uring => {
-                        ktls::blocking::run(o.tcp, plain, pending, true, TunnelTls::Kernel, transfer, cancel).await
-                    }
-                    KtlsEngine::Threads => {
-                        ktls::blocking::run(o.tcp, plain, pending, false, TunnelTls::Kernel, transfer, cancel).await
-                    }
-                }
+                run_engine(engine, o.tcp, plain, pending, TunnelTls::Kernel, transfer, cancel).await
             }
         };
         StreamReport { path: self.path, end }
     }
 }
 
-async fn run_pump(
+/// Runs a kernel-TLS engine over an offloaded tunnel (or, in tests, a plain one).
+async fn run_engine(
+    engine: KtlsEngine,
     tunnel: TcpStream,
     plain: TcpStream,
     pending: Pending,
-    mover: Mover,
+    tls: TunnelTls,
     transfer: &Transfer,
     cancel: &CancellationToken,
 ) -> StreamEnd {
-    run_pump_with(tunnel, plain, pending, mover, TunnelTls::Kernel, transfer, cancel).await
+    match engine {
+        KtlsEngine::Splice => run_pump_with(tunnel, plain, pending, Mover::Splice, tls, transfer, cancel).await,
+        KtlsEngine::Copy => run_pump_with(tunnel, plain, pending, Mover::Copy, tls, transfer, cancel).await,
+        KtlsEngine::Uring => ktls::blocking::run(tunnel, plain, pending, true, tls, transfer, cancel).await,
+        KtlsEngine::Threads => ktls::blocking::run(tunnel, plain, pending, false, tls, transfer, cancel).await,
+    }
 }
 
 async fn run_pump_with(
@@ -407,14 +405,7 @@ pub(crate) fn reset_fd(fd: RawFd) {
 pub mod engines_without_tls {
     use super::*;
 
-    /// The four kernel-TLS engines.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum Engine {
-        Splice,
-        Copy,
-        Threads,
-        Uring,
-    }
+    pub use super::KtlsEngine as Engine;
 
     pub const ALL: [Engine; 4] = [Engine::Splice, Engine::Copy, Engine::Threads, Engine::Uring];
 
@@ -431,12 +422,7 @@ pub mod engines_without_tls {
     ) -> StreamEnd {
         let tls = if kernel_tls { TunnelTls::Kernel } else { TunnelTls::Plain };
         let pending = Pending { bytes: pending, peer_closed: false };
-        match engine {
-            Engine::Splice => run_pump_with(tunnel, plain, pending, Mover::Splice, tls, transfer, cancel).await,
-            Engine::Copy => run_pump_with(tunnel, plain, pending, Mover::Copy, tls, transfer, cancel).await,
-            Engine::Threads => ktls::blocking::run(tunnel, plain, pending, false, tls, transfer, cancel).await,
-            Engine::Uring => ktls::blocking::run(tunnel, plain, pending, true, tls, transfer, cancel).await,
-        }
+        run_engine(engine, tunnel, plain, pending, tls, transfer, cancel).await
     }
 }
 
