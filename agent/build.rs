@@ -3,7 +3,7 @@
 //! Without it the agent still builds — without the program — and says so; at run time
 //! it then counts stream bytes in user space.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The nightly that builds the eBPF program (pinned so a new nightly cannot break CI).
@@ -28,11 +28,46 @@ fn missing_toolchain() -> Option<String> {
     None
 }
 
+/// Where `program` would be found on `PATH`, if anywhere.
+fn on_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file())
+}
+
+/// Makes cargo run this script again when the eBPF toolchain appears or changes.
+///
+/// Without these lines cargo would reuse the first answer for good: an agent built before
+/// `scripts/setup-ebpf.sh` ran (say by `cargo run --release -- quickstart` on a fresh
+/// machine) would stay without its eBPF program after the toolchain is installed. While
+/// the toolchain is missing we watch a path that does not exist, which cargo treats as
+/// changed on every build, so the (cheap) check runs each time until it succeeds; once it
+/// is present we watch the linker binary and the nightly's sysroot.
+fn watch_toolchain(present: bool) {
+    if !present {
+        let out = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");
+        println!("cargo:rerun-if-changed={out}/ebpf-toolchain-missing-recheck-on-every-build");
+        return;
+    }
+    if let Some(linker) = on_path("bpf-linker") {
+        println!("cargo:rerun-if-changed={}", linker.display());
+    }
+    let sysroot = Command::new("rustup").args(["run", NIGHTLY, "rustc", "--print", "sysroot"]).output();
+    if let Ok(o) = sysroot
+        && o.status.success()
+    {
+        // rustup's record of the installed rust-src component (one small file).
+        let root = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+        println!("cargo:rerun-if-changed={root}/lib/rustlib/manifest-rust-src");
+    }
+}
+
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(sluice_ebpf)");
     println!("cargo:rerun-if-env-changed=SLUICE_NO_EBPF");
     println!("cargo:rerun-if-changed=build.rs");
-    if let Some(why) = missing_toolchain() {
+    let missing = missing_toolchain();
+    watch_toolchain(missing.is_none());
+    if let Some(why) = missing {
         println!(
             "cargo:warning=building sluice-agent without its eBPF program ({why}); it will count stream bytes in \
              user space. Run scripts/setup-ebpf.sh to build the program."

@@ -82,15 +82,12 @@ impl RawConfig {
             .map_err(|e| format!("REGISTRATION_JWT is not usable: {e}"))?;
         // A JWT issued for one resource names it; NAME may then be omitted.
         let name = match (&self.name, &claims.resource_id) {
-            (Some(n), _) if !n.trim().is_empty() => n.trim().to_owned(),
+            (Some(n), _) if !n.trim().is_empty() => sluice_proto::identity::validate_resource_name(n)
+                .map_err(|e| format!("NAME={n:?} is not valid: {e}"))?
+                .to_owned(),
             (_, Some(_)) => String::new(),
-            _ => required(&self.name, "NAME", "the resource name, e.g. orders-db (letters, digits, . _ -)")?,
+            _ => required(&self.name, "NAME", "the resource's display name, e.g. \"Acme PostgreSQL\"")?,
         };
-        if !name.is_empty()
-            && (name.len() > 63 || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-        {
-            return Err(format!("NAME={name:?} is not valid: use 1 to 63 letters, digits, '.', '_' or '-'"));
-        }
         let url = self.relay_url.filter(|u| !u.trim().is_empty()).unwrap_or_else(|| claims.relay_url.clone());
         let relay_url = RelayUrl::parse(&url).map_err(|e| format!("SLUICE_URL: {e}"))?;
         let state_dir = self.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
@@ -198,7 +195,8 @@ mod tests {
             (Box::new(|r| r.app_port = Some("70000".into())), "APP_PORT=\"70000\" is not a TCP port"),
             (Box::new(|r| r.app_port = Some("0".into())), "is not a TCP port"),
             (Box::new(|r| r.name = None), "NAME is not set"),
-            (Box::new(|r| r.name = Some("a b".into())), "NAME=\"a b\" is not valid"),
+            (Box::new(|r| r.name = Some("a\nb".into())), "NAME=\"a\\nb\" is not valid"),
+            (Box::new(|r| r.name = Some("x".repeat(101))), "at most 100"),
             (Box::new(|r| r.registration_jwt = Some("nope".into())), "REGISTRATION_JWT is not usable: not a JWT"),
             (Box::new(|r| r.registration_jwt = Some(jwt(serde_json::json!({"exp": 5})))), "expired"),
             (Box::new(|r| r.relay_url = Some("http://x".into())), "SLUICE_URL"),
@@ -212,6 +210,16 @@ mod tests {
             let err = r.validate().unwrap_err();
             assert!(err.contains(want), "{err:?} should contain {want:?}");
             assert!(!err.contains('\n'), "one line: {err:?}");
+        }
+    }
+
+    #[test]
+    fn names_are_display_names_as_customers_write_them() {
+        let d = tempfile::tempdir().unwrap();
+        for name in ["Acme MS SQL", "Acme PostgreSQL", "Lager Zürich"] {
+            let mut r = raw(d.path());
+            r.name = Some(format!(" {name} "));
+            assert_eq!(r.validate().unwrap().name, name);
         }
     }
 

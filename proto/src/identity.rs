@@ -134,6 +134,58 @@ impl RegistrationClaims {
     }
 }
 
+/// Longest resource name, in characters.
+pub const MAX_NAME_CHARS: usize = 100;
+
+/// Checks a resource's display name (the agent's `NAME`) and returns it trimmed.
+///
+/// Names are written by people (`Acme MS SQL`, `Lager Zürich`): any printable Unicode,
+/// spaces included, 1 to [`MAX_NAME_CHARS`] characters after trimming. Refused are
+/// control characters (newlines, escapes: they would forge log lines or repaint a
+/// terminal) and the invisible format characters that make two different names look the
+/// same or reorder text (zero-width spaces, bidirectional overrides, BOM). Whatever needs
+/// a restricted character set — metric labels, file names — uses the resource id.
+pub fn validate_resource_name(name: &str) -> Result<&str, String> {
+    let trimmed = name.trim();
+    let n = trimmed.chars().count();
+    if n == 0 {
+        return Err("the name is empty: give 1 to 100 printable characters, e.g. \"Acme PostgreSQL\"".into());
+    }
+    if n > MAX_NAME_CHARS {
+        return Err(format!("the name is {n} characters long; at most {MAX_NAME_CHARS} are allowed"));
+    }
+    if let Some(bad) = trimmed.chars().find(|&c| c.is_control() || is_invisible_format(c)) {
+        return Err(format!(
+            "the name contains the non-printable character U+{:04X}; use printable characters and spaces only",
+            bad as u32
+        ));
+    }
+    Ok(trimmed)
+}
+
+/// Invisible characters that change how text looks without being visible themselves.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}'
+        | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+}
+
+/// A name made safe for one log line or terminal cell: at most 100 characters, control
+/// and invisible characters escaped. For names that have not been validated yet.
+pub fn printable(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .take(MAX_NAME_CHARS)
+        .flat_map(|c| {
+            if c.is_control() || is_invisible_format(c) { c.escape_unicode().collect::<Vec<_>>() } else { vec![c] }
+        })
+        .collect();
+    if name.chars().count() > MAX_NAME_CHARS {
+        out.push('…');
+    }
+    out
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -142,6 +194,30 @@ pub fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resource_names_are_display_names() {
+        for good in ["orders-db", "Acme MS SQL", "Acme PostgreSQL", "Lager Zürich", "売上 DB", "a", &"x".repeat(100)]
+        {
+            assert_eq!(validate_resource_name(good), Ok(good), "{good:?}");
+        }
+        assert_eq!(validate_resource_name("  Acme MS SQL \t"), Ok("Acme MS SQL"));
+        for (bad, why) in [
+            ("", "empty"),
+            ("   ", "empty"),
+            ("a\nINFO forged line", "U+000A"),
+            ("\u{1b}[31mred", "U+001B"),
+            ("admin\u{202E}gpj", "U+202E"),
+            ("zero\u{200B}width", "U+200B"),
+            (&"x".repeat(101), "101 characters"),
+        ] {
+            let err = validate_resource_name(bad).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+            assert!(!err.contains('\n'));
+        }
+        assert_eq!(printable("a\nb"), "a\\u{a}b");
+        assert!(printable(&"y".repeat(5000)).chars().count() <= MAX_NAME_CHARS + 1);
+    }
 
     #[test]
     fn identity_uri_round_trips_and_rejects_junk() {

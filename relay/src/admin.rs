@@ -2,7 +2,7 @@
 //! methods on [`Relay`], used by the admin HTTP API and by `sluice quickstart`.
 
 use serde::{Deserialize, Serialize};
-use sluice_proto::identity::{JWT_AUDIENCE, JWT_ISSUER, RegistrationClaims, unix_now};
+use sluice_proto::identity::{JWT_AUDIENCE, JWT_ISSUER, RegistrationClaims, printable, unix_now};
 use tracing::{info, warn};
 
 use crate::agent_port::new_id;
@@ -109,10 +109,8 @@ pub struct ResourceView {
 
 impl Relay {
     pub fn create_customer(&self, name: &str) -> Result<Customer, AdminError> {
-        let name = name.trim();
-        if name.is_empty() || name.len() > 200 {
-            return Err(AdminError::bad_request("a customer name must be 1 to 200 characters"));
-        }
+        let name = sluice_proto::identity::validate_resource_name(name)
+            .map_err(|e| AdminError::bad_request(format!("the customer name is not valid: {e}")))?;
         let c = self.store.create_customer(&new_id("cus"), name, unix_now())?;
         info!(customer = %c.id, name = %c.name, "customer created");
         Ok(c)
@@ -246,26 +244,53 @@ impl Relay {
         self.store.resources()?.into_iter().map(|r| self.view(r, &customers)).collect()
     }
 
-    /// Finds a resource by id, or by name when that name is unique.
-    pub fn resource_view(&self, id_or_name: &str) -> Result<ResourceView, AdminError> {
+    /// Finds a resource by id, or by its display name: within `customer_id` when given,
+    /// else when only one customer has a resource of that name. Names are compared after
+    /// trimming, exactly as agents register them.
+    pub fn resource_view(&self, id_or_name: &str, customer_id: Option<&str>) -> Result<ResourceView, AdminError> {
         let customers = self.store.customers()?;
-        if let Some(r) = self.store.resource(id_or_name)? {
+        if let Some(r) = self.store.resource(id_or_name)?
+            && customer_id.is_none_or(|c| r.customer_id.as_deref() == Some(c))
+        {
             return self.view(r, &customers);
         }
-        let mut named: Vec<Resource> = self.store.resources()?.into_iter().filter(|r| r.name == id_or_name).collect();
+        let name = id_or_name.trim();
+        let mut named: Vec<Resource> = self
+            .store
+            .resources()?
+            .into_iter()
+            .filter(|r| r.name == name && customer_id.is_none_or(|c| r.customer_id.as_deref() == Some(c)))
+            .collect();
         match named.len() {
-            0 => Err(AdminError::not_found(format!(
-                "no resource with id or name {id_or_name:?}; see `sluice resources list`"
-            ))),
-            1 => self.view(named.remove(0), &customers),
-            _ => Err(AdminError {
-                status: 409,
-                message: format!(
-                    "{} resources are named {id_or_name:?} (ids: {}); give the id instead",
-                    named.len(),
-                    named.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", ")
+            0 => Err(AdminError::not_found(match customer_id {
+                Some(c) => format!(
+                    "customer {c} has no resource with id or name {:?}; see `sluice resources list --extended`",
+                    printable(name)
                 ),
-            }),
+                None => format!("no resource with id or name {:?}; see `sluice resources list`", printable(name)),
+            })),
+            1 => self.view(named.remove(0), &customers),
+            _ => {
+                let owners: Vec<String> = named
+                    .iter()
+                    .map(|r| match &r.customer_id {
+                        Some(c) => {
+                            let cname = customers.iter().find(|x| &x.id == c).map(|x| x.name.as_str()).unwrap_or("?");
+                            format!("{c} ({cname}): {}", r.id)
+                        }
+                        None => format!("org-level: {}", r.id),
+                    })
+                    .collect();
+                Err(AdminError {
+                    status: 409,
+                    message: format!(
+                        "{} customers have a resource named {name:?} ({}); say which with --customer-id ID \
+                         (API: ?customer_id=ID), or give the resource id",
+                        named.len(),
+                        owners.join("; ")
+                    ),
+                })
+            }
         }
     }
 

@@ -9,7 +9,7 @@ use rand::Rng;
 use rustls::ServerConfig;
 use rustls::server::Acceptor;
 use sluice_proto::datapath::TunnelSocket;
-use sluice_proto::identity::{AgentIdentity, RegistrationClaims, unix_now};
+use sluice_proto::identity::{AgentIdentity, RegistrationClaims, printable, unix_now, validate_resource_name};
 use sluice_proto::wire::{
     self, ALPN_CONTROL, ALPN_DATA, ALPN_ENROLL, AgentMsg, DataHello, EnrollRequest, EnrollResponse, Enrollment,
     PROTOCOL_VERSION, RejectCode, Rejection, RelayMsg,
@@ -137,12 +137,12 @@ async fn enroll(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, peer: Socke
     let answer = match decide_enrollment(&relay, &req) {
         Ok(e) => {
             crate::metrics::enrollment("enrolled");
-            info!(resource = %e.resource_id, name = %e.resource_name, agent = %e.agent_id, host = %req.hostname, "agent enrolled");
+            info!(resource = %e.resource_id, name = %e.resource_name, agent = %e.agent_id, host = %printable(&req.hostname), "agent enrolled");
             EnrollResponse::Enrolled(e)
         }
         Err(r) => {
             crate::metrics::enrollment(reject_label(r.code));
-            info!(%peer, name = %req.name, code = ?r.code, reason = %r.message, "enrollment refused");
+            info!(%peer, name = %printable(&req.name), code = ?r.code, reason = %r.message, "enrollment refused");
             EnrollResponse::Rejected(r)
         }
     };
@@ -222,32 +222,29 @@ fn decide_enrollment(relay: &Relay, req: &EnrollRequest) -> Result<Enrollment, R
                     ),
                 ));
             }
-            if !req.name.is_empty() && req.name != r.name {
+            if !req.name.trim().is_empty() && req.name.trim() != r.name {
                 return Err(reject(
                     RejectCode::BadRequest,
                     format!(
                         "NAME {:?} does not match resource {rid} ({:?}) this registration JWT was issued for; set NAME={} or use a customer JWT",
-                        req.name, r.name, r.name
+                        printable(&req.name),
+                        r.name,
+                        r.name
                     ),
                 ));
             }
             r
         }
         None => {
-            validate_name(&req.name).map_err(|m| reject(RejectCode::BadRequest, m))?;
+            let name = validate_resource_name(&req.name)
+                .map_err(|m| reject(RejectCode::BadRequest, format!("NAME is not valid: {m}")))?;
             let cid = claims.customer_id.as_deref();
-            match relay.store.resource_by_name(cid, &req.name).map_err(internal)? {
+            match relay.store.resource_by_name(cid, name).map_err(internal)? {
                 Some(r) => r,
                 None => {
                     let r = relay
                         .store
-                        .create_resource(
-                            &new_id("res"),
-                            cid,
-                            &req.name,
-                            relay.config.resource_ports.clone(),
-                            unix_now(),
-                        )
+                        .create_resource(&new_id("res"), cid, name, relay.config.resource_ports.clone(), unix_now())
                         .map_err(|e| match e {
                             StoreError::Exhausted(m) => reject(RejectCode::Unavailable, m),
                             StoreError::Conflict(_) => {
@@ -285,17 +282,6 @@ fn decide_enrollment(relay: &Relay, req: &EnrollRequest) -> Result<Enrollment, R
         cert_pem,
         ca_pem: relay.identity.ca_pem.clone(),
     })
-}
-
-/// A resource name: 1-63 characters of letters, digits, `.`, `_`, `-`.
-pub fn validate_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 63 {
-        return Err(format!("NAME must be 1 to 63 characters long (got {} characters)", name.len()));
-    }
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
-        return Err(format!("NAME {name:?} may only contain letters, digits, '.', '_' and '-'"));
-    }
-    Ok(())
 }
 
 /// Checks a client certificate's identity against the store: the resource must exist

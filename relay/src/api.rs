@@ -7,7 +7,7 @@
 //! | POST   | /v1/customers                 | create `{ "name": … }`                |
 //! | POST   | /v1/registration-jwts         | issue a JWT ([`JwtRequest`])          |
 //! | GET    | /v1/resources                 | list resources with live status       |
-//! | GET    | /v1/resources/{id_or_name}    | one resource                          |
+//! | GET    | /v1/resources/{id_or_name}[?customer_id=ID] | one resource (a name shared by several customers needs `customer_id`) |
 //! | DELETE | /v1/resources/{id}            | delete a resource                     |
 //! | GET    | /v1/streams[?resource=NAME][&closed=true] | live (or recently closed) streams |
 //! | GET    | /metrics                      | Prometheus text (no token: keep the admin listener private) |
@@ -121,8 +121,18 @@ async fn list_resources(State(r): State<Arc<Relay>>) -> ApiResult<Vec<crate::adm
     r.resource_views().map(Json)
 }
 
-async fn get_resource(State(r): State<Arc<Relay>>, Path(id): Path<String>) -> ApiResult<crate::admin::ResourceView> {
-    r.resource_view(&id).map(Json)
+#[derive(Deserialize)]
+struct ResourceQuery {
+    /// Look the name up among this customer's resources only.
+    customer_id: Option<String>,
+}
+
+async fn get_resource(
+    State(r): State<Arc<Relay>>,
+    Path(id): Path<String>,
+    Query(q): Query<ResourceQuery>,
+) -> ApiResult<crate::admin::ResourceView> {
+    r.resource_view(&id, q.customer_id.as_deref()).map(Json)
 }
 
 async fn delete_resource(State(r): State<Arc<Relay>>, Path(id): Path<String>) -> Result<StatusCode, AdminError> {

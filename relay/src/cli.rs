@@ -89,9 +89,15 @@ pub enum ResourcesCmd {
         columns: Option<Vec<String>>,
     },
     /// Print the host:port a platform job connects to for a resource.
+    ///
+    /// Names are display names: quote them (`sluice resources endpoint "Acme MS SQL"`).
+    /// When several customers have a resource of that name, add --customer-id.
     Endpoint {
-        /// Resource id, or its name when unique.
+        /// Resource id, or its name (NAME of its agents).
         name_or_id: String,
+        /// Look the name up among this customer's resources.
+        #[arg(long)]
+        customer_id: Option<String>,
     },
     /// Delete a resource: its port closes, its agents are disconnected, its JWTs revoked.
     Delete {
@@ -276,8 +282,12 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
                 .collect();
             print_table(&all, default, rows, columns.as_deref())?;
         }
-        ResourcesCmd::Endpoint { name_or_id } => {
-            let r: ResourceView = api.call("GET", &format!("/v1/resources/{}", encode_path(&name_or_id)), None).await?;
+        ResourcesCmd::Endpoint { name_or_id, customer_id } => {
+            let mut path = format!("/v1/resources/{}", encode_path(&name_or_id));
+            if let Some(c) = &customer_id {
+                path.push_str(&format!("?customer_id={}", encode_path(c)));
+            }
+            let r: ResourceView = api.call("GET", &path, None).await?;
             match conn.output {
                 Output::Json => println!("{}", serde_json::json!({ "id": r.id, "endpoint": r.endpoint })),
                 Output::Table => println!("{}", r.endpoint),
@@ -400,10 +410,10 @@ fn print_table(all: &[&str], default: &[&str], rows: Vec<Vec<String>>, wanted: O
             .collect::<Result<_>>()?,
         None => default.iter().map(|d| all.iter().position(|a| a == d).expect("default column exists")).collect(),
     };
-    let mut widths: Vec<usize> = pick.iter().map(|&i| all[i].len()).collect();
+    let mut widths: Vec<usize> = pick.iter().map(|&i| all[i].chars().count()).collect();
     for row in &rows {
         for (w, &i) in widths.iter_mut().zip(&pick) {
-            *w = (*w).max(row[i].len());
+            *w = (*w).max(row[i].chars().count());
         }
     }
     let line = |cells: Vec<&str>| {

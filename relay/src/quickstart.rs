@@ -40,6 +40,10 @@ pub struct QuickstartArgs {
     /// Port range for resources.
     #[arg(long, default_value = "40000-40999", value_parser = parse_port_range)]
     pub resource_ports: std::ops::RangeInclusive<u16>,
+    /// Exit after the self-check instead of serving until Ctrl-C: status 0 when a message
+    /// went through the tunnel and back, 1 otherwise (for CI and install scripts).
+    #[arg(long, conflicts_with_all = ["app_host", "app_port"])]
+    pub check: bool,
 }
 
 /// Waits for Ctrl-C or SIGTERM.
@@ -124,7 +128,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     // Wait for the agent to register and its session to come up.
     let started = Instant::now();
     let view = loop {
-        if let Ok(v) = relay.resource_view(&args.name)
+        if let Ok(v) = relay.resource_view(&args.name, Some(&customer.id))
             && v.status == Status::Available
         {
             break v;
@@ -144,7 +148,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     println!("  resource             {} ({}) -> agent -> {what}", view.name, view.id);
     println!();
     println!("Platform jobs connect to:  {}", view.endpoint);
-    match check {
+    match &check {
         Ok(Some(ms)) => {
             println!("  self-check: a message went through the tunnel and back in {ms:.1} ms")
         }
@@ -154,10 +158,32 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     let (host, port) = view.endpoint.rsplit_once(':').unwrap_or((&view.endpoint, ""));
     println!("  try:  echo hello | nc -q1 {host} {port}");
     println!();
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(std::path::Path::to_path_buf)) {
+        let agent = dir.join("sluice-agent");
+        println!("Binaries: {} (relay + admin CLI)", dir.join("sluice").display());
+        if agent.exists() {
+            println!("          {} (agent)", agent.display());
+        } else {
+            println!("          build the agent with `cargo build --release` (target/release/sluice-agent)");
+        }
+        println!();
+    }
     println!("Use the admin CLI against this relay from another terminal:");
     println!("  export SLUICE_ADMIN_URL={} SLUICE_ADMIN_TOKEN={}", running.admin_url, relay.identity.admin_token);
     println!("  cargo run --release -- resources list --extended");
     println!();
+    if args.check {
+        stop.cancel();
+        running.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(2), agent).await;
+        return match check {
+            Ok(_) => {
+                println!("Self-check passed; stopping (--check).");
+                Ok(())
+            }
+            Err(e) => Err(e.context("the quickstart self-check failed")),
+        };
+    }
     match &args.data_dir {
         Some(d) => println!("Data directory: {} (kept). Stop with Ctrl-C.", d.display()),
         None => println!("Data directory: {} (temporary, removed on exit). Stop with Ctrl-C.", data_dir.display()),

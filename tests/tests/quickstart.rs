@@ -44,3 +44,21 @@ fn quickstart_prints_a_working_endpoint() {
     let rest: Vec<String> = rx.try_iter().collect();
     assert!(rest.iter().any(|l| l.contains("Stop with Ctrl-C")), "tells how to stop: {rest:#?}");
 }
+
+/// `.ci/run` proves the README's order with `quickstart --check`: it must exit by itself,
+/// 0 only when a message went through the tunnel and back.
+#[test]
+fn quickstart_check_exits_after_the_self_check() {
+    let dir = test_dir("quickstart-check");
+    let (lo, hi) = free_port_range(2);
+    let mut cmd = Command::new(bin("sluice"));
+    cmd.args(["quickstart", "--check", "--resource-ports", &format!("{lo}-{hi}"), "--data-dir"])
+        .arg(dir.path().join("data"));
+    let log = dir.path().join("quickstart.log");
+    let mut p = Proc::spawn(cmd, log);
+    let code = p.wait_exit(Duration::from_secs(120));
+    let out = p.log_text();
+    assert_eq!(code, Some(0), "quickstart --check must exit 0 after a good self-check:\n{out}");
+    assert!(out.contains("self-check: a message went through the tunnel"), "{out}");
+    assert!(out.contains("Self-check passed"), "{out}");
+}
