@@ -31,6 +31,9 @@ pub struct AgentConfig {
     pub data_path: DataPathMode,
     /// How kernel-TLS streams move bytes.
     pub ktls_engine: KtlsEngine,
+    /// How often to check that the private service accepts connections (`None`: only at
+    /// start and through real streams).
+    pub service_check: Option<Duration>,
 }
 
 /// The raw inputs (environment variables or flags), before validation.
@@ -50,6 +53,8 @@ pub struct RawConfig {
     pub data_path: Option<String>,
     /// `splice`, `uring`, `threads` or `copy`.
     pub ktls_engine: Option<String>,
+    /// Seconds between checks of the private service; 0 turns the periodic check off.
+    pub service_check_secs: Option<u64>,
 }
 
 /// The state directory when none is given.
@@ -78,7 +83,9 @@ impl RawConfig {
             "REGISTRATION_JWT",
             "the registration JWT from the platform operator (sluice resources registration-jwt)",
         )?;
-        let claims = RegistrationClaims::decode_unverified(&jwt, unix_now())
+        // Expiry is checked below, once we know whether STATE_DIR already holds an
+        // identity: the JWT is for joining only, an enrolled agent restarts without it.
+        let claims = RegistrationClaims::decode_unverified(&jwt, 0)
             .map_err(|e| format!("REGISTRATION_JWT is not usable: {e}"))?;
         // A JWT issued for one resource names it; NAME may then be omitted.
         let name = match (&self.name, &claims.resource_id) {
@@ -111,7 +118,12 @@ impl RawConfig {
             None => KtlsEngine::default(),
             Some(s) => s.parse().map_err(|e| format!("SLUICE_KTLS_ENGINE: {e}"))?,
         };
-        Ok(AgentConfig {
+        let cfg = AgentConfig {
+            service_check: match self.service_check_secs {
+                Some(0) => None,
+                Some(s) => Some(Duration::from_secs(s)),
+                None => Some(Duration::from_secs(30)),
+            },
             data_path,
             ktls_engine,
             counter,
@@ -124,7 +136,20 @@ impl RawConfig {
             relay_url,
             reconnect_max: Duration::from_secs(self.reconnect_max_secs.unwrap_or(30).max(1)),
             metrics_listen,
-        })
+        };
+        let now = unix_now();
+        if let Some(exp) = cfg.claims.exp
+            && exp <= now
+            && crate::enroll::load(&cfg).is_err()
+        {
+            return Err(format!(
+                "REGISTRATION_JWT is not usable: {}; STATE_DIR {} holds no identity for it, so the agent must \
+                 enroll and needs a valid JWT",
+                sluice_proto::identity::ClaimsError::Expired { exp, now },
+                cfg.state_dir.display()
+            ));
+        }
+        Ok(cfg)
     }
 }
 

@@ -64,7 +64,7 @@ impl Identity {
         tls::certs_from_pem(&self.ca_pem).expect("validated at load").remove(0)
     }
 
-    /// When to enroll again: two thirds into the certificate's life.
+    /// When to renew: two thirds into the certificate's life.
     pub fn renew_at(&self) -> u64 {
         let life = self.meta.not_after.saturating_sub(self.meta.not_before);
         self.meta.not_before + life * 2 / 3
@@ -88,23 +88,113 @@ pub enum EnrollError {
     State(String),
 }
 
-/// The saved identity in `dir`, if it is complete and fits `cfg` (same JWT, same relay,
-/// not due for renewal).
-pub fn load(cfg: &AgentConfig) -> Option<Identity> {
+/// Why the saved identity cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NoIdentity {
+    /// Nothing (complete) is saved: first start, or the state was lost.
+    #[error("STATE_DIR holds no identity yet")]
+    Missing,
+    /// The saved identity was made for another resource, JWT or relay than the agent is
+    /// configured for now (NAME changed, a state volume copied to another service, …).
+    #[error("{0}")]
+    Mismatch(String),
+    /// The saved files are unreadable, or the certificate has expired.
+    #[error("{0}")]
+    Unusable(String),
+}
+
+/// Seconds before its expiry at which a saved certificate is no longer used (or a tenth
+/// of its life, if that is less).
+const EXPIRY_MARGIN_SECS: u64 = 30;
+
+/// The saved identity in `cfg.state_dir` if it is complete, unexpired and made for what
+/// `cfg` asks for: the same relay, the same resource (NAME, or the resource of a
+/// resource JWT) and the same registration JWT. An expired JWT does not matter here: the
+/// certificate is the agent's identity from enrollment on.
+pub fn load(cfg: &AgentConfig) -> Result<Identity, NoIdentity> {
     let dir = &cfg.state_dir;
-    let meta: EnrollmentMeta = serde_json::from_str(&fs::read_to_string(dir.join(META_FILE)).ok()?).ok()?;
-    let id = Identity {
-        key_pem: fs::read_to_string(dir.join(KEY_FILE)).ok()?,
-        cert_pem: fs::read_to_string(dir.join(CERT_FILE)).ok()?,
-        ca_pem: fs::read_to_string(dir.join(CA_FILE)).ok()?,
-        meta,
-    };
-    let parses = tls::key_from_pem(&id.key_pem).is_ok()
-        && tls::certs_from_pem(&id.cert_pem).is_ok()
-        && tls::certs_from_pem(&id.ca_pem).is_ok();
-    let fits =
-        id.meta.jti == cfg.claims.jti && id.meta.relay_url == cfg.relay_url.to_string() && unix_now() < id.renew_at();
-    (parses && fits).then_some(id)
+    let read = |f: &str| fs::read_to_string(dir.join(f)).map_err(|_| NoIdentity::Missing);
+    let meta: EnrollmentMeta = serde_json::from_str(&read(META_FILE)?)
+        .map_err(|e| NoIdentity::Unusable(format!("{META_FILE} in STATE_DIR is not readable: {e}")))?;
+    let id = Identity { key_pem: read(KEY_FILE)?, cert_pem: read(CERT_FILE)?, ca_pem: read(CA_FILE)?, meta };
+    if tls::key_from_pem(&id.key_pem).is_err()
+        || tls::certs_from_pem(&id.cert_pem).is_err()
+        || tls::certs_from_pem(&id.ca_pem).is_err()
+    {
+        return Err(NoIdentity::Unusable("the saved key or certificates are not readable PEM".into()));
+    }
+    let m = &id.meta;
+    let made_for = format!("resource {} ({:?}) at {}", m.resource_id, m.resource_name, m.relay_url);
+    if m.relay_url != cfg.relay_url.to_string() {
+        return Err(NoIdentity::Mismatch(format!(
+            "the saved identity was made for {made_for}, but this agent is now configured for the relay {}",
+            cfg.relay_url
+        )));
+    }
+    if !cfg.name.is_empty() && cfg.name != m.resource_name {
+        return Err(NoIdentity::Mismatch(format!(
+            "the saved identity was made for {made_for}, but NAME is now {:?}",
+            cfg.name
+        )));
+    }
+    if cfg.name.is_empty() && cfg.claims.resource_id.as_deref() != Some(m.resource_id.as_str()) {
+        return Err(NoIdentity::Mismatch(format!(
+            "the saved identity was made for {made_for}, but REGISTRATION_JWT is for resource {}",
+            cfg.claims.resource_id.as_deref().unwrap_or("-")
+        )));
+    }
+    if m.jti != cfg.claims.jti {
+        return Err(NoIdentity::Mismatch(format!(
+            "the saved identity was made with another registration JWT ({}) than REGISTRATION_JWT ({})",
+            m.jti, cfg.claims.jti
+        )));
+    }
+    let (not_before, not_after) = cert_validity(&id.cert_pem)
+        .ok_or_else(|| NoIdentity::Unusable("the saved certificate is not readable".into()))?;
+    let margin = EXPIRY_MARGIN_SECS.min(not_after.saturating_sub(not_before) / 10);
+    if unix_now() + margin >= not_after {
+        return Err(NoIdentity::Unusable(format!(
+            "the saved certificate expired (or is about to) at {not_after} (seconds since the epoch)"
+        )));
+    }
+    Ok(id)
+}
+
+/// A CSR for the identity's key, for renewal: the key stays on the host and stays the same.
+pub fn renewal_csr(id: &Identity) -> Result<String, String> {
+    let key = KeyPair::from_pem(&id.key_pem).map_err(|e| format!("reading the saved key: {e}"))?;
+    CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| format!("making the renewal CSR: {e}"))
+}
+
+/// Checks a renewed certificate (readable, for the same agent, resource and generation)
+/// and saves it in place of the old one. Returns the updated identity.
+pub fn save_renewed(dir: &Path, id: &Identity, cert_pem: String) -> Result<Identity, String> {
+    let der = tls::certs_from_pem(&cert_pem)
+        .ok()
+        .and_then(|mut c| (!c.is_empty()).then(|| c.remove(0)))
+        .ok_or("the relay sent an unreadable certificate")?;
+    let who = sluice_proto::identity::AgentIdentity::from_cert_der(&der)
+        .ok_or("the renewed certificate has no agent identity")?;
+    if who.agent_id != id.meta.agent_id
+        || who.resource_id != id.meta.resource_id
+        || who.generation != id.meta.generation
+    {
+        return Err(format!("the renewed certificate is for {}, not for this agent", who.to_uri()));
+    }
+    let (not_before, not_after) = cert_validity(&cert_pem).ok_or("the renewed certificate has no validity")?;
+    let mut new = id.clone();
+    new.cert_pem = cert_pem;
+    new.meta.not_before = not_before;
+    new.meta.not_after = not_after;
+    // The key is unchanged: writing the certificate, then the metadata, keeps every
+    // intermediate state usable (metadata validity is informational; load reads the cert).
+    write_private(&dir.join(CERT_FILE), &new.cert_pem).map_err(|e| format!("saving the renewed certificate: {e}"))?;
+    write_private(&dir.join(META_FILE), &serde_json::to_string_pretty(&new.meta).expect("serializable"))
+        .map_err(|e| format!("saving the enrollment metadata: {e}"))?;
+    Ok(new)
 }
 
 /// Forgets the saved certificate (after the relay revoked it).

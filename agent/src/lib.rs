@@ -10,6 +10,7 @@ pub mod config;
 pub mod enroll;
 pub mod meter;
 pub mod metrics;
+pub mod service;
 pub mod session;
 
 use sluice_proto::datapath::DataPath;
@@ -55,6 +56,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     if let Some(addr) = cfg.metrics_listen {
         tokio::spawn(crate::metrics::serve(addr, handle));
     }
+    let service = Arc::new(crate::service::ServiceHealth::new(format!("{}:{}", cfg.app_host, cfg.app_port)));
+    {
+        let (service, interval, stop) = (service.clone(), cfg.service_check, shutdown.clone());
+        tokio::spawn(async move { service.watch(interval, stop).await });
+    }
     let mut backoff = Backoff::new(Duration::from_millis(200), cfg.reconnect_max);
     info!(
         relay = %cfg.relay_url, service = %format!("{}:{}", cfg.app_host, cfg.app_port),
@@ -69,9 +75,19 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        let identity = match enroll::load(&cfg) {
-            Some(id) => id,
-            None => match enroll::enroll(&cfg).await {
+        let saved = enroll::load(&cfg);
+        match &saved {
+            Err(enroll::NoIdentity::Mismatch(why)) => {
+                warn!(state_dir = %cfg.state_dir.display(), "{why}: enrolling afresh with REGISTRATION_JWT")
+            }
+            Err(enroll::NoIdentity::Unusable(why)) => {
+                info!(state_dir = %cfg.state_dir.display(), "{why}: enrolling again with REGISTRATION_JWT")
+            }
+            _ => {}
+        }
+        let identity = match saved {
+            Ok(id) => id,
+            Err(_) => match enroll::enroll(&cfg).await {
                 Ok(id) => {
                     crate::metrics::enrollment("enrolled");
                     info!(resource = %id.meta.resource_id, name = %id.meta.resource_name, agent = %id.meta.agent_id, "enrolled");
@@ -89,14 +105,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
                 }
             },
         };
-        let end = session::run(cfg.clone(), meter.clone(), data_path.clone(), &identity, &shutdown).await;
+        let end =
+            session::run(cfg.clone(), meter.clone(), data_path.clone(), service.clone(), identity, &shutdown).await;
         if !matches!(end, SessionEnd::Shutdown) {
             crate::metrics::reconnect();
         }
         match end {
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Renew => {
-                info!("certificate due for renewal; enrolling again");
+                info!("certificate due for renewal and this relay cannot renew over the session; enrolling again");
                 enroll::forget(&cfg.state_dir);
             }
             SessionEnd::Revoked(why) => {

@@ -50,6 +50,11 @@ struct Args {
     /// Kernel-TLS engine, for benchmarks: splice (default), uring, threads or copy.
     #[arg(long, env = "SLUICE_KTLS_ENGINE", hide_short_help = true)]
     ktls_engine: Option<String>,
+    /// Seconds between checks that APP_HOST:APP_PORT accepts TCP connections (a connect
+    /// and close, skipped while streams show the service up); 0 checks only at start.
+    /// The result is shown by `sluice resources list` and `sluice agents list`.
+    #[arg(long, env = "SLUICE_SERVICE_CHECK_SECS", default_value_t = 30)]
+    service_check_secs: u64,
     /// Log filter (error, warn, info, debug, trace).
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
     log: String,
@@ -69,6 +74,7 @@ fn main() -> ExitCode {
         counter: args.counter,
         data_path: args.data_path,
         ktls_engine: args.ktls_engine,
+        service_check_secs: Some(args.service_check_secs),
     }
     .validate();
     let cfg = match cfg {

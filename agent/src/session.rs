@@ -29,8 +29,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::AgentConfig;
-use crate::enroll::Identity;
+use crate::enroll::{self, Identity};
 use crate::meter::{Cookie, Meter};
+use crate::service::ServiceHealth;
 
 /// How a session ended.
 #[derive(Debug)]
@@ -41,7 +42,8 @@ pub enum SessionEnd {
     Lost(String),
     /// The relay says this agent's certificate is no longer valid; enroll again.
     Revoked(String),
-    /// The certificate is due for renewal; enroll again.
+    /// The certificate is due for renewal and the relay cannot renew it over the
+    /// session (an older relay): enroll again.
     Renew,
     /// The session came up, then ended; `.0` is why. Resets the reconnect backoff.
     Ended(String),
@@ -50,7 +52,10 @@ pub enum SessionEnd {
 /// What data connections share.
 struct Pool {
     cfg: Arc<AgentConfig>,
-    connector: TlsConnector,
+    /// Swapped for one with the new certificate when it is renewed.
+    connector: Mutex<TlsConnector>,
+    /// The private service's reachability, fed by every stream's connect.
+    service: Arc<ServiceHealth>,
     /// How streams move bytes.
     data_path: Arc<DataPath>,
     server_name: ServerName<'static>,
@@ -183,9 +188,11 @@ pub async fn run(
     cfg: Arc<AgentConfig>,
     meter: Arc<Meter>,
     data_path: Arc<DataPath>,
-    id: &Identity,
+    service: Arc<ServiceHealth>,
+    id: Identity,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
+    let id = &id;
     let name = match tls::server_name_of(&cfg.relay_url.host) {
         Ok(n) => n,
         Err(e) => return SessionEnd::Lost(e.to_string()),
@@ -202,15 +209,20 @@ pub async fn run(
         version: PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").into(),
         hostname: crate::hostname(),
-        capabilities: Capabilities { ktls: data_path.kernel_tls(), ebpf: meter.source() == CounterSource::Ebpf },
+        capabilities: Capabilities {
+            ktls: data_path.kernel_tls(),
+            ebpf: meter.source() == CounterSource::Ebpf,
+            renew: true,
+            service_status: true,
+        },
     };
     if let Err(e) = wire::write_frame(&mut tls, &hello).await {
         return SessionEnd::Lost(format!("sending hello: {e}"));
     }
     let welcome = tokio::time::timeout(Duration::from_secs(15), wire::read_frame::<_, RelayMsg>(&mut tls)).await;
-    let (session_id, heartbeat, pool_size) = match welcome {
-        Ok(Ok(RelayMsg::Welcome { session_id, heartbeat_secs, pool_size, .. })) => {
-            (session_id, Duration::from_secs(heartbeat_secs.max(1)), pool_size)
+    let (session_id, heartbeat, pool_size, relay_caps) = match welcome {
+        Ok(Ok(RelayMsg::Welcome { session_id, heartbeat_secs, pool_size, capabilities, .. })) => {
+            (session_id, Duration::from_secs(heartbeat_secs.max(1)), pool_size, capabilities)
         }
         Ok(Ok(RelayMsg::Rejected(r))) if r.code == RejectCode::RevokedCertificate => {
             return SessionEnd::Revoked(r.message);
@@ -233,7 +245,8 @@ pub async fn run(
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<AgentMsg>();
     let pool = Arc::new(Pool {
         cfg: cfg.clone(),
-        connector: TlsConnector::from(data_cfg),
+        connector: Mutex::new(TlsConnector::from(data_cfg)),
+        service: service.clone(),
         data_path,
         server_name: name,
         session_id: session_id.clone(),
@@ -251,6 +264,8 @@ pub async fn run(
 
     let (mut rd, mut wr) = tokio::io::split(tls);
     let reader_pool = pool.clone();
+    let (renewed_tx, renewed_rx) = mpsc::unbounded_channel::<RelayMsg>();
+    let renewal_control = out_tx.clone();
     let reader = async move {
         loop {
             match tokio::time::timeout(heartbeat * 3, wire::read_frame::<_, RelayMsg>(&mut rd)).await {
@@ -272,12 +287,21 @@ pub async fn run(
                 Ok(Ok(RelayMsg::Rejected(r))) => {
                     return SessionEnd::Ended(format!("the relay closed the session: {}", r.message));
                 }
+                Ok(Ok(m @ (RelayMsg::CertificateRenewed { .. } | RelayMsg::RenewalRefused(_)))) => {
+                    let _ = renewed_tx.send(m);
+                }
                 Ok(Ok(RelayMsg::Pong { .. })) | Ok(Ok(RelayMsg::Welcome { .. })) => {}
             }
         }
     };
-    let renew_in = Duration::from_secs(id.renew_at().saturating_sub(sluice_proto::identity::unix_now()));
+    let renewal =
+        renew_certificate(cfg.clone(), pool.clone(), id.clone(), relay_caps.renew, renewal_control, renewed_rx);
     let stats_pool = pool.clone();
+    // Report the service's state now and on every change (to relays that take it).
+    let mut service_rx = service.subscribe();
+    if relay_caps.service_status {
+        service_rx.mark_changed();
+    }
     let writer = async move {
         let mut tick = tokio::time::interval(heartbeat);
         tick.tick().await;
@@ -287,6 +311,12 @@ pub async fn run(
             let msg = tokio::select! {
                 m = out_rx.recv() => match m { Some(m) => m, None => return SessionEnd::Ended("session closed".into()) },
                 _ = tick.tick() => { seq += 1; AgentMsg::Ping { seq } }
+                changed = service_rx.changed(), if relay_caps.service_status => {
+                    if changed.is_err() { continue }
+                    let s = service_rx.borrow_and_update().clone();
+                    let Some(reachable) = s.reachable else { continue };
+                    AgentMsg::ServiceStatus { reachable, error: s.error }
+                }
                 _ = stats_tick.tick() => {
                     crate::metrics::pool(stats_pool.meter.entries(), stats_pool.idle.load(Ordering::Relaxed));
                     let streams = stats_pool.stats();
@@ -303,7 +333,7 @@ pub async fn run(
         e = reader => e,
         e = writer => e,
         _ = shutdown.cancelled() => SessionEnd::Shutdown,
-        _ = tokio::time::sleep(renew_in) => SessionEnd::Renew,
+        e = renewal => e,
     };
     pool.closed.cancel();
     crate::metrics::session(false);
@@ -311,6 +341,65 @@ pub async fn run(
         pool.stop_streams.cancel();
     }
     end
+}
+
+/// Renews the agent's certificate over the control session two thirds into its life,
+/// again and again while the session lasts; the registration JWT is not needed. Returns
+/// only when the session must end: the relay cannot renew (an older relay), or it says
+/// the certificate is revoked. A failed attempt is retried (sooner as expiry nears).
+async fn renew_certificate(
+    cfg: Arc<AgentConfig>,
+    pool: Arc<Pool>,
+    mut id: Identity,
+    relay_renews: bool,
+    control: mpsc::UnboundedSender<AgentMsg>,
+    mut answers: mpsc::UnboundedReceiver<RelayMsg>,
+) -> SessionEnd {
+    use sluice_proto::identity::unix_now;
+    let mut due = id.renew_at();
+    loop {
+        tokio::time::sleep(Duration::from_secs(due.saturating_sub(unix_now()))).await;
+        if !relay_renews {
+            return SessionEnd::Renew;
+        }
+        let retry_at = unix_now() + (id.meta.not_after.saturating_sub(unix_now()) / 10).clamp(1, 60);
+        let csr_pem = match enroll::renewal_csr(&id) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot make a renewal request; enrolling again");
+                return SessionEnd::Renew;
+            }
+        };
+        if control.send(AgentMsg::RenewCertificate { csr_pem }).is_err() {
+            return SessionEnd::Ended("session closed".into());
+        }
+        match tokio::time::timeout(Duration::from_secs(30), answers.recv()).await {
+            Ok(Some(RelayMsg::CertificateRenewed { cert_pem })) => {
+                match enroll::save_renewed(&cfg.state_dir, &id, cert_pem) {
+                    Ok(new) => match client_config(&new, ALPN_DATA) {
+                        Ok(c) => {
+                            *pool.connector.lock() = TlsConnector::from(c);
+                            info!(valid_until = new.meta.not_after, "certificate renewed over the control session");
+                            id = new;
+                            due = id.renew_at();
+                            continue;
+                        }
+                        Err(e) => warn!(error = %e, "the renewed certificate does not fit this agent's key"),
+                    },
+                    Err(e) => warn!(error = %e, "could not take the renewed certificate"),
+                }
+            }
+            Ok(Some(RelayMsg::RenewalRefused(r))) if r.code == RejectCode::RevokedCertificate => {
+                return SessionEnd::Revoked(r.message);
+            }
+            Ok(Some(RelayMsg::RenewalRefused(r))) => {
+                warn!(reason = %r.message, "the relay refused to renew the certificate")
+            }
+            Ok(_) => return SessionEnd::Ended("session closed".into()),
+            Err(_) => warn!("the relay did not answer the renewal request in 30 s"),
+        }
+        due = retry_at;
+    }
 }
 
 /// Opens data connections until idle + connecting reaches the pool target.
@@ -372,7 +461,8 @@ fn forget(meter: &Meter, cookie: Option<Cookie>) {
 }
 
 async fn data_conn(pool: &Pool) -> Result<(Tunnel, Option<Cookie>), String> {
-    let (mut tls, cookie) = dial(&pool.cfg, &pool.connector, &pool.server_name, Some(&pool.meter)).await?;
+    let connector = pool.connector.lock().clone();
+    let (mut tls, cookie) = dial(&pool.cfg, &connector, &pool.server_name, Some(&pool.meter)).await?;
     let hello = DataHello { version: PROTOCOL_VERSION, session_id: pool.session_id.clone() };
     if let Err(e) = wire::write_frame(&mut tls, &hello).await {
         forget(&pool.meter, cookie);
@@ -401,14 +491,19 @@ async fn serve_stream(pool: &Pool, mut tls: Tunnel, tunnel_cookie: Option<Cookie
         Ok(Err(e)) => {
             crate::metrics::stream_failed("service_unreachable");
             forget(&pool.meter, tunnel_cookie);
-            return refuse(tls, format!("cannot connect to the private service {target}: {e}")).await;
+            let why = format!("cannot connect to the private service {target}: {e}");
+            pool.service.record_error(why.clone());
+            return refuse(tls, why).await;
         }
         Err(_) => {
             crate::metrics::stream_failed("service_unreachable");
             forget(&pool.meter, tunnel_cookie);
-            return refuse(tls, format!("connecting to the private service {target} timed out after 10 s")).await;
+            let why = format!("connecting to the private service {target} timed out after 10 s");
+            pool.service.record_error(why.clone());
+            return refuse(tls, why).await;
         }
     };
+    pool.service.record_ok();
     let _ = service.set_nodelay(true);
     if let Err(e) = wire::write_frame(&mut tls, &StreamReply::Accepted).await {
         forget(&pool.meter, tunnel_cookie);

@@ -180,6 +180,14 @@ pub struct Capabilities {
     /// The agent counts stream bytes with eBPF.
     #[serde(default)]
     pub ebpf: bool,
+    /// Certificate renewal over the control session ([`AgentMsg::RenewCertificate`]).
+    /// In [`RelayMsg::Welcome`] it says the relay answers it; an agent only sends what
+    /// its relay announced, so either side may be upgraded first.
+    #[serde(default)]
+    pub renew: bool,
+    /// Reports of the private service's reachability ([`AgentMsg::ServiceStatus`]).
+    #[serde(default)]
+    pub service_status: bool,
 }
 
 /// Messages from agent to relay on the control session.
@@ -201,6 +209,18 @@ pub enum AgentMsg {
     /// Byte counts of the agent's streams: about once a second for the running ones, and
     /// once more (with `closed`) when a stream ends.
     StreamStats { streams: Vec<StreamStat> },
+    /// "Sign this CSR for my current identity": certificate renewal, authenticated by the
+    /// session's (still valid) certificate; the registration JWT is for joining only.
+    /// Answered by [`RelayMsg::CertificateRenewed`] or [`RelayMsg::RenewalRefused`].
+    RenewCertificate { csr_pem: String },
+    /// Whether `APP_HOST:APP_PORT` accepts TCP connections, sent when it changes (and
+    /// once at session start): from the agent's periodic check and from real streams.
+    ServiceStatus {
+        reachable: bool,
+        /// The last connection error, when not reachable.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 /// Where a stream's byte counts come from.
@@ -246,6 +266,9 @@ pub enum RelayMsg {
         heartbeat_secs: u64,
         /// How many idle data connections the agent should keep open.
         pool_size: u32,
+        /// What this relay supports beyond the baseline (absent from older relays).
+        #[serde(default)]
+        capabilities: Capabilities,
     },
     /// Refuses the session; the relay closes the connection after sending it.
     Rejected(Rejection),
@@ -259,6 +282,13 @@ pub enum RelayMsg {
     OpenData {
         count: u32,
     },
+    /// The renewed client certificate (PEM) for [`AgentMsg::RenewCertificate`]: same
+    /// agent, resource and key generation, a fresh validity period.
+    CertificateRenewed {
+        cert_pem: String,
+    },
+    /// Renewal refused; a [`RejectCode::RevokedCertificate`] means enroll again.
+    RenewalRefused(Rejection),
 }
 
 // === Data connections ===

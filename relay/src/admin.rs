@@ -83,8 +83,12 @@ pub struct JwtIssued {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Status {
-    /// At least one agent is connected.
+    /// At least one agent is connected and (as far as its agents know) the private
+    /// service accepts connections.
     Available,
+    /// Agents are connected, but every one of them reports that the private service
+    /// refuses connections (see `service_error`).
+    ServiceUnreachable,
     /// Agents registered before, none is connected now.
     Unavailable,
     /// No agent has connected yet.
@@ -105,6 +109,34 @@ pub struct ResourceView {
     pub agents: usize,
     pub generation: u64,
     pub last_seen_at: Option<u64>,
+    /// Why the service is unreachable (the agent's last connection error), when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_error: Option<String>,
+}
+
+/// A connected agent as operators see it (`sluice agents list`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentView {
+    pub agent_id: String,
+    pub session_id: String,
+    pub resource_id: String,
+    pub resource_name: String,
+    pub customer_id: Option<String>,
+    pub hostname: String,
+    pub agent_version: String,
+    /// Where the agent's control connection comes from.
+    pub peer: String,
+    pub connected_at: u64,
+    /// How its streams move bytes: `ktls_splice` when its kernel took TLS, else `userspace`.
+    pub data_path: String,
+    /// Who counts its stream bytes: `ebpf` or `userspace`.
+    pub counter: String,
+    /// `reachable`, `unreachable`, or `unknown` (not reported yet, or an older agent).
+    pub service: String,
+    /// The agent's last error connecting to the private service.
+    pub last_error: Option<String>,
+    /// Other live sessions with the same agent identity (a copied STATE_DIR).
+    pub shared_identity_with: Vec<String>,
 }
 
 impl Relay {
@@ -214,8 +246,15 @@ impl Relay {
     }
 
     fn view(&self, r: Resource, customers: &[Customer]) -> Result<ResourceView, AdminError> {
-        let agents = self.registry.sessions_of(&r.id).len();
-        let status = if agents > 0 {
+        let sessions = self.registry.sessions_of(&r.id);
+        let agents = sessions.len();
+        let reports: Vec<_> = sessions.iter().map(|s| s.service.lock().clone()).collect();
+        let refusing = agents > 0 && reports.iter().all(|s| s.reachable == Some(false));
+        let service_error =
+            refusing.then(|| reports.iter().max_by_key(|s| s.at).and_then(|s| s.error.clone())).flatten();
+        let status = if refusing {
+            Status::ServiceUnreachable
+        } else if agents > 0 {
             Status::Available
         } else if self.store.agents_ever_connected(&r.id)? {
             Status::Unavailable
@@ -236,7 +275,67 @@ impl Relay {
             customer_id: r.customer_id,
             agents,
             generation: r.generation,
+            service_error,
         })
+    }
+
+    /// Every connected agent (of one resource, by id or name, when given).
+    pub fn agent_views(&self, resource: Option<&str>) -> Result<Vec<AgentView>, AdminError> {
+        let resources = self.store.resources()?;
+        let wanted: Option<Vec<&Resource>> = resource.map(|q| {
+            let q = q.trim();
+            resources.iter().filter(|r| r.id == q || r.name == q).collect()
+        });
+        if let (Some(q), Some(w)) = (resource, &wanted)
+            && w.is_empty()
+        {
+            return Err(AdminError::not_found(format!(
+                "no resource with id or name {:?}; see `sluice resources list`",
+                printable(q)
+            )));
+        }
+        let sessions = self.registry.all_sessions();
+        Ok(sessions
+            .iter()
+            .filter(|s| wanted.as_ref().is_none_or(|w| w.iter().any(|r| r.id == s.resource_id)))
+            .map(|s| {
+                let r = resources.iter().find(|r| r.id == s.resource_id);
+                let report = s.service.lock().clone();
+                let caps = &s.info.capabilities;
+                AgentView {
+                    agent_id: s.agent_id.clone(),
+                    session_id: s.id.clone(),
+                    resource_id: s.resource_id.clone(),
+                    resource_name: r.map(|r| r.name.clone()).unwrap_or_default(),
+                    customer_id: r.and_then(|r| r.customer_id.clone()),
+                    hostname: s.hostname.clone(),
+                    agent_version: s.info.agent_version.clone(),
+                    peer: s.info.peer.map(|p| p.to_string()).unwrap_or_default(),
+                    connected_at: s.connected_at,
+                    data_path: if caps.ktls { "ktls_splice" } else { "userspace" }.into(),
+                    counter: if caps.ebpf { "ebpf" } else { "userspace" }.into(),
+                    service: match report.reachable {
+                        Some(true) => "reachable",
+                        Some(false) => "unreachable",
+                        None => "unknown",
+                    }
+                    .into(),
+                    last_error: report.error,
+                    shared_identity_with: sessions
+                        .iter()
+                        .filter(|o| o.agent_id == s.agent_id && o.id != s.id)
+                        .map(|o| {
+                            format!(
+                                "{} ({}, {})",
+                                o.id,
+                                o.hostname,
+                                o.info.peer.map(|p| p.to_string()).unwrap_or_default()
+                            )
+                        })
+                        .collect(),
+                }
+            })
+            .collect())
     }
 
     pub fn resource_views(&self) -> Result<Vec<ResourceView>, AdminError> {

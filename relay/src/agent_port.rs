@@ -11,8 +11,8 @@ use rustls::server::Acceptor;
 use sluice_proto::datapath::TunnelSocket;
 use sluice_proto::identity::{AgentIdentity, RegistrationClaims, printable, unix_now, validate_resource_name};
 use sluice_proto::wire::{
-    self, ALPN_CONTROL, ALPN_DATA, ALPN_ENROLL, AgentMsg, DataHello, EnrollRequest, EnrollResponse, Enrollment,
-    PROTOCOL_VERSION, RejectCode, Rejection, RelayMsg,
+    self, ALPN_CONTROL, ALPN_DATA, ALPN_ENROLL, AgentMsg, Capabilities, DataHello, EnrollRequest, EnrollResponse,
+    Enrollment, PROTOCOL_VERSION, RejectCode, Rejection, RelayMsg,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -21,7 +21,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::registry::AgentSession;
+use crate::registry::{AgentSession, ServiceReport, SessionInfo};
 use crate::relay::Relay;
 use crate::store::{AgentRecord, Resource, StoreError};
 
@@ -103,7 +103,7 @@ async fn dispatch(relay: Arc<Relay>, tls: TlsStream<TunnelSocket>, peer: SocketA
             };
             if alpn.as_deref() == Some(ALPN_CONTROL) {
                 let span = info_span!("session", resource = %who.resource_id, agent = %who.agent_id, %peer);
-                control(relay, tls, who).instrument(span).await
+                control(relay, tls, who, peer).instrument(span).await
             } else {
                 data(relay, tls, who, peer).await
             }
@@ -261,7 +261,10 @@ fn decide_enrollment(relay: &Relay, req: &EnrollRequest) -> Result<Enrollment, R
 
     let who =
         AgentIdentity { agent_id: new_id("agt"), resource_id: resource.id.clone(), generation: resource.generation };
-    let cert_pem = relay.identity.sign_agent_csr(&req.csr_pem, &who).map_err(|m| reject(RejectCode::BadRequest, m))?;
+    let cert_pem = relay
+        .identity
+        .sign_agent_csr(&req.csr_pem, &who, relay.config.agent_cert_lifetime)
+        .map_err(|m| reject(RejectCode::BadRequest, m))?;
     relay.store.mark_token_used(&claims.jti, &resource.id).map_err(internal)?;
     relay
         .store
@@ -307,7 +310,7 @@ fn check_identity(relay: &Relay, who: &AgentIdentity) -> Result<Resource, Reject
 
 // === Control sessions ===
 
-async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: AgentIdentity) {
+async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: AgentIdentity, peer: SocketAddr) {
     let resource = match check_identity(&relay, &who) {
         Ok(r) => r,
         Err(r) => {
@@ -317,7 +320,7 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
             return;
         }
     };
-    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame::<_, AgentMsg>(&mut tls)).await {
+    let info = match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame::<_, AgentMsg>(&mut tls)).await {
         Ok(Ok(AgentMsg::Hello { version, agent_version, hostname, capabilities })) => {
             if version != PROTOCOL_VERSION {
                 let r = reject(
@@ -327,7 +330,12 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
                 let _ = wire::write_frame(&mut tls, &RelayMsg::Rejected(r)).await;
                 return;
             }
-            (agent_version, hostname, capabilities)
+            SessionInfo {
+                hostname: printable(&hostname),
+                agent_version: printable(&agent_version),
+                peer: Some(peer),
+                capabilities,
+            }
         }
         Ok(Ok(other)) => return warn!(?other, "control session did not start with hello"),
         Ok(Err(e)) => return debug!(error = %e, "control session closed before hello"),
@@ -339,7 +347,7 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
         who.agent_id.clone(),
         resource.id.clone(),
         who.generation,
-        hello.1.clone(),
+        info,
         out_tx,
     ));
     let welcome = RelayMsg::Welcome {
@@ -349,6 +357,7 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
         resource_name: resource.name.clone(),
         heartbeat_secs: relay.config.heartbeat.as_secs().max(1),
         pool_size: relay.config.pool_size,
+        capabilities: Capabilities { renew: true, service_status: true, ..Default::default() },
     };
     if wire::write_frame(&mut tls, &welcome).await.is_err() {
         return;
@@ -359,16 +368,27 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
     if relay.registry.add(session.clone()) {
         crate::resource_port::start(relay.clone(), resource.id.clone(), resource.name.clone(), resource.port);
     }
+    let info = &session.info;
     info!(
-        session = %session.id, name = %resource.name, host = %hello.1, agent_version = %hello.0,
-        ktls = hello.2.ktls, ebpf = hello.2.ebpf, "agent session up"
+        session = %session.id, name = %resource.name, host = %info.hostname, agent_version = %info.agent_version,
+        ktls = info.capabilities.ktls, ebpf = info.capabilities.ebpf, "agent session up"
     );
+    let twins = relay.registry.twins_of(&session);
+    if !twins.is_empty() {
+        warn!(
+            agent = %who.agent_id,
+            other_sessions = %twins.iter().map(|t| format!("{} from {} ({})", t.id, t.hostname, t.info.peer.map(|p| p.to_string()).unwrap_or_default())).collect::<Vec<_>>().join(", "),
+            "two live sessions share one agent identity: the agent's STATE_DIR was probably copied to a second \
+             host or container; give each agent its own STATE_DIR (volume) so each has its own identity"
+        );
+    }
 
     let (mut rd, mut wr) = tokio::io::split(tls);
     let heartbeat = relay.config.heartbeat.max(Duration::from_secs(1));
     let pong_tx = session.clone();
     let stats_relay = relay.clone();
     let agent_id = who.agent_id.clone();
+    let renew_who = who.clone();
     crate::metrics::agent_sessions(&resource.id, 1.0);
     // Reader: answers pings; any frame proves the agent alive.
     let reader = async move {
@@ -383,6 +403,18 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
                 }
                 Ok(Ok(AgentMsg::Pong { .. })) => {}
                 Ok(Ok(AgentMsg::StreamStats { streams })) => stats_relay.streams.report(&agent_id, &streams),
+                Ok(Ok(AgentMsg::RenewCertificate { csr_pem })) => {
+                    pong_tx.send(renew(&stats_relay, &renew_who, &csr_pem));
+                }
+                Ok(Ok(AgentMsg::ServiceStatus { reachable, error })) => {
+                    let error = error.map(|e| printable(&e));
+                    if reachable {
+                        info!("agent reports the private service reachable");
+                    } else {
+                        warn!(error = error.as_deref().unwrap_or("-"), "agent reports the private service unreachable");
+                    }
+                    *pong_tx.service.lock() = ServiceReport { reachable: Some(reachable), error, at: unix_now() };
+                }
                 Ok(Ok(AgentMsg::Hello { .. })) => return "agent sent a second hello".into(),
             }
         }
@@ -416,6 +448,29 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
     crate::metrics::agent_sessions(&resource.id, -1.0);
     let _ = relay.store.touch_resource(&resource.id, unix_now());
     info!(session = %session.id, reason = %why, "agent session down");
+}
+
+/// Answers a renewal request on a control session: a new certificate for the same
+/// identity, if that identity is still current (resource exists, generation not rotated).
+fn renew(relay: &Relay, who: &AgentIdentity, csr_pem: &str) -> RelayMsg {
+    let signed = check_identity(relay, who).and_then(|_| {
+        relay
+            .identity
+            .sign_agent_csr(csr_pem, who, relay.config.agent_cert_lifetime)
+            .map_err(|m| reject(RejectCode::BadRequest, m))
+    });
+    match signed {
+        Ok(cert_pem) => {
+            crate::metrics::enrollment("renewed");
+            info!("agent certificate renewed");
+            RelayMsg::CertificateRenewed { cert_pem }
+        }
+        Err(r) => {
+            crate::metrics::enrollment("renewal_refused");
+            info!(reason = %r.message, "certificate renewal refused");
+            RelayMsg::RenewalRefused(r)
+        }
+    }
 }
 
 // === Data connections ===

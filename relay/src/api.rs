@@ -10,6 +10,7 @@
 //! | GET    | /v1/resources/{id_or_name}[?customer_id=ID] | one resource (a name shared by several customers needs `customer_id`) |
 //! | DELETE | /v1/resources/{id}            | delete a resource                     |
 //! | GET    | /v1/streams[?resource=NAME][&closed=true] | live (or recently closed) streams |
+//! | GET    | /v1/agents[?resource=NAME_OR_ID] | connected agents: host, version, peer, data path, service state |
 //! | GET    | /metrics                      | Prometheus text (no token: keep the admin listener private) |
 //!
 //! Errors are `{ "error": "what happened and what to do" }` with a fitting status.
@@ -53,6 +54,7 @@ fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/registration-jwts", post(issue_jwt))
         .route("/v1/resources", get(list_resources))
         .route("/v1/streams", get(list_streams))
+        .route("/v1/agents", get(list_agents))
         .route("/v1/resources/{id}", get(get_resource).delete(delete_resource))
         .route_layer(middleware::from_fn_with_state(relay.clone(), require_token));
     Router::new()
@@ -138,6 +140,18 @@ async fn get_resource(
 async fn delete_resource(State(r): State<Arc<Relay>>, Path(id): Path<String>) -> Result<StatusCode, AdminError> {
     r.delete_resource(&id)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct AgentsQuery {
+    resource: Option<String>,
+}
+
+async fn list_agents(
+    State(r): State<Arc<Relay>>,
+    Query(q): Query<AgentsQuery>,
+) -> ApiResult<Vec<crate::admin::AgentView>> {
+    r.agent_views(q.resource.as_deref()).map(Json)
 }
 
 #[derive(Deserialize)]

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::admin::{JwtIssued, JwtRequest, ResourceView};
+use crate::admin::{AgentView, JwtIssued, JwtRequest, ResourceView};
 use crate::pki::files;
 use crate::store::Customer;
 use crate::streams::StreamView;
@@ -81,7 +81,7 @@ pub enum ResourcesCmd {
     },
     /// List resources: Name, Status, Customer (and more with --extended).
     List {
-        /// Also show Id, CustomerId, Endpoint, Agents, Last seen.
+        /// Also show Id, CustomerId, Endpoint, Agents, Last seen, Service error.
         #[arg(long)]
         extended: bool,
         /// Comma-separated columns to show (any of the extended ones).
@@ -103,6 +103,21 @@ pub enum ResourcesCmd {
     Delete {
         /// Resource id.
         id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsCmd {
+    /// List connected agents: Id, Resource, Host, Version, Peer, Connected, Path,
+    /// Counter, Service (reachable/unreachable/unknown) and the last service error.
+    /// Warns when two live sessions share one agent identity (a copied STATE_DIR).
+    List {
+        /// Only agents of this resource (name or id).
+        #[arg(long)]
+        resource: Option<String>,
+        /// Comma-separated columns to show.
+        #[arg(long, value_delimiter = ',')]
+        columns: Option<Vec<String>>,
     },
 }
 
@@ -260,7 +275,8 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(());
             }
-            let all = ["Name", "Status", "Customer", "Id", "CustomerId", "Endpoint", "Agents", "Last seen"];
+            let all =
+                ["Name", "Status", "Customer", "Id", "CustomerId", "Endpoint", "Agents", "Last seen", "Service error"];
             let default: &[&str] = if extended { &all } else { &all[..3] };
             let rows = list
                 .iter()
@@ -277,6 +293,7 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
                         r.endpoint.clone(),
                         r.agents.to_string(),
                         if r.agents > 0 { "now".into() } else { ago(r.last_seen_at) },
+                        r.service_error.clone().unwrap_or_else(|| "-".into()),
                     ]
                 })
                 .collect();
@@ -299,6 +316,63 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs `sluice agents …`.
+pub async fn agents(conn: &AdminConn, cmd: AgentsCmd) -> Result<()> {
+    let api = AdminClient::new(conn)?;
+    let AgentsCmd::List { resource, columns } = cmd;
+    let mut path = "/v1/agents".to_owned();
+    if let Some(r) = &resource {
+        path.push_str(&format!("?resource={}", encode_path(r)));
+    }
+    let list: Vec<AgentView> = api.call("GET", &path, None).await?;
+    for a in list.iter().filter(|a| !a.shared_identity_with.is_empty()) {
+        eprintln!(
+            "warning: agent {} has {} live sessions ({} and {}): its STATE_DIR was probably copied to a second host \
+             or container; give each agent its own STATE_DIR so each has its own identity",
+            a.agent_id,
+            a.shared_identity_with.len() + 1,
+            a.session_id,
+            a.shared_identity_with.join(", ")
+        );
+    }
+    if conn.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    let all = [
+        "Id",
+        "Resource",
+        "Host",
+        "Version",
+        "Peer",
+        "Connected",
+        "Path",
+        "Counter",
+        "Service",
+        "Last error",
+        "Session",
+    ];
+    let rows = list
+        .iter()
+        .map(|a| {
+            vec![
+                a.agent_id.clone(),
+                a.resource_name.clone(),
+                a.hostname.clone(),
+                a.agent_version.clone(),
+                a.peer.clone(),
+                ago(Some(a.connected_at)),
+                a.data_path.clone(),
+                a.counter.clone(),
+                a.service.clone(),
+                a.last_error.clone().unwrap_or_else(|| "-".into()),
+                a.session_id.clone(),
+            ]
+        })
+        .collect();
+    print_table(&all, &all[..10], rows, columns.as_deref())
 }
 
 /// Runs `sluice streams`.

@@ -52,6 +52,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ResourcesCmd,
     },
+    /// Show connected agents: resource, host, version, peer, data path, service state.
+    Agents {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[command(subcommand)]
+        cmd: cli::AgentsCmd,
+    },
     /// Show live streams: resource, agent, client, bytes in/out, rate, data path, counter.
     Streams {
         #[command(flatten)]
@@ -101,6 +108,24 @@ struct ServeArgs {
     /// threads, or copy (read/write through a buffer).
     #[arg(long, env = "SLUICE_KTLS_ENGINE", default_value = "splice", hide_short_help = true)]
     ktls_engine: KtlsEngine,
+    /// How long the client certificates signed for agents are valid (e.g. 30d, 12h).
+    /// Agents renew theirs over the control session when a third is left, without their
+    /// registration JWT. Shorter means a stolen agent key is useful for less time.
+    #[arg(long, env = "SLUICE_AGENT_CERT_LIFETIME", default_value = "30d", value_parser = parse_cert_lifetime)]
+    agent_cert_lifetime: u64,
+}
+
+/// A certificate lifetime: a duration of at least [`sluice_relay::pki::MIN_AGENT_CERT_SECS`].
+fn parse_cert_lifetime(s: &str) -> Result<u64, String> {
+    let secs = cli::parse_duration_secs(s)?;
+    let min = sluice_relay::pki::MIN_AGENT_CERT_SECS;
+    if secs < min {
+        return Err(format!("{s:?} is too short: agent certificates must live at least {min} s"));
+    }
+    if secs > 10 * 365 * 86_400 {
+        return Err(format!("{s:?} is too long: at most 10 years (3650d)"));
+    }
+    Ok(secs)
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -116,6 +141,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         pool_size: args.pool_size,
         data_path: args.data_path,
         ktls_engine: args.ktls_engine,
+        agent_cert_lifetime: Duration::from_secs(args.agent_cert_lifetime),
     })
     .await?;
     quickstart::wait_for_signal().await;
@@ -127,7 +153,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet_cli = matches!(cli.cmd, Cmd::Customers { .. } | Cmd::Resources { .. } | Cmd::Streams { .. });
+    let quiet_cli =
+        matches!(cli.cmd, Cmd::Customers { .. } | Cmd::Resources { .. } | Cmd::Streams { .. } | Cmd::Agents { .. });
     sluice_relay::init_logging(if quiet_cli { "warn" } else { &cli.log }, cli.log_json);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = rt.block_on(async move {
@@ -137,6 +164,7 @@ fn main() -> ExitCode {
             Cmd::Customers { conn, cmd } => cli::customers(&conn, cmd).await,
             Cmd::Resources { conn, cmd } => cli::resources(&conn, cmd).await,
             Cmd::Streams { conn, args } => cli::streams(&conn, args).await,
+            Cmd::Agents { conn, cmd } => cli::agents(&conn, cmd).await,
         }
     });
     match result {

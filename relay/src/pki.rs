@@ -22,9 +22,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sluice_proto::identity::{AgentIdentity, ca_pin};
 use time::{Duration, OffsetDateTime};
 
-/// How long an agent's client certificate is valid. The agent re-enrolls with its
-/// registration JWT when a third of this is left.
+/// How long an agent's client certificate is valid by default (`--agent-cert-lifetime`).
+/// The agent renews it over its control session when a third of this is left.
 pub const AGENT_CERT_DAYS: i64 = 30;
+
+/// The shortest certificate lifetime the relay accepts (tests shorten it to this range).
+pub const MIN_AGENT_CERT_SECS: u64 = 20;
 
 /// File names inside the data directory.
 pub mod files {
@@ -130,7 +133,15 @@ impl RelayIdentity {
 
     /// Issues an agent client certificate for the public key in `csr_pem`. Only the key is
     /// taken from the CSR: names, usages and validity are the relay's.
-    pub fn sign_agent_csr(&self, csr_pem: &str, who: &AgentIdentity) -> Result<String, String> {
+    ///
+    /// The certificate is valid for `lifetime` from now, backdated by up to five minutes
+    /// (a quarter of the lifetime at most) for clocks that run a little behind.
+    pub fn sign_agent_csr(
+        &self,
+        csr_pem: &str,
+        who: &AgentIdentity,
+        lifetime: std::time::Duration,
+    ) -> Result<String, String> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| format!("the certificate signing request is not valid: {e}"))?;
         let mut params = CertificateParams::default();
@@ -139,8 +150,11 @@ impl RelayIdentity {
             vec![SanType::URI(Ia5String::try_from(who.to_uri()).map_err(|e| format!("identity URI: {e}"))?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.not_before = OffsetDateTime::now_utc() - Duration::minutes(5);
-        params.not_after = OffsetDateTime::now_utc() + Duration::days(AGENT_CERT_DAYS);
+        let life = Duration::try_from(lifetime).map_err(|e| format!("certificate lifetime: {e}"))?;
+        let now = OffsetDateTime::now_utc();
+        let backdate: Duration = life / 4;
+        params.not_before = now - backdate.min(Duration::minutes(5));
+        params.not_after = now + life;
         let signed = CertificateSigningRequestParams { params, public_key: csr.public_key };
         signed.signed_by(&self.ca).map(|c| c.pem()).map_err(|e| format!("signing the certificate: {e}"))
     }
@@ -221,14 +235,15 @@ mod tests {
         let agent_key = KeyPair::generate().unwrap();
         let csr = CertificateParams::default().serialize_request(&agent_key).unwrap().pem().unwrap();
         let who = AgentIdentity { agent_id: "agt_x".into(), resource_id: "res_y".into(), generation: 4 };
-        let pem = second.sign_agent_csr(&csr, &who).unwrap();
+        let pem = second.sign_agent_csr(&csr, &who, std::time::Duration::from_secs(3600)).unwrap();
         let der = sluice_proto::tls::certs_from_pem(&pem).unwrap().remove(0);
         assert_eq!(AgentIdentity::from_cert_der(&der), Some(who));
         assert!(
             second
                 .sign_agent_csr(
                     "not a csr",
-                    &AgentIdentity::from_uri("urn:sluice:agent:a:resource:b:generation:1").unwrap()
+                    &AgentIdentity::from_uri("urn:sluice:agent:a:resource:b:generation:1").unwrap(),
+                    std::time::Duration::from_secs(3600)
                 )
                 .is_err()
         );

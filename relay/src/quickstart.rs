@@ -89,6 +89,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         pool_size: 4,
         data_path: Default::default(),
         ktls_engine: Default::default(),
+        agent_cert_lifetime: Duration::from_secs(crate::pki::AGENT_CERT_DAYS as u64 * 86_400),
     })
     .await?;
     let relay = running.relay.clone();
@@ -119,6 +120,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         counter: None,
         data_path: None,
         ktls_engine: None,
+        service_check_secs: None,
     }
     .validate()
     .map_err(anyhow::Error::msg)?;

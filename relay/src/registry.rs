@@ -22,6 +22,26 @@ pub type DataConn = tokio_rustls::server::TlsStream<sluice_proto::datapath::Tunn
 /// Idle data connections a session may park at the relay; more are closed on arrival.
 const MAX_IDLE_PER_SESSION: usize = 64;
 
+/// What an agent said about itself when its session started, and where it came from.
+#[derive(Debug, Clone, Default)]
+pub struct SessionInfo {
+    pub hostname: String,
+    pub agent_version: String,
+    pub peer: Option<std::net::SocketAddr>,
+    pub capabilities: sluice_proto::wire::Capabilities,
+}
+
+/// The private service as the agent last reported it (`None`: not reported yet, e.g. an
+/// older agent).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceReport {
+    pub reachable: Option<bool>,
+    /// The last connection error the agent saw, when not reachable.
+    pub error: Option<String>,
+    /// When the report arrived (seconds since the epoch).
+    pub at: u64,
+}
+
 /// One connected agent's control session and its idle data connections.
 pub struct AgentSession {
     pub id: String,
@@ -29,6 +49,11 @@ pub struct AgentSession {
     pub resource_id: String,
     pub generation: u64,
     pub hostname: String,
+    pub info: SessionInfo,
+    /// When the session came up (seconds since the epoch).
+    pub connected_at: u64,
+    /// The private service's reachability as the agent reports it.
+    pub service: Mutex<ServiceReport>,
     pub started: Instant,
     pool: Mutex<VecDeque<DataConn>>,
     pool_ready: Notify,
@@ -46,7 +71,7 @@ impl AgentSession {
         agent_id: String,
         resource_id: String,
         generation: u64,
-        hostname: String,
+        info: SessionInfo,
         control: mpsc::UnboundedSender<RelayMsg>,
     ) -> Self {
         AgentSession {
@@ -54,7 +79,10 @@ impl AgentSession {
             agent_id,
             resource_id,
             generation,
-            hostname,
+            hostname: info.hostname.clone(),
+            info,
+            connected_at: sluice_proto::identity::unix_now(),
+            service: Mutex::new(ServiceReport::default()),
             started: Instant::now(),
             pool: Mutex::new(VecDeque::new()),
             pool_ready: Notify::new(),
@@ -159,6 +187,19 @@ impl Registry {
 
     pub fn session(&self, id: &str) -> Option<Arc<AgentSession>> {
         self.sessions.lock().get(id).cloned()
+    }
+
+    /// Every live session, oldest first.
+    pub fn all_sessions(&self) -> Vec<Arc<AgentSession>> {
+        let mut all: Vec<_> = self.sessions.lock().values().cloned().collect();
+        all.sort_by_key(|s| s.started);
+        all
+    }
+
+    /// Other live sessions of the same agent identity (a copied STATE_DIR, or a second
+    /// process started with the same state).
+    pub fn twins_of(&self, s: &AgentSession) -> Vec<Arc<AgentSession>> {
+        self.sessions.lock().values().filter(|x| x.agent_id == s.agent_id && x.id != s.id).cloned().collect()
     }
 
     pub fn sessions_of(&self, resource_id: &str) -> Vec<Arc<AgentSession>> {

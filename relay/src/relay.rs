@@ -38,6 +38,8 @@ pub struct RelayConfig {
     pub data_path: DataPathMode,
     /// How kernel-TLS streams move bytes.
     pub ktls_engine: KtlsEngine,
+    /// Validity of the client certificates the relay signs for agents.
+    pub agent_cert_lifetime: Duration,
 }
 
 /// The relay's shared state, handed to every task.

@@ -121,11 +121,18 @@ pub struct Relay {
     pub ports: (u16, u16),
     pub proc: Option<Proc>,
     starts: u32,
+    /// More `sluice serve` flags (e.g. a short `--agent-cert-lifetime`).
+    extra_args: Vec<String>,
 }
 
 impl Relay {
     /// Starts a relay in `dir/relay-data` with free ports and a 1 s heartbeat.
     pub fn start(dir: &Path) -> Relay {
+        Self::start_with(dir, &[])
+    }
+
+    /// Starts a relay like [`Relay::start`] with more `sluice serve` flags.
+    pub fn start_with(dir: &Path, extra_args: &[&str]) -> Relay {
         std::fs::create_dir_all(dir).unwrap();
         let mut r = Relay {
             dir: dir.to_path_buf(),
@@ -134,6 +141,7 @@ impl Relay {
             ports: free_port_range(8),
             proc: None,
             starts: 0,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         r.spawn();
         r
@@ -156,7 +164,8 @@ impl Relay {
             .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin_port)])
             .args(["--public-url", &self.public_url()])
             .args(["--resource-ports", &format!("{}-{}", self.ports.0, self.ports.1)])
-            .args(["--heartbeat-secs", "1", "--log", "info,sluice_relay=debug"]);
+            .args(["--heartbeat-secs", "1", "--log", "info,sluice_relay=debug"])
+            .args(&self.extra_args);
         let log = self.dir.join(format!("relay-{}.log", self.starts));
         self.proc = Some(Proc::spawn(cmd, log));
         // The relay writes its admin URL once its listeners are bound and its store is open.
