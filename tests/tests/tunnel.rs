@@ -12,11 +12,16 @@ const GIB: u64 = 1 << 30;
 
 /// Relay + one agent for `name` pointing at `port`, AVAILABLE.
 fn setup(dir: &std::path::Path, name: &str, port: u16) -> (Relay, Agent, String) {
+    setup_expecting(dir, name, port, "AVAILABLE")
+}
+
+/// Like [`setup`], waiting for `status` (a service that refuses shows SERVICE_UNREACHABLE).
+fn setup_expecting(dir: &std::path::Path, name: &str, port: u16, status: &str) -> (Relay, Agent, String) {
     let relay = Relay::start(dir);
     let customer = relay.create_customer("acme");
     let jwt = relay.customer_jwt(&customer);
     let agent = Agent::for_service(dir, name, port, &jwt);
-    relay.wait_status(name, "AVAILABLE", Some(&agent));
+    relay.wait_status(name, status, Some(&agent));
     let ep = relay.endpoint(name);
     (relay, agent, ep)
 }
@@ -105,7 +110,7 @@ async fn two_hundred_concurrent_streams() {
 async fn refusing_backend_closes_the_client_promptly() {
     let dir = test_dir("refuse");
     let closed_port = free_port(); // nothing listens here
-    let (relay, _agent, ep) = setup(dir.path(), "down", closed_port);
+    let (relay, _agent, ep) = setup_expecting(dir.path(), "down", closed_port, "SERVICE_UNREACHABLE");
     let started = Instant::now();
     // The relay resets the client's connection; on loopback the reset may even beat
     // the client's connect() call, which then reports it.
