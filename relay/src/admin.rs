@@ -77,6 +77,13 @@ pub struct JwtIssued {
     pub expires_at: Option<u64>,
     /// Agents disconnected by a rotation.
     pub disconnected_agents: usize,
+    /// With `rotate`: the resource's own JWTs that were revoked (ids).
+    #[serde(default)]
+    pub revoked_resource_jwts: Vec<String>,
+    /// With `rotate`: customer or org-level JWTs (ids) that had enrolled agents of the
+    /// resource; they can no longer enroll agents for it but stay valid for others.
+    #[serde(default)]
+    pub blocked_for_resource_jwts: Vec<String>,
 }
 
 /// Whether a resource can be reached now.
@@ -124,7 +131,7 @@ impl Relay {
 
     /// Issues a registration JWT; with `rotate`, first cuts off everything older.
     pub fn issue_registration_jwt(&self, req: &JwtRequest) -> Result<JwtIssued, AdminError> {
-        let (customer_id, resource, disconnected) = match (&req.resource_id, &req.customer_id, req.org_only) {
+        let (customer_id, resource, rotated) = match (&req.resource_id, &req.customer_id, req.org_only) {
             (Some(rid), cid, org_only) => {
                 let r = self.store.resource(rid)?.ok_or_else(|| {
                     AdminError::not_found(format!("no resource with id {rid}; see `sluice resources list --extended`"))
@@ -143,20 +150,26 @@ impl Relay {
                     )));
                 }
                 if req.rotate {
-                    let generation = self.store.rotate_resource(rid, unix_now())?;
+                    let (generation, revoked) = self.store.rotate_resource(rid, unix_now())?;
                     let n = self.registry.revoke(
                         rid,
                         Some(generation),
                         &format!(
-                            "resource {rid} was rotated: this agent's certificate and registration JWT are revoked"
+                            "resource {rid} was rotated: this agent's certificate is revoked, and its registration \
+                             JWT can no longer enroll agents for {rid}"
                         ),
                     );
-                    info!(resource = %rid, generation, disconnected_agents = n, "resource rotated");
+                    info!(
+                        resource = %rid, generation, disconnected_agents = n,
+                        revoked_resource_jwts = ?revoked.revoked_resource_jwts,
+                        blocked_for_resource_jwts = ?revoked.blocked_for_resource_jwts,
+                        "resource rotated"
+                    );
                     let r =
                         self.store.resource(rid)?.ok_or_else(|| AdminError::not_found("resource deleted meanwhile"))?;
-                    (r.customer_id.clone(), Some(r), n)
+                    (r.customer_id.clone(), Some(r), Some((n, revoked)))
                 } else {
-                    (r.customer_id.clone(), Some(r), 0)
+                    (r.customer_id.clone(), Some(r), None)
                 }
             }
             (None, _, _) if req.rotate => {
@@ -171,9 +184,9 @@ impl Relay {
                         "no customer with id {cid}; see `sluice customers list`"
                     )));
                 }
-                (Some(cid.clone()), None, 0)
+                (Some(cid.clone()), None, None)
             }
-            (None, None, true) => (None, None, 0),
+            (None, None, true) => (None, None, None),
             (None, None, false) => {
                 return Err(AdminError::bad_request(
                     "say who the token is for: --customer-id ID, --org-only, or --resource-id ID",
@@ -211,7 +224,9 @@ impl Relay {
             resource_id: claims.resource_id,
             generation: claims.generation,
             expires_at,
-            disconnected_agents: disconnected,
+            disconnected_agents: rotated.as_ref().map_or(0, |(n, _)| *n),
+            revoked_resource_jwts: rotated.as_ref().map(|(_, r)| r.revoked_resource_jwts.clone()).unwrap_or_default(),
+            blocked_for_resource_jwts: rotated.map(|(_, r)| r.blocked_for_resource_jwts).unwrap_or_default(),
         })
     }
 
@@ -269,15 +284,22 @@ impl Relay {
         }
     }
 
-    /// Deletes a resource: its port closes, its agents are cut off, its JWTs revoked.
+    /// Deletes a resource: its port closes, its agents are cut off, its own JWTs are
+    /// revoked, and customer JWTs that enrolled its agents can no longer enroll into it
+    /// (a new resource of the same NAME gets a new id, which they may enroll into).
     pub fn delete_resource(&self, id: &str) -> Result<(), AdminError> {
-        if !self.store.delete_resource(id, unix_now())? {
+        let Some(revoked) = self.store.delete_resource(id, unix_now())? else {
             return Err(AdminError::not_found(format!(
                 "no resource with id {id}; see `sluice resources list --extended`"
             )));
-        }
+        };
         let n = self.registry.revoke(id, None, &format!("resource {id} was deleted"));
-        info!(resource = %id, disconnected_agents = n, "resource deleted");
+        info!(
+            resource = %id, disconnected_agents = n,
+            revoked_resource_jwts = ?revoked.revoked_resource_jwts,
+            blocked_for_resource_jwts = ?revoked.blocked_for_resource_jwts,
+            "resource deleted"
+        );
         Ok(())
     }
 }

@@ -236,12 +236,7 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
             let issued: JwtIssued =
                 api.call("POST", "/v1/registration-jwts", Some(serde_json::to_value(&req)?)).await?;
             if rotate {
-                eprintln!(
-                    "Rotated resource {} to key generation {}: older JWTs and agent certificates are revoked; {} agent(s) disconnected.",
-                    issued.resource_id.as_deref().unwrap_or("?"),
-                    issued.generation.unwrap_or(0),
-                    issued.disconnected_agents
-                );
+                eprint!("{}", rotation_report(&issued));
             }
             match conn.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&issued)?),
@@ -289,6 +284,25 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What a rotation revoked, for the operator (stderr: stdout holds only the new JWT).
+fn rotation_report(issued: &JwtIssued) -> String {
+    let rid = issued.resource_id.as_deref().unwrap_or("?");
+    let list = |jtis: &[String]| if jtis.is_empty() { "none".to_owned() } else { jtis.join(", ") };
+    format!(
+        "Rotated resource {rid} to key generation {}: its agents' older certificates are revoked; {} agent(s) \
+         disconnected.\n\
+         Revoked {} registration JWT(s) issued for {rid}: {}.\n\
+         {} customer JWT(s) that enrolled agents of {rid} can no longer enroll agents for {rid} (they stay valid for \
+         other resources): {}.\n",
+        issued.generation.unwrap_or(0),
+        issued.disconnected_agents,
+        issued.revoked_resource_jwts.len(),
+        list(&issued.revoked_resource_jwts),
+        issued.blocked_for_resource_jwts.len(),
+        list(&issued.blocked_for_resource_jwts),
+    )
 }
 
 /// Runs `sluice streams`.
