@@ -1,5 +1,6 @@
-//! Operator actions — customers, registration JWTs (with rotation), resources — as plain
-//! methods on [`Relay`], used by the admin HTTP API and by `sluice quickstart`.
+//! Operator actions — customers, registration JWTs (issue with rotation, list, revoke),
+//! resources — as plain methods on [`Relay`], used by the admin HTTP API and by
+//! `sluice quickstart`.
 
 use serde::{Deserialize, Serialize};
 use sluice_proto::identity::{JWT_AUDIENCE, JWT_ISSUER, RegistrationClaims, unix_now};
@@ -7,7 +8,7 @@ use tracing::{info, warn};
 
 use crate::agent_port::new_id;
 use crate::relay::Relay;
-use crate::store::{Customer, Resource, StoreError, TokenRecord};
+use crate::store::{Customer, Resource, StoreError, TokenRecord, TokenRevocation};
 
 /// An operator-facing failure: an HTTP status and a message that says what to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +85,33 @@ pub struct JwtIssued {
     /// resource; they can no longer enroll agents for it but stay valid for others.
     #[serde(default)]
     pub blocked_for_resource_jwts: Vec<String>,
+}
+
+/// A registration JWT as operators see it (never the JWT itself: only its id).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegistrationJwtView {
+    pub jti: String,
+    pub customer_id: Option<String>,
+    pub customer_name: Option<String>,
+    /// Set for a JWT issued for one resource (`--resource-id`).
+    pub resource_id: Option<String>,
+    pub issued_at: u64,
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
+    /// Agents on record that enrolled with it.
+    pub agents: u64,
+}
+
+/// What revoking one registration JWT did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JwtRevoked {
+    pub jti: String,
+    /// False when it had been revoked before: nothing changed.
+    pub newly_revoked: bool,
+    pub revoked_at: u64,
+    /// Resources whose agents enrolled with it. Those agents stay connected (their
+    /// certificate is their identity); rotate these resources to cut them off.
+    pub agent_resource_ids: Vec<String>,
 }
 
 /// Whether a resource can be reached now.
@@ -227,6 +255,60 @@ impl Relay {
             disconnected_agents: rotated.as_ref().map_or(0, |(n, _)| *n),
             revoked_resource_jwts: rotated.as_ref().map(|(_, r)| r.revoked_resource_jwts.clone()).unwrap_or_default(),
             blocked_for_resource_jwts: rotated.map(|(_, r)| r.blocked_for_resource_jwts).unwrap_or_default(),
+        })
+    }
+
+    /// Every registration JWT issued (of one customer, when given), oldest first.
+    pub fn registration_jwts(&self, customer_id: Option<&str>) -> Result<Vec<RegistrationJwtView>, AdminError> {
+        let customers = self.store.customers()?;
+        if let Some(cid) = customer_id
+            && !customers.iter().any(|c| c.id == cid)
+        {
+            return Err(AdminError::not_found(format!("no customer with id {cid}; see `sluice customers list`")));
+        }
+        Ok(self
+            .store
+            .tokens(customer_id)?
+            .into_iter()
+            .map(|u| RegistrationJwtView {
+                customer_name: u
+                    .token
+                    .customer_id
+                    .as_ref()
+                    .and_then(|c| customers.iter().find(|x| &x.id == c))
+                    .map(|c| c.name.clone()),
+                jti: u.token.jti,
+                customer_id: u.token.customer_id,
+                resource_id: u.token.resource_id,
+                issued_at: u.token.issued_at,
+                expires_at: u.token.expires_at,
+                revoked_at: u.token.revoked_at,
+                agents: u.agents,
+            })
+            .collect())
+    }
+
+    /// Revokes one registration JWT: no agent can enroll with it any more. Agents that
+    /// enrolled with it keep their certificates and stay connected.
+    pub fn revoke_registration_jwt(&self, jti: &str) -> Result<JwtRevoked, AdminError> {
+        let (record, newly_revoked) = match self.store.revoke_token(jti, unix_now())? {
+            TokenRevocation::Unknown => {
+                return Err(AdminError::not_found(format!(
+                    "no registration JWT with id {jti}; see `sluice tokens list` (the id is the JWT's jti, e.g. jwt_…)"
+                )));
+            }
+            TokenRevocation::Revoked(t) => (t, true),
+            TokenRevocation::AlreadyRevoked(t) => (t, false),
+        };
+        let agent_resource_ids = self.store.resources_enrolled_with(jti)?;
+        if newly_revoked {
+            info!(%jti, agent_resources = ?agent_resource_ids, "registration JWT revoked");
+        }
+        Ok(JwtRevoked {
+            jti: record.jti,
+            newly_revoked,
+            revoked_at: record.revoked_at.unwrap_or_default(),
+            agent_resource_ids,
         })
     }
 

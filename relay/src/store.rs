@@ -138,7 +138,7 @@ pub trait Store: Send + Sync {
 
     fn record_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
     fn token(&self, jti: &str) -> Result<Option<TokenRecord>, StoreError>;
-    /// Every registration JWT (of one customer, when given), oldest first, with the
+    /// Every registration JWT (of one customer, when given), in the order issued, with the
     /// number of agents on record that enrolled with it.
     fn tokens(&self, customer_id: Option<&str>) -> Result<Vec<TokenUsage>, StoreError>;
     /// Revokes one registration JWT everywhere: it enrolls no more agents. Agents that
@@ -443,7 +443,7 @@ impl Store for SqliteStore {
                 "SELECT {TOKEN_COLS}, (SELECT COUNT(*) FROM agents a WHERE a.jti = t.jti)
                  FROM registration_tokens t
                  WHERE ?1 IS NULL OR t.customer_id = ?1
-                 ORDER BY t.issued_at, t.jti"
+                 ORDER BY t.issued_at, t.rowid"
             ))?;
             let rows = st
                 .query_map([customer_id], |r| {

@@ -112,3 +112,74 @@ async fn deleting_a_resource_leaves_the_customer_jwt_valid_for_a_new_one_of_that
     relay.wait_status("a", "AVAILABLE", Some(&agent));
     assert_ne!(relay.resource("a").unwrap()["id"], rid.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_are_listed_and_revoked_one_by_one() {
+    let dir = test_dir("tokens-list-revoke");
+    let relay = Relay::start(dir.path());
+    let echo = echo_server().await;
+    let port = echo.port().to_string();
+    let cid = relay.create_customer("acme");
+    let other = relay.create_customer("globex");
+    let first = issue(&relay, &["--customer-id", &cid]);
+    let second = issue(&relay, &["--customer-id", &cid]);
+    let (jti1, jti2) = (first["jti"].as_str().unwrap(), second["jti"].as_str().unwrap());
+    issue(&relay, &["--customer-id", &other]);
+
+    let agent = Agent::start(dir.path(), "x", &agent_env("x", &port, first["jwt"].as_str().unwrap()));
+    relay.wait_status("x", "AVAILABLE", Some(&agent));
+
+    // The table: both of acme's JWTs, with how many agents enrolled with each.
+    let table = relay.cli_ok(&["tokens", "list", "--customer-id", &cid]);
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["Id", "Customer", "Resource", "Created", "Expires", "Agents", "Revoked"], "{table}");
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 2, "only acme's JWTs: {table}");
+    assert_eq!((rows[0][0], rows[0][1], rows[0][2]), (jti1, "acme", "-"), "{table}");
+    assert_eq!(rows[0][rows[0].len() - 2..], ["1", "-"], "{table}");
+    assert_eq!(rows[1][0], jti2, "{table}");
+    assert_eq!(rows[1][rows[1].len() - 2..], ["0", "-"], "{table}");
+    let json: Value = serde_json::from_str(&relay.cli_ok(&["tokens", "list", "-o", "json"])).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 3, "all customers' JWTs without --customer-id: {json}");
+    assert_eq!(json[0]["jti"], jti1);
+    assert_eq!(json[0]["agents"], 1);
+    assert_eq!(json[0]["revoked_at"], Value::Null);
+
+    // Revoke the first: the output says what it does and does not do.
+    let out = relay.cli(&["tokens", "revoke", jti1]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    let rid = relay.resource("x").unwrap()["id"].as_str().unwrap().to_owned();
+    assert!(stderr.contains(&format!("Revoked registration JWT {jti1}: no agent can enroll with it any more")));
+    assert!(stderr.contains("stay connected: revoking a JWT does not disconnect them"), "{stderr}");
+    assert!(stderr.contains(&format!("sluice resources registration-jwt --resource-id {rid} --rotate")), "{stderr}");
+    // Its agent stays up.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(relay.status("x").as_deref(), Some("AVAILABLE"));
+    let json: Value = serde_json::from_str(&relay.cli_ok(&["tokens", "list", "-o", "json"])).unwrap();
+    assert!(json[0]["revoked_at"].is_u64() && json[1]["revoked_at"].is_null(), "{json}");
+
+    // A new agent with the revoked JWT is refused; the other JWT still enrolls.
+    let mut refused = Agent::start(dir.path(), "y1", &agent_env("y", &port, first["jwt"].as_str().unwrap()));
+    assert_eq!(refused.proc.wait_exit(Duration::from_secs(20)), Some(1));
+    let log = refused.proc.log_text();
+    assert!(log.contains("the relay refused this agent: the registration JWT was revoked"), "{log}");
+    let ok = Agent::start(dir.path(), "y2", &agent_env("y", &port, second["jwt"].as_str().unwrap()));
+    relay.wait_status("y", "AVAILABLE", Some(&ok));
+
+    // Revoking again says so; JSON works; an unknown id is a clear 404.
+    let again: Value = serde_json::from_str(&relay.cli_ok(&["tokens", "revoke", jti1, "-o", "json"])).unwrap();
+    assert_eq!(again["newly_revoked"], false, "{again}");
+    let out = relay.cli(&["tokens", "revoke", jti1]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("was already revoked"), "{out:?}");
+    let out = relay.cli(&["tokens", "revoke", "jwt_nope"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no registration JWT with id jwt_nope; see `sluice tokens list`") && err.contains("404"),
+        "{err}"
+    );
+    let out = relay.cli(&["tokens", "list", "--customer-id", "cus_nope"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no customer with id cus_nope"), "{out:?}");
+}
