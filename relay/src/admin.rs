@@ -1,5 +1,6 @@
-//! Operator actions — customers, registration JWTs (with rotation), resources — as plain
-//! methods on [`Relay`], used by the admin HTTP API and by `sluice quickstart`.
+//! Operator actions — customers, registration JWTs (issue with rotation, list, revoke),
+//! resources — as plain methods on [`Relay`], used by the admin HTTP API and by
+//! `sluice quickstart`.
 
 use serde::{Deserialize, Serialize};
 use sluice_proto::identity::{JWT_AUDIENCE, JWT_ISSUER, RegistrationClaims, printable, unix_now};
@@ -7,7 +8,7 @@ use tracing::{info, warn};
 
 use crate::agent_port::new_id;
 use crate::relay::Relay;
-use crate::store::{Customer, Resource, StoreError, TokenRecord};
+use crate::store::{Customer, Resource, StoreError, TokenRecord, TokenRevocation};
 
 /// An operator-facing failure: an HTTP status and a message that says what to do.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,6 +78,40 @@ pub struct JwtIssued {
     pub expires_at: Option<u64>,
     /// Agents disconnected by a rotation.
     pub disconnected_agents: usize,
+    /// With `rotate`: the resource's own JWTs that were revoked (ids).
+    #[serde(default)]
+    pub revoked_resource_jwts: Vec<String>,
+    /// With `rotate`: customer or org-level JWTs (ids) that had enrolled agents of the
+    /// resource; they can no longer enroll agents for it but stay valid for others.
+    #[serde(default)]
+    pub blocked_for_resource_jwts: Vec<String>,
+}
+
+/// A registration JWT as operators see it (never the JWT itself: only its id).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegistrationJwtView {
+    pub jti: String,
+    pub customer_id: Option<String>,
+    pub customer_name: Option<String>,
+    /// Set for a JWT issued for one resource (`--resource-id`).
+    pub resource_id: Option<String>,
+    pub issued_at: u64,
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
+    /// Agents on record that enrolled with it.
+    pub agents: u64,
+}
+
+/// What revoking one registration JWT did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JwtRevoked {
+    pub jti: String,
+    /// False when it had been revoked before: nothing changed.
+    pub newly_revoked: bool,
+    pub revoked_at: u64,
+    /// Resources whose agents enrolled with it. Those agents stay connected (their
+    /// certificate is their identity); rotate these resources to cut them off.
+    pub agent_resource_ids: Vec<String>,
 }
 
 /// Whether a resource can be reached now.
@@ -154,7 +189,7 @@ impl Relay {
 
     /// Issues a registration JWT; with `rotate`, first cuts off everything older.
     pub fn issue_registration_jwt(&self, req: &JwtRequest) -> Result<JwtIssued, AdminError> {
-        let (customer_id, resource, disconnected) = match (&req.resource_id, &req.customer_id, req.org_only) {
+        let (customer_id, resource, rotated) = match (&req.resource_id, &req.customer_id, req.org_only) {
             (Some(rid), cid, org_only) => {
                 let r = self.store.resource(rid)?.ok_or_else(|| {
                     AdminError::not_found(format!("no resource with id {rid}; see `sluice resources list --extended`"))
@@ -173,20 +208,26 @@ impl Relay {
                     )));
                 }
                 if req.rotate {
-                    let generation = self.store.rotate_resource(rid, unix_now())?;
+                    let (generation, revoked) = self.store.rotate_resource(rid, unix_now())?;
                     let n = self.registry.revoke(
                         rid,
                         Some(generation),
                         &format!(
-                            "resource {rid} was rotated: this agent's certificate and registration JWT are revoked"
+                            "resource {rid} was rotated: this agent's certificate is revoked, and its registration \
+                             JWT can no longer enroll agents for {rid}"
                         ),
                     );
-                    info!(resource = %rid, generation, disconnected_agents = n, "resource rotated");
+                    info!(
+                        resource = %rid, generation, disconnected_agents = n,
+                        revoked_resource_jwts = ?revoked.revoked_resource_jwts,
+                        blocked_for_resource_jwts = ?revoked.blocked_for_resource_jwts,
+                        "resource rotated"
+                    );
                     let r =
                         self.store.resource(rid)?.ok_or_else(|| AdminError::not_found("resource deleted meanwhile"))?;
-                    (r.customer_id.clone(), Some(r), n)
+                    (r.customer_id.clone(), Some(r), Some((n, revoked)))
                 } else {
-                    (r.customer_id.clone(), Some(r), 0)
+                    (r.customer_id.clone(), Some(r), None)
                 }
             }
             (None, _, _) if req.rotate => {
@@ -201,9 +242,9 @@ impl Relay {
                         "no customer with id {cid}; see `sluice customers list`"
                     )));
                 }
-                (Some(cid.clone()), None, 0)
+                (Some(cid.clone()), None, None)
             }
-            (None, None, true) => (None, None, 0),
+            (None, None, true) => (None, None, None),
             (None, None, false) => {
                 return Err(AdminError::bad_request(
                     "say who the token is for: --customer-id ID, --org-only, or --resource-id ID",
@@ -241,7 +282,63 @@ impl Relay {
             resource_id: claims.resource_id,
             generation: claims.generation,
             expires_at,
-            disconnected_agents: disconnected,
+            disconnected_agents: rotated.as_ref().map_or(0, |(n, _)| *n),
+            revoked_resource_jwts: rotated.as_ref().map(|(_, r)| r.revoked_resource_jwts.clone()).unwrap_or_default(),
+            blocked_for_resource_jwts: rotated.map(|(_, r)| r.blocked_for_resource_jwts).unwrap_or_default(),
+        })
+    }
+
+    /// Every registration JWT issued (of one customer, when given), oldest first.
+    pub fn registration_jwts(&self, customer_id: Option<&str>) -> Result<Vec<RegistrationJwtView>, AdminError> {
+        let customers = self.store.customers()?;
+        if let Some(cid) = customer_id
+            && !customers.iter().any(|c| c.id == cid)
+        {
+            return Err(AdminError::not_found(format!("no customer with id {cid}; see `sluice customers list`")));
+        }
+        Ok(self
+            .store
+            .tokens(customer_id)?
+            .into_iter()
+            .map(|u| RegistrationJwtView {
+                customer_name: u
+                    .token
+                    .customer_id
+                    .as_ref()
+                    .and_then(|c| customers.iter().find(|x| &x.id == c))
+                    .map(|c| c.name.clone()),
+                jti: u.token.jti,
+                customer_id: u.token.customer_id,
+                resource_id: u.token.resource_id,
+                issued_at: u.token.issued_at,
+                expires_at: u.token.expires_at,
+                revoked_at: u.token.revoked_at,
+                agents: u.agents,
+            })
+            .collect())
+    }
+
+    /// Revokes one registration JWT: no agent can enroll with it any more. Agents that
+    /// enrolled with it keep their certificates and stay connected.
+    pub fn revoke_registration_jwt(&self, jti: &str) -> Result<JwtRevoked, AdminError> {
+        let (record, newly_revoked) = match self.store.revoke_token(jti, unix_now())? {
+            TokenRevocation::Unknown => {
+                return Err(AdminError::not_found(format!(
+                    "no registration JWT with id {jti}; see `sluice tokens list` (the id is the JWT's jti, e.g. jwt_…)"
+                )));
+            }
+            TokenRevocation::Revoked(t) => (t, true),
+            TokenRevocation::AlreadyRevoked(t) => (t, false),
+        };
+        let agent_resource_ids = self.store.resources_enrolled_with(jti)?;
+        if newly_revoked {
+            info!(%jti, agent_resources = ?agent_resource_ids, "registration JWT revoked");
+        }
+        Ok(JwtRevoked {
+            jti: record.jti,
+            newly_revoked,
+            revoked_at: record.revoked_at.unwrap_or_default(),
+            agent_resource_ids,
         })
     }
 
@@ -393,15 +490,22 @@ impl Relay {
         }
     }
 
-    /// Deletes a resource: its port closes, its agents are cut off, its JWTs revoked.
+    /// Deletes a resource: its port closes, its agents are cut off, its own JWTs are
+    /// revoked, and customer JWTs that enrolled its agents can no longer enroll into it
+    /// (a new resource of the same NAME gets a new id, which they may enroll into).
     pub fn delete_resource(&self, id: &str) -> Result<(), AdminError> {
-        if !self.store.delete_resource(id, unix_now())? {
+        let Some(revoked) = self.store.delete_resource(id, unix_now())? else {
             return Err(AdminError::not_found(format!(
                 "no resource with id {id}; see `sluice resources list --extended`"
             )));
-        }
+        };
         let n = self.registry.revoke(id, None, &format!("resource {id} was deleted"));
-        info!(resource = %id, disconnected_agents = n, "resource deleted");
+        info!(
+            resource = %id, disconnected_agents = n,
+            revoked_resource_jwts = ?revoked.revoked_resource_jwts,
+            blocked_for_resource_jwts = ?revoked.blocked_for_resource_jwts,
+            "resource deleted"
+        );
         Ok(())
     }
 }

@@ -191,7 +191,8 @@ fn decide_enrollment(relay: &Relay, req: &EnrollRequest) -> Result<Enrollment, R
         return Err(reject(
             RejectCode::RevokedToken,
             format!(
-                "the registration JWT was revoked (its resource was rotated or deleted); ask the operator for a new one: {hint}"
+                "the registration JWT was revoked (by `sluice tokens revoke`, or because the resource it was issued for \
+                 was rotated or deleted); ask the operator for a new one: {hint}"
             ),
         ));
     }
@@ -259,6 +260,21 @@ fn decide_enrollment(relay: &Relay, req: &EnrollRequest) -> Result<Enrollment, R
         }
     };
 
+    // A customer or org-level JWT that enrolled agents of this resource before it was
+    // rotated may have leaked with them: it stays valid for other resources only.
+    if relay.store.token_use_revoked_at(&claims.jti, &resource.id).map_err(internal)?.is_some() {
+        let rid = &resource.id;
+        return Err(reject(
+            RejectCode::RevokedToken,
+            format!(
+                "this registration JWT enrolled agents of resource {rid} ({:?}) before {rid} was rotated or deleted; \
+                 it can no longer enroll agents for {rid} (it stays valid for other resources); issue a new one: \
+                 sluice resources registration-jwt --resource-id {rid}",
+                resource.name
+            ),
+        ));
+    }
+
     let who =
         AgentIdentity { agent_id: new_id("agt"), resource_id: resource.id.clone(), generation: resource.generation };
     let cert_pem = relay
@@ -274,6 +290,7 @@ fn decide_enrollment(relay: &Relay, req: &EnrollRequest) -> Result<Enrollment, R
             generation: resource.generation,
             hostname: req.hostname.clone(),
             enrolled_at: unix_now(),
+            jti: Some(claims.jti.clone()),
         })
         .map_err(internal)?;
     Ok(Enrollment {

@@ -6,6 +6,8 @@
 //! | GET    | /v1/customers                 | list customers                        |
 //! | POST   | /v1/customers                 | create `{ "name": … }`                |
 //! | POST   | /v1/registration-jwts         | issue a JWT ([`JwtRequest`])          |
+//! | GET    | /v1/registration-jwts[?customer_id=ID] | list issued JWTs (ids, agents, revoked) |
+//! | POST   | /v1/registration-jwts/{jti}/revoke | revoke one JWT (enrolled agents stay) |
 //! | GET    | /v1/resources                 | list resources with live status       |
 //! | GET    | /v1/resources/{id_or_name}[?customer_id=ID] | one resource (a name shared by several customers needs `customer_id`) |
 //! | DELETE | /v1/resources/{id}            | delete a resource                     |
@@ -51,7 +53,8 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
 fn router(relay: Arc<Relay>) -> Router {
     let authed = Router::new()
         .route("/v1/customers", get(list_customers).post(create_customer))
-        .route("/v1/registration-jwts", post(issue_jwt))
+        .route("/v1/registration-jwts", get(list_jwts).post(issue_jwt))
+        .route("/v1/registration-jwts/{jti}/revoke", post(revoke_jwt))
         .route("/v1/resources", get(list_resources))
         .route("/v1/streams", get(list_streams))
         .route("/v1/agents", get(list_agents))
@@ -117,6 +120,22 @@ async fn issue_jwt(
 ) -> ApiResult<crate::admin::JwtIssued> {
     let Json(body) = body.map_err(|e| AdminError::bad_request(format!("bad registration JWT request: {e}")))?;
     r.issue_registration_jwt(&body).map(Json)
+}
+
+#[derive(Deserialize)]
+struct JwtsQuery {
+    customer_id: Option<String>,
+}
+
+async fn list_jwts(
+    State(r): State<Arc<Relay>>,
+    Query(q): Query<JwtsQuery>,
+) -> ApiResult<Vec<crate::admin::RegistrationJwtView>> {
+    r.registration_jwts(q.customer_id.as_deref()).map(Json)
+}
+
+async fn revoke_jwt(State(r): State<Arc<Relay>>, Path(jti): Path<String>) -> ApiResult<crate::admin::JwtRevoked> {
+    r.revoke_registration_jwt(&jti).map(Json)
 }
 
 async fn list_resources(State(r): State<Arc<Relay>>) -> ApiResult<Vec<crate::admin::ResourceView>> {

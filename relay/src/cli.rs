@@ -1,5 +1,6 @@
-//! The admin CLI: `sluice customers …` and `sluice resources …` talk to a relay's admin
-//! API and print tables (default) or JSON (`--output json`).
+//! The admin CLI: `sluice customers …`, `sluice resources …`, `sluice tokens …` and
+//! `sluice streams` talk to a relay's admin API and print tables (default) or JSON
+//! (`--output json`).
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +13,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::admin::{AgentView, JwtIssued, JwtRequest, ResourceView};
+use crate::admin::{AgentView, JwtIssued, JwtRequest, JwtRevoked, RegistrationJwtView, ResourceView};
 use crate::pki::files;
 use crate::store::Customer;
 use crate::streams::StreamView;
@@ -118,6 +119,27 @@ pub enum AgentsCmd {
         /// Comma-separated columns to show.
         #[arg(long, value_delimiter = ',')]
         columns: Option<Vec<String>>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokensCmd {
+    /// List registration JWTs: Id (the JWT's jti), Customer, Resource, Created, Expires,
+    /// Agents (how many enrolled with it), Revoked.
+    List {
+        /// Only the JWTs of this customer.
+        #[arg(long)]
+        customer_id: Option<String>,
+        /// Comma-separated columns to show: Id,Customer,CustomerId,Resource,Created,Expires,Agents,Revoked.
+        #[arg(long, value_delimiter = ',')]
+        columns: Option<Vec<String>>,
+    },
+    /// Revoke one registration JWT: no agent can enroll with it any more. Agents that
+    /// already enrolled with it stay connected (their certificate is their identity);
+    /// rotate their resource to cut them off.
+    Revoke {
+        /// The JWT's id (jti), as `sluice tokens list` shows it.
+        jti: String,
     },
 }
 
@@ -257,12 +279,7 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
             let issued: JwtIssued =
                 api.call("POST", "/v1/registration-jwts", Some(serde_json::to_value(&req)?)).await?;
             if rotate {
-                eprintln!(
-                    "Rotated resource {} to key generation {}: older JWTs and agent certificates are revoked; {} agent(s) disconnected.",
-                    issued.resource_id.as_deref().unwrap_or("?"),
-                    issued.generation.unwrap_or(0),
-                    issued.disconnected_agents
-                );
+                eprint!("{}", rotation_report(&issued));
             }
             match conn.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&issued)?),
@@ -373,6 +390,112 @@ pub async fn agents(conn: &AdminConn, cmd: AgentsCmd) -> Result<()> {
         })
         .collect();
     print_table(&all, &all[..10], rows, columns.as_deref())
+}
+
+/// Runs `sluice tokens …`.
+pub async fn tokens(conn: &AdminConn, cmd: TokensCmd) -> Result<()> {
+    let api = AdminClient::new(conn)?;
+    match cmd {
+        TokensCmd::List { customer_id, columns } => {
+            let mut path = "/v1/registration-jwts".to_owned();
+            if let Some(c) = &customer_id {
+                path.push_str(&format!("?customer_id={}", encode_path(c)));
+            }
+            let list: Vec<RegistrationJwtView> = api.call("GET", &path, None).await?;
+            if conn.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            let all = ["Id", "Customer", "CustomerId", "Resource", "Created", "Expires", "Agents", "Revoked"];
+            let default = ["Id", "Customer", "Resource", "Created", "Expires", "Agents", "Revoked"];
+            let rows = list
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.jti.clone(),
+                        t.customer_name.clone().or_else(|| t.customer_id.clone()).unwrap_or_else(|| "-".into()),
+                        t.customer_id.clone().unwrap_or_else(|| "-".into()),
+                        t.resource_id.clone().unwrap_or_else(|| "-".into()),
+                        ago(Some(t.issued_at)),
+                        expires(t.expires_at),
+                        t.agents.to_string(),
+                        t.revoked_at.map_or_else(|| "-".into(), |r| ago(Some(r))),
+                    ]
+                })
+                .collect();
+            print_table(&all, &default, rows, columns.as_deref())?;
+        }
+        TokensCmd::Revoke { jti } => {
+            let done: JwtRevoked =
+                api.call("POST", &format!("/v1/registration-jwts/{}/revoke", encode_path(&jti)), None).await?;
+            match conn.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&done)?),
+                Output::Table => eprint!("{}", revocation_report(&done)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What revoking a JWT did and did not do, for the operator.
+fn revocation_report(done: &JwtRevoked) -> String {
+    let jti = &done.jti;
+    let mut out = if done.newly_revoked {
+        format!("Revoked registration JWT {jti}: no agent can enroll with it any more.\n")
+    } else {
+        format!("Registration JWT {jti} was already revoked ({}); nothing changed.\n", ago(Some(done.revoked_at)))
+    };
+    if done.agent_resource_ids.is_empty() {
+        out.push_str("No agent on record enrolled with it.\n");
+    } else {
+        out.push_str(&format!(
+            "Agents that enrolled with it (resources {}) stay connected: revoking a JWT does not disconnect them, \
+             their certificate is their identity, renewed over their session without a JWT. They would enroll again \
+             with this JWT, and be refused, only if their state directory is lost or their certificate expires \
+             while they are offline: give them a new JWT for that case. To cut them off now, rotate their \
+             resource:\n",
+            done.agent_resource_ids.join(", ")
+        ));
+        for rid in &done.agent_resource_ids {
+            out.push_str(&format!("  sluice resources registration-jwt --resource-id {rid} --rotate\n"));
+        }
+    }
+    out
+}
+
+/// "in 6d" / "expired 5m ago" / "never".
+fn expires(t: Option<u64>) -> String {
+    let Some(t) = t else { return "never".into() };
+    let now = sluice_proto::identity::unix_now();
+    if t <= now {
+        return format!("expired {}", ago(Some(t)));
+    }
+    let d = t - now;
+    match d {
+        0..=59 => format!("in {d}s"),
+        60..=3599 => format!("in {}m", d / 60),
+        3600..=86399 => format!("in {}h", d / 3600),
+        _ => format!("in {}d", d / 86400),
+    }
+}
+
+/// What a rotation revoked, for the operator (stderr: stdout holds only the new JWT).
+fn rotation_report(issued: &JwtIssued) -> String {
+    let rid = issued.resource_id.as_deref().unwrap_or("?");
+    let list = |jtis: &[String]| if jtis.is_empty() { "none".to_owned() } else { jtis.join(", ") };
+    format!(
+        "Rotated resource {rid} to key generation {}: its agents' older certificates are revoked; {} agent(s) \
+         disconnected.\n\
+         Revoked {} registration JWT(s) issued for {rid}: {}.\n\
+         {} customer JWT(s) that enrolled agents of {rid} can no longer enroll agents for {rid} (they stay valid for \
+         other resources): {}.\n",
+        issued.generation.unwrap_or(0),
+        issued.disconnected_agents,
+        issued.revoked_resource_jwts.len(),
+        list(&issued.revoked_resource_jwts),
+        issued.blocked_for_resource_jwts.len(),
+        list(&issued.blocked_for_resource_jwts),
+    )
 }
 
 /// Runs `sluice streams`.

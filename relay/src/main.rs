@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use sluice_proto::datapath::{DataPathMode, KtlsEngine};
-use sluice_relay::cli::{self, AdminConn, CustomersCmd, ResourcesCmd};
+use sluice_relay::cli::{self, AdminConn, CustomersCmd, ResourcesCmd, TokensCmd};
 use sluice_relay::quickstart::{self, QuickstartArgs};
 use sluice_relay::relay::{self, RelayConfig, parse_port_range};
 
@@ -58,6 +58,13 @@ enum Cmd {
         conn: AdminConn,
         #[command(subcommand)]
         cmd: cli::AgentsCmd,
+    },
+    /// List registration JWTs and revoke them one by one (talks to the admin API).
+    Tokens {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[command(subcommand)]
+        cmd: TokensCmd,
     },
     /// Show live streams: resource, agent, client, bytes in/out, rate, data path, counter.
     Streams {
@@ -153,8 +160,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet_cli =
-        matches!(cli.cmd, Cmd::Customers { .. } | Cmd::Resources { .. } | Cmd::Streams { .. } | Cmd::Agents { .. });
+    let quiet_cli = matches!(
+        cli.cmd,
+        Cmd::Customers { .. } | Cmd::Resources { .. } | Cmd::Tokens { .. } | Cmd::Streams { .. } | Cmd::Agents { .. }
+    );
     sluice_relay::init_logging(if quiet_cli { "warn" } else { &cli.log }, cli.log_json);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = rt.block_on(async move {
@@ -163,6 +172,7 @@ fn main() -> ExitCode {
             Cmd::Quickstart(a) => quickstart::run(a).await,
             Cmd::Customers { conn, cmd } => cli::customers(&conn, cmd).await,
             Cmd::Resources { conn, cmd } => cli::resources(&conn, cmd).await,
+            Cmd::Tokens { conn, cmd } => cli::tokens(&conn, cmd).await,
             Cmd::Streams { conn, args } => cli::streams(&conn, args).await,
             Cmd::Agents { conn, cmd } => cli::agents(&conn, cmd).await,
         }

@@ -4,6 +4,14 @@
 //! [`Store`] is the one interface the rest of the relay uses; [`SqliteStore`] is the
 //! embedded default. The calls are synchronous and short (single-row reads and writes on
 //! a local file), made on admin requests and enrollments, never per stream byte.
+//!
+//! Revocation has two grains. A registration JWT as a whole is revoked (`revoked_at` on
+//! its `registration_tokens` row) when the operator revokes it or when the one resource
+//! it was issued for is rotated or deleted. A customer (or org-level) JWT enrolls agents
+//! of many resources; rotating or deleting one of them revokes only that JWT's *use* for
+//! that resource (`revoked_at` on the `token_uses` row): the JWT may have leaked with the
+//! compromised host, so it must not enroll into that resource again, but the customer's
+//! other resources keep re-enrolling (restarts, new replicas, certificate renewal) with it.
 
 use std::ops::RangeInclusive;
 use std::path::Path;
@@ -37,7 +45,7 @@ pub struct Resource {
 }
 
 /// A registration JWT the relay issued.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenRecord {
     pub jti: String,
     pub customer_id: Option<String>,
@@ -55,6 +63,37 @@ pub struct AgentRecord {
     pub generation: u64,
     pub hostname: String,
     pub enrolled_at: u64,
+    /// The registration JWT the agent enrolled with; `None` for agents enrolled before
+    /// the relay recorded it.
+    pub jti: Option<String>,
+}
+
+/// What rotating or deleting a resource revoked besides its agents' certificates.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourceRevocation {
+    /// JWTs issued for the resource itself (`--resource-id`): revoked everywhere.
+    pub revoked_resource_jwts: Vec<String>,
+    /// Customer or org-level JWTs that had enrolled agents of the resource: they can no
+    /// longer enroll agents for it, and stay valid for every other resource.
+    pub blocked_for_resource_jwts: Vec<String>,
+}
+
+/// A registration JWT with how many agents (still on record) enrolled with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenUsage {
+    pub token: TokenRecord,
+    pub agents: u64,
+}
+
+/// What [`Store::revoke_token`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenRevocation {
+    /// No JWT with that id was ever issued by this relay.
+    Unknown,
+    /// Revoked now; the record carries the revocation time.
+    Revoked(TokenRecord),
+    /// It had been revoked before (at the record's `revoked_at`); nothing changed.
+    AlreadyRevoked(TokenRecord),
 }
 
 /// Why a store call failed.
@@ -87,17 +126,32 @@ pub trait Store: Send + Sync {
     fn resource(&self, id: &str) -> Result<Option<Resource>, StoreError>;
     fn resource_by_name(&self, customer_id: Option<&str>, name: &str) -> Result<Option<Resource>, StoreError>;
     fn resources(&self) -> Result<Vec<Resource>, StoreError>;
-    /// Bumps the key generation and revokes every token issued for, or used to enroll,
-    /// the resource. Returns the new generation.
-    fn rotate_resource(&self, id: &str, now: u64) -> Result<u64, StoreError>;
-    /// Deletes the resource, its agents, and revokes its tokens. False if it did not exist.
-    fn delete_resource(&self, id: &str, now: u64) -> Result<bool, StoreError>;
+    /// Bumps the key generation (so the agents' certificates of older generations are
+    /// refused), revokes the JWTs issued for this resource, and revokes the use for this
+    /// resource of every customer or org-level JWT that enrolled agents of it — those
+    /// JWTs stay valid for other resources. Returns the new generation and what was revoked.
+    fn rotate_resource(&self, id: &str, now: u64) -> Result<(u64, ResourceRevocation), StoreError>;
+    /// Deletes the resource and its agents, and revokes JWTs as a rotation does. `None`
+    /// if the resource did not exist.
+    fn delete_resource(&self, id: &str, now: u64) -> Result<Option<ResourceRevocation>, StoreError>;
     fn touch_resource(&self, id: &str, now: u64) -> Result<(), StoreError>;
 
     fn record_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
     fn token(&self, jti: &str) -> Result<Option<TokenRecord>, StoreError>;
-    /// Remembers that `jti` enrolled an agent of `resource_id` (so a rotation revokes it).
+    /// Every registration JWT (of one customer, when given), in the order issued, with the
+    /// number of agents on record that enrolled with it.
+    fn tokens(&self, customer_id: Option<&str>) -> Result<Vec<TokenUsage>, StoreError>;
+    /// Revokes one registration JWT everywhere: it enrolls no more agents. Agents that
+    /// enrolled with it keep their certificates.
+    fn revoke_token(&self, jti: &str, now: u64) -> Result<TokenRevocation, StoreError>;
+    /// The resources whose agents on record enrolled with `jti`.
+    fn resources_enrolled_with(&self, jti: &str) -> Result<Vec<String>, StoreError>;
+    /// Remembers that `jti` enrolled an agent of `resource_id`, so rotating or deleting
+    /// that resource can revoke this JWT's use for it.
     fn mark_token_used(&self, jti: &str, resource_id: &str) -> Result<(), StoreError>;
+    /// When `jti`'s use for `resource_id` was revoked (by rotating or deleting the
+    /// resource), if it was.
+    fn token_use_revoked_at(&self, jti: &str, resource_id: &str) -> Result<Option<u64>, StoreError>;
 
     fn add_agent(&self, a: &AgentRecord) -> Result<(), StoreError>;
     /// Whether any agent of the resource ever completed a control session.
@@ -144,6 +198,11 @@ const MIGRATIONS: &[&str] = &[
         resource_id TEXT NOT NULL,
         PRIMARY KEY (jti, resource_id)
      );",
+    // 2: a rotation or deletion revokes a JWT's use for one resource, not the whole JWT
+    "ALTER TABLE token_uses ADD COLUMN revoked_at INTEGER;",
+    // 3: which registration JWT each agent enrolled with (for listing and revocation)
+    "ALTER TABLE agents ADD COLUMN jti TEXT;
+     CREATE INDEX agents_jti ON agents (jti);",
 ];
 
 /// The embedded store: one SQLite file in the data directory.
@@ -193,6 +252,19 @@ fn resource_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Resource> {
         generation: r.get::<_, i64>(4)? as u64,
         created_at: r.get::<_, i64>(5)? as u64,
         last_seen_at: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+    })
+}
+
+const TOKEN_COLS: &str = "jti, customer_id, resource_id, issued_at, expires_at, revoked_at";
+
+fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
+    Ok(TokenRecord {
+        jti: r.get(0)?,
+        customer_id: r.get(1)?,
+        resource_id: r.get(2)?,
+        issued_at: r.get::<_, i64>(3)? as u64,
+        expires_at: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+        revoked_at: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
     })
 }
 
@@ -307,25 +379,29 @@ impl Store for SqliteStore {
         })
     }
 
-    fn rotate_resource(&self, id: &str, now: u64) -> Result<u64, StoreError> {
+    fn rotate_resource(&self, id: &str, now: u64) -> Result<(u64, ResourceRevocation), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute("UPDATE resources SET generation = generation + 1 WHERE id = ?1", [id])?;
             let generation: i64 = tx.query_row("SELECT generation FROM resources WHERE id = ?1", [id], |r| r.get(0))?;
-            revoke_tokens_of(&tx, id, now)?;
+            let revoked = revoke_credentials_of(&tx, id, now)?;
             tx.commit()?;
-            Ok(generation as u64)
+            Ok((generation as u64, revoked))
         })
     }
 
-    fn delete_resource(&self, id: &str, now: u64) -> Result<bool, StoreError> {
+    fn delete_resource(&self, id: &str, now: u64) -> Result<Option<ResourceRevocation>, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
-            revoke_tokens_of(&tx, id, now)?;
+            let revoked = revoke_credentials_of(&tx, id, now)?;
             tx.execute("DELETE FROM agents WHERE resource_id = ?1", [id])?;
             let n = tx.execute("DELETE FROM resources WHERE id = ?1", [id])?;
+            if n == 0 {
+                // Nothing existed: leave no trace of a revocation.
+                return Ok(None);
+            }
             tx.commit()?;
-            Ok(n > 0)
+            Ok(Some(revoked))
         })
     }
 
@@ -356,22 +432,56 @@ impl Store for SqliteStore {
 
     fn token(&self, jti: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.with(|c| {
-            Ok(c.query_row(
-                "SELECT jti, customer_id, resource_id, issued_at, expires_at, revoked_at
-                 FROM registration_tokens WHERE jti = ?1",
-                [jti],
-                |r| {
-                    Ok(TokenRecord {
-                        jti: r.get(0)?,
-                        customer_id: r.get(1)?,
-                        resource_id: r.get(2)?,
-                        issued_at: r.get::<_, i64>(3)? as u64,
-                        expires_at: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
-                        revoked_at: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
-                    })
-                },
-            )
-            .optional()?)
+            Ok(c.query_row(&format!("SELECT {TOKEN_COLS} FROM registration_tokens WHERE jti = ?1"), [jti], token_row)
+                .optional()?)
+        })
+    }
+
+    fn tokens(&self, customer_id: Option<&str>) -> Result<Vec<TokenUsage>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {TOKEN_COLS}, (SELECT COUNT(*) FROM agents a WHERE a.jti = t.jti)
+                 FROM registration_tokens t
+                 WHERE ?1 IS NULL OR t.customer_id = ?1
+                 ORDER BY t.issued_at, t.rowid"
+            ))?;
+            let rows = st
+                .query_map([customer_id], |r| {
+                    Ok(TokenUsage { token: token_row(r)?, agents: r.get::<_, i64>(6)? as u64 })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn revoke_token(&self, jti: &str, now: u64) -> Result<TokenRevocation, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let found = tx
+                .query_row(&format!("SELECT {TOKEN_COLS} FROM registration_tokens WHERE jti = ?1"), [jti], token_row)
+                .optional()?;
+            let outcome = match found {
+                None => TokenRevocation::Unknown,
+                Some(t) if t.revoked_at.is_some() => TokenRevocation::AlreadyRevoked(t),
+                Some(mut t) => {
+                    tx.execute(
+                        "UPDATE registration_tokens SET revoked_at = ?2 WHERE jti = ?1",
+                        params![jti, now as i64],
+                    )?;
+                    t.revoked_at = Some(now);
+                    TokenRevocation::Revoked(t)
+                }
+            };
+            tx.commit()?;
+            Ok(outcome)
+        })
+    }
+
+    fn resources_enrolled_with(&self, jti: &str) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT DISTINCT resource_id FROM agents WHERE jti = ?1 ORDER BY resource_id")?;
+            let rows = st.query_map([jti], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            Ok(rows)
         })
     }
 
@@ -385,11 +495,25 @@ impl Store for SqliteStore {
         })
     }
 
+    fn token_use_revoked_at(&self, jti: &str, resource_id: &str) -> Result<Option<u64>, StoreError> {
+        self.with(|c| {
+            let at: Option<Option<i64>> = c
+                .query_row(
+                    "SELECT revoked_at FROM token_uses WHERE jti = ?1 AND resource_id = ?2",
+                    params![jti, resource_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(at.flatten().map(|v| v as u64))
+        })
+    }
+
     fn add_agent(&self, a: &AgentRecord) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO agents (id, resource_id, generation, hostname, enrolled_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![a.id, a.resource_id, a.generation as i64, a.hostname, a.enrolled_at as i64],
+                "INSERT INTO agents (id, resource_id, generation, hostname, enrolled_at, jti)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![a.id, a.resource_id, a.generation as i64, a.hostname, a.enrolled_at as i64, a.jti],
             )?;
             Ok(())
         })
@@ -413,14 +537,36 @@ impl Store for SqliteStore {
     }
 }
 
-fn revoke_tokens_of(tx: &rusqlite::Transaction<'_>, resource_id: &str, now: u64) -> Result<(), StoreError> {
+/// Revokes the JWTs issued for `resource_id`, and the use for `resource_id` of every
+/// other JWT that enrolled agents of it (those stay valid for other resources).
+fn revoke_credentials_of(
+    tx: &rusqlite::Transaction<'_>,
+    resource_id: &str,
+    now: u64,
+) -> Result<ResourceRevocation, StoreError> {
+    let jtis = |sql: &str| -> Result<Vec<String>, StoreError> {
+        let mut st = tx.prepare(sql)?;
+        let rows = st.query_map([resource_id], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        Ok(rows)
+    };
+    let revoked_resource_jwts = jtis(
+        "SELECT jti FROM registration_tokens WHERE resource_id = ?1 AND revoked_at IS NULL ORDER BY issued_at, jti",
+    )?;
+    let blocked_for_resource_jwts = jtis(
+        "SELECT u.jti FROM token_uses u JOIN registration_tokens t ON t.jti = u.jti
+         WHERE u.resource_id = ?1 AND u.revoked_at IS NULL
+           AND t.resource_id IS NULL AND t.revoked_at IS NULL
+         ORDER BY t.issued_at, u.jti",
+    )?;
     tx.execute(
-        "UPDATE registration_tokens SET revoked_at = ?2
-         WHERE revoked_at IS NULL
-           AND (resource_id = ?1 OR jti IN (SELECT jti FROM token_uses WHERE resource_id = ?1))",
+        "UPDATE registration_tokens SET revoked_at = ?2 WHERE resource_id = ?1 AND revoked_at IS NULL",
         params![resource_id, now as i64],
     )?;
-    Ok(())
+    tx.execute(
+        "UPDATE token_uses SET revoked_at = ?2 WHERE resource_id = ?1 AND revoked_at IS NULL",
+        params![resource_id, now as i64],
+    )?;
+    Ok(ResourceRevocation { revoked_resource_jwts, blocked_for_resource_jwts })
 }
 
 #[cfg(test)]
@@ -440,7 +586,7 @@ mod tests {
         let a = s.create_resource("r1", Some("c1"), "db", 100..=102, 1).unwrap();
         let b = s.create_resource("r2", None, "db", 100..=102, 1).unwrap();
         assert_eq!((a.port, b.port), (100, 101));
-        assert!(s.delete_resource("r1", 2).unwrap());
+        assert!(s.delete_resource("r1", 2).unwrap().is_some());
         let c = s.create_resource("r3", Some("c1"), "sftp", 100..=102, 3).unwrap();
         assert_eq!(c.port, 100, "a deleted resource's port is reused");
         s.create_resource("r4", Some("c1"), "x", 100..=102, 3).unwrap();
@@ -464,26 +610,123 @@ mod tests {
         assert_eq!(s.resource_by_name(None, "db").unwrap(), None);
     }
 
-    #[test]
-    fn rotation_bumps_generation_and_revokes_issued_and_used_tokens() {
-        let (_d, s) = store();
-        s.create_customer("c1", "acme", 1).unwrap();
-        s.create_resource("r1", Some("c1"), "db", 1..=9, 1).unwrap();
-        let tok = |jti: &str, rid: Option<&str>| TokenRecord {
+    fn tok(jti: &str, cid: Option<&str>, rid: Option<&str>) -> TokenRecord {
+        TokenRecord {
             jti: jti.into(),
-            customer_id: Some("c1".into()),
+            customer_id: cid.map(Into::into),
             resource_id: rid.map(Into::into),
             issued_at: 1,
             expires_at: None,
             revoked_at: None,
-        };
-        s.record_token(&tok("for-r1", Some("r1"))).unwrap();
-        s.record_token(&tok("used-for-r1", None)).unwrap();
-        s.record_token(&tok("unrelated", None)).unwrap();
-        s.mark_token_used("used-for-r1", "r1").unwrap();
-        assert_eq!(s.rotate_resource("r1", 5).unwrap(), 2);
+        }
+    }
+
+    fn agent(id: &str, rid: &str, jti: &str) -> AgentRecord {
+        AgentRecord {
+            id: id.into(),
+            resource_id: rid.into(),
+            generation: 1,
+            hostname: "h".into(),
+            enrolled_at: 1,
+            jti: Some(jti.into()),
+        }
+    }
+
+    #[test]
+    fn rotation_revokes_the_resources_jwts_and_blocks_customer_jwts_for_it_only() {
+        let (_d, s) = store();
+        s.create_customer("c1", "acme", 1).unwrap();
+        s.create_resource("r1", Some("c1"), "a", 1..=9, 1).unwrap();
+        s.create_resource("r2", Some("c1"), "b", 1..=9, 1).unwrap();
+        s.record_token(&tok("for-r1", Some("c1"), Some("r1"))).unwrap();
+        s.record_token(&tok("for-r2", Some("c1"), Some("r2"))).unwrap();
+        s.record_token(&tok("customer", Some("c1"), None)).unwrap();
+        s.record_token(&tok("unrelated", Some("c1"), None)).unwrap();
+        // One customer JWT enrolled agents of both resources.
+        s.mark_token_used("customer", "r1").unwrap();
+        s.mark_token_used("customer", "r2").unwrap();
+        s.mark_token_used("for-r1", "r1").unwrap();
+
+        let (generation, revoked) = s.rotate_resource("r1", 5).unwrap();
+        assert_eq!(generation, 2);
+        assert_eq!(
+            revoked,
+            ResourceRevocation {
+                revoked_resource_jwts: vec!["for-r1".into()],
+                blocked_for_resource_jwts: vec!["customer".into()],
+            }
+        );
         assert_eq!(s.token("for-r1").unwrap().unwrap().revoked_at, Some(5));
-        assert_eq!(s.token("used-for-r1").unwrap().unwrap().revoked_at, Some(5));
+        assert_eq!(s.token("for-r2").unwrap().unwrap().revoked_at, None, "other resources' JWTs stay valid");
+        assert_eq!(s.token("customer").unwrap().unwrap().revoked_at, None, "the customer JWT stays valid");
         assert_eq!(s.token("unrelated").unwrap().unwrap().revoked_at, None);
+        assert_eq!(s.token_use_revoked_at("customer", "r1").unwrap(), Some(5), "but it can no longer enroll into r1");
+        assert_eq!(s.token_use_revoked_at("customer", "r2").unwrap(), None, "and still can into r2");
+        assert_eq!(s.token_use_revoked_at("unrelated", "r1").unwrap(), None, "a JWT that never enrolled r1");
+
+        // A second rotation reports only what it revoked itself.
+        assert_eq!(s.rotate_resource("r1", 6).unwrap(), (3, ResourceRevocation::default()));
+        assert_eq!(s.token_use_revoked_at("customer", "r1").unwrap(), Some(5));
+    }
+
+    #[test]
+    fn deletion_revokes_like_rotation_and_unknown_ids_change_nothing() {
+        let (_d, s) = store();
+        s.create_customer("c1", "acme", 1).unwrap();
+        s.create_resource("r1", Some("c1"), "a", 1..=9, 1).unwrap();
+        s.record_token(&tok("for-r1", Some("c1"), Some("r1"))).unwrap();
+        s.record_token(&tok("customer", Some("c1"), None)).unwrap();
+        s.mark_token_used("customer", "r1").unwrap();
+        s.add_agent(&agent("a1", "r1", "customer")).unwrap();
+        assert_eq!(s.delete_resource("nope", 2).unwrap(), None);
+        assert_eq!(s.token_use_revoked_at("customer", "r1").unwrap(), None);
+        let revoked = s.delete_resource("r1", 3).unwrap().unwrap();
+        assert_eq!(revoked.revoked_resource_jwts, ["for-r1"]);
+        assert_eq!(revoked.blocked_for_resource_jwts, ["customer"]);
+        assert_eq!(s.token("customer").unwrap().unwrap().revoked_at, None);
+        assert_eq!(s.token_use_revoked_at("customer", "r1").unwrap(), Some(3));
+        assert!(s.resources_enrolled_with("customer").unwrap().is_empty(), "the agents went with the resource");
+    }
+
+    #[test]
+    fn tokens_are_listed_with_agent_counts_and_revoked_one_by_one() {
+        let (_d, s) = store();
+        s.create_customer("c1", "acme", 1).unwrap();
+        s.create_customer("c2", "globex", 1).unwrap();
+        s.create_resource("r1", Some("c1"), "a", 1..=9, 1).unwrap();
+        s.record_token(&tok("t1", Some("c1"), None)).unwrap();
+        s.record_token(&tok("t2", Some("c2"), None)).unwrap();
+        s.record_token(&tok("t3", None, None)).unwrap();
+        s.add_agent(&agent("a1", "r1", "t1")).unwrap();
+        s.add_agent(&agent("a2", "r1", "t1")).unwrap();
+
+        let all = s.tokens(None).unwrap();
+        let counts: Vec<(&str, u64)> = all.iter().map(|u| (u.token.jti.as_str(), u.agents)).collect();
+        assert_eq!(counts, [("t1", 2), ("t2", 0), ("t3", 0)]);
+        let of_c2 = s.tokens(Some("c2")).unwrap();
+        assert_eq!(of_c2.iter().map(|u| u.token.jti.as_str()).collect::<Vec<_>>(), ["t2"]);
+        assert_eq!(s.resources_enrolled_with("t1").unwrap(), ["r1"]);
+
+        assert!(matches!(s.revoke_token("t1", 7).unwrap(), TokenRevocation::Revoked(t) if t.revoked_at == Some(7)));
+        assert!(
+            matches!(s.revoke_token("t1", 8).unwrap(), TokenRevocation::AlreadyRevoked(t) if t.revoked_at == Some(7))
+        );
+        assert_eq!(s.revoke_token("nope", 8).unwrap(), TokenRevocation::Unknown);
+        assert_eq!(s.token("t2").unwrap().unwrap().revoked_at, None);
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute("INSERT INTO token_uses (jti, resource_id) VALUES ('j', 'r')", []).unwrap();
+        }
+        let s = SqliteStore::open(&path).unwrap();
+        assert_eq!(s.token_use_revoked_at("j", "r").unwrap(), None);
+        assert!(s.tokens(None).unwrap().is_empty());
     }
 }

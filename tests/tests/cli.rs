@@ -98,11 +98,27 @@ async fn rotation_revokes_old_jwt_and_cuts_off_connected_agents() {
     let cut = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut open, &mut buf)).await;
     assert!(matches!(cut, Ok(Ok(0)) | Ok(Err(_))), "open stream is cut: {cut:?}");
 
-    // A fresh agent with the old JWT is refused with a clear, one-line error.
-    let mut fresh = Agent::for_service(dir.path(), "db-fresh", echo.port(), &old_jwt);
+    // A fresh agent of the same resource with the old (customer) JWT is refused with a
+    // clear, one-line error: the JWT may have leaked with the rotated resource's host.
+    let mut fresh = Agent::start(
+        dir.path(),
+        "db-fresh",
+        &[
+            ("APP_HOST", "127.0.0.1"),
+            ("APP_PORT", &echo.port().to_string()),
+            ("NAME", "db"),
+            ("REGISTRATION_JWT", &old_jwt),
+        ],
+    );
     assert_eq!(fresh.proc.wait_exit(Duration::from_secs(20)), Some(1));
     let log = fresh.proc.log_text();
-    assert!(log.contains("error: the relay refused this agent: the registration JWT was revoked"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "error: the relay refused this agent: this registration JWT enrolled agents of resource {rid} (\"db\") \
+             before {rid} was rotated or deleted; it can no longer enroll agents for {rid}"
+        )),
+        "{log}"
+    );
 
     // The new JWT works (NAME may be omitted: the JWT names the resource).
     let new_agent = Agent::start(
