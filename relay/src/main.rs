@@ -19,7 +19,7 @@ use sluice_relay::relay::{self, RelayConfig, parse_port_range};
 ///
 /// First time? Run `sluice quickstart`.
 #[derive(Debug, Parser)]
-#[command(name = "sluice", version, propagate_version = true)]
+#[command(name = "sluice", version = sluice_relay::LONG_VERSION, propagate_version = true)]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or per-module directives).
     #[arg(long, env = "SLUICE_LOG", default_value = "info", global = true)]
