@@ -84,6 +84,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
     );
     let wait = |why: &str, backoff: &mut Backoff| {
         let d = backoff.next_delay();
+        crate::metrics::relay_unreachable(why);
         warn!(reason = %why, retry_in = ?d, "relay unreachable; will retry");
         d
     };
