@@ -2,6 +2,9 @@
 //! installed (`scripts/setup-ebpf.sh`: a pinned nightly with rust-src, bpf-linker).
 //! Without it the agent still builds — without the program — and says so; at run time
 //! it then counts stream bytes in user space.
+//!
+//! It also names the build (`SLUICE_GIT_COMMIT`, `SLUICE_BUILD_DATE`) for `--version` and
+//! `sluice_agent_build_info`: see `name_the_build`, kept apart from the eBPF logic.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -61,7 +64,17 @@ fn watch_toolchain(present: bool) {
     }
 }
 
+#[path = "../proto/build_version.rs"]
+mod build_version;
+
+/// Names the build; runs first because the eBPF part below may return early.
+fn name_the_build() {
+    println!("cargo:rerun-if-changed=../proto/build_version.rs");
+    build_version::emit();
+}
+
 fn main() {
+    name_the_build();
     println!("cargo:rustc-check-cfg=cfg(sluice_ebpf)");
     println!("cargo:rerun-if-env-changed=SLUICE_NO_EBPF");
     println!("cargo:rerun-if-changed=build.rs");

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 /// Typical use (Docker or systemd sets these):
 ///   APP_HOST=db.internal APP_PORT=5432 NAME=orders-db REGISTRATION_JWT=eyJ… sluice-agent
 #[derive(Debug, Parser)]
-#[command(name = "sluice-agent", version)]
+#[command(name = "sluice-agent", version = sluice_agent::LONG_VERSION)]
 struct Args {
     /// Host name or IP of the private service.
     #[arg(long, env = "APP_HOST")]

@@ -1,5 +1,11 @@
-//! Prometheus metrics of the agent, served only when asked for (`--metrics-listen`, e.g.
-//! `127.0.0.1:9464`): the agent opens no port by default.
+//! Prometheus metrics and health of the agent, served only when asked for
+//! (`--metrics-listen`, e.g. `127.0.0.1:9464`): the agent opens no port by default.
+//!
+//! | path | answer |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text; every metric has `# HELP` |
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200 while the control session with the relay is up; 503 with a JSON reason otherwise |
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -16,19 +22,61 @@
 //! | `sluice_agent_ebpf_enabled` | gauge | 1 when stream bytes are counted by eBPF |
 //! | `sluice_agent_ebpf_map_entries` | gauge | sockets registered with the eBPF program |
 //! | `sluice_agent_idle_data_connections` | gauge | warm data connections waiting for a stream |
+//! | `sluice_agent_build_info` | gauge | `version`, `commit` (always 1) |
 
-use sluice_proto::metrics::PrometheusHandle;
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tracing::{info, warn};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Installs the process-wide Prometheus recorder (once) and returns its handle.
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use parking_lot::Mutex;
+use sluice_proto::metrics::PrometheusHandle;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+/// True while the control session with the relay is up: what `/readyz` answers.
+static SESSION_UP: AtomicBool = AtomicBool::new(false);
+/// Why the agent last failed to reach the relay, for `/readyz` while it is down.
+static LAST_FAILURE: Mutex<Option<String>> = Mutex::new(None);
+
+/// Installs the process-wide Prometheus recorder (once), describes every metric, and
+/// returns the recorder's handle.
 pub fn install() -> PrometheusHandle {
     let handle = sluice_proto::metrics::install();
+    describe();
+    metrics::gauge!("sluice_agent_build_info", "version" => crate::VERSION, "commit" => crate::GIT_COMMIT).set(1.0);
     // Present from the start, so "0 bytes copied" is visible before any stream ends.
     metrics::counter!("sluice_agent_userspace_copy_bytes_total").increment(0);
     handle
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge};
+    describe_counter!(
+        "sluice_agent_bytes_total",
+        Unit::Bytes,
+        "Stream payload bytes by direction (in: to the private service)."
+    );
+    describe_counter!("sluice_agent_streams_opened_total", "Streams opened, by data path.");
+    describe_counter!(
+        "sluice_agent_userspace_copy_bytes_total",
+        Unit::Bytes,
+        "Payload bytes of finished streams that passed through a user-space buffer (0 with kTLS + splice)."
+    );
+    describe_counter!("sluice_agent_streams_closed_total", "Streams closed, by how they ended.");
+    describe_counter!("sluice_agent_streams_failed_total", "Streams that could not be opened, by reason.");
+    describe_gauge!("sluice_agent_streams_active", "Streams open now.");
+    describe_gauge!("sluice_agent_sessions", "1 while the control session with the relay is up.");
+    describe_counter!("sluice_agent_reconnects_total", "Control sessions that ended other than by shutdown.");
+    describe_counter!("sluice_agent_handshake_failures_total", "TLS handshakes with the relay that failed.");
+    describe_counter!("sluice_agent_enrollments_total", "Enrollment attempts, by outcome.");
+    describe_gauge!("sluice_agent_ebpf_enabled", "1 when stream bytes are counted by the eBPF program.");
+    describe_gauge!("sluice_agent_ebpf_map_entries", "Sockets registered with the eBPF program.");
+    describe_gauge!("sluice_agent_idle_data_connections", "Warm data connections waiting for a stream.");
+    describe_gauge!("sluice_agent_build_info", "The running agent's version and git commit (always 1).");
 }
 
 pub fn bytes(bytes_in: u64, bytes_out: u64) {
@@ -59,8 +107,18 @@ pub fn stream_failed(reason: &'static str) {
     metrics::counter!("sluice_agent_streams_failed_total", "reason" => reason).increment(1);
 }
 
+/// The control session came up or ended: the gauge and `/readyz` follow it.
 pub fn session(up: bool) {
+    SESSION_UP.store(up, Ordering::Relaxed);
+    if up {
+        *LAST_FAILURE.lock() = None;
+    }
     metrics::gauge!("sluice_agent_sessions").set(if up { 1.0 } else { 0.0 });
+}
+
+/// Remembers why the relay could not be reached, for `/readyz` to say.
+pub fn relay_unreachable(why: &str) {
+    *LAST_FAILURE.lock() = Some(why.to_owned());
 }
 
 pub fn reconnect() {
@@ -84,32 +142,89 @@ pub fn pool(ebpf_map_entries: usize, idle_data_connections: u32) {
     metrics::gauge!("sluice_agent_idle_data_connections").set(idle_data_connections as f64);
 }
 
-/// Serves `GET /metrics` on `addr` (a deliberately tiny HTTP/1.1 responder: one
-/// request per connection, no dependencies beyond tokio).
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` with hyper (HTTP/1.1).
 pub async fn serve(addr: SocketAddr, handle: PrometheusHandle) {
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
-        Err(e) => return warn!(%addr, error = %e, "cannot open the metrics listener; metrics stay off"),
+        Err(e) => {
+            return warn!(%addr, error = %e, "cannot open the metrics listener (--metrics-listen); metrics and health \
+                checks stay off until the agent restarts with a free address");
+        }
     };
-    info!(%addr, "metrics at http://{addr}/metrics");
-    while let Ok((mut s, _)) = listener.accept().await {
+    info!(%addr, "metrics at http://{addr}/metrics, health at /healthz and /readyz");
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "accepting a metrics connection failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let handle = handle.clone();
         tokio::spawn(async move {
-            let mut req = [0u8; 1024];
-            let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut req)).await;
-            let Ok(Ok(n)) = n else { return };
-            let line = String::from_utf8_lossy(&req[..n]);
-            let (status, body) = if line.starts_with("GET /metrics ") {
-                ("200 OK", handle.render())
-            } else {
-                ("404 Not Found", "only GET /metrics is served here\n".to_owned())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-            let _ = s.shutdown().await;
+            let service = hyper::service::service_fn(move |req| {
+                let handle = handle.clone();
+                async move { Ok::<_, Infallible>(answer(&req, &handle)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(std::time::Duration::from_secs(5))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(TokioIo::new(tcp), service);
+            if let Err(e) = conn.await {
+                debug!(%peer, error = %e, "metrics connection ended with an error");
+            }
         });
+    }
+}
+
+fn answer(req: &Request<Incoming>, handle: &PrometheusHandle) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; version=0.0.4";
+    const JSON: &str = "application/json";
+    let (status, kind, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => (StatusCode::OK, TEXT, handle.render()),
+        (&Method::GET, "/healthz") => (StatusCode::OK, JSON, r#"{"status":"ok"}"#.to_owned()),
+        (&Method::GET, "/readyz") => {
+            let (status, body) = readiness(SESSION_UP.load(Ordering::Relaxed), LAST_FAILURE.lock().as_deref());
+            (status, JSON, body.to_string())
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "not found: this listener serves GET /metrics, /healthz and /readyz\n".to_owned(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(kind));
+    resp
+}
+
+/// `/readyz`: ready exactly while the control session is up.
+fn readiness(session_up: bool, last_failure: Option<&str>) -> (StatusCode, serde_json::Value) {
+    if session_up {
+        return (StatusCode::OK, serde_json::json!({ "status": "ready" }));
+    }
+    let reason = match last_failure {
+        Some(why) => format!("no control session with the relay: {why}; the agent keeps retrying (see its log)"),
+        None => "no control session with the relay yet: the agent is connecting (see its log)".to_owned(),
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "status": "not_ready", "reason": reason }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_while_the_session_is_up() {
+        assert_eq!(readiness(true, None).0, StatusCode::OK);
+        assert_eq!(readiness(true, Some("old failure")).0, StatusCode::OK);
+        let (status, body) = readiness(false, None);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body["reason"].as_str().unwrap().contains("connecting"), "{body}");
+        let (status, body) = readiness(false, Some("connection refused"));
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body["reason"].as_str().unwrap().contains("connection refused"), "{body}");
     }
 }

@@ -7,6 +7,7 @@ use sluice_proto::identity::{JWT_AUDIENCE, JWT_ISSUER, RegistrationClaims, print
 use tracing::{info, warn};
 
 use crate::agent_port::new_id;
+use crate::registry::PortState;
 use crate::relay::Relay;
 use crate::store::{Customer, Resource, StoreError, TokenRecord, TokenRevocation};
 
@@ -124,6 +125,9 @@ pub enum Status {
     /// Agents are connected, but every one of them reports that the private service
     /// refuses connections (see `service_error`).
     ServiceUnreachable,
+    /// An agent is connected but the resource's port is not listening (another process
+    /// holds it); the relay keeps retrying, and `port_error` says why.
+    PortBlocked,
     /// Agents registered before, none is connected now.
     Unavailable,
     /// No agent has connected yet.
@@ -147,6 +151,10 @@ pub struct ResourceView {
     /// Why the service is unreachable (the agent's last connection error), when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_error: Option<String>,
+    /// Why the resource's port does not listen although an agent is connected
+    /// (with [`Status::PortBlocked`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_error: Option<String>,
 }
 
 /// A connected agent as operators see it (`sluice agents list`).
@@ -349,7 +357,14 @@ impl Relay {
         let refusing = agents > 0 && reports.iter().all(|s| s.reachable == Some(false));
         let service_error =
             refusing.then(|| reports.iter().max_by_key(|s| s.at).and_then(|s| s.error.clone())).flatten();
-        let status = if refusing {
+        // A blocked port comes first: no platform job gets through, whatever the service does.
+        let port_error = match self.registry.port_state(&r.id) {
+            Some(PortState::Blocked(why)) if agents > 0 => Some(why),
+            _ => None,
+        };
+        let status = if port_error.is_some() {
+            Status::PortBlocked
+        } else if refusing {
             Status::ServiceUnreachable
         } else if agents > 0 {
             Status::Available
@@ -373,6 +388,7 @@ impl Relay {
             agents,
             generation: r.generation,
             service_error,
+            port_error,
         })
     }
 

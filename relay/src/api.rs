@@ -2,7 +2,9 @@
 //!
 //! | method | path                          | what                                  |
 //! |--------|-------------------------------|---------------------------------------|
-//! | GET    | /v1/health                    | liveness (no token needed)            |
+//! | GET    | /healthz                      | liveness: 200 while the process runs (no token) |
+//! | GET    | /readyz                       | readiness: 200 when the store answers and the agent port accepts, else 503 with a reason (no token) |
+//! | GET    | /v1/health                    | liveness (no token needed; kept for old probes) |
 //! | GET    | /v1/customers                 | list customers                        |
 //! | POST   | /v1/customers                 | create `{ "name": … }`                |
 //! | POST   | /v1/registration-jwts         | issue a JWT ([`JwtRequest`])          |
@@ -26,6 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
+use serde_json::Value;
 use tokio::net::TcpListener;
 use tracing::warn;
 
@@ -62,6 +65,8 @@ fn router(relay: Arc<Relay>) -> Router {
         .route_layer(middleware::from_fn_with_state(relay.clone(), require_token));
     Router::new()
         .route("/v1/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
+        .route("/healthz", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(authed)
         .fallback(|| async { AdminError::not_found("no such API path; see docs/admin-api.md") })
@@ -194,12 +199,52 @@ async fn list_streams(
 
 async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
     r.streams.sample_rates();
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], r.metrics.render())
+    let mut text = r.metrics.render();
+    match r.store.resources() {
+        Ok(resources) => text.push_str(&crate::metrics::resource_info(&resources)),
+        Err(e) => warn!(error = %e, "sluice_resource_info left out of /metrics: the store did not answer"),
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// `/readyz`: can the relay do its job now? The store must answer a trivial query and
+/// the agent port's accept loop must run.
+async fn readyz(State(r): State<Arc<Relay>>) -> Response {
+    let store = r.store.customer("readiness-probe").map(|_| ()).map_err(|e| e.to_string());
+    let accepting = r.agent_listener_up.load(std::sync::atomic::Ordering::Relaxed);
+    let (status, body) = readiness(store, accepting, r.shutdown.is_cancelled());
+    (status, Json(body)).into_response()
+}
+
+/// The readiness decision, apart from where its inputs come from.
+fn readiness(store: Result<(), String>, agent_port_accepting: bool, shutting_down: bool) -> (StatusCode, Value) {
+    let reason = if shutting_down {
+        "the relay is shutting down".to_owned()
+    } else if let Err(e) = store {
+        format!("the store does not answer ({e}); check the database (--database-url) and the data directory")
+    } else if !agent_port_accepting {
+        "the agent port (--agent-listen) stopped accepting connections; see the relay's log and restart it".to_owned()
+    } else {
+        return (StatusCode::OK, serde_json::json!({ "status": "ready" }));
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "status": "not_ready", "reason": reason }))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::same;
+    use super::*;
+
+    #[test]
+    fn readiness_needs_store_and_agent_port() {
+        assert_eq!(readiness(Ok(()), true, false).0, StatusCode::OK);
+        let (status, body) = readiness(Err("disk I/O error".into()), true, false);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body["reason"].as_str().unwrap().contains("disk I/O error"), "{body}");
+        let (status, body) = readiness(Ok(()), false, false);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body["reason"].as_str().unwrap().contains("agent port"), "{body}");
+        assert_eq!(readiness(Ok(()), true, true).0, StatusCode::SERVICE_UNAVAILABLE);
+    }
 
     #[test]
     fn token_comparison() {

@@ -82,7 +82,8 @@ pub enum ResourcesCmd {
     },
     /// List resources: Name, Status, Customer (and more with --extended).
     List {
-        /// Also show Id, CustomerId, Endpoint, Agents, Last seen, Service error.
+        /// Also show Id, CustomerId, Endpoint, Agents, Last seen, Service error, and Port
+        /// error (why a PORT_BLOCKED resource's port does not listen).
         #[arg(long)]
         extended: bool,
         /// Comma-separated columns to show (any of the extended ones).
@@ -292,8 +293,18 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(());
             }
-            let all =
-                ["Name", "Status", "Customer", "Id", "CustomerId", "Endpoint", "Agents", "Last seen", "Service error"];
+            let all = [
+                "Name",
+                "Status",
+                "Customer",
+                "Id",
+                "CustomerId",
+                "Endpoint",
+                "Agents",
+                "Last seen",
+                "Service error",
+                "Port error",
+            ];
             let default: &[&str] = if extended { &all } else { &all[..3] };
             let rows = list
                 .iter()
@@ -311,6 +322,7 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
                         r.agents.to_string(),
                         if r.agents > 0 { "now".into() } else { ago(r.last_seen_at) },
                         r.service_error.clone().unwrap_or_else(|| "-".into()),
+                        r.port_error.clone().unwrap_or_else(|| "-".into()),
                     ]
                 })
                 .collect();

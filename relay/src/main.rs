@@ -19,7 +19,7 @@ use sluice_relay::relay::{self, RelayConfig, parse_port_range};
 ///
 /// First time? Run `sluice quickstart`.
 #[derive(Debug, Parser)]
-#[command(name = "sluice", version, propagate_version = true)]
+#[command(name = "sluice", version = sluice_relay::LONG_VERSION, propagate_version = true)]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or per-module directives).
     #[arg(long, env = "SLUICE_LOG", default_value = "info", global = true)]
@@ -94,8 +94,10 @@ struct ServeArgs {
     /// Address the per-resource ports listen on.
     #[arg(long, env = "SLUICE_RESOURCE_BIND", default_value = "127.0.0.1")]
     resource_bind: IpAddr,
-    /// Port range for resources; each resource keeps its port across restarts.
-    #[arg(long, env = "SLUICE_RESOURCE_PORTS", default_value = "40000-40999", value_parser = parse_port_range)]
+    /// Port range for resources; each resource keeps its port across restarts. The
+    /// default stays below Linux's ephemeral ports (32768-60999), which outgoing
+    /// connections may hold.
+    #[arg(long, env = "SLUICE_RESOURCE_PORTS", default_value = "20000-20999", value_parser = parse_port_range)]
     resource_ports: std::ops::RangeInclusive<u16>,
     /// Store location. Default: SQLite file `sluice.db` in the data directory.
     #[arg(long, env = "SLUICE_DATABASE_URL")]

@@ -1,4 +1,5 @@
-//! Prometheus metrics of the relay, served at `/metrics` on the admin listener.
+//! Prometheus metrics of the relay, served at `/metrics` on the admin listener. Every
+//! metric has `# HELP` text, registered by [`install`].
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -11,15 +12,93 @@
 //! | `sluice_relay_agent_sessions` | gauge | `resource` |
 //! | `sluice_relay_handshake_failures_total` | counter | |
 //! | `sluice_relay_enrollments_total` | counter | `outcome` (`enrolled` or a rejection code) |
+//! | `sluice_relay_resource_port_blocked` | gauge | `resource` (1 while an agent is connected but the port cannot be bound) |
+//! | `sluice_relay_resource_port_bind_failures_total` | counter | `resource` |
+//! | `sluice_build_info` | gauge | `version`, `commit` (always 1) |
+//! | `sluice_resource_info` | gauge | `resource`, `name`, `customer` (id or empty; always 1) |
+//!
+//! `sluice_resource_info` is rendered from the store on every scrape ([`resource_info`])
+//! rather than kept in the recorder: the recorder cannot forget a series, and a deleted
+//! resource must disappear from the list, not linger as a stale 1.
 
 use sluice_proto::metrics::PrometheusHandle;
 
-/// Installs the process-wide Prometheus recorder (once) and returns its handle.
+use crate::store::Resource;
+
+/// Installs the process-wide Prometheus recorder (once), describes every metric, and
+/// returns the recorder's handle.
 pub fn install() -> PrometheusHandle {
     let handle = sluice_proto::metrics::install();
+    describe();
+    metrics::gauge!("sluice_build_info", "version" => crate::VERSION, "commit" => crate::GIT_COMMIT).set(1.0);
     // Present from the start, so "0 bytes copied" is visible before any stream ends.
     metrics::counter!("sluice_relay_userspace_copy_bytes_total").increment(0);
     handle
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge};
+    describe_counter!(
+        "sluice_relay_bytes_total",
+        Unit::Bytes,
+        "Stream payload bytes by resource and direction (in: client to service)."
+    );
+    describe_counter!("sluice_relay_streams_opened_total", "Streams opened, by resource and data path.");
+    describe_counter!(
+        "sluice_relay_userspace_copy_bytes_total",
+        Unit::Bytes,
+        "Payload bytes of finished streams that passed through a user-space buffer (0 with kTLS + splice)."
+    );
+    describe_counter!("sluice_relay_streams_closed_total", "Streams closed, by resource and how they ended.");
+    describe_counter!(
+        "sluice_relay_streams_failed_total",
+        "Streams refused before any byte moved, by resource and reason."
+    );
+    describe_gauge!("sluice_relay_streams_active", "Streams open now, by resource.");
+    describe_gauge!("sluice_relay_agent_sessions", "Agent control sessions up now, by resource.");
+    describe_counter!("sluice_relay_handshake_failures_total", "Agent TLS handshakes refused or timed out.");
+    describe_counter!(
+        "sluice_relay_enrollments_total",
+        "Agent enrollments, by outcome (enrolled or a rejection code)."
+    );
+    describe_gauge!(
+        "sluice_relay_resource_port_blocked",
+        "1 while a resource has a connected agent but its port cannot be bound (see `sluice resources list --extended`)."
+    );
+    describe_counter!("sluice_relay_resource_port_bind_failures_total", "Failed attempts to bind a resource's port.");
+    describe_gauge!("sluice_build_info", "The running relay's version and git commit (always 1).");
+}
+
+/// The `sluice_resource_info` family for `resources`, in Prometheus text format.
+pub fn resource_info(resources: &[Resource]) -> String {
+    let mut out = String::from(
+        "# HELP sluice_resource_info Every resource: its id, display name and customer id (empty for org-level); always 1.\n\
+         # TYPE sluice_resource_info gauge\n",
+    );
+    for r in resources {
+        out.push_str(&format!(
+            "sluice_resource_info{{resource=\"{}\",name=\"{}\",customer=\"{}\"}} 1\n",
+            label_value(&r.id),
+            label_value(&r.name),
+            label_value(r.customer_id.as_deref().unwrap_or(""))
+        ));
+    }
+    out
+}
+
+/// Escapes a label value for the Prometheus text format: backslash, double quote and
+/// line feed; everything else (spaces, any Unicode) stays as it is.
+fn label_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 pub fn bytes(resource: &str, bytes_in: u64, bytes_out: u64) {
@@ -65,4 +144,49 @@ pub fn handshake_failed() {
 
 pub fn enrollment(outcome: &'static str) {
     metrics::counter!("sluice_relay_enrollments_total", "outcome" => outcome).increment(1);
+}
+
+/// A resource's port could (`false`) or could not (`true`) be bound; the gauge is 0
+/// again when the port is released with the resource's last agent.
+pub fn port_blocked(resource: &str, blocked: bool) {
+    metrics::gauge!("sluice_relay_resource_port_blocked", "resource" => resource.to_owned()).set(if blocked {
+        1.0
+    } else {
+        0.0
+    });
+}
+
+pub fn port_bind_failed(resource: &str) {
+    metrics::counter!("sluice_relay_resource_port_bind_failures_total", "resource" => resource.to_owned()).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("orders db"), "orders db");
+        assert_eq!(label_value("Zürich 🚀"), "Zürich 🚀");
+        assert_eq!(label_value(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(label_value("two\nlines"), "two\\nlines");
+    }
+
+    #[test]
+    fn resource_info_lists_every_resource() {
+        let r = |id: &str, name: &str, customer: Option<&str>| Resource {
+            id: id.into(),
+            name: name.into(),
+            customer_id: customer.map(Into::into),
+            port: 20000,
+            generation: 1,
+            created_at: 0,
+            last_seen_at: None,
+        };
+        let text = resource_info(&[r("res_a", "orders-db", Some("cus_1")), r("res_b", "Café \"x\"", None)]);
+        assert!(text.starts_with("# HELP sluice_resource_info "), "{text}");
+        assert!(text.contains("# TYPE sluice_resource_info gauge\n"), "{text}");
+        assert!(text.contains("sluice_resource_info{resource=\"res_a\",name=\"orders-db\",customer=\"cus_1\"} 1\n"));
+        assert!(text.contains("sluice_resource_info{resource=\"res_b\",name=\"Café \\\"x\\\"\",customer=\"\"} 1\n"));
+    }
 }

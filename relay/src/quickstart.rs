@@ -37,8 +37,8 @@ pub struct QuickstartArgs {
     /// Where the admin API listens.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub admin_listen: SocketAddr,
-    /// Port range for resources.
-    #[arg(long, default_value = "40000-40999", value_parser = parse_port_range)]
+    /// Port range for resources (below Linux's ephemeral ports, like `sluice serve`'s).
+    #[arg(long, default_value = "20000-20999", value_parser = parse_port_range)]
     pub resource_ports: std::ops::RangeInclusive<u16>,
     /// Exit after the self-check instead of serving until Ctrl-C: status 0 when a message
     /// went through the tunnel and back, 1 otherwise (for CI and install scripts).

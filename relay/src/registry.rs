@@ -1,9 +1,12 @@
 //! The relay's live view of connected agents: which [`AgentSession`]s serve which
-//! resource, their pools of idle data connections, and each resource's listener.
+//! resource, their pools of idle data connections, and each resource's listener and
+//! port state.
 //!
 //! A resource's port listens exactly while at least one agent session of it is up, so a
 //! platform job connecting to a resource with no agent gets "connection refused" at once
-//! instead of hanging.
+//! instead of hanging. When the port cannot be bound (another process holds it), its
+//! [`PortState`] says why, so `sluice resources list` shows `PORT_BLOCKED` instead of a
+//! false `AVAILABLE`; the state is forgotten with the resource's last session.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -126,11 +129,24 @@ impl AgentSession {
     }
 }
 
+/// Whether a resource's port listens (kept while the resource has a live session).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PortState {
+    /// Not tried yet (the first bind is under way).
+    #[default]
+    Binding,
+    /// Listening: platform jobs can connect.
+    Listening,
+    /// Binding failed; the relay retries. The text says what happened and what to do.
+    Blocked(String),
+}
+
 /// A resource's live state: its agent sessions and, while any is up, its listener.
 #[derive(Default)]
 struct ResourceLive {
     sessions: Vec<Arc<AgentSession>>,
     listener: Option<AbortHandle>,
+    port: PortState,
 }
 
 /// Why no data connection could be had for a stream.
@@ -167,6 +183,18 @@ impl Registry {
             Some(live) if !live.sessions.is_empty() => live.listener = Some(handle),
             _ => handle.abort(), // the last session went away meanwhile
         }
+    }
+
+    /// Records whether the resource's port listens; ignored once its last session is gone.
+    pub fn set_port_state(&self, resource_id: &str, state: PortState) {
+        if let Some(live) = self.resources.lock().get_mut(resource_id) {
+            live.port = state;
+        }
+    }
+
+    /// The port state of a resource with a live session (`None` without one).
+    pub fn port_state(&self, resource_id: &str) -> Option<PortState> {
+        self.resources.lock().get(resource_id).map(|l| l.port.clone())
     }
 
     /// Removes a session and closes it; stops the resource's listener with its last session.
@@ -262,5 +290,31 @@ impl Registry {
                 _ = tokio::time::sleep(left.min(Duration::from_millis(500))) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(id: &str, resource: &str) -> Arc<AgentSession> {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        Arc::new(AgentSession::new(id.into(), format!("agt_{id}"), resource.into(), 1, "host".into(), tx))
+    }
+
+    #[test]
+    fn port_state_lives_and_dies_with_the_resources_sessions() {
+        let reg = Registry::default();
+        let (a, b) = (session("a", "res_1"), session("b", "res_1"));
+        assert!(reg.add(a.clone()), "the first session starts the port");
+        assert!(!reg.add(b.clone()));
+        assert_eq!(reg.port_state("res_1"), Some(PortState::Binding));
+        reg.set_port_state("res_1", PortState::Blocked("in use".into()));
+        reg.remove(&a);
+        assert_eq!(reg.port_state("res_1"), Some(PortState::Blocked("in use".into())), "one session is left");
+        reg.remove(&b);
+        assert_eq!(reg.port_state("res_1"), None, "forgotten with the last session");
+        reg.set_port_state("res_1", PortState::Listening);
+        assert_eq!(reg.port_state("res_1"), None, "a late report of a stopped port task is ignored");
     }
 }

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -56,6 +56,8 @@ pub struct Relay {
     /// How streams move bytes (decided once at start).
     pub data_path: DataPath,
     next_stream_id: AtomicU64,
+    /// True while the agent port's accept loop runs (for `/readyz`).
+    pub(crate) agent_listener_up: AtomicBool,
 }
 
 impl Relay {
@@ -97,13 +99,60 @@ pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
             .parse::<u16>()
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| format!("{p:?} is not a port number (1-65535); expected a range like 40000-40999"))
+            .ok_or_else(|| format!("{p:?} is not a port number (1-65535); expected a range like 20000-20999"))
     };
     let (a, b) = (parse(a)?, parse(b)?);
     if a > b {
         return Err(format!("port range {s:?} is empty: the first port must not exceed the last"));
     }
     Ok(a..=b)
+}
+
+/// The kernel's range of ephemeral (automatically assigned) local ports.
+const EPHEMERAL_RANGE_FILE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// Warns, once at start, about resources whose ports lie outside `--resource-ports` and
+/// about a range that overlaps the kernel's ephemeral ports (where any outgoing
+/// connection of this host may hold a resource's port when the relay wants to bind it).
+fn warn_about_port_ranges(range: &RangeInclusive<u16>, resources: &[crate::store::Resource]) {
+    let outside: Vec<&str> = resources.iter().filter(|r| !range.contains(&r.port)).map(|r| r.id.as_str()).collect();
+    if !outside.is_empty() {
+        warn!(
+            count = outside.len(),
+            resources = %outside.join(","),
+            range = %format!("{}-{}", range.start(), range.end()),
+            "{} resource(s) have ports outside --resource-ports: their ports stay as they are; widen \
+             --resource-ports to include them",
+            outside.len()
+        );
+    }
+    let ephemeral = std::fs::read_to_string(EPHEMERAL_RANGE_FILE).ok().and_then(|s| parse_ephemeral_range(&s));
+    if let Some(kernel) = ephemeral
+        && let Some(both) = overlap(range, &kernel)
+    {
+        warn!(
+            resource_ports = %format!("{}-{}", range.start(), range.end()),
+            ephemeral = %format!("{}-{}", kernel.start(), kernel.end()),
+            overlap = %format!("{}-{}", both.start(), both.end()),
+            "--resource-ports overlaps the kernel's ephemeral port range ({EPHEMERAL_RANGE_FILE}): an outgoing \
+             connection of this host may hold a resource's port, which then stays PORT_BLOCKED until it is free; \
+             move --resource-ports below {} (the default is 20000-20999)",
+            kernel.start()
+        );
+    }
+}
+
+/// Parses `/proc/sys/net/ipv4/ip_local_port_range` ("32768\t60999").
+fn parse_ephemeral_range(s: &str) -> Option<RangeInclusive<u16>> {
+    let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
+    let (a, b) = (it.next()??, it.next()??);
+    (a <= b).then_some(a..=b)
+}
+
+/// The ports two ranges share, if any.
+fn overlap(a: &RangeInclusive<u16>, b: &RangeInclusive<u16>) -> Option<RangeInclusive<u16>> {
+    let (lo, hi) = (*a.start().max(b.start()), *a.end().min(b.end()));
+    (lo <= hi).then_some(lo..=hi)
 }
 
 fn derive_public_url(cfg: &RelayConfig, agent_addr: SocketAddr) -> Result<RelayUrl> {
@@ -183,12 +232,18 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         shutdown: CancellationToken::new(),
         data_path: DataPath::new(config.data_path, config.ktls_engine),
         next_stream_id: AtomicU64::new(0),
+        agent_listener_up: AtomicBool::new(true),
         config,
     });
 
     info!(path = relay.data_path.default_path().as_str(), "data path: {}", relay.data_path.describe());
-    let n_resources = relay.store.resources()?.len();
+    let resources = relay.store.resources()?;
+    let n_resources = resources.len();
+    warn_about_port_ranges(&relay.config.resource_ports, &resources);
     info!(
+        version = crate::VERSION,
+        commit = crate::GIT_COMMIT,
+        built = crate::BUILD_DATE,
         agent_listen = %agent_addr,
         admin = %admin_url,
         public_url = %relay.public_url,
@@ -197,7 +252,11 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         "relay ready"
     );
     tokio::spawn(relay.streams.clone().run_sampler(relay.shutdown.clone()));
-    tokio::spawn(crate::agent_port::serve(relay.clone(), agent_listener));
+    let accepting = relay.clone();
+    tokio::spawn(async move {
+        crate::agent_port::serve(accepting.clone(), agent_listener).await;
+        accepting.agent_listener_up.store(false, Ordering::Relaxed);
+    });
     tokio::spawn(crate::api::serve(relay.clone(), admin_listener));
     Ok(RunningRelay { relay, agent_addr, admin_addr, admin_url })
 }
@@ -213,5 +272,24 @@ mod tests {
         assert!(parse_port_range("9-1").unwrap_err().contains("empty"));
         assert!(parse_port_range("0-5").unwrap_err().contains("not a port"));
         assert!(parse_port_range("a-b").is_err());
+    }
+
+    #[test]
+    fn overlap_of_port_ranges() {
+        let linux = 32768..=60999;
+        assert_eq!(overlap(&(20000..=20999), &linux), None, "the default stays below the ephemeral range");
+        assert_eq!(overlap(&(40000..=40999), &linux), Some(40000..=40999));
+        assert_eq!(overlap(&(30000..=32768), &linux), Some(32768..=32768));
+        assert_eq!(overlap(&(60999..=61010), &linux), Some(60999..=60999));
+        assert_eq!(overlap(&(61000..=65535), &linux), None);
+        assert_eq!(overlap(&(1..=65535), &linux), Some(linux.clone()));
+    }
+
+    #[test]
+    fn ephemeral_range_file() {
+        assert_eq!(parse_ephemeral_range("32768\t60999\n"), Some(32768..=60999));
+        assert_eq!(parse_ephemeral_range("1024 65535"), Some(1024..=65535));
+        assert_eq!(parse_ephemeral_range("junk"), None);
+        assert_eq!(parse_ephemeral_range("9 1"), None);
     }
 }

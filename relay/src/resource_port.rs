@@ -1,5 +1,11 @@
 //! A resource's port on the relay: platform jobs connect here and each connection
 //! becomes one stream through an agent of the resource.
+//!
+//! The port is bound when the resource's first agent session comes up. If another
+//! process holds it, the relay does not give up: it retries with backoff (1 s doubling
+//! to 30 s) until the port is free or the last session ends, and meanwhile the resource
+//! is `PORT_BLOCKED` with the reason ([`crate::registry::PortState`]), so operators see
+//! the truth instead of an `AVAILABLE` port that refuses every connection.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,9 +16,10 @@ use sluice_proto::datapath::{self, StreamEnd};
 use sluice_proto::wire::{self, StreamOpen, StreamReply};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::registry::NoDataConn;
+use crate::registry::{NoDataConn, PortState};
 use crate::relay::Relay;
 
 /// How long a stream waits for an agent to offer a data connection.
@@ -20,21 +27,18 @@ const DATA_CONN_WAIT: Duration = Duration::from_secs(10);
 /// How long the agent may take to connect to the private service and answer.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Starts listening on a resource's port (called when its first agent session comes up).
+/// Starts a resource's port (called when its first agent session comes up): binds it,
+/// retrying with backoff while another process holds it, then accepts until the
+/// resource's last session ends (the registry aborts this task) or the relay stops.
 pub fn start(relay: Arc<Relay>, resource_id: String, resource_name: String, port: u16) {
     let addr = SocketAddr::new(relay.config.resource_bind, port);
     let task_relay = relay.clone();
     let rid = resource_id.clone();
     let task = tokio::spawn(
         async move {
-            let listener = match TcpListener::bind(addr).await {
-                Ok(l) => l,
-                Err(e) => {
-                    return error!(%addr, error = %e, "cannot listen on the resource's port: platform jobs cannot reach it \
-                        until the port is free (another process holds it?)");
-                }
-            };
-            info!(%addr, "resource port listening");
+            // Whatever ends this task (abort included), the port is no longer "blocked".
+            let _gauge = BlockedGauge(rid.clone());
+            let Some(listener) = bind_until_free(&task_relay, &rid, addr).await else { return };
             loop {
                 let (client, peer) = tokio::select! {
                     a = listener.accept() => match a {
@@ -56,6 +60,128 @@ pub fn start(relay: Arc<Relay>, resource_id: String, resource_name: String, port
         .instrument(info_span!(parent: None, "resource", id = %resource_id)),
     );
     relay.registry.set_listener(&resource_id, task.abort_handle());
+}
+
+/// First wait before binding a blocked port again; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two attempts to bind a blocked port.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Sets `sluice_relay_resource_port_blocked` back to 0 when the port task ends.
+struct BlockedGauge(String);
+
+impl Drop for BlockedGauge {
+    fn drop(&mut self) {
+        crate::metrics::port_blocked(&self.0, false);
+    }
+}
+
+/// What happened while binding a resource's port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BindEvent {
+    /// An attempt failed (every one: for the failure counter).
+    Failed,
+    /// The port is blocked for a new reason (once per change of state: log and show it).
+    Blocked(String),
+    /// The port listens, after `failures` failed attempts.
+    Listening { failures: u32 },
+}
+
+/// Binds the resource's port and reports to the registry, the metrics and the log.
+async fn bind_until_free(relay: &Relay, resource_id: &str, addr: SocketAddr) -> Option<TcpListener> {
+    let blocked_since = Instant::now();
+    bind_with_retry(addr, &relay.shutdown, |event| match event {
+        BindEvent::Failed => crate::metrics::port_bind_failed(resource_id),
+        BindEvent::Blocked(reason) => {
+            error!(%addr, %reason, "cannot listen on the resource's port: platform jobs cannot reach the resource \
+                until it is free (`sluice resources list` shows PORT_BLOCKED)");
+            crate::metrics::port_blocked(resource_id, true);
+            relay.registry.set_port_state(resource_id, PortState::Blocked(reason));
+        }
+        BindEvent::Listening { failures } => {
+            relay.registry.set_port_state(resource_id, PortState::Listening);
+            crate::metrics::port_blocked(resource_id, false);
+            if failures == 0 {
+                info!(%addr, "resource port listening");
+            } else {
+                info!(%addr, failed_attempts = failures, blocked_for = ?blocked_since.elapsed(),
+                    "resource port listening at last: platform jobs can connect again");
+            }
+        }
+    })
+    .await
+}
+
+/// Binds `addr`, retrying with backoff until it is free; `None` if `shutdown` fires
+/// first. Reports through `report`, each new reason for failing once.
+async fn bind_with_retry(
+    addr: SocketAddr,
+    shutdown: &CancellationToken,
+    mut report: impl FnMut(BindEvent),
+) -> Option<TcpListener> {
+    let mut retry = BindRetry::default();
+    loop {
+        let e = match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                report(BindEvent::Listening { failures: retry.failures });
+                return Some(listener);
+            }
+            Err(e) => e,
+        };
+        report(BindEvent::Failed);
+        let (news, wait) = retry.failed(blocked_reason(addr, &e));
+        match news {
+            Some(reason) => report(BindEvent::Blocked(reason)),
+            None => debug!(%addr, error = %e, retry_in = ?wait, "resource port still blocked"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return None,
+        }
+    }
+}
+
+/// The retry schedule of a blocked port, without I/O: how long to wait after each
+/// failure, and whether the failure is news (a new reason) worth logging.
+#[derive(Debug, Default)]
+struct BindRetry {
+    failures: u32,
+    reported: Option<String>,
+}
+
+impl BindRetry {
+    /// Records a failed bind: the reason if it differs from the last one reported, and
+    /// the wait before the next attempt (1 s, 2 s, 4 s … capped at 30 s).
+    fn failed(&mut self, reason: String) -> (Option<String>, Duration) {
+        self.failures += 1;
+        let wait = RETRY_FIRST.saturating_mul(1 << (self.failures - 1).min(16)).min(RETRY_MAX);
+        if self.reported.as_ref() == Some(&reason) {
+            return (None, wait);
+        }
+        self.reported = Some(reason.clone());
+        (Some(reason), wait)
+    }
+}
+
+/// What an operator reads about a port that cannot be bound: what happened, why, and
+/// what to do. Classified by the error's kind, never by its text.
+fn blocked_reason(addr: SocketAddr, e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    let why = match e.kind() {
+        ErrorKind::AddrInUse => {
+            format!("another process holds the port (`ss -ltnp 'sport = :{}'` shows which); free it", addr.port())
+        }
+        ErrorKind::PermissionDenied => {
+            "the relay may not bind this port (below 1024 needs CAP_NET_BIND_SERVICE); use --resource-ports of \
+             1024 or more"
+                .to_owned()
+        }
+        ErrorKind::AddrNotAvailable => {
+            "--resource-bind is not an address of this host; fix it and restart the relay".to_owned()
+        }
+        _ => "see the relay's log".to_owned(),
+    };
+    format!("{addr}: {e} — {why}; the relay retries, at least every {} s", RETRY_MAX.as_secs())
 }
 
 /// Carries one platform connection through an agent.
@@ -141,4 +267,80 @@ async fn forward(
     crate::metrics::stream_failed(&resource_id, "stale");
     warn!(error = %last_err, "stream refused: every data connection tried failed");
     datapath::reset(&client);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_thirty_seconds() {
+        let mut r = BindRetry::default();
+        let waits: Vec<u64> = (0..8).map(|_| r.failed("same".into()).1.as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        for _ in 0..100 {
+            assert_eq!(r.failed("same".into()).1, RETRY_MAX, "no overflow after many failures");
+        }
+    }
+
+    #[test]
+    fn each_reason_is_reported_once() {
+        let mut r = BindRetry::default();
+        assert_eq!(r.failed("in use".into()).0.as_deref(), Some("in use"));
+        assert_eq!(r.failed("in use".into()).0, None);
+        assert_eq!(r.failed("in use".into()).0, None);
+        assert_eq!(r.failed("denied".into()).0.as_deref(), Some("denied"), "a new reason is news");
+        assert_eq!(r.failed("in use".into()).0.as_deref(), Some("in use"));
+    }
+
+    #[test]
+    fn blocked_reason_says_what_to_do() {
+        let addr: SocketAddr = "127.0.0.1:20001".parse().unwrap();
+        let e = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let reason = blocked_reason(addr, &e);
+        assert!(reason.starts_with("127.0.0.1:20001: "), "{reason}");
+        assert!(reason.contains("another process holds the port"), "{reason}");
+        assert!(reason.contains("sport = :20001"), "{reason}");
+        assert!(reason.contains("retries"), "{reason}");
+        let denied = blocked_reason(addr, &std::io::Error::from(std::io::ErrorKind::PermissionDenied));
+        assert!(denied.contains("CAP_NET_BIND_SERVICE"), "{denied}");
+    }
+
+    /// The real loop against a real squatter, with paused time: one report, backoff
+    /// 1 + 2 + 4 s, then the port is bound as soon as it is free.
+    #[tokio::test(start_paused = true)]
+    async fn binds_once_the_squatter_leaves() {
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = squatter.local_addr().unwrap();
+        let mut squatter = Some(squatter);
+        let started = tokio::time::Instant::now();
+        let mut events = Vec::new();
+        let listener = bind_with_retry(addr, &CancellationToken::new(), |e| {
+            if events.iter().filter(|e| **e == BindEvent::Failed).count() == 2 && e == BindEvent::Failed {
+                drop(squatter.take()); // the third failure is the last
+            }
+            events.push(e);
+        })
+        .await
+        .unwrap();
+        assert_eq!(listener.local_addr().unwrap(), addr);
+        assert_eq!(started.elapsed(), Duration::from_secs(1 + 2 + 4));
+        assert_eq!(events.len(), 5, "{events:?}");
+        assert!(matches!(&events[1], BindEvent::Blocked(r) if r.contains("already in use")), "{events:?}");
+        assert_eq!(events.iter().filter(|e| matches!(e, BindEvent::Blocked(_))).count(), 1, "reported once");
+        assert_eq!(events.last(), Some(&BindEvent::Listening { failures: 3 }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_stops_the_retries() {
+        let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            stop.cancel();
+        });
+        let got = bind_with_retry(squatter.local_addr().unwrap(), &shutdown, |_| {}).await;
+        assert!(got.is_none());
+    }
 }

@@ -128,17 +128,27 @@ pub struct Relay {
 impl Relay {
     /// Starts a relay in `dir/relay-data` with free ports and a 1 s heartbeat.
     pub fn start(dir: &Path) -> Relay {
-        Self::start_with(dir, &[])
+        Self::launch(dir, 8, &[])
     }
 
     /// Starts a relay like [`Relay::start`] with more `sluice serve` flags.
     pub fn start_with(dir: &Path, extra_args: &[&str]) -> Relay {
+        Self::launch(dir, 8, extra_args)
+    }
+
+    /// Like [`Relay::start`], with a range of `n` resource ports (1 makes the first
+    /// resource's port known in advance).
+    pub fn start_with_resource_ports(dir: &Path, n: u16) -> Relay {
+        Self::launch(dir, n, &[])
+    }
+
+    fn launch(dir: &Path, n: u16, extra_args: &[&str]) -> Relay {
         std::fs::create_dir_all(dir).unwrap();
         let mut r = Relay {
             dir: dir.to_path_buf(),
             agent_port: free_port(),
             admin_port: free_port(),
-            ports: free_port_range(8),
+            ports: free_port_range(n),
             proc: None,
             starts: 0,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
@@ -286,6 +296,19 @@ pub fn test_dir(name: &str) -> tempfile::TempDir {
         eprintln!("test dir (kept): {}", d.path().display());
     }
     d
+}
+
+/// A plain HTTP/1.1 GET: the status code and the body (no curl needed).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((code, body.to_owned()))
 }
 
 /// Splits `host:port`.

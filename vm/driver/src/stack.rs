@@ -26,7 +26,7 @@ pub const ADMIN_LISTEN: &str = "127.0.0.1:8080";
 /// The agent's opt-in metrics listener.
 pub const AGENT_METRICS: &str = "127.0.0.1:9101";
 /// Per-resource port range.
-const RESOURCE_PORTS: &str = "40000-40009";
+const RESOURCE_PORTS: &str = "20000-20009";
 /// Relay data directory, under the temporary directory (`$TMPDIR`, in the guest `/tmp`).
 fn relay_dir() -> PathBuf {
     std::env::temp_dir().join("relay-data")
