@@ -299,7 +299,14 @@ mod tests {
 
     fn session(id: &str, resource: &str) -> Arc<AgentSession> {
         let (tx, _rx) = mpsc::unbounded_channel();
-        Arc::new(AgentSession::new(id.into(), format!("agt_{id}"), resource.into(), 1, "host".into(), tx))
+        Arc::new(AgentSession::new(
+            id.into(),
+            format!("agt_{id}"),
+            resource.into(),
+            1,
+            SessionInfo { hostname: "host".into(), ..Default::default() },
+            tx,
+        ))
     }
 
     #[test]
