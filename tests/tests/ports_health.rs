@@ -115,12 +115,14 @@ fn agent_readyz_follows_the_control_session() {
     let jwt = relay.customer_jwt(&cid);
     relay.stop();
     let health = format!("127.0.0.1:{}", free_port());
+    // A listening "service", so the resource is AVAILABLE (not SERVICE_UNREACHABLE).
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let agent = Agent::start(
         dir.path(),
         "probed",
         &[
             ("APP_HOST", "127.0.0.1"),
-            ("APP_PORT", &free_port().to_string()),
+            ("APP_PORT", &service.local_addr().unwrap().port().to_string()),
             ("NAME", "probed"),
             ("REGISTRATION_JWT", &jwt),
             ("SLUICE_METRICS_LISTEN", &health),
