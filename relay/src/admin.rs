@@ -48,6 +48,32 @@ impl From<StoreError> for AdminError {
     }
 }
 
+/// The longest lifetime a registration JWT may be given: 100 years. A longer one is a
+/// mistake (a unit typo) and, near `u64::MAX`, would overflow into an expired token.
+pub const MAX_JWT_LIFETIME_SECS: u64 = 100 * 365 * 86_400;
+
+/// Checks a registration JWT lifetime in seconds: at least 1, at most 100 years.
+pub fn check_jwt_lifetime(secs: u64) -> Result<u64, String> {
+    match secs {
+        0 => Err("a registration JWT lifetime must be at least 1 second; for one that never expires, give none".into()),
+        s if s > MAX_JWT_LIFETIME_SECS => Err(format!(
+            "a registration JWT lifetime of {s} seconds is more than 100 years; give a shorter one (e.g. 7d), or none \
+             for a JWT that never expires"
+        )),
+        s => Ok(s),
+    }
+}
+
+/// When a JWT issued at `now` with `expires_in_secs` expires (`None`: never). A zero,
+/// absurd or overflowing lifetime is refused, never turned into an expired token.
+pub fn jwt_expiry(now: u64, expires_in_secs: Option<u64>) -> Result<Option<u64>, AdminError> {
+    let Some(secs) = expires_in_secs else { return Ok(None) };
+    let secs = check_jwt_lifetime(secs).map_err(|m| AdminError::bad_request(format!("expires_in_secs: {m}")))?;
+    now.checked_add(secs).map(Some).ok_or_else(|| {
+        AdminError::bad_request(format!("expires_in_secs: {secs} seconds from now does not fit a JWT expiry time"))
+    })
+}
+
 /// A request for a registration JWT.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct JwtRequest {
@@ -63,7 +89,7 @@ pub struct JwtRequest {
     /// With `resource_id`: revoke every older JWT and certificate of the resource first.
     #[serde(default)]
     pub rotate: bool,
-    /// Lifetime in seconds; absent means no expiry.
+    /// Lifetime in seconds (1 to [`MAX_JWT_LIFETIME_SECS`]); absent means no expiry.
     #[serde(default)]
     pub expires_in_secs: Option<u64>,
 }
@@ -197,6 +223,8 @@ impl Relay {
 
     /// Issues a registration JWT; with `rotate`, first cuts off everything older.
     pub fn issue_registration_jwt(&self, req: &JwtRequest) -> Result<JwtIssued, AdminError> {
+        // Refuse a bad lifetime before anything changes (a rotation must not half happen).
+        jwt_expiry(unix_now(), req.expires_in_secs)?;
         let (customer_id, resource, rotated) = match (&req.resource_id, &req.customer_id, req.org_only) {
             (Some(rid), cid, org_only) => {
                 let r = self.store.resource(rid)?.ok_or_else(|| {
@@ -261,7 +289,7 @@ impl Relay {
         };
         let now = unix_now();
         let jti = new_id("jwt");
-        let expires_at = req.expires_in_secs.map(|s| now + s);
+        let expires_at = jwt_expiry(now, req.expires_in_secs)?;
         let claims = RegistrationClaims {
             iss: JWT_ISSUER.into(),
             aud: JWT_AUDIENCE.into(),
@@ -523,5 +551,27 @@ impl Relay {
             "resource deleted"
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwt_lifetimes_are_checked_never_wrapped() {
+        assert_eq!(jwt_expiry(1_000, None), Ok(None));
+        assert_eq!(jwt_expiry(1_000, Some(60)), Ok(Some(1_060)));
+        assert_eq!(jwt_expiry(1_000, Some(MAX_JWT_LIFETIME_SECS)), Ok(Some(1_000 + MAX_JWT_LIFETIME_SECS)));
+        for bad in [0, MAX_JWT_LIFETIME_SECS + 1, u64::MAX, u64::MAX - 500] {
+            let e = jwt_expiry(1_000, Some(bad)).unwrap_err();
+            assert_eq!(e.status, 400, "{bad}: {e}");
+            assert!(e.message.starts_with("expires_in_secs: "), "{e}");
+        }
+        assert!(jwt_expiry(1_000, Some(0)).unwrap_err().message.contains("at least 1 second"));
+        assert!(jwt_expiry(1_000, Some(u64::MAX)).unwrap_err().message.contains("more than 100 years"));
+        // A clock near the end of u64 time: the sum would wrap into the past.
+        let e = jwt_expiry(u64::MAX - 10, Some(60)).unwrap_err();
+        assert!(e.message.contains("does not fit"), "{e}");
     }
 }

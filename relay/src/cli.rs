@@ -76,7 +76,8 @@ pub enum ResourcesCmd {
         /// resource and disconnect its agents now.
         #[arg(long, requires = "resource_id")]
         rotate: bool,
-        /// Make the JWT expire after this long (e.g. 3600, 30m, 24h, 7d). Default: never.
+        /// Make the JWT expire after this long (e.g. 90s, 30m, 24h, 7d, "1h 30m", or a
+        /// number of seconds; at most 100 years). Default: never.
         #[arg(long, value_parser = parse_duration_secs)]
         expires_in: Option<u64>,
     },
@@ -158,21 +159,26 @@ pub struct StreamsArgs {
     pub closed: bool,
 }
 
-/// Parses `3600`, `30s`, `30m`, `24h` or `7d` into seconds.
+/// Parses a registration JWT lifetime into seconds: a duration such as `90s`, `30m`,
+/// `24h`, `7d` or `1h 30m` (the `humantime` grammar), or a bare number of seconds as
+/// earlier versions took. Zero, and more than 100 years, are refused.
 pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('s') => (&s[..s.len() - 1], 1),
-        Some('m') => (&s[..s.len() - 1], 60),
-        Some('h') => (&s[..s.len() - 1], 3600),
-        Some('d') => (&s[..s.len() - 1], 86400),
-        _ => (s, 1),
+    let secs = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse::<u64>().map_err(|_| format!("{s:?} seconds is far more than 100 years; give e.g. 7d"))?
+    } else {
+        humantime::parse_duration(s)
+            .map_err(|e| match e {
+                humantime::DurationError::NumberOverflow => {
+                    format!("{s:?} is far more than 100 years; give e.g. 7d")
+                }
+                e => format!(
+                    "{s:?} is not a duration ({e}): use e.g. 90s, 30m, 24h, 7d or \"1h 30m\", or a number of seconds"
+                ),
+            })?
+            .as_secs()
     };
-    num.parse::<u64>()
-        .ok()
-        .filter(|n| *n > 0)
-        .map(|n| n * mult)
-        .ok_or_else(|| format!("{s:?} is not a duration: use e.g. 3600, 30m, 24h or 7d"))
+    crate::admin::check_jwt_lifetime(secs)
 }
 
 /// A connection to a relay's admin API.
@@ -642,11 +648,25 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration_secs("3600"), Ok(3600));
+        assert_eq!(parse_duration_secs("3600"), Ok(3600), "a bare number of seconds still works");
+        assert_eq!(parse_duration_secs("90s"), Ok(90));
         assert_eq!(parse_duration_secs("30m"), Ok(1800));
+        assert_eq!(parse_duration_secs("24h"), Ok(86400));
         assert_eq!(parse_duration_secs("7d"), Ok(604800));
-        assert!(parse_duration_secs("0").is_err());
-        assert!(parse_duration_secs("soon").is_err());
+        assert_eq!(parse_duration_secs("1h 30m"), Ok(5400));
+        assert_eq!(parse_duration_secs(" 2h30m "), Ok(9000));
+        for zero in ["0", "0s", "500ms"] {
+            let e = parse_duration_secs(zero).unwrap_err();
+            assert!(e.contains("at least 1 second"), "{zero}: {e}");
+        }
+        for huge in ["99999999999999d", "101y", "3153600001", "99999999999999999999999", "999999999999999999999d"] {
+            let e = parse_duration_secs(huge).unwrap_err();
+            assert!(e.contains("100 years"), "{huge}: {e}");
+        }
+        for bad in ["soon", "", "7 days later", "-5m"] {
+            let e = parse_duration_secs(bad).unwrap_err();
+            assert!(e.contains("is not a duration") && e.contains("30m"), "{bad}: {e}");
+        }
     }
 
     #[test]
