@@ -115,7 +115,7 @@ const EPHEMERAL_RANGE_FILE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 /// about a range that overlaps the kernel's ephemeral ports (where any outgoing
 /// connection of this host may hold a resource's port when the relay wants to bind it).
 fn warn_about_port_ranges(range: &RangeInclusive<u16>, resources: &[crate::store::Resource]) {
-    let outside: Vec<&str> = resources.iter().filter(|r| !range.contains(&r.port)).map(|r| r.id.as_str()).collect();
+    let outside = ports_outside(range, resources);
     if !outside.is_empty() {
         warn!(
             count = outside.len(),
@@ -140,6 +140,11 @@ fn warn_about_port_ranges(range: &RangeInclusive<u16>, resources: &[crate::store
             kernel.start()
         );
     }
+}
+
+/// Ids of the resources whose ports lie outside `range`.
+fn ports_outside<'a>(range: &RangeInclusive<u16>, resources: &'a [crate::store::Resource]) -> Vec<&'a str> {
+    resources.iter().filter(|r| !range.contains(&r.port)).map(|r| r.id.as_str()).collect()
 }
 
 /// Parses `/proc/sys/net/ipv4/ip_local_port_range` ("32768\t60999").
@@ -283,6 +288,22 @@ mod tests {
         assert_eq!(overlap(&(60999..=61010), &linux), Some(60999..=60999));
         assert_eq!(overlap(&(61000..=65535), &linux), None);
         assert_eq!(overlap(&(1..=65535), &linux), Some(linux.clone()));
+    }
+
+    #[test]
+    fn resources_outside_the_range_are_named() {
+        let r = |id: &str, port| crate::store::Resource {
+            id: id.into(),
+            customer_id: None,
+            name: id.into(),
+            port,
+            generation: 1,
+            created_at: 0,
+            last_seen_at: None,
+        };
+        let resources = [r("res_old", 40000), r("res_new", 20000), r("res_edge", 20999), r("res_below", 19999)];
+        assert_eq!(ports_outside(&(20000..=20999), &resources), ["res_old", "res_below"]);
+        assert!(ports_outside(&(1..=65535), &resources).is_empty());
     }
 
     #[test]
