@@ -197,12 +197,6 @@ pub fn save_renewed(dir: &Path, id: &Identity, cert_pem: String) -> Result<Ident
     Ok(new)
 }
 
-/// Forgets the saved certificate (after the relay revoked it).
-pub fn forget(dir: &Path) {
-    let _ = fs::remove_file(dir.join(META_FILE));
-    let _ = fs::remove_file(dir.join(CERT_FILE));
-}
-
 fn write_private(path: &PathBuf, contents: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);

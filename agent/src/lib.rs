@@ -88,11 +88,18 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         warn!(reason = %why, retry_in = ?d, "relay unreachable; will retry");
         d
     };
+    // Set when the relay refused the saved identity (or cannot renew it): the next round
+    // enrolls with the JWT instead of loading it. The saved files stay until a new
+    // identity replaces them, so a refusal of the JWT (say it expired) loses nothing.
+    let mut must_enroll: Option<String> = None;
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        let saved = enroll::load(&cfg);
+        let saved = match must_enroll.take() {
+            Some(why) => Err(enroll::NoIdentity::Unusable(why)),
+            None => enroll::load(&cfg),
+        };
         match &saved {
             Err(enroll::NoIdentity::Mismatch(why)) => {
                 warn!(state_dir = %cfg.state_dir.display(), "{why}: enrolling afresh with REGISTRATION_JWT")
@@ -130,12 +137,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         match end {
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Renew => {
-                info!("certificate due for renewal and this relay cannot renew over the session; enrolling again");
-                enroll::forget(&cfg.state_dir);
+                must_enroll = Some(
+                    "the certificate is due for renewal and this relay cannot renew it over the \
+                                    session"
+                        .into(),
+                );
             }
             SessionEnd::Revoked(why) => {
-                error!(reason = %why, "the relay revoked this agent's certificate; enrolling again with REGISTRATION_JWT");
-                enroll::forget(&cfg.state_dir);
+                error!(reason = %why, "the relay refused this agent's certificate; enrolling again with REGISTRATION_JWT");
+                must_enroll = Some(format!("the relay refused the saved certificate ({why})"));
             }
             SessionEnd::Ended(why) => {
                 backoff.reset();

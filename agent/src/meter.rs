@@ -9,6 +9,8 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 use sluice_agent_ebpf_common::SockCounts;
@@ -33,9 +35,53 @@ struct Loaded {
     sockets: aya::maps::HashMap<aya::maps::MapData, u64, SockCounts>,
 }
 
-/// A socket registered with the eBPF program.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cookie(pub u64);
+/// A socket registered with the eBPF program, by its cookie. The entry leaves the
+/// program's map when this is dropped (a stream that ends, fails or is cancelled at any
+/// await point), or earlier with [`Registration::finish`], which also returns the final
+/// counts. No path can leave an entry behind.
+pub struct Registration {
+    meter: Arc<Meter>,
+    cookie: u64,
+    live: AtomicBool,
+}
+
+impl Registration {
+    /// The kernel's id of the socket.
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
+    /// Live counts.
+    pub fn counts(&self) -> Option<SockCounts> {
+        if !self.live.load(Ordering::Acquire) {
+            return None;
+        }
+        self.meter.ebpf.as_ref()?.lock().sockets.get(&self.cookie, 0).ok()
+    }
+
+    /// Final counts; the socket leaves the map (later calls return `None`).
+    pub fn finish(&self) -> Option<SockCounts> {
+        if !self.live.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        let mut l = self.meter.ebpf.as_ref()?.lock();
+        let v = l.sockets.get(&self.cookie, 0).ok();
+        let _ = l.sockets.remove(&self.cookie);
+        v
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Registration({})", self.cookie)
+    }
+}
 
 impl Meter {
     /// Loads and attaches the eBPF program (unless told not to). The second value says
@@ -64,27 +110,13 @@ impl Meter {
         if self.ebpf.is_some() { CounterSource::Ebpf } else { CounterSource::Userspace }
     }
 
-    /// Registers a socket (before it connects). `None` means "count this one in user
-    /// space" (no eBPF, or the map is full).
-    pub fn register(&self, fd: BorrowedFd<'_>) -> Option<Cookie> {
+    /// Registers a socket (before it connects); the guard unregisters it. `None` means
+    /// "count this one in user space" (no eBPF, or the map is full).
+    pub fn register(self: &Arc<Self>, fd: BorrowedFd<'_>) -> Option<Registration> {
         let ebpf = self.ebpf.as_ref()?;
         let cookie = socket_cookie(fd)?;
         ebpf.lock().sockets.insert(cookie, SockCounts::default(), 0).ok()?;
-        Some(Cookie(cookie))
-    }
-
-    /// Live counts of a registered socket.
-    pub fn counts(&self, c: Cookie) -> Option<SockCounts> {
-        self.ebpf.as_ref()?.lock().sockets.get(&c.0, 0).ok()
-    }
-
-    /// Final counts of a registered socket; forgets it.
-    pub fn unregister(&self, c: Cookie) -> Option<SockCounts> {
-        let ebpf = self.ebpf.as_ref()?;
-        let mut l = ebpf.lock();
-        let v = l.sockets.get(&c.0, 0).ok();
-        let _ = l.sockets.remove(&c.0);
-        v
+        Some(Registration { meter: self.clone(), cookie, live: AtomicBool::new(true) })
     }
 
     /// Sockets registered now (entries in the program's map).
@@ -180,10 +212,10 @@ mod tests {
 
     #[test]
     fn userspace_meter_registers_nothing() {
-        let m = Meter::userspace();
+        let m = Arc::new(Meter::userspace());
         let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         use std::os::fd::AsFd;
-        assert_eq!(m.register(s.as_fd()), None);
+        assert!(m.register(s.as_fd()).is_none());
         assert_eq!(m.source(), CounterSource::Userspace);
         assert!(socket_cookie(s.as_fd()).is_some_and(|c| c > 0));
     }

@@ -1,4 +1,5 @@
-//! Everything relay and agent must agree on: the wire protocol ([`wire`]), identities in
+//! Everything relay and agent must agree on: the wire protocol ([`wire`]), the control
+//! session's liveness rule ([`heartbeat`]), identities in
 //! certificates and registration JWTs ([`identity`]), TLS configurations ([`tls`]), the
 //! relay URL ([`relay_url`]), the metrics recorder ([`metrics`]), and the data path that moves a stream's bytes ([`datapath`]).
 //!
@@ -6,6 +7,7 @@
 //! ends at compile time.
 
 pub mod datapath;
+pub mod heartbeat;
 pub mod identity;
 pub mod metrics;
 pub mod relay_url;

@@ -5,36 +5,32 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
+use parking_lot::Mutex;
 use rustls::ServerConfig;
 use rustls::server::Acceptor;
 use sluice_proto::datapath::TunnelSocket;
-use sluice_proto::identity::{AgentIdentity, RegistrationClaims, printable, unix_now, validate_resource_name};
+use sluice_proto::heartbeat::Heartbeat;
+use sluice_proto::identity::{AgentIdentity, printable, unix_now};
 use sluice_proto::wire::{
     self, ALPN_CONTROL, ALPN_DATA, ALPN_ENROLL, AgentMsg, Capabilities, DataHello, EnrollRequest, EnrollResponse,
-    Enrollment, PROTOCOL_VERSION, RejectCode, Rejection, RelayMsg,
+    PROTOCOL_VERSION, RejectCode, RelayMsg,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::enrollment::{check_identity, reject};
 use crate::registry::{AgentSession, ServiceReport, SessionInfo};
 use crate::relay::Relay;
-use crate::store::{AgentRecord, Resource, StoreError};
 
 /// How long a peer may take for its TLS handshake or first frame.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Makes a short random id with a readable prefix, e.g. `res_k3x9…`.
-pub fn new_id(prefix: &str) -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rng();
-    let s: String = (0..16).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
-    format!("{prefix}_{s}")
-}
+pub use crate::enrollment::new_id;
 
 /// Accepts agent connections until shutdown.
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
@@ -117,15 +113,6 @@ fn peer_identity(tls: &TlsStream<TunnelSocket>) -> Option<AgentIdentity> {
     AgentIdentity::from_cert_der(certs.first()?)
 }
 
-fn reject(code: RejectCode, message: impl Into<String>) -> Rejection {
-    Rejection { code, message: message.into() }
-}
-
-fn internal(e: StoreError) -> Rejection {
-    warn!(error = %e, "store error during enrollment");
-    reject(RejectCode::Internal, "the relay could not read its store; try again later")
-}
-
 // === Enrollment ===
 
 async fn enroll(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, peer: SocketAddr) {
@@ -134,7 +121,7 @@ async fn enroll(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, peer: Socke
         Ok(Err(e)) => return debug!(error = %e, "bad enrollment request"),
         Err(_) => return debug!("enrollment request timed out"),
     };
-    let answer = match decide_enrollment(&relay, &req) {
+    let answer = match relay.enroller().decide(&req) {
         Ok(e) => {
             crate::metrics::enrollment("enrolled");
             info!(resource = %e.resource_id, name = %e.resource_name, agent = %e.agent_id, host = %printable(&req.hostname), "agent enrolled");
@@ -164,171 +151,10 @@ fn reject_label(code: RejectCode) -> &'static str {
     }
 }
 
-/// Checks an enrollment request against the token and the store and, if it is allowed,
-/// finds or creates the resource and issues the agent's certificate.
-fn decide_enrollment(relay: &Relay, req: &EnrollRequest) -> Result<Enrollment, Rejection> {
-    if req.version != PROTOCOL_VERSION {
-        return Err(reject(
-            RejectCode::UnsupportedVersion,
-            format!(
-                "agent protocol version {} is not supported by this relay (it speaks {PROTOCOL_VERSION}); upgrade the agent",
-                req.version
-            ),
-        ));
-    }
-    let claims: RegistrationClaims = relay.signer.verify(&req.jwt)?;
-    let record = relay.store.token(&claims.jti).map_err(internal)?.ok_or_else(|| {
-        reject(
-            RejectCode::InvalidToken,
-            "the registration JWT is not known to this relay; ask its operator for a new one",
-        )
-    })?;
-    if record.revoked_at.is_some() {
-        let hint = match &claims.resource_id {
-            Some(r) => format!("sluice resources registration-jwt --resource-id {r}"),
-            None => "sluice resources registration-jwt".to_owned(),
-        };
-        return Err(reject(
-            RejectCode::RevokedToken,
-            format!(
-                "the registration JWT was revoked (by `sluice tokens revoke`, or because the resource it was issued for \
-                 was rotated or deleted); ask the operator for a new one: {hint}"
-            ),
-        ));
-    }
-    if let Some(cid) = &claims.customer_id
-        && relay.store.customer(cid).map_err(internal)?.is_none()
-    {
-        return Err(reject(RejectCode::Forbidden, format!("customer {cid} of this registration JWT no longer exists")));
-    }
-
-    let resource: Resource = match &claims.resource_id {
-        Some(rid) => {
-            let r = relay.store.resource(rid).map_err(internal)?.ok_or_else(|| {
-                reject(RejectCode::RevokedToken, format!("resource {rid} of this registration JWT was deleted"))
-            })?;
-            if r.customer_id != claims.customer_id {
-                return Err(reject(
-                    RejectCode::Forbidden,
-                    format!(
-                        "this registration JWT is for another customer than resource {rid}'s; it cannot enroll agents for it"
-                    ),
-                ));
-            }
-            if claims.generation != Some(r.generation) {
-                return Err(reject(
-                    RejectCode::RevokedToken,
-                    format!(
-                        "the registration JWT is of an older key generation of resource {rid} (rotated); ask the operator for a new one: sluice resources registration-jwt --resource-id {rid}"
-                    ),
-                ));
-            }
-            if !req.name.trim().is_empty() && req.name.trim() != r.name {
-                return Err(reject(
-                    RejectCode::BadRequest,
-                    format!(
-                        "NAME {:?} does not match resource {rid} ({:?}) this registration JWT was issued for; set NAME={} or use a customer JWT",
-                        printable(&req.name),
-                        r.name,
-                        r.name
-                    ),
-                ));
-            }
-            r
-        }
-        None => {
-            let name = validate_resource_name(&req.name)
-                .map_err(|m| reject(RejectCode::BadRequest, format!("NAME is not valid: {m}")))?;
-            let cid = claims.customer_id.as_deref();
-            match relay.store.resource_by_name(cid, name).map_err(internal)? {
-                Some(r) => r,
-                None => {
-                    let r = relay
-                        .store
-                        .create_resource(&new_id("res"), cid, name, relay.config.resource_ports.clone(), unix_now())
-                        .map_err(|e| match e {
-                            StoreError::Exhausted(m) => reject(RejectCode::Unavailable, m),
-                            StoreError::Conflict(_) => {
-                                reject(RejectCode::Unavailable, "the resource was being created concurrently; retry")
-                            }
-                            e => internal(e),
-                        })?;
-                    info!(resource = %r.id, name = %r.name, endpoint = %relay.endpoint(r.port), "resource created");
-                    r
-                }
-            }
-        }
-    };
-
-    // A customer or org-level JWT that enrolled agents of this resource before it was
-    // rotated may have leaked with them: it stays valid for other resources only.
-    if relay.store.token_use_revoked_at(&claims.jti, &resource.id).map_err(internal)?.is_some() {
-        let rid = &resource.id;
-        return Err(reject(
-            RejectCode::RevokedToken,
-            format!(
-                "this registration JWT enrolled agents of resource {rid} ({:?}) before {rid} was rotated or deleted; \
-                 it can no longer enroll agents for {rid} (it stays valid for other resources); issue a new one: \
-                 sluice resources registration-jwt --resource-id {rid}",
-                resource.name
-            ),
-        ));
-    }
-
-    let who =
-        AgentIdentity { agent_id: new_id("agt"), resource_id: resource.id.clone(), generation: resource.generation };
-    let cert_pem = relay
-        .identity
-        .sign_agent_csr(&req.csr_pem, &who, relay.config.agent_cert_lifetime)
-        .map_err(|m| reject(RejectCode::BadRequest, m))?;
-    relay.store.mark_token_used(&claims.jti, &resource.id).map_err(internal)?;
-    relay
-        .store
-        .add_agent(&AgentRecord {
-            id: who.agent_id.clone(),
-            resource_id: resource.id.clone(),
-            generation: resource.generation,
-            hostname: req.hostname.clone(),
-            enrolled_at: unix_now(),
-            jti: Some(claims.jti.clone()),
-        })
-        .map_err(internal)?;
-    Ok(Enrollment {
-        resource_id: resource.id,
-        resource_name: resource.name,
-        customer_id: resource.customer_id,
-        agent_id: who.agent_id,
-        generation: who.generation,
-        cert_pem,
-        ca_pem: relay.identity.ca_pem.clone(),
-    })
-}
-
-/// Checks a client certificate's identity against the store: the resource must exist
-/// and the certificate must be of its current key generation.
-fn check_identity(relay: &Relay, who: &AgentIdentity) -> Result<Resource, Rejection> {
-    let r = relay.store.resource(&who.resource_id).map_err(internal)?.ok_or_else(|| {
-        reject(
-            RejectCode::RevokedCertificate,
-            format!("resource {} was deleted; this agent's certificate is no longer valid", who.resource_id),
-        )
-    })?;
-    if who.generation != r.generation {
-        return Err(reject(
-            RejectCode::RevokedCertificate,
-            format!(
-                "this agent's certificate is of key generation {} but resource {} was rotated to generation {}; the agent needs a new registration JWT",
-                who.generation, r.id, r.generation
-            ),
-        ));
-    }
-    Ok(r)
-}
-
 // === Control sessions ===
 
 async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: AgentIdentity, peer: SocketAddr) {
-    let resource = match check_identity(&relay, &who) {
+    let resource = match check_identity(&*relay.store, &who) {
         Ok(r) => r,
         Err(r) => {
             info!(reason = %r.message, "control session refused");
@@ -401,29 +227,30 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
     }
 
     let (mut rd, mut wr) = tokio::io::split(tls);
-    let heartbeat = relay.config.heartbeat.max(Duration::from_secs(1));
+    let heartbeat = Mutex::new(Heartbeat::new(relay.config.heartbeat.max(Duration::from_secs(1)), Instant::now()));
     let pong_tx = session.clone();
     let stats_relay = relay.clone();
     let agent_id = who.agent_id.clone();
     let renew_who = who.clone();
     crate::metrics::agent_sessions(&resource.id, 1.0);
     // Reader: answers pings; any frame proves the agent alive.
-    let reader = async move {
+    let reader = async {
         loop {
-            match tokio::time::timeout(heartbeat * 3, wire::read_frame::<_, AgentMsg>(&mut rd)).await {
-                Err(_) => {
-                    return format!("no word from the agent for {:?}: declared dead", heartbeat * 3);
-                }
-                Ok(Err(e)) => return format!("control connection ended: {e}"),
-                Ok(Ok(AgentMsg::Ping { seq })) => {
+            let msg = match wire::read_frame::<_, AgentMsg>(&mut rd).await {
+                Ok(m) => m,
+                Err(e) => return format!("control connection ended: {e}"),
+            };
+            heartbeat.lock().heard(Instant::now());
+            match msg {
+                AgentMsg::Ping { seq } => {
                     pong_tx.send(RelayMsg::Pong { seq });
                 }
-                Ok(Ok(AgentMsg::Pong { .. })) => {}
-                Ok(Ok(AgentMsg::StreamStats { streams })) => stats_relay.streams.report(&agent_id, &streams),
-                Ok(Ok(AgentMsg::RenewCertificate { csr_pem })) => {
+                AgentMsg::Pong { .. } => {}
+                AgentMsg::StreamStats { streams } => stats_relay.streams.report(&agent_id, &streams),
+                AgentMsg::RenewCertificate { csr_pem } => {
                     pong_tx.send(renew(&stats_relay, &renew_who, &csr_pem));
                 }
-                Ok(Ok(AgentMsg::ServiceStatus { reachable, error })) => {
+                AgentMsg::ServiceStatus { reachable, error } => {
                     let error = error.map(|e| printable(&e));
                     if reachable {
                         info!("agent reports the private service reachable");
@@ -432,21 +259,24 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
                     }
                     *pong_tx.service.lock() = ServiceReport { reachable: Some(reachable), error, at: unix_now() };
                 }
-                Ok(Ok(AgentMsg::Hello { .. })) => return "agent sent a second hello".into(),
+                AgentMsg::Hello { .. } => return "agent sent a second hello".into(),
             }
         }
     };
-    // Writer: relays queued messages and pings.
+    // Pings by the shared rule; the reader's frames keep the agent alive.
+    let mut seq = 0u64;
+    let ping_session = session.clone();
+    let beats = Heartbeat::run(&heartbeat, || {
+        seq += 1;
+        ping_session.send(RelayMsg::Ping { seq })
+    });
+    // Writer: relays queued messages (pings included).
     let closed = session.closed.clone();
     let shutdown = relay.shutdown.clone();
     let writer = async move {
-        let mut tick = tokio::time::interval(heartbeat);
-        tick.tick().await;
-        let mut seq = 0u64;
         loop {
             let msg = tokio::select! {
                 m = out_rx.recv() => match m { Some(m) => m, None => return "session closed".to_owned() },
-                _ = tick.tick() => { seq += 1; RelayMsg::Ping { seq } }
                 _ = closed.cancelled() => {
                     // Flush a pending rejection (revocation) before closing.
                     while let Ok(m) = out_rx.try_recv() { let _ = wire::write_frame(&mut wr, &m).await; }
@@ -460,7 +290,14 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
             }
         }
     };
-    let why = tokio::select! { w = reader => w, w = writer => w };
+    let why = tokio::select! {
+        w = reader => w,
+        w = writer => w,
+        silent = beats => match silent {
+            Some(d) => format!("no word from the agent for {d:?}: declared dead"),
+            None => "session closed".to_owned(),
+        },
+    };
     relay.registry.remove(&session);
     crate::metrics::agent_sessions(&resource.id, -1.0);
     let _ = relay.store.touch_resource(&resource.id, unix_now());
@@ -470,7 +307,7 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
 /// Answers a renewal request on a control session: a new certificate for the same
 /// identity, if that identity is still current (resource exists, generation not rotated).
 fn renew(relay: &Relay, who: &AgentIdentity, csr_pem: &str) -> RelayMsg {
-    let signed = check_identity(relay, who).and_then(|_| {
+    let signed = check_identity(&*relay.store, who).and_then(|_| {
         relay
             .identity
             .sign_agent_csr(csr_pem, who, relay.config.agent_cert_lifetime)

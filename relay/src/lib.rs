@@ -27,6 +27,7 @@ pub mod admin;
 pub mod agent_port;
 pub mod api;
 pub mod cli;
+pub mod enrollment;
 pub mod metrics;
 pub mod pki;
 pub mod quickstart;

@@ -61,6 +61,17 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// The enrollment decisions, with what they need of this relay.
+    pub fn enroller(&self) -> crate::enrollment::Enroller<'_> {
+        crate::enrollment::Enroller {
+            store: &*self.store,
+            signer: &self.signer,
+            identity: &self.identity,
+            resource_ports: self.config.resource_ports.clone(),
+            cert_lifetime: self.config.agent_cert_lifetime,
+        }
+    }
+
     pub fn next_stream_id(&self) -> u64 {
         self.next_stream_id.fetch_add(1, Ordering::Relaxed) + 1
     }

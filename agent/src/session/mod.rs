@@ -1,0 +1,211 @@
+//! One control session with the relay and its pool of data connections, in the shape of
+//! the protocol:
+//!
+//! - [`control`]: hello → welcome, certificate renewal, and how a welcome can fail;
+//! - [`pool`]: dialing the relay and keeping `pool_size` idle data connections parked
+//!   there, replacing each one a stream takes;
+//! - [`stream`]: one stream on a data connection — the private service's connect, the
+//!   reply, the bytes, the final counts.
+//!
+//! [`run`] ties them together: it reads the relay's frames, writes the agent's (pings by
+//! the shared [`Heartbeat`] rule, stream stats, service reports), and ends with a
+//! [`SessionEnd`] that tells the agent's main loop what to do next.
+
+pub mod control;
+pub mod pool;
+pub mod stream;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rustls::ClientConfig;
+use sluice_proto::datapath::DataPath;
+use sluice_proto::heartbeat::Heartbeat;
+use sluice_proto::tls;
+use sluice_proto::wire::{self, ALPN_CONTROL, ALPN_DATA, AgentMsg, Capabilities, CounterSource, RejectCode, RelayMsg};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::AgentConfig;
+use crate::enroll::Identity;
+use crate::meter::Meter;
+use crate::service::ServiceHealth;
+use pool::{Pool, RelayTarget};
+
+pub use stream::connect_metered;
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// The agent is shutting down.
+    Shutdown,
+    /// The connection failed or the relay went quiet; reconnect.
+    Lost(String),
+    /// The relay says this agent's certificate is no longer valid; enroll again.
+    Revoked(String),
+    /// The certificate is due for renewal and the relay cannot renew it over the
+    /// session (an older relay): enroll again.
+    Renew,
+    /// The session came up, then ended; `.0` is why. Resets the reconnect backoff.
+    Ended(String),
+}
+
+/// The TLS client configuration of the agent's identity for one ALPN.
+pub(crate) fn client_config(id: &Identity, alpn: &[u8]) -> Result<Arc<ClientConfig>, String> {
+    tls::agent_session_config(id.ca(), id.chain(), id.key(), alpn)
+        .map(Arc::new)
+        .map_err(|e| format!("building the TLS configuration from the saved identity: {e}"))
+}
+
+/// Runs one control session until it ends.
+pub async fn run(
+    cfg: Arc<AgentConfig>,
+    meter: Arc<Meter>,
+    data_path: Arc<DataPath>,
+    service: Arc<ServiceHealth>,
+    id: Identity,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
+    let relay = match tls::server_name_of(&cfg.relay_url.host) {
+        Ok(server_name) => RelayTarget { authority: cfg.relay_url.authority(), server_name },
+        Err(e) => return SessionEnd::Lost(e.to_string()),
+    };
+    let (control_cfg, data_cfg) = match (client_config(&id, ALPN_CONTROL), client_config(&id, ALPN_DATA)) {
+        (Ok(c), Ok(d)) => (c, d),
+        (Err(e), _) | (_, Err(e)) => return SessionEnd::Revoked(e),
+    };
+    let mut tls = match pool::dial(&relay, &TlsConnector::from(control_cfg), None).await {
+        Ok((t, _)) => t,
+        Err(e) => return SessionEnd::Lost(e),
+    };
+    let capabilities = Capabilities {
+        ktls: data_path.kernel_tls(),
+        ebpf: meter.source() == CounterSource::Ebpf,
+        renew: true,
+        service_status: true,
+    };
+    let welcome = match control::hello(&mut tls, crate::hostname(), capabilities).await {
+        Ok(w) => w,
+        Err(end) => return end,
+    };
+    info!(session = %welcome.session_id, resource = %id.meta.resource_name, relay = %cfg.relay_url, "connected to the relay");
+
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<AgentMsg>();
+    let pool = Arc::new(Pool {
+        relay,
+        connector: Mutex::new(TlsConnector::from(data_cfg)),
+        service: service.clone(),
+        data_path,
+        session_id: welcome.session_id.clone(),
+        target: welcome.pool_size.max(1),
+        idle: AtomicU32::new(0),
+        connecting: AtomicU32::new(0),
+        closed: CancellationToken::new(),
+        stop_streams: shutdown.child_token(),
+        control: out_tx.clone(),
+        active: Mutex::new(HashMap::new()),
+        meter,
+    });
+    crate::metrics::session(true);
+    pool::refill(&pool);
+
+    let heartbeat = Mutex::new(Heartbeat::new(welcome.heartbeat, Instant::now()));
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let (renewed_tx, renewed_rx) = mpsc::unbounded_channel::<RelayMsg>();
+    let pong_tx = out_tx.clone();
+    let reader = async {
+        loop {
+            let msg = match wire::read_frame::<_, RelayMsg>(&mut rd).await {
+                Ok(m) => m,
+                Err(e) => return SessionEnd::Ended(format!("control connection ended: {e}")),
+            };
+            heartbeat.lock().heard(Instant::now());
+            match msg {
+                RelayMsg::Ping { seq } => {
+                    let _ = pong_tx.send(AgentMsg::Pong { seq });
+                }
+                RelayMsg::OpenData { count } => {
+                    for _ in 0..count.min(64) {
+                        pool::spawn_data_conn(&pool);
+                    }
+                }
+                RelayMsg::Rejected(r) if r.code == RejectCode::RevokedCertificate => {
+                    return SessionEnd::Revoked(r.message);
+                }
+                RelayMsg::Rejected(r) => {
+                    return SessionEnd::Ended(format!("the relay closed the session: {}", r.message));
+                }
+                m @ (RelayMsg::CertificateRenewed { .. } | RelayMsg::RenewalRefused(_)) => {
+                    let _ = renewed_tx.send(m);
+                }
+                RelayMsg::Pong { .. } | RelayMsg::Welcome { .. } => {}
+            }
+        }
+    };
+    let renewal = control::renew_certificate(
+        cfg.state_dir.clone(),
+        pool.clone(),
+        id.clone(),
+        welcome.relay.renew,
+        out_tx.clone(),
+        renewed_rx,
+    );
+    // Pings by the shared rule; the reader's frames keep the relay alive.
+    let ping_tx = out_tx.clone();
+    let mut seq = 0;
+    let beats = Heartbeat::run(&heartbeat, || {
+        seq += 1;
+        ping_tx.send(AgentMsg::Ping { seq }).is_ok()
+    });
+    // Report the service's state now and on every change (to relays that take it).
+    let mut service_rx = service.subscribe();
+    let reports_service = welcome.relay.service_status;
+    if reports_service {
+        service_rx.mark_changed();
+    }
+    let writer = async {
+        let mut stats_tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            let msg = tokio::select! {
+                m = out_rx.recv() => match m { Some(m) => m, None => return SessionEnd::Ended("session closed".into()) },
+                changed = service_rx.changed(), if reports_service => {
+                    if changed.is_err() { continue }
+                    let s = service_rx.borrow_and_update().clone();
+                    let Some(reachable) = s.reachable else { continue };
+                    AgentMsg::ServiceStatus { reachable, error: s.error }
+                }
+                _ = stats_tick.tick() => {
+                    crate::metrics::pool(pool.meter.entries(), pool.idle());
+                    let streams = pool.stats();
+                    if streams.is_empty() { continue }
+                    AgentMsg::StreamStats { streams }
+                }
+            };
+            if let Err(e) = wire::write_frame(&mut wr, &msg).await {
+                return SessionEnd::Ended(format!("writing to the relay failed: {e}"));
+            }
+        }
+    };
+    let end = tokio::select! {
+        e = reader => e,
+        e = writer => e,
+        silent = beats => match silent {
+            Some(d) => SessionEnd::Lost(format!("no word from the relay for {d:?}")),
+            None => SessionEnd::Ended("session closed".into()),
+        },
+        _ = shutdown.cancelled() => SessionEnd::Shutdown,
+        e = renewal => e,
+    };
+    pool.closed.cancel();
+    crate::metrics::session(false);
+    if matches!(end, SessionEnd::Revoked(_)) {
+        pool.stop_streams.cancel();
+    }
+    end
+}

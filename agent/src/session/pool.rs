@@ -1,0 +1,163 @@
+//! The session's pool of data connections: idle, handshaken mTLS connections parked at
+//! the relay, each waiting for one [`StreamOpen`]; one taken is replaced at once.
+//!
+//! The pool knows only what it needs: where the relay is ([`RelayTarget`]), the
+//! private service (through [`ServiceHealth`]), the meter and the data path.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rustls::pki_types::ServerName;
+use sluice_proto::datapath::{self, DataPath, TunnelSocket};
+use sluice_proto::wire::{self, AgentMsg, DataHello, PROTOCOL_VERSION, StreamOpen, StreamStat};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span};
+
+use super::stream::{self, ActiveStream, connect_metered};
+use crate::meter::{Meter, Registration};
+use crate::service::ServiceHealth;
+
+/// A TLS connection to the relay (control or data).
+pub type Tunnel = tokio_rustls::client::TlsStream<TunnelSocket>;
+
+/// How long the TCP connect to the relay may take.
+const RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the TLS handshake with the relay may take.
+const RELAY_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Where the relay is: its `host:port` and the name its certificate must carry.
+#[derive(Debug, Clone)]
+pub struct RelayTarget {
+    pub authority: String,
+    pub server_name: ServerName<'static>,
+}
+
+/// Dials the relay and completes the TLS handshake with `connector`. With a `meter` the
+/// socket is registered before connecting (for a data connection's TLS byte counts); the
+/// registration dies with the connection on every failure path.
+pub async fn dial(
+    relay: &RelayTarget,
+    connector: &TlsConnector,
+    meter: Option<&Arc<Meter>>,
+) -> Result<(Tunnel, Option<Registration>), String> {
+    let authority = &relay.authority;
+    let (tcp, registration) = tokio::time::timeout(RELAY_CONNECT_TIMEOUT, connect_metered(authority, meter))
+        .await
+        .map_err(|_| format!("connecting to the relay at {authority} timed out"))?
+        .map_err(|e| format!("cannot connect to the relay at {authority}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    datapath::tune_tunnel_socket(&tcp);
+    let tls = tokio::time::timeout(
+        RELAY_HANDSHAKE_TIMEOUT,
+        connector.connect(relay.server_name.clone(), TunnelSocket::new(tcp)),
+    )
+    .await
+    .map_err(|_| format!("TLS handshake with the relay at {authority} timed out"))?
+    .map_err(|e| {
+        crate::metrics::handshake_failed();
+        format!("TLS handshake with the relay at {authority} failed: {e}")
+    })?;
+    Ok((tls, registration))
+}
+
+/// What data connections share.
+pub(super) struct Pool {
+    pub(super) relay: RelayTarget,
+    /// Swapped for one with the new certificate when it is renewed.
+    pub(super) connector: Mutex<TlsConnector>,
+    /// The private service and its reachability, fed by every stream's connect.
+    pub(super) service: Arc<ServiceHealth>,
+    /// How streams move bytes.
+    pub(super) data_path: Arc<DataPath>,
+    pub(super) session_id: String,
+    pub(super) target: u32,
+    pub(super) idle: AtomicU32,
+    pub(super) connecting: AtomicU32,
+    /// Cancelled when the session ends: idle connections close; streams continue.
+    pub(super) closed: CancellationToken,
+    /// Cancelled when the agent shuts down or is revoked: streams are cut too.
+    pub(super) stop_streams: CancellationToken,
+    /// Messages to the relay (stream stats).
+    pub(super) control: mpsc::UnboundedSender<AgentMsg>,
+    /// Running streams, for the periodic stats.
+    pub(super) active: Mutex<HashMap<u64, Arc<ActiveStream>>>,
+    pub(super) meter: Arc<Meter>,
+}
+
+impl Pool {
+    /// Stats of every running stream (and their bytes into the metrics).
+    pub(super) fn stats(&self) -> Vec<StreamStat> {
+        self.active.lock().iter().map(|(id, s)| s.stat(*id)).collect()
+    }
+
+    pub(super) fn idle(&self) -> u32 {
+        self.idle.load(Ordering::Relaxed)
+    }
+}
+
+/// Opens data connections until idle + connecting reaches the pool target.
+pub(super) fn refill(pool: &Arc<Pool>) {
+    while !pool.closed.is_cancelled()
+        && pool.idle.load(Ordering::Relaxed) + pool.connecting.load(Ordering::Relaxed) < pool.target
+    {
+        spawn_data_conn(pool);
+    }
+}
+
+/// Opens one data connection in the background; it waits idle for a stream, serves it,
+/// and is replaced as soon as it is taken.
+pub(super) fn spawn_data_conn(pool: &Arc<Pool>) {
+    pool.connecting.fetch_add(1, Ordering::Relaxed);
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let conn = data_conn(&pool).await;
+        pool.connecting.fetch_sub(1, Ordering::Relaxed);
+        let Ok((mut tls, registration)) = conn.inspect_err(|e| debug!(error = %e, "opening a data connection failed"))
+        else {
+            // Try again a little later, unless the session is over.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => refill(&pool),
+                _ = pool.closed.cancelled() => {}
+            }
+            return;
+        };
+        pool.idle.fetch_add(1, Ordering::Relaxed);
+        let open = tokio::select! {
+            o = wire::read_frame::<_, StreamOpen>(&mut tls) => o,
+            _ = pool.closed.cancelled() => {
+                pool.idle.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        pool.idle.fetch_sub(1, Ordering::Relaxed);
+        match open {
+            Ok(open) => {
+                refill(&pool);
+                let span = info_span!("stream", id = open.stream_id, client = %open.client_addr);
+                stream::serve(&pool, tls, registration, open).instrument(span).await;
+            }
+            Err(e) => {
+                // The relay closed an idle connection (its pool was full, or it restarted).
+                debug!(error = %e, "idle data connection closed by the relay");
+                drop(registration);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => refill(&pool),
+                    _ = pool.closed.cancelled() => {}
+                }
+            }
+        }
+    });
+}
+
+async fn data_conn(pool: &Pool) -> Result<(Tunnel, Option<Registration>), String> {
+    let connector = pool.connector.lock().clone();
+    let (mut tls, registration) = dial(&pool.relay, &connector, Some(&pool.meter)).await?;
+    let hello = DataHello { version: PROTOCOL_VERSION, session_id: pool.session_id.clone() };
+    wire::write_frame(&mut tls, &hello).await.map_err(|e| format!("sending the data hello: {e}"))?;
+    Ok((tls, registration))
+}

@@ -1,0 +1,234 @@
+//! One stream on a data connection: connect to the private service, answer the relay,
+//! move the bytes, and report the final counts.
+//!
+//! Every socket the stream registers with the eBPF program is held by a
+//! [`Registration`] guard, so a stream that fails or is cancelled at any point (a
+//! black-holed `APP_HOST` whose connect never finishes, a relay that goes away) leaves
+//! nothing behind in the program's map.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use sluice_proto::datapath::{self, PathKind, StreamEnd, Transfer};
+use sluice_proto::wire::{self, AgentMsg, CounterSource, StreamOpen, StreamReply, StreamStat};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsStream;
+use tracing::{debug, info, warn};
+
+use super::pool::{Pool, Tunnel};
+use crate::meter::{Meter, Registration};
+
+/// How long the agent waits for the private service to accept a connection.
+pub const SERVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running stream's counts: from the eBPF program for its registered sockets, else
+/// from the copy loop.
+pub(super) struct ActiveStream {
+    transfer: Transfer,
+    /// The path the stream's bytes take.
+    path: PathKind,
+    /// The private-service socket (payload bytes of the stream).
+    service: Option<Registration>,
+    /// The tunnel socket (TLS bytes).
+    tunnel: Option<Registration>,
+    /// Bytes already added to the Prometheus counters.
+    metered: Mutex<(u64, u64)>,
+}
+
+impl ActiveStream {
+    /// (bytes in = to the service, bytes out = from the service) and who counted them.
+    fn counts(&self) -> (u64, u64, CounterSource) {
+        if let Some(c) = self.service.as_ref().and_then(Registration::counts) {
+            return (c.tx_bytes, c.rx_bytes, CounterSource::Ebpf);
+        }
+        let (plain_to_tunnel, tunnel_to_plain) = self.transfer.get();
+        (tunnel_to_plain, plain_to_tunnel, CounterSource::Userspace)
+    }
+
+    fn stat_from(
+        &self,
+        stream_id: u64,
+        closed: bool,
+        counts: (u64, u64, CounterSource),
+        tunnel: Option<(u64, u64)>,
+    ) -> StreamStat {
+        let (bytes_in, bytes_out, counter) = counts;
+        let mut m = self.metered.lock();
+        crate::metrics::bytes(bytes_in.saturating_sub(m.0), bytes_out.saturating_sub(m.1));
+        *m = (bytes_in.max(m.0), bytes_out.max(m.1));
+        StreamStat { stream_id, bytes_in, bytes_out, path: self.path, counter, closed, tunnel_bytes: tunnel }
+    }
+
+    /// Live stats (and their bytes into the metrics).
+    pub(super) fn stat(&self, stream_id: u64) -> StreamStat {
+        let tunnel = self.tunnel.as_ref().and_then(Registration::counts).map(|c| (c.rx_bytes, c.tx_bytes));
+        self.stat_from(stream_id, false, self.counts(), tunnel)
+    }
+}
+
+/// Connects to `target`, registering the socket with `meter` before the handshake so
+/// every byte is counted. Returns the socket and its registration (None: count in user
+/// space). Cancelling the future (a timeout) drops the registration with it.
+pub async fn connect_metered(
+    target: &str,
+    meter: Option<&Arc<Meter>>,
+) -> std::io::Result<(TcpStream, Option<Registration>)> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, format!("{target} resolves to no address"));
+    for addr in tokio::net::lookup_host(target).await? {
+        let sock = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let registration = meter.and_then(|m| m.register(sock.as_fd()));
+        match sock.connect(addr).await {
+            Ok(s) => return Ok((s, registration)),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Waits (up to 10 s) until the peer has acknowledged everything queued on `fd`, so the
+/// eBPF program has seen every byte the application wrote before the final read.
+async fn drained(fd: &OwnedFd) {
+    for i in 0..1000u64 {
+        match crate::meter::unacked_bytes(fd.as_fd()) {
+            Some(0) | None => return,
+            Some(_) => tokio::time::sleep(Duration::from_millis(1 + i.min(9))).await,
+        }
+    }
+}
+
+/// Connects to the private service for a stream the relay opened, and moves its bytes.
+pub(super) async fn serve(pool: &Pool, mut tls: Tunnel, tunnel_reg: Option<Registration>, open: StreamOpen) {
+    let target = pool.service.target();
+    let connect = tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, connect_metered(target, Some(&pool.meter))).await;
+    let (service, service_reg) = match connect {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            crate::metrics::stream_failed("service_unreachable");
+            let why = format!("cannot connect to the private service {target}: {e}");
+            pool.service.record_error(why.clone());
+            return refuse(tls, why).await;
+        }
+        Err(_) => {
+            crate::metrics::stream_failed("service_unreachable");
+            let why = format!("connecting to the private service {target} timed out after {SERVICE_CONNECT_TIMEOUT:?}");
+            pool.service.record_error(why.clone());
+            return refuse(tls, why).await;
+        }
+    };
+    pool.service.record_ok();
+    let _ = service.set_nodelay(true);
+    if let Err(e) = wire::write_frame(&mut tls, &StreamReply::Accepted).await {
+        return debug!(error = %e, "the relay went away before the stream started");
+    }
+    let prepared = match pool.data_path.prepare(TlsStream::Client(tls)) {
+        Ok(p) => p,
+        Err(e) => {
+            crate::metrics::stream_failed("ktls");
+            datapath::reset(&service);
+            return warn!(stream = open.stream_id, error = %e, "stream failed: the kernel refused the connection's TLS keys");
+        }
+    };
+    debug!(stream = open.stream_id, path = prepared.path().as_str(), "stream open");
+    // Keep the sockets open past the copy loop until the kernel has sent everything, so
+    // the final eBPF counts include the last bytes (closing them here, not in the loop).
+    let keep = |fd: BorrowedFd<'_>, r: &Option<Registration>| r.as_ref().and_then(|_| fd.try_clone_to_owned().ok());
+    let service_fd = keep(service.as_fd(), &service_reg);
+    let tunnel_fd = keep(prepared.tunnel_tcp().as_fd(), &tunnel_reg);
+    let stream = Arc::new(ActiveStream {
+        transfer: Transfer::default(),
+        path: prepared.path(),
+        service: service_reg,
+        tunnel: tunnel_reg,
+        metered: Mutex::new((0, 0)),
+    });
+    pool.active.lock().insert(open.stream_id, stream.clone());
+    crate::metrics::stream_opened(prepared.path().as_str());
+    let report = prepared.run(service, &stream.transfer, &pool.stop_streams).await;
+    crate::metrics::userspace_copy(stream.transfer.copied());
+    pool.active.lock().remove(&open.stream_id);
+    if matches!(report.end, StreamEnd::Clean) {
+        if let Some(fd) = &service_fd {
+            drained(fd).await;
+        }
+        if let Some(fd) = &tunnel_fd {
+            drained(fd).await;
+        }
+    }
+    let service_final = stream.service.as_ref().and_then(Registration::finish);
+    let tunnel_final = stream.tunnel.as_ref().and_then(Registration::finish).map(|c| (c.rx_bytes, c.tx_bytes));
+    drop((service_fd, tunnel_fd));
+    let counts = match service_final {
+        Some(c) => (c.tx_bytes, c.rx_bytes, CounterSource::Ebpf),
+        None => {
+            let (plain_to_tunnel, tunnel_to_plain) = stream.transfer.get();
+            (tunnel_to_plain, plain_to_tunnel, CounterSource::Userspace)
+        }
+    };
+    let last = stream.stat_from(open.stream_id, true, counts, tunnel_final);
+    let _ = pool.control.send(AgentMsg::StreamStats { streams: vec![last.clone()] });
+    let (bytes_in, bytes_out) = (last.bytes_in, last.bytes_out);
+    let (copied_out, copied_in) = stream.transfer.get();
+    match report.end {
+        StreamEnd::Clean => {
+            crate::metrics::stream_closed("clean");
+            debug!(path = report.path.as_str(), bytes_in, bytes_out, copied_in, copied_out, counter = ?last.counter, "stream closed")
+        }
+        end => {
+            crate::metrics::stream_closed(if matches!(end, StreamEnd::Cancelled) { "cancelled" } else { "aborted" });
+            info!(path = report.path.as_str(), bytes_in, bytes_out, end = %end.describe(), "stream ended abnormally")
+        }
+    }
+}
+
+async fn refuse(mut tls: Tunnel, reason: String) {
+    warn!(%reason, "stream refused");
+    let _ = wire::write_frame(&mut tls, &StreamReply::Refused { reason }).await;
+    let _ = tls.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meter::CounterMode;
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// A black-holed service: its accept queue is full, so a further connect waits in
+    /// SYN_SENT until cancelled. The socket registered for it must leave the eBPF map.
+    #[tokio::test]
+    async fn a_cancelled_connect_leaves_no_map_entry() {
+        let (meter, why) = Meter::start(CounterMode::Auto);
+        let meter = Arc::new(meter);
+        if meter.source() != CounterSource::Ebpf {
+            assert!(!(is_root() && cfg!(sluice_ebpf)), "as root the agent must load its eBPF program: {why:?}");
+            return eprintln!("skipped: no eBPF here ({why:?})");
+        }
+        let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        listener.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let _fill: Vec<_> = (0..3)
+            .filter_map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+            .collect();
+        let before = meter.entries();
+        let target = addr.to_string();
+        let pending = tokio::time::timeout(Duration::from_millis(300), connect_metered(&target, Some(&meter)));
+        assert!(pending.await.is_err(), "the connect should still be waiting on the full accept queue");
+        assert_eq!(meter.entries(), before, "the cancelled connect's registration left the map");
+
+        // And a registration that completes is removed by `finish`, once.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (_s, reg) = connect_metered(&l.local_addr().unwrap().to_string(), Some(&meter)).await.unwrap();
+        let reg = reg.expect("registered with eBPF");
+        assert_eq!(meter.entries(), before + 1);
+        assert!(reg.finish().is_some());
+        assert!(reg.finish().is_none(), "finished once");
+        assert_eq!(meter.entries(), before);
+    }
+}
