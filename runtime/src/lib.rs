@@ -1,8 +1,9 @@
 //! What both Sluice binaries (`sluice` and `sluice-agent`) need from the process they
 //! run in, written once: log set-up ([`LogArgs`], [`init_logging`]), the shutdown
 //! signal ([`shutdown_signal`]), this machine's [`hostname`], [`Secret`] values that
-//! never reach a log through `Debug`, and the parser of settings that are either blank
-//! or a typed value ([`blank_or`]).
+//! never reach a log through `Debug`, the parser of settings that are either blank or a
+//! typed value ([`blank_or`]), and configurations made in code from clap's defaults
+//! ([`ignoring_env`]).
 //!
 //! It is its own small crate so that neither binary owns the other's process glue.
 
@@ -48,12 +49,17 @@ pub async fn shutdown_signal() {
     tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
 }
 
-/// This machine's host name, reported to operators (`unknown` when the kernel does not
-/// say).
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
+/// This machine's host name, `None` when the kernel does not say (each binary picks its
+/// own stand-in: the relay needs one that works in a URL).
+pub fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+}
+
+/// `cmd` with every `env = …` removed, so only flags and defaults count: for
+/// configurations made in code (`sluice quickstart`, tests), which must not change with
+/// the environment of the process that makes them.
+pub fn ignoring_env(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| a.env(None::<&str>))
 }
 
 /// A value that must not reach a log: its `Debug` prints `Secret(…redacted…)`. Read it
@@ -121,7 +127,20 @@ mod tests {
 
     #[test]
     fn hostname_is_one_trimmed_line() {
-        let h = hostname();
-        assert!(!h.is_empty() && !h.contains('\n'));
+        if let Some(h) = hostname() {
+            assert!(!h.is_empty() && !h.contains('\n') && h.trim() == h);
+        }
+    }
+
+    #[test]
+    fn ignoring_env_keeps_the_defaults() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[arg(long, env = "PATH", default_value = "d")]
+            path: String,
+        }
+        use clap::{CommandFactory, FromArgMatches};
+        let m = ignoring_env(Cli::command()).get_matches_from(["x"]);
+        assert_eq!(Cli::from_arg_matches(&m).unwrap().path, "d");
     }
 }
