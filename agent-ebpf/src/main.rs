@@ -9,29 +9,12 @@ use aya_ebpf::helpers::bpf_get_socket_cookie;
 use aya_ebpf::macros::{cgroup_skb, map};
 use aya_ebpf::maps::HashMap;
 use aya_ebpf::programs::SkBuffContext;
-use sluice_agent_ebpf_common::{MAX_SOCKETS, RX_INIT, SockCounts, TX_INIT};
+use sluice_agent_ebpf_common::{MAX_SOCKETS, Segment, SockCounts};
 
 #[map]
 static SOCKETS: HashMap<u64, SockCounts> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
-const FIN: u8 = 0x01;
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
 const IPPROTO_TCP: u8 = 6;
-
-/// The TCP facts of one (possibly GSO/GRO) segment.
-struct Segment {
-    seq: u32,
-    ack: u32,
-    flags: u8,
-    payload: u32,
-}
-
-/// `a` is after `b` in sequence space.
-#[inline(always)]
-fn after(a: u32, b: u32) -> bool {
-    (a.wrapping_sub(b) as i32) > 0
-}
 
 #[inline(always)]
 fn parse(ctx: &SkBuffContext) -> Option<Segment> {
@@ -59,7 +42,8 @@ fn counts(ctx: &SkBuffContext) -> Option<*mut SockCounts> {
     SOCKETS.get_ptr_mut(&cookie)
 }
 
-/// Outgoing segments: count new sequence space sent, and the advance of our ACKs.
+/// Outgoing segments: count new sequence space sent, and the advance of our ACKs
+/// ([`SockCounts::egress`]).
 #[cgroup_skb]
 pub fn sluice_egress(ctx: SkBuffContext) -> i32 {
     if let Some(c) = counts(&ctx)
@@ -67,46 +51,19 @@ pub fn sluice_egress(ctx: SkBuffContext) -> i32 {
     {
         // SAFETY: the map value lives while we hold the pointer (RCU), and only this
         // program writes these fields (the socket lock serialises transmits).
-        let c = unsafe { &mut *c };
-        let start = s.seq.wrapping_add(if s.flags & SYN != 0 { 1 } else { 0 });
-        let end = start.wrapping_add(s.payload);
-        if c.init & TX_INIT == 0 {
-            c.tx_next = end;
-            c.tx_bytes += s.payload as u64;
-            c.init |= TX_INIT;
-        } else if after(end, c.tx_next) {
-            let from = if after(start, c.tx_next) { start } else { c.tx_next };
-            c.tx_bytes += end.wrapping_sub(from) as u64;
-            c.tx_next = end;
-        }
-        if s.flags & ACK != 0 {
-            let mut ack = s.ack;
-            if c.fin_seen != 0 && after(ack, c.rx_fin) {
-                ack = c.rx_fin; // the peer's FIN takes a sequence number but is no payload
-            }
-            if c.init & RX_INIT == 0 {
-                c.rx_ack = ack;
-                c.init |= RX_INIT;
-            } else if after(ack, c.rx_ack) {
-                c.rx_bytes += ack.wrapping_sub(c.rx_ack) as u64;
-                c.rx_ack = ack;
-            }
-        }
+        unsafe { &mut *c }.egress(&s);
     }
     1
 }
 
-/// Incoming segments: only the peer's FIN matters (its sequence number caps our ACKs).
+/// Incoming segments: only the peer's FIN matters ([`SockCounts::ingress`]).
 #[cgroup_skb]
 pub fn sluice_ingress(ctx: SkBuffContext) -> i32 {
     if let Some(c) = counts(&ctx)
         && let Some(s) = parse(&ctx)
-        && s.flags & FIN != 0
     {
         // SAFETY: as above; only this program writes `rx_fin` and `fin_seen`.
-        let c = unsafe { &mut *c };
-        c.rx_fin = s.seq.wrapping_add(if s.flags & SYN != 0 { 1 } else { 0 }).wrapping_add(s.payload);
-        c.fin_seen = 1;
+        unsafe { &mut *c }.ingress(&s);
     }
     1
 }

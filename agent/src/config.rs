@@ -1,155 +1,274 @@
-//! The agent's configuration, checked up front: every problem is reported as one clear
-//! line before the agent touches the network.
+//! The agent's configuration: one typed struct, parsed by clap from flags or environment
+//! variables (defaults written once, in the attributes below), then checked for what
+//! involves several settings at once ([`AgentConfig::validate`]). Every problem is
+//! reported as one line naming the variable and the fix, before the agent touches the
+//! network.
 
-use sluice_proto::datapath::{DataPathMode, KtlsEngine};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use clap::{CommandFactory, FromArgMatches, Parser};
+use sluice_proto::datapath::{DataPathMode, KtlsEngine};
 use sluice_proto::identity::{RegistrationClaims, unix_now};
 use sluice_proto::relay_url::RelayUrl;
+use sluice_runtime::{LogArgs, Secret, blank_or};
 
-/// A validated agent configuration.
-#[derive(Debug, Clone)]
-pub struct AgentConfig {
-    /// The private service's host.
-    pub app_host: String,
-    pub app_port: u16,
-    /// The resource name the agent registers.
-    pub name: String,
-    pub registration_jwt: String,
-    pub claims: RegistrationClaims,
-    pub state_dir: PathBuf,
-    /// The relay to dial (from `SLUICE_URL`, else from the JWT).
-    pub relay_url: RelayUrl,
-    /// Longest wait between reconnection attempts.
-    pub reconnect_max: Duration,
-    /// eBPF or user-space byte counting.
-    pub counter: crate::meter::CounterMode,
-    /// Where to serve Prometheus metrics; off when `None`.
-    pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Kernel TLS when available, or always user-space rustls.
-    pub data_path: DataPathMode,
-    /// How kernel-TLS streams move bytes.
-    pub ktls_engine: KtlsEngine,
-    /// How often to check that the private service accepts connections (`None`: only at
-    /// start and through real streams).
-    pub service_check: Option<Duration>,
-}
-
-/// The raw inputs (environment variables or flags), before validation.
-#[derive(Debug, Clone, Default)]
-pub struct RawConfig {
-    pub app_host: Option<String>,
-    pub app_port: Option<String>,
-    pub name: Option<String>,
-    pub registration_jwt: Option<String>,
-    pub state_dir: Option<PathBuf>,
-    pub relay_url: Option<String>,
-    pub reconnect_max_secs: Option<u64>,
-    pub metrics_listen: Option<String>,
-    /// `auto` (eBPF if it loads) or `userspace`.
-    pub counter: Option<String>,
-    /// `auto` (kernel TLS when available) or `userspace`.
-    pub data_path: Option<String>,
-    /// `splice`, `uring`, `threads` or `copy`.
-    pub ktls_engine: Option<String>,
-    /// Seconds between checks of the private service; 0 turns the periodic check off.
-    pub service_check_secs: Option<u64>,
-}
+use crate::meter::CounterMode;
 
 /// The state directory when none is given.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sluice-agent";
 
-fn required(v: &Option<String>, var: &str, what: &str) -> Result<String, String> {
-    match v.as_deref().map(str::trim) {
-        None => Err(format!("{var} is not set: it must be {what}")),
-        Some("") => Err(format!("{var} is empty: it must be {what}")),
-        Some(s) => Ok(s.to_owned()),
-    }
+/// Runs next to a private service and makes it reachable from the platform through the
+/// Sluice relay. Dials out only (no inbound port): mutual TLS to the relay, on 443.
+///
+/// Typical use (Docker or systemd sets these):
+///   APP_HOST=db.internal APP_PORT=5432 NAME=orders-db REGISTRATION_JWT=eyJ… sluice-agent
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sluice-agent", version = crate::LONG_VERSION)]
+pub struct AgentConfig {
+    /// Host name or IP of the private service.
+    #[arg(long, env = "APP_HOST", value_parser = required("APP_HOST"))]
+    pub app_host: String,
+    /// TCP port of the private service.
+    #[arg(long, env = "APP_PORT", value_parser = parse_app_port)]
+    pub app_port: u16,
+    /// Resource name; agents of one customer with the same NAME share the resource.
+    /// Optional when the registration JWT was issued for one resource.
+    #[arg(long, env = "NAME", default_value = "", hide_default_value = true, value_parser = parse_name)]
+    pub name: String,
+    /// Registration JWT from the platform operator.
+    #[arg(long = "registration-jwt", env = "REGISTRATION_JWT", hide_env_values = true,
+          value_parser = required_secret("REGISTRATION_JWT"))]
+    registration_jwt: Secret<String>,
+    /// The registration JWT's claims (decoded by [`AgentConfig::validate`]).
+    #[arg(skip)]
+    pub claims: RegistrationClaims,
+    /// Where the agent keeps its key and certificate.
+    #[arg(long, env = "STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Relay URL (https://host:port). Default: the one in the registration JWT.
+    #[arg(long = "sluice-url", env = "SLUICE_URL", default_value = "", hide_default_value = true,
+          value_parser = parse_sluice_url)]
+    sluice_url: std::option::Option<RelayUrl>,
+    /// The relay to dial: `--sluice-url`, else the JWT's (set by [`AgentConfig::validate`]).
+    #[arg(skip = RelayUrl { host: String::new(), port: 443 })]
+    pub relay_url: RelayUrl,
+    /// Longest wait between reconnection attempts, in seconds.
+    #[arg(long = "reconnect-max-secs", env = "SLUICE_RECONNECT_MAX_SECS", default_value = "30",
+          value_parser = parse_reconnect_max)]
+    pub reconnect_max: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464). Off by
+    /// default: the agent opens no port unless asked.
+    #[arg(long, env = "SLUICE_METRICS_LISTEN", default_value = "", hide_default_value = true,
+          value_parser = parse_metrics_listen)]
+    pub metrics_listen: std::option::Option<SocketAddr>,
+    /// How stream bytes are counted: auto (eBPF when it loads, else user space) or userspace.
+    #[arg(long, env = "SLUICE_COUNTER", default_value = "auto", value_parser = parse_counter)]
+    pub counter: CounterMode,
+    /// How stream bytes move: auto (kernel TLS + splice when the kernel has TLS, else
+    /// user-space rustls) or userspace.
+    #[arg(long, env = "SLUICE_DATA_PATH", default_value = "auto", value_parser = blank_or::<DataPathMode>("SLUICE_DATA_PATH"))]
+    pub data_path: DataPathMode,
+    /// Kernel-TLS engine, for benchmarks: splice (default), uring, threads or copy.
+    #[arg(long, env = "SLUICE_KTLS_ENGINE", default_value = "splice", hide_short_help = true,
+          value_parser = blank_or::<KtlsEngine>("SLUICE_KTLS_ENGINE"))]
+    pub ktls_engine: KtlsEngine,
+    /// Seconds between checks that APP_HOST:APP_PORT accepts TCP connections (a connect
+    /// and close, skipped while streams show the service up); 0 checks only at start.
+    /// The result is shown by `sluice resources list` and `sluice agents list`.
+    #[arg(long = "service-check-secs", env = "SLUICE_SERVICE_CHECK_SECS", default_value = "30",
+          value_parser = parse_service_check)]
+    pub service_check: std::option::Option<Duration>,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
-impl RawConfig {
-    /// Checks every input; the error is one line naming the variable and the fix.
-    pub fn validate(self) -> Result<AgentConfig, String> {
-        let app_host = required(&self.app_host, "APP_HOST", "the host name or IP of the private service")?;
-        let port = required(&self.app_port, "APP_PORT", "the TCP port of the private service (1-65535)")?;
-        let app_port = port
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("APP_PORT={port:?} is not a TCP port: it must be a number from 1 to 65535"))?;
-        let jwt = required(
-            &self.registration_jwt,
-            "REGISTRATION_JWT",
-            "the registration JWT from the platform operator (sluice resources registration-jwt)",
-        )?;
+/// Why there is no configuration to run with.
+#[derive(Debug)]
+pub enum ConfigError {
+    /// Not a configuration problem clap reports in its own words (`--help`, `--version`,
+    /// an unknown flag): print it with [`clap::Error::exit`].
+    Clap(clap::Error),
+    /// A setting is missing or wrong: one line naming it and the fix.
+    Invalid(String),
+}
+
+impl AgentConfig {
+    /// Reads the flags and the environment and checks them.
+    pub fn load() -> Result<AgentConfig, ConfigError> {
+        Self::load_from(Self::command(), std::env::args_os())
+    }
+
+    /// A configuration made in code (the quickstart's agent): every setting but these
+    /// at its default, each checked as its flag would be; the environment is not read.
+    /// Change fields, then [`validate`](Self::validate).
+    pub fn new(app_host: &str, app_port: u16, name: &str, registration_jwt: &str) -> Result<AgentConfig, String> {
+        let port = app_port.to_string();
+        let flags = [
+            "sluice-agent",
+            "--app-host",
+            app_host,
+            "--app-port",
+            &port,
+            "--name",
+            name,
+            "--registration-jwt",
+            registration_jwt,
+        ];
+        let m = sluice_runtime::ignoring_env(Self::command()).try_get_matches_from(flags).map_err(|e| one_line(&e))?;
+        Self::from_arg_matches(&m).map_err(|e| one_line(&e))
+    }
+
+    fn load_from<I, T>(cmd: clap::Command, args: I) -> Result<AgentConfig, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let parsed = cmd.try_get_matches_from(args).and_then(|m| Self::from_arg_matches(&m));
+        let cfg = parsed.map_err(|e| match e.kind() {
+            clap::error::ErrorKind::ValueValidation | clap::error::ErrorKind::MissingRequiredArgument => {
+                ConfigError::Invalid(one_line(&e))
+            }
+            _ => ConfigError::Clap(e),
+        })?;
+        cfg.validate().map_err(ConfigError::Invalid)
+    }
+
+    /// The registration JWT (a secret: it is never in `Debug` output).
+    pub fn registration_jwt(&self) -> &str {
+        self.registration_jwt.expose()
+    }
+
+    /// Checks the rules that involve several settings (the JWT names the resource, or
+    /// NAME must; an expired JWT is fine only for an agent already enrolled) and that
+    /// STATE_DIR is writable, and fills in what follows from the JWT.
+    pub fn validate(mut self) -> Result<AgentConfig, String> {
         // Expiry is checked below, once we know whether STATE_DIR already holds an
         // identity: the JWT is for joining only, an enrolled agent restarts without it.
-        let claims = RegistrationClaims::decode_unverified(&jwt, 0)
+        self.claims = RegistrationClaims::decode_unverified(self.registration_jwt.expose(), 0)
             .map_err(|e| format!("REGISTRATION_JWT is not usable: {e}"))?;
         // A JWT issued for one resource names it; NAME may then be omitted.
-        let name = match (&self.name, &claims.resource_id) {
-            (Some(n), _) if !n.trim().is_empty() => sluice_proto::identity::validate_resource_name(n)
-                .map_err(|e| format!("NAME={n:?} is not valid: {e}"))?
-                .to_owned(),
-            (_, Some(_)) => String::new(),
-            _ => required(&self.name, "NAME", "the resource's display name, e.g. \"Acme PostgreSQL\"")?,
+        if self.name.is_empty() && self.claims.resource_id.is_none() {
+            return Err(format!("NAME is not set (or blank): it must be {}", what("NAME")));
+        }
+        self.relay_url = match self.sluice_url.clone() {
+            Some(url) => url,
+            None => RelayUrl::parse(&self.claims.relay_url).map_err(|e| format!("SLUICE_URL: {e}"))?,
         };
-        let url = self.relay_url.filter(|u| !u.trim().is_empty()).unwrap_or_else(|| claims.relay_url.clone());
-        let relay_url = RelayUrl::parse(&url).map_err(|e| format!("SLUICE_URL: {e}"))?;
-        let state_dir = self.state_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
-        check_writable(&state_dir)?;
-        let metrics_listen = match self.metrics_listen.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-            None => None,
-            Some(a) => Some(a.parse().map_err(|_| {
-                format!("SLUICE_METRICS_LISTEN={a:?} is not an address: use host:port, e.g. 127.0.0.1:9464")
-            })?),
-        };
-        let counter = match self.counter.as_deref().map(str::trim) {
-            None | Some("") | Some("auto") => crate::meter::CounterMode::Auto,
-            Some("userspace") => crate::meter::CounterMode::Userspace,
-            Some(other) => return Err(format!("SLUICE_COUNTER={other:?} is not valid: use auto or userspace")),
-        };
-        let data_path = match self.data_path.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-            None => DataPathMode::Auto,
-            Some(s) => s.parse().map_err(|e| format!("SLUICE_DATA_PATH: {e}"))?,
-        };
-        let ktls_engine = match self.ktls_engine.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
-            None => KtlsEngine::default(),
-            Some(s) => s.parse().map_err(|e| format!("SLUICE_KTLS_ENGINE: {e}"))?,
-        };
-        let cfg = AgentConfig {
-            service_check: match self.service_check_secs {
-                Some(0) => None,
-                Some(s) => Some(Duration::from_secs(s)),
-                None => Some(Duration::from_secs(30)),
-            },
-            data_path,
-            ktls_engine,
-            counter,
-            app_host,
-            app_port,
-            name,
-            registration_jwt: jwt,
-            claims,
-            state_dir,
-            relay_url,
-            reconnect_max: Duration::from_secs(self.reconnect_max_secs.unwrap_or(30).max(1)),
-            metrics_listen,
-        };
+        check_writable(&self.state_dir)?;
         let now = unix_now();
-        if let Some(exp) = cfg.claims.exp
+        if let Some(exp) = self.claims.exp
             && exp <= now
-            && crate::enroll::load(&cfg).is_err()
+            && crate::enroll::load(&self).is_err()
         {
             return Err(format!(
                 "REGISTRATION_JWT is not usable: {}; STATE_DIR {} holds no identity for it, so the agent must \
                  enroll and needs a valid JWT",
                 sluice_proto::identity::ClaimsError::Expired { exp, now },
-                cfg.state_dir.display()
+                self.state_dir.display()
             ));
         }
-        Ok(cfg)
+        Ok(self)
+    }
+}
+
+/// A clap error about one setting as the one line the agent prints: our value parsers'
+/// messages already name the variable; a missing required setting is named here.
+fn one_line(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    if let Some(why) = std::error::Error::source(e) {
+        return why.to_string();
+    }
+    if let Some(ContextValue::Strings(missing)) = e.get(ContextKind::InvalidArg) {
+        for var in ["APP_HOST", "APP_PORT", "REGISTRATION_JWT"] {
+            if missing.iter().any(|m| m.contains(&format!("<{var}>"))) {
+                return format!("{var} is not set: it must be {}", what(var));
+            }
+        }
+    }
+    e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_owned()
+}
+
+/// What a required setting must be, for the message saying it is missing.
+fn what(var: &str) -> &'static str {
+    match var {
+        "APP_HOST" => "the host name or IP of the private service",
+        "APP_PORT" => "the TCP port of the private service (1-65535)",
+        "REGISTRATION_JWT" => "the registration JWT from the platform operator (sluice resources registration-jwt)",
+        "NAME" => "the resource's display name, e.g. \"Acme PostgreSQL\"",
+        _ => "set",
+    }
+}
+
+fn required(var: &'static str) -> impl Fn(&str) -> Result<String, String> + Clone + Send + Sync + 'static {
+    move |s: &str| match s.trim() {
+        "" => Err(format!("{var} is empty: it must be {}", what(var))),
+        s => Ok(s.to_owned()),
+    }
+}
+
+fn required_secret(
+    var: &'static str,
+) -> impl Fn(&str) -> Result<Secret<String>, String> + Clone + Send + Sync + 'static {
+    let required = required(var);
+    move |s: &str| required(s).map(Secret::new)
+}
+
+fn parse_app_port(s: &str) -> Result<u16, String> {
+    let port = required("APP_PORT")(s)?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("APP_PORT={port:?} is not a TCP port: it must be a number from 1 to 65535"))
+}
+
+/// Blank means "not given" (allowed when the JWT names the resource).
+fn parse_name(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Ok(String::new());
+    }
+    sluice_proto::identity::validate_resource_name(s)
+        .map(str::to_owned)
+        .map_err(|e| format!("NAME={s:?} is not valid: {e}"))
+}
+
+fn parse_sluice_url(s: &str) -> Result<Option<RelayUrl>, String> {
+    if s.trim().is_empty() {
+        return Ok(None);
+    }
+    RelayUrl::parse(s).map(Some).map_err(|e| format!("SLUICE_URL: {e}"))
+}
+
+fn parse_reconnect_max(s: &str) -> Result<Duration, String> {
+    let secs: u64 =
+        s.trim().parse().map_err(|_| format!("SLUICE_RECONNECT_MAX_SECS={s:?} is not a number of seconds"))?;
+    Ok(Duration::from_secs(secs.max(1)))
+}
+
+fn parse_service_check(s: &str) -> Result<Option<Duration>, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Ok(None),
+        Ok(secs) => Ok(Some(Duration::from_secs(secs))),
+        Err(_) => Err(format!("SLUICE_SERVICE_CHECK_SECS={s:?} is not a number of seconds (0: check only at start)")),
+    }
+}
+
+fn parse_metrics_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+    match s.trim() {
+        "" => Ok(None),
+        a => a
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("SLUICE_METRICS_LISTEN={a:?} is not an address: use host:port, e.g. 127.0.0.1:9464")),
+    }
+}
+
+fn parse_counter(s: &str) -> Result<CounterMode, String> {
+    match s.trim() {
+        "" | "auto" => Ok(CounterMode::Auto),
+        "userspace" => Ok(CounterMode::Userspace),
+        other => Err(format!("SLUICE_COUNTER={other:?} is not valid: use auto or userspace")),
     }
 }
 
@@ -186,54 +305,97 @@ mod tests {
         format!("{}.{}.sig", b.encode(b"{}"), b.encode(c.to_string()))
     }
 
-    fn raw(dir: &Path) -> RawConfig {
-        RawConfig {
-            app_host: Some("db".into()),
-            app_port: Some("5432".into()),
-            name: Some("orders-db".into()),
-            registration_jwt: Some(jwt(serde_json::json!({}))),
-            state_dir: Some(dir.to_path_buf()),
-            ..Default::default()
+    /// The flags of a good configuration, as (flag, value); tests change one.
+    fn flags(dir: &Path) -> Vec<(&'static str, String)> {
+        vec![
+            ("--app-host", "db".into()),
+            ("--app-port", "5432".into()),
+            ("--name", "orders-db".into()),
+            ("--registration-jwt", jwt(serde_json::json!({}))),
+            ("--state-dir", dir.display().to_string()),
+        ]
+    }
+
+    fn set(f: &mut Vec<(&'static str, String)>, flag: &'static str, value: Option<&str>) {
+        f.retain(|(k, _)| *k != flag);
+        if let Some(v) = value {
+            f.push((flag, v.into()));
+        }
+    }
+
+    /// Parses and validates like `main`, from flags only (the test's environment is not read).
+    fn load(f: &[(&'static str, String)]) -> Result<AgentConfig, String> {
+        let args = std::iter::once("sluice-agent".to_owned()).chain(f.iter().map(|(k, v)| format!("{k}={v}")));
+        match AgentConfig::load_from(sluice_runtime::ignoring_env(AgentConfig::command()), args) {
+            Ok(c) => Ok(c),
+            Err(ConfigError::Invalid(e)) => Err(e),
+            Err(ConfigError::Clap(e)) => panic!("clap's own error: {e}"),
         }
     }
 
     #[test]
     fn good_config_takes_the_relay_from_the_jwt() {
         let d = tempfile::tempdir().unwrap();
-        let c = raw(d.path()).validate().unwrap();
+        let c = load(&flags(d.path())).unwrap();
         assert_eq!(c.relay_url.to_string(), "https://relay.example:8443");
         assert_eq!(c.app_port, 5432);
         assert_eq!((c.data_path, c.ktls_engine), (DataPathMode::Auto, KtlsEngine::Splice));
-        let mut r = raw(d.path());
-        (r.data_path, r.ktls_engine) = (Some("userspace".into()), Some("uring".into()));
-        let c = r.validate().unwrap();
+        assert_eq!((c.reconnect_max, c.service_check), (Duration::from_secs(30), Some(Duration::from_secs(30))));
+        assert_eq!((c.counter, c.metrics_listen), (CounterMode::Auto, None));
+        let mut f = flags(d.path());
+        set(&mut f, "--data-path", Some("userspace"));
+        set(&mut f, "--ktls-engine", Some("uring"));
+        set(&mut f, "--service-check-secs", Some("0"));
+        set(&mut f, "--sluice-url", Some("https://other:443"));
+        let c = load(&f).unwrap();
         assert_eq!((c.data_path, c.ktls_engine), (DataPathMode::Userspace, KtlsEngine::Uring));
+        assert_eq!((c.service_check, c.relay_url.to_string()), (None, "https://other:443".into()));
+    }
+
+    #[test]
+    fn blank_optional_settings_mean_their_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        let mut f = flags(d.path());
+        for flag in ["--sluice-url", "--metrics-listen", "--counter", "--data-path", "--ktls-engine"] {
+            set(&mut f, flag, Some(" "));
+        }
+        let c = load(&f).unwrap();
+        assert_eq!(c.relay_url.to_string(), "https://relay.example:8443");
+        assert_eq!((c.metrics_listen, c.counter), (None, CounterMode::Auto));
+        assert_eq!((c.data_path, c.ktls_engine), (DataPathMode::Auto, KtlsEngine::Splice));
     }
 
     #[test]
     fn each_bad_input_names_its_variable() {
         let d = tempfile::tempdir().unwrap();
-        type Mutate = Box<dyn Fn(&mut RawConfig)>;
-        let cases: Vec<(Mutate, &str)> = vec![
-            (Box::new(|r| r.app_host = None), "APP_HOST is not set"),
-            (Box::new(|r| r.app_host = Some(" ".into())), "APP_HOST is empty"),
-            (Box::new(|r| r.app_port = Some("70000".into())), "APP_PORT=\"70000\" is not a TCP port"),
-            (Box::new(|r| r.app_port = Some("0".into())), "is not a TCP port"),
-            (Box::new(|r| r.name = None), "NAME is not set"),
-            (Box::new(|r| r.name = Some("a\nb".into())), "NAME=\"a\\nb\" is not valid"),
-            (Box::new(|r| r.name = Some("x".repeat(101))), "at most 100"),
-            (Box::new(|r| r.registration_jwt = Some("nope".into())), "REGISTRATION_JWT is not usable: not a JWT"),
-            (Box::new(|r| r.registration_jwt = Some(jwt(serde_json::json!({"exp": 5})))), "expired"),
-            (Box::new(|r| r.relay_url = Some("http://x".into())), "SLUICE_URL"),
-            (Box::new(|r| r.state_dir = Some("/proc/nope".into())), "STATE_DIR /proc/nope is not writable"),
-            (Box::new(|r| r.data_path = Some("kernel".into())), "SLUICE_DATA_PATH: unknown data path \"kernel\""),
-            (Box::new(|r| r.ktls_engine = Some("fast".into())), "SLUICE_KTLS_ENGINE: unknown kernel TLS engine"),
+        let jwt5 = jwt(serde_json::json!({"exp": 5}));
+        let long = "x".repeat(101);
+        let cases: Vec<(&'static str, Option<&str>, &str)> = vec![
+            ("--app-host", None, "APP_HOST is not set"),
+            ("--app-host", Some(" "), "APP_HOST is empty"),
+            ("--app-port", None, "APP_PORT is not set"),
+            ("--app-port", Some("70000"), "APP_PORT=\"70000\" is not a TCP port: it must be a number from 1 to 65535"),
+            ("--app-port", Some("0"), "is not a TCP port"),
+            ("--name", None, "NAME is not set"),
+            ("--name", Some("a\nb"), "NAME=\"a\\nb\" is not valid"),
+            ("--name", Some(&long), "at most 100"),
+            ("--registration-jwt", None, "REGISTRATION_JWT is not set"),
+            ("--registration-jwt", Some("nope"), "REGISTRATION_JWT is not usable: not a JWT"),
+            ("--registration-jwt", Some(&jwt5), "expired"),
+            ("--sluice-url", Some("http://x"), "SLUICE_URL"),
+            ("--state-dir", Some("/proc/nope"), "STATE_DIR /proc/nope is not writable"),
+            ("--metrics-listen", Some("nowhere"), "SLUICE_METRICS_LISTEN=\"nowhere\" is not an address"),
+            ("--counter", Some("kernel"), "SLUICE_COUNTER=\"kernel\" is not valid"),
+            ("--data-path", Some("kernel"), "SLUICE_DATA_PATH: unknown data path \"kernel\""),
+            ("--ktls-engine", Some("fast"), "SLUICE_KTLS_ENGINE: unknown kernel TLS engine"),
+            ("--reconnect-max-secs", Some("soon"), "SLUICE_RECONNECT_MAX_SECS=\"soon\""),
+            ("--service-check-secs", Some("-1"), "SLUICE_SERVICE_CHECK_SECS=\"-1\""),
         ];
-        for (mutate, want) in cases {
-            let mut r = raw(d.path());
-            mutate(&mut r);
-            let err = r.validate().unwrap_err();
-            assert!(err.contains(want), "{err:?} should contain {want:?}");
+        for (flag, value, want) in cases {
+            let mut f = flags(d.path());
+            set(&mut f, flag, value);
+            let err = load(&f).unwrap_err();
+            assert!(err.contains(want), "{flag}={value:?}: {err:?} should contain {want:?}");
             assert!(!err.contains('\n'), "one line: {err:?}");
         }
     }
@@ -242,18 +404,41 @@ mod tests {
     fn names_are_display_names_as_customers_write_them() {
         let d = tempfile::tempdir().unwrap();
         for name in ["Acme MS SQL", "Acme PostgreSQL", "Lager Zürich"] {
-            let mut r = raw(d.path());
-            r.name = Some(format!(" {name} "));
-            assert_eq!(r.validate().unwrap().name, name);
+            let mut f = flags(d.path());
+            set(&mut f, "--name", Some(&format!(" {name} ")));
+            assert_eq!(load(&f).unwrap().name, name);
         }
     }
 
     #[test]
     fn resource_jwt_makes_name_optional() {
         let d = tempfile::tempdir().unwrap();
-        let mut r = raw(d.path());
-        r.name = None;
-        r.registration_jwt = Some(jwt(serde_json::json!({"resource_id": "res_1", "generation": 1})));
-        assert_eq!(r.validate().unwrap().name, "");
+        let mut f = flags(d.path());
+        set(&mut f, "--name", None);
+        set(&mut f, "--registration-jwt", Some(&jwt(serde_json::json!({"resource_id": "res_1", "generation": 1}))));
+        assert_eq!(load(&f).unwrap().name, "");
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_registration_jwt() {
+        let d = tempfile::tempdir().unwrap();
+        let f = flags(d.path());
+        let token = f.iter().find(|(k, _)| *k == "--registration-jwt").unwrap().1.clone();
+        let c = load(&f).unwrap();
+        assert_eq!(c.registration_jwt(), token);
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains(&token) && !shown.contains(token.split('.').nth(1).unwrap()), "{shown}");
+        assert!(shown.contains("redacted"));
+    }
+
+    #[test]
+    fn code_made_configs_use_the_flag_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        let mut c = AgentConfig::new("db", 5432, " orders-db ", &jwt(serde_json::json!({}))).unwrap();
+        c.state_dir = d.path().to_path_buf();
+        let c = c.validate().unwrap();
+        assert_eq!((c.name.as_str(), c.reconnect_max), ("orders-db", Duration::from_secs(30)));
+        assert!(AgentConfig::new("db", 5432, "a\nb", "x.y.z").unwrap_err().contains("NAME=\"a\\nb\" is not valid"));
+        assert_eq!(c.relay_url.to_string(), "https://relay.example:8443");
     }
 }

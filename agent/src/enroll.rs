@@ -44,13 +44,25 @@ pub struct EnrollmentMeta {
     pub not_before: u64,
 }
 
-/// The agent's identity: key, certificate, the relay's CA, and what they are for.
-#[derive(Debug, Clone)]
+/// The agent's identity: key, certificate, the relay's CA, and what they are for. Its
+/// `Debug` leaves the private key out.
+#[derive(Clone)]
 pub struct Identity {
     pub meta: EnrollmentMeta,
     pub key_pem: String,
     pub cert_pem: String,
     pub ca_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("meta", &self.meta)
+            .field("key_pem", &sluice_runtime::Secret::new(()))
+            .field("cert_pem", &self.cert_pem)
+            .field("ca_pem", &self.ca_pem)
+            .finish()
+    }
 }
 
 impl Identity {
@@ -238,7 +250,7 @@ pub async fn enroll(cfg: &AgentConfig) -> Result<Identity, EnrollError> {
     })?;
     let req = EnrollRequest {
         version: PROTOCOL_VERSION,
-        jwt: cfg.registration_jwt.clone(),
+        jwt: cfg.registration_jwt().to_owned(),
         name: cfg.name.clone(),
         csr_pem: csr,
         agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -281,4 +293,30 @@ fn save(dir: &Path, id: &Identity) -> std::io::Result<()> {
     write_private(&dir.join(CERT_FILE), &id.cert_pem)?;
     write_private(&dir.join(CA_FILE), &id.ca_pem)?;
     write_private(&dir.join(META_FILE), &serde_json::to_string_pretty(&id.meta).expect("serializable"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_leaves_the_private_key_out() {
+        let id = Identity {
+            meta: EnrollmentMeta {
+                resource_id: "res_1".into(),
+                resource_name: "db".into(),
+                agent_id: "agt_1".into(),
+                generation: 1,
+                jti: "j".into(),
+                relay_url: "https://relay:443".into(),
+                not_after: 2,
+                not_before: 1,
+            },
+            key_pem: "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n".into(),
+            cert_pem: "cert".into(),
+            ca_pem: "ca".into(),
+        };
+        let shown = format!("{id:?}");
+        assert!(!shown.contains("c2VjcmV0") && shown.contains("redacted") && shown.contains("cert"), "{shown}");
+    }
 }

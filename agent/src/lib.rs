@@ -41,11 +41,10 @@ use crate::config::AgentConfig;
 use crate::enroll::EnrollError;
 use crate::session::SessionEnd;
 
-/// This machine's host name, reported to the relay for operators.
+/// This machine's host name, reported to the relay for operators (`unknown` when the
+/// kernel does not say).
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
+    sluice_runtime::hostname().unwrap_or_else(|| "unknown".into())
 }
 
 /// Why the agent stopped for good.

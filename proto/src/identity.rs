@@ -69,7 +69,7 @@ pub fn ca_pin(ca_der: &[u8]) -> String {
 }
 
 /// Claims of a registration JWT.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RegistrationClaims {
     pub iss: String,
     pub aud: String,

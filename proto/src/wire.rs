@@ -34,6 +34,10 @@ pub enum WireError {
     /// The peer closed the connection cleanly between frames.
     #[error("connection closed by peer")]
     Closed,
+    /// The connection ended inside a frame (its length prefix or its body): the peer
+    /// went away mid-message, which is not a clean close.
+    #[error("connection closed in the middle of a frame")]
+    Truncated,
     /// The transport failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -65,24 +69,36 @@ where
 
 /// Reads one frame and decodes it as `T`. Reads exactly the frame's bytes and no more,
 /// so a data connection can switch to raw stream bytes right after its last frame.
+///
+/// End of stream before the frame's first byte is [`WireError::Closed`]; anywhere
+/// later it is [`WireError::Truncated`]. The body buffer is allocated only once the
+/// length is known to be at most [`MAX_FRAME`].
 pub async fn read_frame<R, T>(r: &mut R) -> Result<T, WireError>
 where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
 {
     let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
-        Err(e) => return Err(e.into()),
+    if r.read(&mut len[..1]).await? == 0 {
+        return Err(WireError::Closed);
     }
+    read_all(r, &mut len[1..]).await?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
         return Err(WireError::TooLarge(len));
     }
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
+    read_all(r, &mut body).await?;
     Ok(serde_json::from_slice(&body)?)
+}
+
+/// `read_exact` inside a frame, where end of stream means [`WireError::Truncated`].
+async fn read_all<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), WireError> {
+    match r.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(WireError::Truncated),
+        Err(e) => Err(e.into()),
+    }
 }
 
 // === Enrollment ===
@@ -348,6 +364,103 @@ mod tests {
         drop(a);
         let err = read_frame::<_, StreamOpen>(&mut b).await.unwrap_err();
         assert!(matches!(err, WireError::Closed));
+    }
+
+    #[tokio::test]
+    async fn end_of_stream_inside_the_length_prefix_is_truncated_not_closed() {
+        for cut in 1..4 {
+            let mut r = &[0u8, 0, 0, 2][..cut];
+            let err = read_frame::<_, StreamOpen>(&mut r).await.unwrap_err();
+            assert!(matches!(err, WireError::Truncated), "{cut} bytes: {err}");
+        }
+        let mut r = &[0u8, 0, 0, 9, b'{'][..];
+        let err = read_frame::<_, StreamOpen>(&mut r).await.unwrap_err();
+        assert!(matches!(err, WireError::Truncated), "short body: {err}");
+    }
+
+    /// A reader that hands out `data` in chunks of the given sizes (cycled), the way a
+    /// TCP or TLS stream may split it anywhere.
+    struct Chunked {
+        data: Vec<u8>,
+        pos: usize,
+        sizes: Vec<usize>,
+        turn: usize,
+    }
+
+    impl AsyncRead for Chunked {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let this = &mut *self;
+            let size = this.sizes[this.turn % this.sizes.len()];
+            this.turn += 1;
+            let n = size.min(buf.remaining()).min(this.data.len() - this.pos);
+            buf.put_slice(&this.data[this.pos..this.pos + n]);
+            this.pos += n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a peer sends, `read_frame` returns (never panics), and which error
+        /// follows from the bytes alone: nothing is a clean close, a short prefix or
+        /// body is truncation, an oversized length is refused before its body is read.
+        #[test]
+        fn read_frame_classifies_any_bytes(
+            prefix in prop_oneof![any::<u32>(), 0u32..64, (MAX_FRAME as u32 - 2)..=(MAX_FRAME as u32 + 2)],
+            body in proptest::collection::vec(any::<u8>(), 0..80),
+            cut in any::<prop::sample::Index>(),
+            sizes in proptest::collection::vec(1usize..9, 1..5),
+        ) {
+            let mut bytes = prefix.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&body);
+            bytes.truncate(cut.index(bytes.len() + 1));
+            let n = bytes.len();
+            let got = block_on(read_frame::<_, serde_json::Value>(&mut Chunked { data: bytes, pos: 0, sizes, turn: 0 }));
+            let len = prefix as usize;
+            match got {
+                Err(WireError::Closed) => prop_assert_eq!(n, 0),
+                Err(WireError::TooLarge(l)) => prop_assert!(n >= 4 && l == len && l > MAX_FRAME),
+                Err(WireError::Truncated) => prop_assert!(n > 0 && (n < 4 || (len <= MAX_FRAME && n < 4 + len))),
+                Err(WireError::Malformed(_)) | Ok(_) => prop_assert!(len <= MAX_FRAME && n >= 4 + len),
+                Err(WireError::Io(e)) => prop_assert!(false, "no i/o error from a slice: {e}"),
+            }
+        }
+
+        /// What `write_frame` wrote, `read_frame` reads back however the bytes are split,
+        /// and it stops at the last frame: the raw bytes after it stay unread.
+        #[test]
+        fn frames_round_trip_under_any_chunking(
+            msgs in proptest::collection::vec((any::<u64>(), ".{0,40}"), 0..6),
+            raw in proptest::collection::vec(any::<u8>(), 0..32),
+            sizes in proptest::collection::vec(1usize..17, 1..6),
+        ) {
+            let msgs: Vec<StreamOpen> =
+                msgs.into_iter().map(|(stream_id, client_addr)| StreamOpen { stream_id, client_addr }).collect();
+            block_on(async {
+                let mut data = Vec::new();
+                for m in &msgs {
+                    write_frame(&mut data, m).await.unwrap();
+                }
+                data.extend_from_slice(&raw);
+                let mut r = Chunked { data, pos: 0, sizes, turn: 0 };
+                for m in &msgs {
+                    let got: StreamOpen = read_frame(&mut r).await.unwrap();
+                    assert_eq!(&got, m);
+                }
+                let mut rest = Vec::new();
+                r.read_to_end(&mut rest).await.unwrap();
+                assert_eq!(rest, raw);
+            });
+        }
     }
 
     #[test]

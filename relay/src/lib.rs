@@ -37,22 +37,3 @@ pub mod resource_port;
 pub mod store;
 pub mod streams;
 pub mod tokens;
-
-/// Starts logging to stderr. `filter` is an env-filter directive such as `info` or
-/// `sluice_relay=debug`; `json` switches to one JSON object per line.
-pub fn init_logging(filter: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("warning: log filter {filter:?} is invalid ({e}); using \"info\"");
-        tracing_subscriber::EnvFilter::new("info")
-    });
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}

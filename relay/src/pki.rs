@@ -22,10 +22,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sluice_proto::identity::{AgentIdentity, ca_pin};
 use time::{Duration, OffsetDateTime};
 
-/// How long an agent's client certificate is valid by default (`--agent-cert-lifetime`).
-/// The agent renews it over its control session when a third of this is left.
-pub const AGENT_CERT_DAYS: i64 = 30;
-
 /// The shortest certificate lifetime the relay accepts (tests shorten it to this range).
 pub const MIN_AGENT_CERT_SECS: u64 = 20;
 
@@ -54,6 +50,22 @@ pub struct RelayIdentity {
     pub admin_token: String,
     /// True when this start created the identity (the admin token is new).
     pub created: bool,
+}
+
+/// Public parts only: the keys, the JWT key and the admin token stay out of logs.
+impl std::fmt::Debug for RelayIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = sluice_runtime::Secret::new(());
+        f.debug_struct("RelayIdentity")
+            .field("ca_pin", &self.ca_pin)
+            .field("ca_pem", &self.ca_pem)
+            .field("ca_key", &hidden)
+            .field("server_key", &hidden)
+            .field("jwt_key", &hidden)
+            .field("admin_token", &hidden)
+            .field("created", &self.created)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RelayIdentity {
@@ -231,6 +243,12 @@ mod tests {
         assert!(!second.created);
         assert_eq!(first.ca_pin, second.ca_pin);
         assert_eq!(first.admin_token, second.admin_token);
+        let shown = format!("{second:?}");
+        let key_b64 = fs::read_to_string(data.join(files::CA_KEY)).unwrap().lines().nth(1).unwrap().to_owned();
+        for secret in [second.admin_token.as_str(), &hex::encode(&second.jwt_key), &key_b64] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains(&second.ca_pin) && shown.contains("redacted"), "{shown}");
 
         let agent_key = KeyPair::generate().unwrap();
         let csr = CertificateParams::default().serialize_request(&agent_key).unwrap().pem().unwrap();

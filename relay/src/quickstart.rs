@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use sluice_agent::config::RawConfig;
+use sluice_agent::config::AgentConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -37,20 +37,13 @@ pub struct QuickstartArgs {
     /// Where the admin API listens.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub admin_listen: SocketAddr,
-    /// Port range for resources (below Linux's ephemeral ports, like `sluice serve`'s).
-    #[arg(long, default_value = "20000-20999", value_parser = parse_port_range)]
-    pub resource_ports: std::ops::RangeInclusive<u16>,
+    /// Port range for resources. Default: `sluice serve`'s (below Linux's ephemeral ports).
+    #[arg(long, value_parser = parse_port_range)]
+    pub resource_ports: Option<std::ops::RangeInclusive<u16>>,
     /// Exit after the self-check instead of serving until Ctrl-C: status 0 when a message
     /// went through the tunnel and back, 1 otherwise (for CI and install scripts).
     #[arg(long, conflicts_with_all = ["app_host", "app_port"])]
     pub check: bool,
-}
-
-/// Waits for Ctrl-C or SIGTERM.
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
 }
 
 /// A tiny echo service standing in for a private database or SFTP server.
@@ -77,19 +70,16 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
             (t.path().to_path_buf(), Some(t))
         }
     };
+    // `sluice serve`'s defaults (heartbeat, pool size, data path, certificate
+    // lifetime…), on this machine only.
+    let serve = RelayConfig::defaults();
     let running = relay::start(RelayConfig {
         data_dir: data_dir.clone(),
         agent_listen: args.agent_listen,
         admin_listen: args.admin_listen,
-        public_url: None,
         resource_bind: "127.0.0.1".parse().expect("address"),
-        resource_ports: args.resource_ports.clone(),
-        database_url: None,
-        heartbeat: Duration::from_secs(10),
-        pool_size: 4,
-        data_path: Default::default(),
-        ktls_engine: Default::default(),
-        agent_cert_lifetime: Duration::from_secs(crate::pki::AGENT_CERT_DAYS as u64 * 86_400),
+        resource_ports: args.resource_ports.clone().unwrap_or(serve.resource_ports.clone()),
+        ..serve
     })
     .await?;
     let relay = running.relay.clone();
@@ -108,22 +98,11 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     let jwt =
         relay.issue_registration_jwt(&JwtRequest { customer_id: Some(customer.id.clone()), ..Default::default() })?.jwt;
 
-    let agent_cfg = RawConfig {
-        app_host: Some(app_host),
-        app_port: Some(app_port.to_string()),
-        name: Some(args.name.clone()),
-        registration_jwt: Some(jwt),
-        state_dir: Some(data_dir.join("agent-state")),
-        relay_url: None,
-        reconnect_max_secs: Some(5),
-        metrics_listen: None,
-        counter: None,
-        data_path: None,
-        ktls_engine: None,
-        service_check_secs: None,
-    }
-    .validate()
-    .map_err(anyhow::Error::msg)?;
+    // The agent's defaults, but a quick reconnect: relay and agent share this process.
+    let mut agent_cfg = AgentConfig::new(&app_host, app_port, &args.name, &jwt).map_err(anyhow::Error::msg)?;
+    agent_cfg.state_dir = data_dir.join("agent-state");
+    agent_cfg.reconnect_max = Duration::from_secs(5);
+    let agent_cfg = agent_cfg.validate().map_err(anyhow::Error::msg)?;
     let stop = CancellationToken::new();
     let agent = tokio::spawn(sluice_agent::run(agent_cfg, stop.clone()));
 
@@ -190,7 +169,7 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
         Some(d) => println!("Data directory: {} (kept). Stop with Ctrl-C.", d.display()),
         None => println!("Data directory: {} (temporary, removed on exit). Stop with Ctrl-C.", data_dir.display()),
     }
-    wait_for_signal().await;
+    sluice_runtime::shutdown_signal().await;
     println!("Stopping.");
     stop.cancel();
     running.shutdown();

@@ -9,8 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use clap::builder::TypedValueParser as _;
 use sluice_proto::datapath::{DataPath, DataPathMode, KtlsEngine};
 use sluice_proto::relay_url::RelayUrl;
+use sluice_runtime::blank_or;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -20,26 +22,81 @@ use crate::registry::Registry;
 use crate::store::{SqliteStore, Store};
 use crate::tokens::TokenSigner;
 
-/// Everything `sluice serve` is told.
-#[derive(Debug, Clone)]
+/// Everything `sluice serve` is told: its options, parsed and typed by clap from flags or
+/// environment variables. The defaults are written once, here; `sluice quickstart`
+/// starts from the same ones ([`RelayConfig::defaults`]).
+#[derive(Debug, Clone, clap::Args)]
 pub struct RelayConfig {
+    /// Where the relay keeps its CA, keys, admin token and embedded database.
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
     pub data_dir: PathBuf,
+    /// Address agents dial (443 in production).
+    #[arg(long, env = "SLUICE_AGENT_LISTEN", default_value = "0.0.0.0:8443")]
     pub agent_listen: SocketAddr,
+    /// Address of the admin API (keep it private).
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "127.0.0.1:8080")]
     pub admin_listen: SocketAddr,
-    /// What agents dial; derived from `agent_listen` when not given.
+    /// URL agents dial, written into registration JWTs, e.g. https://relay.example.com:443.
+    /// Default: derived from --agent-listen.
+    #[arg(long, env = "SLUICE_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Address the per-resource ports listen on.
+    #[arg(long, env = "SLUICE_RESOURCE_BIND", default_value = "127.0.0.1")]
     pub resource_bind: IpAddr,
+    /// Port range for resources; each resource keeps its port across restarts. The
+    /// default stays below Linux's ephemeral ports (32768-60999), which outgoing
+    /// connections may hold.
+    #[arg(long, env = "SLUICE_RESOURCE_PORTS", default_value = "20000-20999", value_parser = parse_port_range)]
     pub resource_ports: RangeInclusive<u16>,
+    /// Store location. Default: SQLite file `sluice.db` in the data directory.
+    #[arg(long, env = "SLUICE_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Heartbeat interval of agent sessions in seconds; a silent peer is dead after three.
+    #[arg(long = "heartbeat-secs", env = "SLUICE_HEARTBEAT_SECS", default_value = "10",
+          value_parser = clap::value_parser!(u64).range(1..=300).map(Duration::from_secs))]
     pub heartbeat: Duration,
-    /// Idle data connections each agent keeps open.
+    /// Idle data connections each agent keeps open for new streams.
+    #[arg(long, env = "SLUICE_POOL_SIZE", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub pool_size: u32,
-    /// Kernel TLS when available (`auto`) or always user-space rustls.
+    /// How stream bytes move: `auto` hands each tunnel connection's TLS to the kernel
+    /// (kTLS + splice, no payload copies) when the kernel supports it and falls back to
+    /// user-space rustls otherwise; `userspace` always uses rustls.
+    #[arg(long, env = "SLUICE_DATA_PATH", default_value = "auto", value_parser = blank_or::<DataPathMode>("SLUICE_DATA_PATH"))]
     pub data_path: DataPathMode,
-    /// How kernel-TLS streams move bytes.
+    /// Kernel-TLS engine, for benchmarks: splice (default, fastest measured), uring,
+    /// threads, or copy (read/write through a buffer).
+    #[arg(long, env = "SLUICE_KTLS_ENGINE", default_value = "splice", hide_short_help = true,
+          value_parser = blank_or::<KtlsEngine>("SLUICE_KTLS_ENGINE"))]
     pub ktls_engine: KtlsEngine,
-    /// Validity of the client certificates the relay signs for agents.
+    /// How long the client certificates signed for agents are valid (e.g. 30d, 12h).
+    /// Agents renew theirs over the control session when a third is left, without their
+    /// registration JWT. Shorter means a stolen agent key is useful for less time.
+    #[arg(long, env = "SLUICE_AGENT_CERT_LIFETIME", default_value = "30d", value_parser = parse_cert_lifetime)]
     pub agent_cert_lifetime: Duration,
+}
+
+impl RelayConfig {
+    /// `sluice serve`'s defaults, environment not read (for relays started in code:
+    /// `sluice quickstart`, tests). Change fields before [`start`].
+    pub fn defaults() -> RelayConfig {
+        use clap::{Args, FromArgMatches};
+        let cmd = sluice_runtime::ignoring_env(RelayConfig::augment_args(clap::Command::new("serve")));
+        RelayConfig::from_arg_matches(&cmd.get_matches_from(["serve"])).expect("the defaults parse")
+    }
+}
+
+/// A certificate lifetime: a duration of at least [`crate::pki::MIN_AGENT_CERT_SECS`]
+/// and at most 10 years.
+fn parse_cert_lifetime(s: &str) -> Result<Duration, String> {
+    let secs = crate::cli::parse_duration_secs(s)?;
+    let min = crate::pki::MIN_AGENT_CERT_SECS;
+    if secs < min {
+        return Err(format!("{s:?} is too short: agent certificates must live at least {min} s"));
+    }
+    if secs > 10 * 365 * 86_400 {
+        return Err(format!("{s:?} is too long: at most 10 years (3650d)"));
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 /// The relay's shared state, handed to every task.
@@ -189,13 +246,9 @@ fn derive_public_url(cfg: &RelayConfig, agent_addr: SocketAddr) -> Result<RelayU
     Ok(RelayUrl { host, port: agent_addr.port() })
 }
 
-/// This machine's host name (falls back to `localhost`).
+/// This machine's host name (falls back to `localhost`: it becomes part of a URL).
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".into())
+    sluice_runtime::hostname().unwrap_or_else(|| "localhost".into())
 }
 
 fn open_store(cfg: &RelayConfig) -> Result<Arc<dyn Store>> {

@@ -1,0 +1,146 @@
+//! What both Sluice binaries (`sluice` and `sluice-agent`) need from the process they
+//! run in, written once: log set-up ([`LogArgs`], [`init_logging`]), the shutdown
+//! signal ([`shutdown_signal`]), this machine's [`hostname`], [`Secret`] values that
+//! never reach a log through `Debug`, the parser of settings that are either blank or a
+//! typed value ([`blank_or`]), and configurations made in code from clap's defaults
+//! ([`ignoring_env`]).
+//!
+//! It is its own small crate so that neither binary owns the other's process glue.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Log options shared by both binaries (`--log`/`SLUICE_LOG`, `--log-json`/`SLUICE_LOG_JSON`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log filter (error, warn, info, debug, trace, or per-module directives).
+    #[arg(long, env = "SLUICE_LOG", default_value = "info", global = true)]
+    pub log: String,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "SLUICE_LOG_JSON", global = true, value_parser = clap::builder::BoolishValueParser::new())]
+    pub log_json: bool,
+}
+
+/// Starts logging to stderr. `filter` is an env-filter directive such as `info` or
+/// `sluice_relay=debug` (an invalid one is reported and replaced by `info`); `json`
+/// switches to one JSON object per line.
+pub fn init_logging(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("warning: log filter {filter:?} is invalid ({e}); using \"info\"");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Waits for Ctrl-C (SIGINT) or SIGTERM, the two ways operators and supervisors
+/// (systemd, Docker, Kubernetes) ask a process to stop.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+}
+
+/// This machine's host name, `None` when the kernel does not say (each binary picks its
+/// own stand-in: the relay needs one that works in a URL).
+pub fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+}
+
+/// `cmd` with every `env = …` removed, so only flags and defaults count: for
+/// configurations made in code (`sluice quickstart`, tests), which must not change with
+/// the environment of the process that makes them.
+pub fn ignoring_env(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| a.env(None::<&str>))
+}
+
+/// A value that must not reach a log: its `Debug` prints `Secret(…redacted…)`. Read it
+/// with [`Secret::expose`], where it is really needed.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    pub fn new(value: T) -> Secret<T> {
+        Secret(value)
+    }
+
+    /// The secret itself.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…redacted…)")
+    }
+}
+
+/// A clap value parser for a setting given by flag `--x` or environment variable `var`:
+/// a blank value (`VAR=` is common in Docker files) means `T::default()`, anything else
+/// is parsed with `T::from_str`, and an error names `var` (`VAR: why`), so one parser
+/// serves both binaries and the message says which setting to fix.
+pub fn blank_or<T>(var: &'static str) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: FromStr<Err = String> + Default + Clone + Send + Sync + 'static,
+{
+    move |s: &str| match s.trim() {
+        "" => Ok(T::default()),
+        s => s.parse().map_err(|e| format!("{var}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_stay_out_of_debug() {
+        let s = Secret::new("hunter2".to_owned());
+        assert_eq!(format!("{s:?}"), "Secret(…redacted…)");
+        assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn blank_means_default_and_errors_name_the_variable() {
+        #[derive(Debug, Clone, Default, PartialEq)]
+        struct Level(u8);
+        impl FromStr for Level {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Level, String> {
+                s.parse().map(Level).map_err(|_| format!("{s:?} is not a level"))
+            }
+        }
+        let parse = blank_or::<Level>("LEVEL");
+        assert_eq!(parse("  "), Ok(Level(0)));
+        assert_eq!(parse(" 7 "), Ok(Level(7)));
+        assert_eq!(parse("x"), Err("LEVEL: \"x\" is not a level".into()));
+    }
+
+    #[test]
+    fn hostname_is_one_trimmed_line() {
+        if let Some(h) = hostname() {
+            assert!(!h.is_empty() && !h.contains('\n') && h.trim() == h);
+        }
+    }
+
+    #[test]
+    fn ignoring_env_keeps_the_defaults() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[arg(long, env = "PATH", default_value = "d")]
+            path: String,
+        }
+        use clap::{CommandFactory, FromArgMatches};
+        let m = ignoring_env(Cli::command()).get_matches_from(["x"]);
+        assert_eq!(Cli::from_arg_matches(&m).unwrap().path, "d");
+    }
+}
