@@ -30,7 +30,6 @@ pub mod cli;
 pub mod enrollment;
 pub mod metrics;
 pub mod pki;
-pub mod quickstart;
 pub mod registry;
 pub mod relay;
 pub mod resource_port;

@@ -1,11 +1,16 @@
 //! `sluice`: the relay server, a quickstart demo, and the admin CLI.
+//!
+//! This crate is where the relay and the agent meet: `sluice quickstart` runs both in one
+//! process, so the relay library itself does not depend on the agent.
+
+mod quickstart;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
+use crate::quickstart::QuickstartArgs;
 use clap::{Parser, Subcommand};
 use sluice_relay::cli::{self, AdminConn, CustomersCmd, ResourcesCmd, TokensCmd};
-use sluice_relay::quickstart::{self, QuickstartArgs};
 use sluice_relay::relay::{self, RelayConfig};
 
 /// Sluice reaches services inside customers' private networks without inbound ports.

@@ -13,8 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{JwtRequest, Status};
-use crate::relay::{self, RelayConfig, parse_port_range};
+use sluice_relay::admin::{JwtRequest, Status};
+use sluice_relay::relay::{self, RelayConfig, parse_port_range};
 
 /// Options of `sluice quickstart`.
 #[derive(Debug, Args)]
