@@ -1,7 +1,7 @@
 //! The agent's configuration, checked up front: every problem is reported as one clear
 //! line before the agent touches the network.
 
-use sluice_proto::datapath::{DataPathMode, KtlsEngine};
+use sluice_datapath::{DataPathMode, KtlsEngine};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

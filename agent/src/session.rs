@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use parking_lot::Mutex;
-use sluice_proto::datapath::{self, DataPath, PathKind, StreamEnd, Transfer, TunnelSocket};
+use sluice_datapath::{self as datapath, DataPath, PathKind, StreamEnd, Transfer, TunnelSocket};
 use sluice_proto::tls;
 use sluice_proto::wire::{
     self, ALPN_CONTROL, ALPN_DATA, AgentMsg, Capabilities, CounterSource, DataHello, PROTOCOL_VERSION, RejectCode,

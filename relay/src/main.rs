@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use sluice_proto::datapath::{DataPathMode, KtlsEngine};
+use sluice_datapath::{DataPathMode, KtlsEngine};
 use sluice_relay::cli::{self, AdminConn, CustomersCmd, ResourcesCmd, TokensCmd};
 use sluice_relay::quickstart::{self, QuickstartArgs};
 use sluice_relay::relay::{self, RelayConfig, parse_port_range};

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use sluice_proto::datapath::{DataPath, DataPathMode, KtlsEngine};
+use sluice_datapath::{DataPath, DataPathMode, KtlsEngine};
 use sluice_proto::relay_url::RelayUrl;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
