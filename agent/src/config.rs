@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
-use sluice_proto::datapath::{DataPathMode, KtlsEngine};
+use sluice_datapath::{DataPathMode, KtlsEngine};
 use sluice_proto::identity::{RegistrationClaims, unix_now};
 use sluice_proto::relay_url::RelayUrl;
 use sluice_runtime::{LogArgs, Secret, blank_or};
@@ -70,7 +70,8 @@ pub struct AgentConfig {
     /// user-space rustls) or userspace.
     #[arg(long, env = "SLUICE_DATA_PATH", default_value = "auto", value_parser = blank_or::<DataPathMode>("SLUICE_DATA_PATH"))]
     pub data_path: DataPathMode,
-    /// Kernel-TLS engine, for benchmarks: splice (default), uring, threads or copy.
+    /// Kernel-TLS engine: splice (the default). Builds with the cargo feature
+    /// bench-engines also take uring, threads and copy, for benchmarks.
     #[arg(long, env = "SLUICE_KTLS_ENGINE", default_value = "splice", hide_short_help = true,
           value_parser = blank_or::<KtlsEngine>("SLUICE_KTLS_ENGINE"))]
     pub ktls_engine: KtlsEngine,

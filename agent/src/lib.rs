@@ -29,7 +29,7 @@ pub mod metrics;
 pub mod service;
 pub mod session;
 
-use sluice_proto::datapath::DataPath;
+use sluice_datapath::DataPath;
 use std::sync::Arc;
 use std::time::Duration;
 

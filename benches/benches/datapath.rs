@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use sluice_proto::datapath::engines_without_tls;
-use sluice_proto::datapath::{DataPath, DataPathMode, KtlsEngine, StreamEnd, Transfer, TunnelSocket};
+use sluice_datapath::engines_without_tls;
+use sluice_datapath::{DataPath, DataPathMode, KtlsEngine, StreamEnd, Transfer, TunnelSocket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -63,7 +63,7 @@ fn engines(c: &mut Criterion) {
     let mut g = c.benchmark_group("engines (plain sockets, no TLS)");
     g.throughput(Throughput::Bytes(LEN as u64));
     g.sample_size(10).measurement_time(Duration::from_secs(10));
-    for engine in engines_without_tls::ALL {
+    for &engine in engines_without_tls::ALL {
         g.bench_function(format!("{engine:?} 256 MiB"), |b| {
             b.iter(|| {
                 rt.block_on(async {

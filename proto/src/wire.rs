@@ -249,6 +249,43 @@ pub enum CounterSource {
     Userspace,
 }
 
+/// How a stream's bytes moved on one end: reported in [`StreamStat`] and used as the
+/// `path` label of the stream metrics. Every variant stays in the protocol whatever
+/// engines a build carries, so a relay can read what any agent reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathKind {
+    /// rustls in user space; payload is copied through a user-space buffer.
+    Userspace,
+    /// Kernel TLS; splice through a pipe, driven by readiness on tokio. Zero-copy.
+    KtlsSplice,
+    /// Kernel TLS; splice through a pipe submitted to io_uring. Zero-copy (benchmarks).
+    KtlsUring,
+    /// Kernel TLS; blocking splice on a thread per direction. Zero-copy (benchmarks).
+    KtlsThreads,
+    /// Kernel TLS; read/write through a user-space buffer (benchmarks).
+    KtlsCopy,
+}
+
+impl PathKind {
+    /// Short name used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathKind::Userspace => "userspace",
+            PathKind::KtlsSplice => "ktls_splice",
+            PathKind::KtlsUring => "ktls_uring",
+            PathKind::KtlsThreads => "ktls_threads",
+            PathKind::KtlsCopy => "ktls_copy",
+        }
+    }
+}
+
+impl std::fmt::Display for PathKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One stream's counts as the agent sees them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StreamStat {
@@ -257,7 +294,7 @@ pub struct StreamStat {
     pub bytes_in: u64,
     /// Bytes read from the private service (service → client).
     pub bytes_out: u64,
-    pub path: crate::datapath::PathKind,
+    pub path: PathKind,
     pub counter: CounterSource,
     /// This is the stream's final record.
     #[serde(default)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rustls::ServerConfig;
 use rustls::server::Acceptor;
-use sluice_proto::datapath::TunnelSocket;
+use sluice_datapath::TunnelSocket;
 use sluice_proto::heartbeat::Heartbeat;
 use sluice_proto::identity::{AgentIdentity, printable, unix_now};
 use sluice_proto::wire::{
@@ -60,7 +60,7 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
             }
         };
         let _ = tcp.set_nodelay(true);
-        sluice_proto::datapath::tune_tunnel_socket(&tcp);
+        sluice_datapath::tune_tunnel_socket(&tcp);
         let (relay, enroll_cfg, agent_cfg) = (relay.clone(), enroll_cfg.clone(), agent_cfg.clone());
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, enroll_cfg, agent_cfg)).await {

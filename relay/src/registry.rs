@@ -20,7 +20,7 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
 /// A data connection from an agent, handshaken and bound to its session, waiting for a stream.
-pub type DataConn = tokio_rustls::server::TlsStream<sluice_proto::datapath::TunnelSocket>;
+pub type DataConn = tokio_rustls::server::TlsStream<sluice_datapath::TunnelSocket>;
 
 /// Idle data connections a session may park at the relay; more are closed on arrival.
 const MAX_IDLE_PER_SESSION: usize = 64;

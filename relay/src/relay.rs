@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::builder::TypedValueParser as _;
-use sluice_proto::datapath::{DataPath, DataPathMode, KtlsEngine};
+use sluice_datapath::{DataPath, DataPathMode, KtlsEngine};
 use sluice_proto::relay_url::RelayUrl;
 use sluice_runtime::blank_or;
 use tokio::net::TcpListener;
@@ -63,8 +63,8 @@ pub struct RelayConfig {
     /// user-space rustls otherwise; `userspace` always uses rustls.
     #[arg(long, env = "SLUICE_DATA_PATH", default_value = "auto", value_parser = blank_or::<DataPathMode>("SLUICE_DATA_PATH"))]
     pub data_path: DataPathMode,
-    /// Kernel-TLS engine, for benchmarks: splice (default, fastest measured), uring,
-    /// threads, or copy (read/write through a buffer).
+    /// Kernel-TLS engine: splice (the default, fastest measured). Builds with the cargo
+    /// feature bench-engines also take uring, threads and copy, for benchmarks.
     #[arg(long, env = "SLUICE_KTLS_ENGINE", default_value = "splice", hide_short_help = true,
           value_parser = blank_or::<KtlsEngine>("SLUICE_KTLS_ENGINE"))]
     pub ktls_engine: KtlsEngine,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use sluice_proto::datapath::{self, StreamEnd};
+use sluice_datapath::{self as datapath, StreamEnd};
 use sluice_proto::wire::{self, StreamOpen, StreamReply};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsStream;

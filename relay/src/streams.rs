@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use sluice_proto::datapath::{PathKind, Transfer};
+use sluice_datapath::{PathKind, Transfer};
 use sluice_proto::wire::StreamStat;
 use tokio_util::sync::CancellationToken;
 

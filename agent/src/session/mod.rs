@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use rustls::ClientConfig;
-use sluice_proto::datapath::DataPath;
+use sluice_datapath::DataPath;
 use sluice_proto::heartbeat::Heartbeat;
 use sluice_proto::tls;
 use sluice_proto::wire::{self, ALPN_CONTROL, ALPN_DATA, AgentMsg, Capabilities, CounterSource, RejectCode, RelayMsg};

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
-use sluice_proto::datapath::{self, DataPath, TunnelSocket};
+use sluice_datapath::{self as datapath, DataPath, TunnelSocket};
 use sluice_proto::wire::{self, AgentMsg, DataHello, PROTOCOL_VERSION, StreamOpen, StreamStat};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;

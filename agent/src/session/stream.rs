@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use sluice_proto::datapath::{self, PathKind, StreamEnd, Transfer};
+use sluice_datapath::{self as datapath, PathKind, StreamEnd, Transfer};
 use sluice_proto::wire::{self, AgentMsg, CounterSource, StreamOpen, StreamReply, StreamStat};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};

@@ -4,7 +4,10 @@
 //! Both binaries and the in-guest test driver (`vm/driver`, package `sluice-vm-driver`)
 //! are built in one cargo invocation as static glibc executables (`+crt-static`; the
 //! `ktls` crate does not build for musl) into `target/vm-static/`, apart from host builds
-//! so neither invalidates the other. `SLUICE_NO_EBPF=1` skips the agent's eBPF program,
+//! so neither invalidates the other. `vm-test` builds them as shipped; `vm-bench` adds
+//! the cargo feature `bench-engines`, which the `uring`, `threads` and `copy` engines
+//! need (production builds answer `SLUICE_KTLS_ENGINE=uring` with an error naming it).
+//! `SLUICE_NO_EBPF=1` skips the agent's eBPF program,
 //! which needs a toolchain the guest has no use for. The debug info of the release
 //! profile is stripped into `target/vm-static/guest/` (84 MB → 17 MB for `sluice`) so
 //! the initramfs stays small; without `strip` on the host the full binaries are used.
@@ -78,7 +81,7 @@ pub fn budget(mib_each_way: u64, restarts: u64) -> Duration {
 
 /// Builds the static binaries and runs the end-to-end test in the VM.
 pub fn e2e(ws_root: &Path, opts: &E2eOptions) -> Result<VmReport> {
-    let binaries = build_static(ws_root)?;
+    let binaries = build_static(ws_root, Engines::Production)?;
     let driver_script = format!(
         "echo \"e2e: real sluice + sluice-agent, bulk {mib} MiB each way, compare {cmp} MiB each way\"\n\
          sluice-vm-driver e2e --mib {mib} --compare-mib {cmp}\n",
@@ -96,7 +99,7 @@ pub fn bench(ws_root: &Path, opts: &BenchOptions) -> Result<VmReport> {
     if engines == 0 {
         bail!("--engines is empty; give a comma-separated list such as {DEFAULT_ENGINES}");
     }
-    let binaries = build_static(ws_root)?;
+    let binaries = build_static(ws_root, Engines::WithBenchEngines)?;
     let driver_script = format!(
         "echo \"bench: {mib} MiB each way per engine: {engines}\"\n\
          sluice-vm-driver bench --mib {mib} --engines {engines}\n",
@@ -107,15 +110,28 @@ pub fn bench(ws_root: &Path, opts: &BenchOptions) -> Result<VmReport> {
     super::run(ws_root, &VmRun { binaries, driver_script, timeout })
 }
 
+/// Which kernel-TLS engines the static relay and agent carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engines {
+    /// As shipped: `splice` only.
+    Production,
+    /// With the cargo feature `bench-engines`: also `uring`, `threads` and `copy`.
+    WithBenchEngines,
+}
+
 /// `cargo build --release` of the relay, the agent and the driver as static binaries
 /// into `target/vm-static/`; returns the paths to put in the guest.
-pub fn build_static(ws_root: &Path) -> Result<Vec<PathBuf>> {
+pub fn build_static(ws_root: &Path, engines: Engines) -> Result<Vec<PathBuf>> {
     let target_dir = ws_root.join("target").join("vm-static");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(ws_root)
         .args(["build", "--release", "--target", TARGET])
-        .args(["-p", "sluice-relay", "-p", "sluice-agent", "-p", "sluice-vm-driver", "--bins"])
+        .args(["-p", "sluice", "-p", "sluice-agent", "-p", "sluice-vm-driver", "--bins"])
+        .args(match engines {
+            Engines::Production => &[][..],
+            Engines::WithBenchEngines => &["--features", "sluice/bench-engines,sluice-agent/bench-engines"][..],
+        })
         .env("CARGO_TARGET_DIR", &target_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .env("SLUICE_NO_EBPF", "1")

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::pump::{Pending, RECORD_BUF, TunnelTls, truncated};
 use super::records::{self, Received};
 use super::sys;
-use crate::datapath::{PIPE_SIZE, Side, StreamEnd, Transfer};
+use crate::{KtlsEngine, PIPE_SIZE, Side, StreamEnd, Transfer};
 
 /// How often blocked threads wake to check for cancellation.
 const WAKE_EVERY: Duration = Duration::from_millis(250);
@@ -36,8 +36,13 @@ pub(crate) enum Splicer {
 }
 
 impl Splicer {
-    fn new(uring: bool) -> io::Result<Splicer> {
-        Ok(if uring { Splicer::Uring(Box::new(io_uring::IoUring::new(4)?)) } else { Splicer::Syscall })
+    /// The splicer of a thread engine: [`KtlsEngine::Threads`] or [`KtlsEngine::Uring`].
+    fn new(engine: KtlsEngine) -> io::Result<Splicer> {
+        Ok(match engine {
+            KtlsEngine::Threads => Splicer::Syscall,
+            KtlsEngine::Uring => Splicer::Uring(Box::new(io_uring::IoUring::new(4)?)),
+            KtlsEngine::Splice | KtlsEngine::Copy => unreachable!("{engine:?} is not a thread-per-direction engine"),
+        })
     }
 
     fn splice(&mut self, from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
@@ -107,9 +112,9 @@ impl Shared {
     }
 
     /// plain → tunnel.
-    fn up(&self, uring: bool) -> Result<(), (Side, io::Error)> {
+    fn up(&self, engine: KtlsEngine) -> Result<(), (Side, io::Error)> {
         let (pfd, tfd) = (self.plain.as_raw_fd(), self.tunnel.as_raw_fd());
-        let mut s = Splicer::new(uring).map_err(|e| (Side::Plain, e))?;
+        let mut s = Splicer::new(engine).map_err(|e| (Side::Plain, e))?;
         let pipe = sys::Pipe::new(false, PIPE_SIZE).map_err(|e| (Side::Plain, e))?;
         loop {
             let n =
@@ -128,7 +133,7 @@ impl Shared {
     }
 
     /// tunnel → plain.
-    fn down(&self, pending: Pending, uring: bool) -> Result<(), (Side, io::Error)> {
+    fn down(&self, pending: Pending, engine: KtlsEngine) -> Result<(), (Side, io::Error)> {
         let (pfd, tfd) = (self.plain.as_raw_fd(), self.tunnel.as_raw_fd());
         let plain_err = |e| (Side::Plain, e);
         if !pending.bytes.is_empty() {
@@ -139,7 +144,7 @@ impl Shared {
         if pending.peer_closed {
             return sys::shutdown_write(pfd).map_err(plain_err);
         }
-        let mut s = Splicer::new(uring).map_err(plain_err)?;
+        let mut s = Splicer::new(engine).map_err(plain_err)?;
         let pipe = sys::Pipe::new(false, PIPE_SIZE).map_err(plain_err)?;
         let mut record = Vec::new();
         loop {
@@ -184,7 +189,7 @@ pub(crate) async fn run(
     tunnel: TcpStream,
     plain: TcpStream,
     pending: Pending,
-    uring: bool,
+    engine: KtlsEngine,
     tls: TunnelTls,
     transfer: &Transfer,
     cancel: &CancellationToken,
@@ -208,12 +213,12 @@ pub(crate) async fn run(
     let spawn = |name: &str| std::thread::Builder::new().name(name.into()).stack_size(STACK);
     let s = shared.clone();
     let started = spawn("sluice-up").spawn(move || {
-        let _ = up_tx.send(s.up(uring));
+        let _ = up_tx.send(s.up(engine));
     });
     let s = shared.clone();
     let started = started.and_then(|_| {
         spawn("sluice-down").spawn(move || {
-            let _ = down_tx.send(s.down(pending, uring));
+            let _ = down_tx.send(s.down(pending, engine));
         })
     });
     if let Err(e) = started {
@@ -251,8 +256,8 @@ pub(crate) async fn run(
         // The threads drop their references within WAKE_EVERY; the last one closes the
         // sockets, which then reset.
         shared.stop.store(true, Ordering::Relaxed);
-        crate::datapath::reset_fd(shared.tunnel.as_raw_fd());
-        crate::datapath::reset_fd(shared.plain.as_raw_fd());
+        crate::reset_fd(shared.tunnel.as_raw_fd());
+        crate::reset_fd(shared.plain.as_raw_fd());
     }
     end
 }

@@ -10,9 +10,11 @@
 //!   keys and sequence numbers and installs them with `setsockopt(SOL_TLS, TLS_TX/RX)`.
 //!   If the kernel refuses before the keys left rustls, the stream stays on rustls.
 //! - [`records`] decides what non-data records mean; [`sys`] wraps the system calls;
-//!   [`pump`] runs the readiness-driven engines (splice, or read/write copy) on tokio;
-//!   [`blocking`] runs the thread-per-direction engines (plain splice, or io_uring splice).
+//!   [`pump`] runs the readiness-driven engines (splice, and with `bench-engines`
+//!   read/write copy) on tokio; `blocking` (`bench-engines` only) runs the
+//!   thread-per-direction engines (plain splice, or io_uring splice).
 
+#[cfg(feature = "bench-engines")]
 pub(crate) mod blocking;
 pub(crate) mod pump;
 pub mod records;

@@ -5,13 +5,18 @@
 //! kernel what it supports; [`DataPath::describe`] says what was chosen), then per
 //! stream [`DataPath::prepare`] once the last control frame is through — which hands
 //! the connection's TLS keys to the kernel when it can — and [`PreparedStream::run`].
+//! Before that, the tunnel's TLS session runs over a [`TunnelSocket`], which keeps the
+//! connection at a TLS record boundary so the kernel can take it over.
 //!
-//! Paths ([`PathKind`]):
+//! Paths ([`PathKind`], defined with the wire protocol in `sluice-proto`):
 //! - kernel TLS + splice (the default where the kernel has TLS): payload moves socket →
 //!   pipe → socket in kernel pages, never copied through user space;
 //! - user-space rustls ([`userspace`]): where the kernel has no TLS, the cipher cannot
 //!   be offloaded, the operator forces it, or a connection refuses the ULP;
-//! - three more kernel-TLS engines, selectable for benchmarks ([`KtlsEngine`]).
+//! - with the cargo feature `bench-engines` only, three more kernel-TLS engines kept to
+//!   be measured against splice ([`KtlsEngine`]: io_uring, blocking threads, copy) and
+//!   `engines_without_tls`, which drives them on plain sockets for benchmarks. Production
+//!   builds of `sluice` and `sluice-agent` leave the feature off (docs/ktls.md).
 //!
 //! Semantics, identical on every path:
 //! - A clean end of one direction (EOF on the plain socket, TLS `close_notify` on the
@@ -20,12 +25,15 @@
 //! - Anything else (a reset, a TLS error or alert, a TCP FIN without `close_notify`) is
 //!   an abort: both sockets are reset (RST) at once, so neither peer mistakes a
 //!   truncated stream for a complete one.
+//!
+//! `unsafe` is confined to the system calls (`ktls/sys.rs`, key wiping and the ring in
+//! `ktls/`, [`reset`]) and one `ReadBuf` hand-over in `tunnel_socket.rs`, each with a
+//! SAFETY comment.
 
 pub mod ktls;
 mod tunnel_socket;
 mod userspace;
 
-use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::str::FromStr;
@@ -37,6 +45,7 @@ use tokio_rustls::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 pub use ktls::KtlsSupport;
+pub use sluice_proto::wire::PathKind;
 pub use tunnel_socket::TunnelSocket;
 
 use ktls::pump::{self, Mover, Pending, TunnelTls};
@@ -52,35 +61,6 @@ pub const PIPE_SIZE: usize = 64 * 1024;
 
 /// A tunnel connection on either end: rustls over a [`TunnelSocket`].
 pub type Tunnel = TlsStream<TunnelSocket>;
-
-/// How a stream's bytes move.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PathKind {
-    /// rustls in user space; payload is copied through a user-space buffer.
-    Userspace,
-    /// Kernel TLS; splice through a pipe, driven by readiness on tokio. Zero-copy.
-    KtlsSplice,
-    /// Kernel TLS; splice through a pipe submitted to io_uring. Zero-copy.
-    KtlsUring,
-    /// Kernel TLS; blocking splice on a thread per direction. Zero-copy.
-    KtlsThreads,
-    /// Kernel TLS; read/write through a user-space buffer.
-    KtlsCopy,
-}
-
-impl PathKind {
-    /// Short name used in logs and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PathKind::Userspace => "userspace",
-            PathKind::KtlsSplice => "ktls_splice",
-            PathKind::KtlsUring => "ktls_uring",
-            PathKind::KtlsThreads => "ktls_threads",
-            PathKind::KtlsCopy => "ktls_copy",
-        }
-    }
-}
 
 /// Which data path an end may use (`SLUICE_DATA_PATH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -103,29 +83,53 @@ impl FromStr for DataPathMode {
     }
 }
 
-/// How kernel-TLS streams move bytes (`SLUICE_KTLS_ENGINE`); the default is the one
-/// that measured fastest (docs/benchmarks.md), the others are kept for measurement.
+/// How kernel-TLS streams move bytes (`SLUICE_KTLS_ENGINE`). Production builds have
+/// only [`KtlsEngine::Splice`], the one that measured fastest (docs/benchmarks.md); the
+/// others exist with the cargo feature `bench-engines`, to be measured against it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KtlsEngine {
     /// splice through a pipe when epoll says ready (tokio).
     #[default]
     Splice,
-    /// splice through a pipe, submitted to io_uring.
+    /// splice through a pipe, submitted to io_uring, a thread per direction.
+    #[cfg(feature = "bench-engines")]
     Uring,
     /// blocking splice, one thread per direction.
+    #[cfg(feature = "bench-engines")]
     Threads,
     /// read/write through a buffer (not zero-copy).
+    #[cfg(feature = "bench-engines")]
     Copy,
 }
 
 impl KtlsEngine {
-    fn path(self) -> PathKind {
+    /// Every engine this build carries.
+    #[cfg(feature = "bench-engines")]
+    pub const ALL: &[KtlsEngine] = &[KtlsEngine::Splice, KtlsEngine::Copy, KtlsEngine::Threads, KtlsEngine::Uring];
+    /// Every engine this build carries.
+    #[cfg(not(feature = "bench-engines"))]
+    pub const ALL: &[KtlsEngine] = &[KtlsEngine::Splice];
+
+    /// The path label of streams this engine moves.
+    pub fn path(self) -> PathKind {
         match self {
             KtlsEngine::Splice => PathKind::KtlsSplice,
+            #[cfg(feature = "bench-engines")]
             KtlsEngine::Uring => PathKind::KtlsUring,
+            #[cfg(feature = "bench-engines")]
             KtlsEngine::Threads => PathKind::KtlsThreads,
+            #[cfg(feature = "bench-engines")]
             KtlsEngine::Copy => PathKind::KtlsCopy,
         }
+    }
+
+    /// False for the engine that copies payload through user space.
+    fn zero_copy(self) -> bool {
+        #[cfg(feature = "bench-engines")]
+        if self == KtlsEngine::Copy {
+            return false;
+        }
+        true
     }
 }
 
@@ -134,10 +138,22 @@ impl FromStr for KtlsEngine {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "splice" => Ok(KtlsEngine::Splice),
+            #[cfg(feature = "bench-engines")]
             "uring" => Ok(KtlsEngine::Uring),
+            #[cfg(feature = "bench-engines")]
             "threads" => Ok(KtlsEngine::Threads),
+            #[cfg(feature = "bench-engines")]
             "copy" => Ok(KtlsEngine::Copy),
+            #[cfg(feature = "bench-engines")]
             _ => Err(format!("unknown kernel TLS engine {s:?}: expected splice, uring, threads or copy")),
+            #[cfg(not(feature = "bench-engines"))]
+            "uring" | "threads" | "copy" => Err(format!(
+                "kernel TLS engine {s:?} is kept for benchmarks and not in this build, which has only `splice`: \
+                 rebuild with the cargo feature `bench-engines` (e.g. `cargo build --release -p sluice-relay \
+                 --features bench-engines`) to measure it"
+            )),
+            #[cfg(not(feature = "bench-engines"))]
+            _ => Err(format!("unknown kernel TLS engine {s:?}: expected splice")),
         }
     }
 }
@@ -255,7 +271,7 @@ impl DataPath {
             (DataPathMode::Auto, None) => format!(
                 "kernel TLS, engine {} ({}; offloadable: {:?})",
                 self.engine.path().as_str(),
-                if self.engine == KtlsEngine::Copy { "payload copied through user space" } else { "zero-copy splice" },
+                if self.engine.zero_copy() { "zero-copy splice" } else { "payload copied through user space" },
                 self.support.ciphers
             ),
         }
@@ -322,7 +338,8 @@ impl PreparedStream {
     }
 }
 
-/// Runs a kernel-TLS engine over an offloaded tunnel (or, in tests, a plain one).
+/// Runs a kernel-TLS engine over an offloaded tunnel (or, in tests and benchmarks, a
+/// plain one).
 async fn run_engine(
     engine: KtlsEngine,
     tunnel: TcpStream,
@@ -334,9 +351,12 @@ async fn run_engine(
 ) -> StreamEnd {
     match engine {
         KtlsEngine::Splice => run_pump_with(tunnel, plain, pending, Mover::Splice, tls, transfer, cancel).await,
+        #[cfg(feature = "bench-engines")]
         KtlsEngine::Copy => run_pump_with(tunnel, plain, pending, Mover::Copy, tls, transfer, cancel).await,
-        KtlsEngine::Uring => ktls::blocking::run(tunnel, plain, pending, true, tls, transfer, cancel).await,
-        KtlsEngine::Threads => ktls::blocking::run(tunnel, plain, pending, false, tls, transfer, cancel).await,
+        #[cfg(feature = "bench-engines")]
+        KtlsEngine::Uring | KtlsEngine::Threads => {
+            ktls::blocking::run(tunnel, plain, pending, engine, tls, transfer, cancel).await
+        }
     }
 }
 
@@ -361,12 +381,6 @@ async fn run_pump_with(
         reset(&plain);
     }
     end
-}
-
-impl fmt::Display for PathKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// TCP keepalive for tunnel sockets, so a vanished peer is noticed even on an idle
@@ -399,15 +413,18 @@ pub(crate) fn reset_fd(fd: RawFd) {
     }
 }
 
-/// Entry points for the criterion benchmarks and tests: the kernel-TLS engines driven
-/// over plain sockets (no TLS), which measures and checks their mechanics on any kernel.
+/// Entry point for the criterion benchmarks (`bench-engines` only): the kernel-TLS
+/// engines driven over plain sockets (no TLS), which measures their mechanics on any
+/// kernel.
+#[cfg(feature = "bench-engines")]
 #[doc(hidden)]
 pub mod engines_without_tls {
     use super::*;
 
     pub use super::KtlsEngine as Engine;
 
-    pub const ALL: [Engine; 4] = [Engine::Splice, Engine::Copy, Engine::Threads, Engine::Uring];
+    /// Every engine, in the order the benchmarks report them.
+    pub const ALL: &[Engine] = Engine::ALL;
 
     /// Runs `engine` between `tunnel` and `plain`; `pending` plays the plaintext rustls
     /// held at offload. `kernel_tls` makes a bare tunnel FIN an abort, as with kTLS.
@@ -426,5 +443,7 @@ pub mod engines_without_tls {
     }
 }
 
+#[cfg(test)]
+mod testing;
 #[cfg(test)]
 mod tests;

@@ -2,69 +2,27 @@
 //! abort and cancel on real sockets (the kernel-TLS engines with a plain tunnel socket,
 //! since this kernel may lack TLS), and the per-connection fallback decision with a real
 //! rustls session. Kernel TLS itself is proven in the VM (`cargo xtask vm-test`).
+//!
+//! The engine tests run every engine this build carries ([`KtlsEngine::ALL`]): only
+//! `splice` by default, all four with `--features bench-engines` (which the workspace
+//! test run has, through the benchmarks crate). Set-up lives in `testing.rs`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::CipherSuite;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::engines_without_tls::Engine;
 use super::ktls::pump::{Mover, Pending, TunnelTls};
+use super::testing::{EngineStream, pattern, read_until_end, tcp_pair, tls_pair};
 use super::*;
-
-const ENGINES: [Engine; 4] = engines_without_tls::ALL;
-
-async fn tcp_pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-    let (s, _) = l.accept().await.unwrap();
-    (c, s)
-}
-
-async fn run_engine(
-    engine: Engine,
-    tunnel: TcpStream,
-    plain: TcpStream,
-    pending: Pending,
-    tls: TunnelTls,
-    transfer: &Transfer,
-    cancel: &CancellationToken,
-) -> StreamEnd {
-    assert!(!pending.peer_closed);
-    engines_without_tls::run(engine, tunnel, plain, pending.bytes, tls == TunnelTls::Kernel, transfer, cancel).await
-}
-
-fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed as u32).to_be_bytes()[0]).collect()
-}
-
-/// Reads until EOF or error; returns what was read and whether it ended in an error.
-async fn read_until_end(s: &mut TcpStream) -> (Vec<u8>, Option<std::io::Error>) {
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 65536];
-    loop {
-        match s.read(&mut buf).await {
-            Ok(0) => return (got, None),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) => return (got, Some(e)),
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_engine_moves_bytes_and_propagates_half_close() {
-    for engine in ENGINES {
-        let (tunnel, mut agent_end) = tcp_pair().await;
-        let (plain, mut client) = tcp_pair().await;
-        let t = Arc::new(Transfer::default());
-        let cancel = CancellationToken::new();
+    for &engine in KtlsEngine::ALL {
         let pending = Pending { bytes: b"early".to_vec(), peer_closed: false };
-        let (t2, c2) = (t.clone(), cancel.clone());
-        let pump =
-            tokio::spawn(async move { run_engine(engine, tunnel, plain, pending, TunnelTls::Plain, &t2, &c2).await });
+        let EngineStream { mut client, mut far, transfer, run, .. } =
+            EngineStream::start(engine, pending, TunnelTls::Plain).await;
         let request = pattern(3 << 20, 1);
         let reply = pattern(700_001, 2);
         let (req2, rep2) = (request.clone(), reply.clone());
@@ -74,48 +32,40 @@ async fn every_engine_moves_bytes_and_propagates_half_close() {
             client.shutdown().await.unwrap();
             read_until_end(&mut client).await
         });
-        let agent_side = tokio::spawn(async move {
-            let (got, err) = read_until_end(&mut agent_end).await; // EOF = the half-close arrived
+        let far_side = tokio::spawn(async move {
+            let (got, err) = read_until_end(&mut far).await; // EOF = the half-close arrived
             assert!(err.is_none(), "{engine:?}: {err:?}");
-            agent_end.write_all(&rep2).await.unwrap();
-            agent_end.shutdown().await.unwrap();
+            far.write_all(&rep2).await.unwrap();
+            far.shutdown().await.unwrap();
             got
         });
-        let got_request = agent_side.await.unwrap();
+        let got_request = far_side.await.unwrap();
         let (got_reply, err) = client_side.await.unwrap();
-        let end = pump.await.unwrap();
+        let end = run.await.unwrap();
         assert!(matches!(end, StreamEnd::Clean), "{engine:?}: {}", end.describe());
         assert!(err.is_none(), "{engine:?}: {err:?}");
         assert!(got_request == request, "{engine:?}: request corrupted ({} bytes)", got_request.len());
         let mut want_reply = b"early".to_vec();
         want_reply.extend_from_slice(&reply);
         assert!(got_reply == want_reply, "{engine:?}: reply corrupted ({} bytes)", got_reply.len());
-        assert_eq!(t.get(), (request.len() as u64, want_reply.len() as u64), "{engine:?}");
-        let copied = t.copied();
-        match engine {
-            Engine::Copy => assert_eq!(copied, (request.len() + want_reply.len()) as u64),
-            // Only the plaintext rustls had decrypted before offload passes through user space.
-            _ => assert_eq!(copied, 5, "{engine:?}"),
-        }
+        assert_eq!(transfer.get(), (request.len() as u64, want_reply.len() as u64), "{engine:?}");
+        // Only the plaintext rustls had decrypted before offload passes through user
+        // space, except on the engine that copies everything.
+        let want_copied = if engine.zero_copy() { 5 } else { (request.len() + want_reply.len()) as u64 };
+        assert_eq!(transfer.copied(), want_copied, "{engine:?}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_tunnel_resets_the_client() {
-    for engine in ENGINES {
-        let (tunnel, agent_end) = tcp_pair().await;
-        let (plain, mut client) = tcp_pair().await;
-        let t = Arc::new(Transfer::default());
-        let cancel = CancellationToken::new();
-        let (t2, c2) = (t.clone(), cancel.clone());
-        let pump = tokio::spawn(async move {
-            run_engine(engine, tunnel, plain, Pending::default(), TunnelTls::Plain, &t2, &c2).await
-        });
+    for &engine in KtlsEngine::ALL {
+        let EngineStream { mut client, far, run, .. } =
+            EngineStream::start(engine, Pending::default(), TunnelTls::Plain).await;
         client.write_all(b"hello").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        reset(&agent_end);
-        drop(agent_end);
-        let end = tokio::time::timeout(Duration::from_secs(5), pump).await.expect("engine did not notice").unwrap();
+        reset(&far);
+        drop(far);
+        let end = tokio::time::timeout(Duration::from_secs(5), run).await.expect("engine did not notice").unwrap();
         assert!(matches!(end, StreamEnd::Aborted { .. }), "{engine:?}: {}", end.describe());
         let (_, err) = tokio::time::timeout(Duration::from_secs(5), read_until_end(&mut client)).await.unwrap();
         assert!(err.is_some(), "{engine:?}: the client saw a clean EOF after an abort");
@@ -125,18 +75,12 @@ async fn a_reset_tunnel_resets_the_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_fin_without_close_notify_is_an_abort() {
     // With kernel TLS a FIN must come after close_notify; a bare FIN means truncation.
-    for engine in ENGINES {
-        let (tunnel, mut agent_end) = tcp_pair().await;
-        let (plain, mut client) = tcp_pair().await;
-        let t = Arc::new(Transfer::default());
-        let cancel = CancellationToken::new();
-        let (t2, c2) = (t.clone(), cancel.clone());
-        let pump = tokio::spawn(async move {
-            run_engine(engine, tunnel, plain, Pending::default(), TunnelTls::Kernel, &t2, &c2).await
-        });
-        agent_end.write_all(b"partial").await.unwrap();
-        agent_end.shutdown().await.unwrap();
-        let end = tokio::time::timeout(Duration::from_secs(5), pump).await.expect("engine did not notice").unwrap();
+    for &engine in KtlsEngine::ALL {
+        let EngineStream { mut client, mut far, run, .. } =
+            EngineStream::start(engine, Pending::default(), TunnelTls::Kernel).await;
+        far.write_all(b"partial").await.unwrap();
+        far.shutdown().await.unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(5), run).await.expect("engine did not notice").unwrap();
         match &end {
             StreamEnd::Aborted { side: Side::Tunnel, error } => {
                 assert!(error.to_string().contains("close_notify"), "{engine:?}: {error}")
@@ -150,24 +94,18 @@ async fn a_tunnel_fin_without_close_notify_is_an_abort() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_resets_both_sides() {
-    for engine in ENGINES {
-        let (tunnel, mut agent_end) = tcp_pair().await;
-        let (plain, mut client) = tcp_pair().await;
-        let t = Arc::new(Transfer::default());
-        let cancel = CancellationToken::new();
-        let (t2, c2) = (t.clone(), cancel.clone());
-        let pump = tokio::spawn(async move {
-            run_engine(engine, tunnel, plain, Pending::default(), TunnelTls::Plain, &t2, &c2).await
-        });
+    for &engine in KtlsEngine::ALL {
+        let EngineStream { mut client, mut far, cancel, run, .. } =
+            EngineStream::start(engine, Pending::default(), TunnelTls::Plain).await;
         client.write_all(b"x").await.unwrap();
         let mut one = [0u8; 1];
-        agent_end.read_exact(&mut one).await.unwrap();
+        far.read_exact(&mut one).await.unwrap();
         cancel.cancel();
-        let end = pump.await.unwrap();
+        let end = run.await.unwrap();
         assert!(matches!(end, StreamEnd::Cancelled), "{engine:?}");
         let wait = Duration::from_secs(5);
         let (_, e1) = tokio::time::timeout(wait, read_until_end(&mut client)).await.unwrap();
-        let (_, e2) = tokio::time::timeout(wait, read_until_end(&mut agent_end)).await.unwrap();
+        let (_, e2) = tokio::time::timeout(wait, read_until_end(&mut far)).await.unwrap();
         assert!(e1.is_some() && e2.is_some(), "{engine:?}: a cancelled stream must reset both peers");
     }
 }
@@ -193,40 +131,6 @@ async fn pending_close_notify_half_closes_at_once() {
 
 // --- the offload decision, with a real rustls session -------------------------------
 
-struct TlsPair {
-    client: Tunnel,
-    server: Tunnel,
-}
-
-async fn tls_pair() -> TlsPair {
-    let cert = rcgen::generate_simple_self_signed(vec!["tunnel.test".into()]).unwrap();
-    let der = cert.cert.der().clone();
-    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
-    let versions = &[&rustls::version::TLS13];
-    let mut server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![der.clone()], key)
-        .unwrap();
-    server.send_tls13_tickets = 0;
-    server.enable_secret_extraction = true;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der).unwrap();
-    let mut client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    client.enable_secret_extraction = true;
-    let (c, s) = tcp_pair().await;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
-    let name = rustls::pki_types::ServerName::try_from("tunnel.test").unwrap();
-    let (c, s) = tokio::join!(connector.connect(name, TunnelSocket::new(c)), acceptor.accept(TunnelSocket::new(s)));
-    TlsPair { client: TlsStream::Client(c.unwrap()), server: TlsStream::Server(s.unwrap()) }
-}
-
 fn kernel_claims_everything() -> KtlsSupport {
     KtlsSupport::with(ktls::OFFLOADABLE.to_vec(), None)
 }
@@ -240,12 +144,31 @@ async fn forced_userspace_never_touches_the_kernel() {
     assert!(path.describe().contains("forced"));
 }
 
+#[test]
+fn engine_names_parse_as_this_build_allows() {
+    assert_eq!("splice".parse::<KtlsEngine>(), Ok(KtlsEngine::Splice));
+    assert_eq!(KtlsEngine::default(), KtlsEngine::Splice);
+    let e = "fast".parse::<KtlsEngine>().unwrap_err();
+    assert!(e.starts_with("unknown kernel TLS engine \"fast\""), "{e}");
+    for name in ["uring", "threads", "copy"] {
+        let parsed = name.parse::<KtlsEngine>();
+        if cfg!(feature = "bench-engines") {
+            let engine = parsed.unwrap();
+            assert_eq!(engine.path().as_str(), format!("ktls_{name}"));
+        } else {
+            // A production build names the feature that would have the engine.
+            let e = parsed.unwrap_err();
+            assert!(e.contains("bench-engines") && e.contains(name), "{e}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_kernel_without_tls_keeps_the_stream_on_rustls_and_it_still_works() {
     let mut pair = tls_pair().await;
     // Control frames first, as relay and agent exchange them.
-    crate::wire::write_frame(&mut pair.server, &crate::wire::StreamReply::Accepted).await.unwrap();
-    let _: crate::wire::StreamReply = crate::wire::read_frame(&mut pair.client).await.unwrap();
+    sluice_proto::wire::write_frame(&mut pair.server, &sluice_proto::wire::StreamReply::Accepted).await.unwrap();
+    let _: sluice_proto::wire::StreamReply = sluice_proto::wire::read_frame(&mut pair.client).await.unwrap();
     let support = KtlsSupport::probe();
     if support.unavailable.is_none() {
         eprintln!("this kernel has TLS: the fallback is exercised by a_refused_ulp_falls_back_per_connection");

@@ -3,8 +3,8 @@
 //!
 //! - [`Mover::Splice`]: socket → pipe → socket with `splice(2)`; the payload stays in
 //!   kernel pages (kernel TLS decrypts into them and encrypts out of them).
-//! - [`Mover::Copy`]: `recvmsg`/`read` into a buffer and `send` out of it: kernel TLS
-//!   with one user-space copy per byte (the comparison point).
+//! - `Mover::Copy` (`bench-engines` only): `recvmsg`/`read` into a buffer and `send`
+//!   out of it: kernel TLS with one user-space copy per byte (the comparison point).
 //!
 //! Ends follow the data path's rules: EOF on the plain socket becomes close_notify +
 //! FIN on the tunnel; a close_notify from the tunnel becomes FIN on the plain socket; a
@@ -20,20 +20,24 @@ use tracing::debug;
 
 use super::records::{self, Received};
 use super::sys;
-use crate::datapath::{COPY_BUF, PIPE_SIZE, Side, Transfer};
+#[cfg(feature = "bench-engines")]
+use crate::COPY_BUF;
+use crate::{PIPE_SIZE, Side, Transfer};
 
 /// How payload moves once the kernel does the TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mover {
     Splice,
+    #[cfg(feature = "bench-engines")]
     Copy,
 }
 
-/// Whether the tunnel socket really runs kernel TLS. `Plain` exists for tests of the
-/// engines on kernels without TLS: ends are then plain FINs.
+/// Whether the tunnel socket really runs kernel TLS. `Plain` exists for tests and
+/// benchmarks of the engines on kernels without TLS: ends are then plain FINs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TunnelTls {
     Kernel,
+    #[cfg(any(test, feature = "bench-engines"))]
     Plain,
 }
 
@@ -55,7 +59,7 @@ pub(crate) async fn run(
     tls: TunnelTls,
     transfer: &Transfer,
 ) -> Result<(), Failure> {
-    let up = up(plain, tunnel, mover, tls, &transfer.plain_to_tunnel, &transfer.copied);
+    let up = up(plain, tunnel, mover, tls, transfer);
     let down = down(tunnel, plain, pending, mover, tls, &transfer.tunnel_to_plain, &transfer.copied);
     tokio::try_join!(up, down).map(|_| ())
 }
@@ -110,10 +114,10 @@ async fn up(
     tunnel: &TcpStream,
     mover: Mover,
     tls: TunnelTls,
-    counter: &AtomicU64,
-    copied: &AtomicU64,
+    transfer: &Transfer,
 ) -> Result<(), Failure> {
     let pfd = plain.as_raw_fd();
+    let counter = &transfer.plain_to_tunnel;
     let tunnel_err = |e| (Side::Tunnel, e);
     match mover {
         Mover::Splice => {
@@ -130,6 +134,7 @@ async fn up(
                 drain_pipe(&pipe, tunnel, n, counter).await.map_err(tunnel_err)?;
             }
         }
+        #[cfg(feature = "bench-engines")]
         Mover::Copy => {
             let mut buf = vec![0u8; COPY_BUF];
             loop {
@@ -141,7 +146,7 @@ async fn up(
                 }
                 write_all(tunnel, &buf[..n]).await.map_err(tunnel_err)?;
                 counter.fetch_add(n as u64, Ordering::Relaxed);
-                copied.fetch_add(n as u64, Ordering::Relaxed);
+                transfer.copied.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
     }
@@ -180,9 +185,12 @@ async fn on_record(
     }
 }
 
-/// The tunnel's FIN: clean only without TLS (tests); with TLS it means truncation.
+/// The tunnel's FIN: clean only without TLS (tests, benchmarks); with TLS it means
+/// truncation. (`plain` goes unused where only kernel TLS is built.)
+#[cfg_attr(not(any(test, feature = "bench-engines")), allow(unused_variables))]
 fn tunnel_eof(plain: &TcpStream, tls: TunnelTls) -> Result<(), Failure> {
     match tls {
+        #[cfg(any(test, feature = "bench-engines"))]
         TunnelTls::Plain => sys::shutdown_write(plain.as_raw_fd()).map_err(|e| (Side::Plain, e)),
         TunnelTls::Kernel => Err((Side::Tunnel, truncated())),
     }
@@ -240,6 +248,7 @@ async fn down(
                 }
             }
         }
+        #[cfg(feature = "bench-engines")]
         Mover::Copy => {
             let mut buf = vec![0u8; COPY_BUF];
             loop {

@@ -158,21 +158,24 @@ impl AsyncWrite for TunnelSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{tcp_pair, tls_record as record};
+    use proptest::prelude::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    fn record(body_len: usize, fill: u8) -> Vec<u8> {
-        let mut r = vec![23, 3, 3];
-        r.extend_from_slice(&(body_len as u16).to_be_bytes());
-        r.extend(std::iter::repeat_n(fill, body_len));
-        r
-    }
 
     async fn pair() -> (TunnelSocket, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
+        let (c, s) = tcp_pair().await;
         (TunnelSocket::new(c), s)
+    }
+
+    /// A stream of records with the given body lengths, and the offset where each ends.
+    fn records(lens: &[usize]) -> (Vec<u8>, Vec<usize>) {
+        let mut wire = Vec::new();
+        let mut ends = Vec::new();
+        for (i, l) in lens.iter().enumerate() {
+            wire.extend(record(*l, i as u8));
+            ends.push(wire.len());
+        }
+        (wire, ends)
     }
 
     #[tokio::test]
@@ -209,32 +212,110 @@ mod tests {
         assert_eq!(all, wire);
     }
 
-    #[test]
-    fn state_tracks_split_headers_and_bodies() {
-        // Property: any split of a record stream into reads ends exactly on boundaries.
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for _ in 0..200 {
-            let lens: Vec<usize> = (0..rng.random_range(1..6)).map(|_| rng.random_range(0..2000)).collect();
-            let mut wire = Vec::new();
-            let mut ends = Vec::new();
-            for l in &lens {
-                wire.extend(record(*l, 9));
-                ends.push(wire.len());
+    /// What [`chunked_reads`] saw: every byte in order, and where reads ended.
+    struct Reads {
+        got: Vec<u8>,
+        /// `(offset after the read, at_record_boundary() then, still bound)` per read.
+        marks: Vec<(usize, bool, bool)>,
+    }
+
+    /// Sends `wire` in `write_chunks`-sized writes (cycled; the writer yields between
+    /// them so the reader sees them apart or coalesced), then FIN; reads with
+    /// `read_sizes`-sized buffers (cycled) until EOF, calling `unbound` before read
+    /// number `unbind_at`.
+    fn chunked_reads(wire: &[u8], write_chunks: &[usize], read_sizes: &[usize], unbind_at: Option<usize>) -> Reads {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (mut sock, mut peer) = pair().await;
+            peer.set_nodelay(true).unwrap();
+            let to_send = wire.to_vec();
+            let chunks = write_chunks.to_vec();
+            let writer = tokio::spawn(async move {
+                let mut rest = &to_send[..];
+                for &n in chunks.iter().cycle() {
+                    if rest.is_empty() {
+                        break;
+                    }
+                    let n = n.min(rest.len());
+                    peer.write_all(&rest[..n]).await.unwrap();
+                    rest = &rest[n..];
+                    tokio::task::yield_now().await;
+                }
+                peer.shutdown().await.unwrap();
+                peer
+            });
+            let mut reads = Reads { got: Vec::new(), marks: Vec::new() };
+            let mut bound = true;
+            for (i, &size) in read_sizes.iter().cycle().enumerate() {
+                if Some(i) == unbind_at {
+                    sock.unbound();
+                    bound = false;
+                }
+                let mut buf = vec![0u8; size];
+                let n = sock.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                reads.got.extend_from_slice(&buf[..n]);
+                reads.marks.push((reads.got.len(), sock.at_record_boundary(), bound));
             }
+            let _peer = writer.await.unwrap();
+            reads
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever the chunking of the TLS byte stream on the wire and of the reads,
+        /// a bound socket never returns bytes past the end of the record a read starts
+        /// in, reports a record boundary exactly at record ends, and every byte arrives
+        /// exactly once, in order — also after `unbound` at any point.
+        #[test]
+        fn arbitrary_chunking_stops_at_record_ends_and_delivers_every_byte_once(
+            lens in prop::collection::vec(0usize..3000, 1..8),
+            write_chunks in prop::collection::vec(1usize..4000, 1..16),
+            read_sizes in prop::collection::vec(1usize..5000, 1..16),
+            unbind_at in prop::option::weighted(0.3, 0usize..12),
+        ) {
+            let (wire, ends) = records(&lens);
+            let reads = chunked_reads(&wire, &write_chunks, &read_sizes, unbind_at);
+            prop_assert_eq!(&reads.got, &wire, "bytes lost, repeated or reordered");
+            let mut start = 0;
+            for &(end, boundary, bound) in &reads.marks {
+                if bound {
+                    let record_end = *ends.iter().find(|&&e| e > start).unwrap();
+                    prop_assert!(end <= record_end, "a read from {} ran to {}, past the record end {}", start, end, record_end);
+                    prop_assert_eq!(boundary, ends.contains(&end), "boundary flag wrong at {}", end);
+                }
+                start = end;
+            }
+        }
+
+        /// The read state alone: any split of a record stream into reads no longer than
+        /// the state allows ends exactly on record boundaries.
+        #[test]
+        fn state_tracks_split_headers_and_bodies(
+            lens in prop::collection::vec(0usize..2000, 1..6),
+            cuts in prop::collection::vec(1usize..2100, 1..64),
+        ) {
+            let (wire, ends) = records(&lens);
             let mut state = ReadState::Header { header: [0; HEADER_LEN], have: 0 };
             let mut pos = 0;
-            while pos < wire.len() {
+            for &cut in cuts.iter().cycle() {
+                if pos == wire.len() {
+                    break;
+                }
                 let limit = match state {
                     ReadState::Header { have, .. } => HEADER_LEN - have,
                     ReadState::Body { left } => left,
                     ReadState::Unbound => unreachable!(),
                 };
-                let n = rng.random_range(1..=limit);
+                let n = cut.min(limit);
                 state = advance(state, &wire[pos..pos + n]);
                 pos += n;
                 let boundary = matches!(state, ReadState::Header { have: 0, .. });
-                assert_eq!(boundary, ends.contains(&pos), "at {pos} of {lens:?}");
+                prop_assert_eq!(boundary, ends.contains(&pos), "at {} of {:?}", pos, lens);
             }
         }
     }

@@ -4,7 +4,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Duration;
 
 use super::CryptoInfo;
 
@@ -130,7 +129,8 @@ pub fn send_record(fd: RawFd, record_type: u8, data: &[u8], nonblocking: bool) -
     check_len(unsafe { libc::sendmsg(fd, &msg, flags) })
 }
 
-/// `read(2)`.
+/// `read(2)` (the `copy` engine).
+#[cfg(feature = "bench-engines")]
 pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of its length.
     check_len(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) })
@@ -148,8 +148,10 @@ pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     check(unsafe { libc::shutdown(fd, libc::SHUT_WR) })
 }
 
-/// Sets `SO_RCVTIMEO` and `SO_SNDTIMEO`, so blocking calls wake up to check for cancellation.
-pub fn set_timeouts(fd: RawFd, every: Duration) -> io::Result<()> {
+/// Sets `SO_RCVTIMEO` and `SO_SNDTIMEO`, so blocking calls wake up to check for
+/// cancellation (the thread engines).
+#[cfg(feature = "bench-engines")]
+pub fn set_timeouts(fd: RawFd, every: std::time::Duration) -> io::Result<()> {
     let tv = libc::timeval { tv_sec: every.as_secs() as _, tv_usec: every.subsec_micros() as _ };
     for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
         // SAFETY: setsockopt with a valid timeval.
