@@ -13,7 +13,7 @@ use sluice_proto::heartbeat::Heartbeat;
 use sluice_proto::identity::{AgentIdentity, printable, unix_now};
 use sluice_proto::wire::{
     self, ALPN_CONTROL, ALPN_DATA, ALPN_ENROLL, AgentMsg, Capabilities, DataHello, EnrollRequest, EnrollResponse,
-    PROTOCOL_VERSION, RejectCode, RelayMsg,
+    PROTOCOL_VERSION, RejectCode, Rejection, RelayMsg,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -26,6 +26,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::enrollment::{check_identity, reject};
 use crate::registry::{AgentSession, ServiceReport, SessionInfo};
 use crate::relay::Relay;
+use crate::store::Resource;
 
 /// How long a peer may take for its TLS handshake or first frame.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -154,37 +155,8 @@ fn reject_label(code: RejectCode) -> &'static str {
 // === Control sessions ===
 
 async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: AgentIdentity, peer: SocketAddr) {
-    let resource = match check_identity(&*relay.store, &who) {
-        Ok(r) => r,
-        Err(r) => {
-            info!(reason = %r.message, "control session refused");
-            let _ = wire::write_frame(&mut tls, &RelayMsg::Rejected(r)).await;
-            let _ = tls.shutdown().await;
-            return;
-        }
-    };
-    let info = match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame::<_, AgentMsg>(&mut tls)).await {
-        Ok(Ok(AgentMsg::Hello { version, agent_version, hostname, capabilities })) => {
-            if version != PROTOCOL_VERSION {
-                let r = reject(
-                    RejectCode::UnsupportedVersion,
-                    format!("agent protocol version {version} is not supported (relay speaks {PROTOCOL_VERSION})"),
-                );
-                let _ = wire::write_frame(&mut tls, &RelayMsg::Rejected(r)).await;
-                return;
-            }
-            SessionInfo {
-                hostname: printable(&hostname),
-                agent_version: printable(&agent_version),
-                peer: Some(peer),
-                capabilities,
-            }
-        }
-        Ok(Ok(other)) => return warn!(?other, "control session did not start with hello"),
-        Ok(Err(e)) => return debug!(error = %e, "control session closed before hello"),
-        Err(_) => return debug!("control session hello timed out"),
-    };
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<RelayMsg>();
+    let Some((resource, info)) = admit_session(&relay, &mut tls, &who, peer).await else { return };
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<RelayMsg>();
     let session = Arc::new(AgentSession::new(
         new_id("ses"),
         who.agent_id.clone(),
@@ -205,35 +177,111 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
     if wire::write_frame(&mut tls, &welcome).await.is_err() {
         return;
     }
+    register(&relay, &session, &resource);
+    let why = run_session(&relay, &session, &who, tls, out_rx).await;
+    relay.registry.remove(&session);
+    crate::metrics::agent_sessions(&resource.id, -1.0);
+    let _ = relay.store.touch_resource(&resource.id, unix_now());
+    info!(session = %session.id, reason = %why, "agent session down");
+}
+
+/// Checks the certificate's identity and reads the hello; refuses (and returns `None`)
+/// a revoked identity, another protocol version or anything but a hello.
+async fn admit_session(
+    relay: &Relay,
+    tls: &mut TlsStream<TunnelSocket>,
+    who: &AgentIdentity,
+    peer: SocketAddr,
+) -> Option<(Resource, SessionInfo)> {
+    let refuse = async |tls: &mut TlsStream<TunnelSocket>, r: Rejection| {
+        info!(reason = %r.message, "control session refused");
+        let _ = wire::write_frame(tls, &RelayMsg::Rejected(r)).await;
+        let _ = tls.shutdown().await;
+    };
+    let resource = match check_identity(&*relay.store, who) {
+        Ok(r) => r,
+        Err(r) => {
+            refuse(tls, r).await;
+            return None;
+        }
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame::<_, AgentMsg>(tls)).await {
+        Ok(Ok(AgentMsg::Hello { version, .. })) if version != PROTOCOL_VERSION => {
+            let r = reject(
+                RejectCode::UnsupportedVersion,
+                format!("agent protocol version {version} is not supported (relay speaks {PROTOCOL_VERSION})"),
+            );
+            refuse(tls, r).await;
+            None
+        }
+        Ok(Ok(AgentMsg::Hello { agent_version, hostname, capabilities, .. })) => {
+            let info = SessionInfo {
+                hostname: printable(&hostname),
+                agent_version: printable(&agent_version),
+                peer: Some(peer),
+                capabilities,
+            };
+            Some((resource, info))
+        }
+        Ok(Ok(other)) => {
+            warn!(?other, "control session did not start with hello");
+            None
+        }
+        Ok(Err(e)) => {
+            debug!(error = %e, "control session closed before hello");
+            None
+        }
+        Err(_) => {
+            debug!("control session hello timed out");
+            None
+        }
+    }
+}
+
+/// A session is up: records it, starts the resource's port with its first session, and
+/// warns when another live session has the same agent identity.
+fn register(relay: &Arc<Relay>, session: &Arc<AgentSession>, resource: &Resource) {
     let now = unix_now();
-    let _ = relay.store.mark_agent_connected(&who.agent_id, now);
+    let _ = relay.store.mark_agent_connected(&session.agent_id, now);
     let _ = relay.store.touch_resource(&resource.id, now);
     if relay.registry.add(session.clone()) {
         crate::resource_port::start(relay.clone(), resource.id.clone(), resource.name.clone(), resource.port);
     }
+    crate::metrics::agent_sessions(&resource.id, 1.0);
     let info = &session.info;
     info!(
         session = %session.id, name = %resource.name, host = %info.hostname, agent_version = %info.agent_version,
         ktls = info.capabilities.ktls, ebpf = info.capabilities.ebpf, "agent session up"
     );
-    let twins = relay.registry.twins_of(&session);
+    let twins = relay.registry.twins_of(session);
     if !twins.is_empty() {
+        let others: Vec<String> = twins
+            .iter()
+            .map(|t| {
+                format!("{} from {} ({})", t.id, t.hostname, t.info.peer.map(|p| p.to_string()).unwrap_or_default())
+            })
+            .collect();
         warn!(
-            agent = %who.agent_id,
-            other_sessions = %twins.iter().map(|t| format!("{} from {} ({})", t.id, t.hostname, t.info.peer.map(|p| p.to_string()).unwrap_or_default())).collect::<Vec<_>>().join(", "),
+            agent = %session.agent_id,
+            other_sessions = %others.join(", "),
             "two live sessions share one agent identity: the agent's STATE_DIR was probably copied to a second \
              host or container; give each agent its own STATE_DIR (volume) so each has its own identity"
         );
     }
+}
 
+/// Runs a live session until it ends; returns why. The reader handles the agent's
+/// frames, the shared [`Heartbeat`] rule pings and declares a silent agent dead, the
+/// writer sends what the session queued (pings, pongs, answers, a revocation).
+async fn run_session(
+    relay: &Relay,
+    session: &Arc<AgentSession>,
+    who: &AgentIdentity,
+    tls: TlsStream<TunnelSocket>,
+    mut out_rx: mpsc::UnboundedReceiver<RelayMsg>,
+) -> String {
     let (mut rd, mut wr) = tokio::io::split(tls);
     let heartbeat = Mutex::new(Heartbeat::new(relay.config.heartbeat.max(Duration::from_secs(1)), Instant::now()));
-    let pong_tx = session.clone();
-    let stats_relay = relay.clone();
-    let agent_id = who.agent_id.clone();
-    let renew_who = who.clone();
-    crate::metrics::agent_sessions(&resource.id, 1.0);
-    // Reader: answers pings; any frame proves the agent alive.
     let reader = async {
         loop {
             let msg = match wire::read_frame::<_, AgentMsg>(&mut rd).await {
@@ -241,67 +289,66 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
                 Err(e) => return format!("control connection ended: {e}"),
             };
             heartbeat.lock().heard(Instant::now());
-            match msg {
-                AgentMsg::Ping { seq } => {
-                    pong_tx.send(RelayMsg::Pong { seq });
-                }
-                AgentMsg::Pong { .. } => {}
-                AgentMsg::StreamStats { streams } => stats_relay.streams.report(&agent_id, &streams),
-                AgentMsg::RenewCertificate { csr_pem } => {
-                    pong_tx.send(renew(&stats_relay, &renew_who, &csr_pem));
-                }
-                AgentMsg::ServiceStatus { reachable, error } => {
-                    let error = error.map(|e| printable(&e));
-                    if reachable {
-                        info!("agent reports the private service reachable");
-                    } else {
-                        warn!(error = error.as_deref().unwrap_or("-"), "agent reports the private service unreachable");
-                    }
-                    *pong_tx.service.lock() = ServiceReport { reachable: Some(reachable), error, at: unix_now() };
-                }
-                AgentMsg::Hello { .. } => return "agent sent a second hello".into(),
+            if let Some(end) = on_agent_msg(relay, session, who, msg) {
+                return end;
             }
         }
     };
-    // Pings by the shared rule; the reader's frames keep the agent alive.
     let mut seq = 0u64;
-    let ping_session = session.clone();
     let beats = Heartbeat::run(&heartbeat, || {
         seq += 1;
-        ping_session.send(RelayMsg::Ping { seq })
+        session.send(RelayMsg::Ping { seq })
     });
-    // Writer: relays queued messages (pings included).
-    let closed = session.closed.clone();
-    let shutdown = relay.shutdown.clone();
-    let writer = async move {
+    let writer = async {
         loop {
             let msg = tokio::select! {
                 m = out_rx.recv() => match m { Some(m) => m, None => return "session closed".to_owned() },
-                _ = closed.cancelled() => {
+                _ = session.closed.cancelled() => {
                     // Flush a pending rejection (revocation) before closing.
                     while let Ok(m) = out_rx.try_recv() { let _ = wire::write_frame(&mut wr, &m).await; }
                     let _ = wr.shutdown().await;
                     return "session closed by the relay".to_owned();
                 }
-                _ = shutdown.cancelled() => { let _ = wr.shutdown().await; return "relay shutting down".to_owned() }
+                _ = relay.shutdown.cancelled() => { let _ = wr.shutdown().await; return "relay shutting down".to_owned() }
             };
             if let Err(e) = wire::write_frame(&mut wr, &msg).await {
                 return format!("writing to the agent failed: {e}");
             }
         }
     };
-    let why = tokio::select! {
+    tokio::select! {
         w = reader => w,
         w = writer => w,
         silent = beats => match silent {
             Some(d) => format!("no word from the agent for {d:?}: declared dead"),
             None => "session closed".to_owned(),
         },
-    };
-    relay.registry.remove(&session);
-    crate::metrics::agent_sessions(&resource.id, -1.0);
-    let _ = relay.store.touch_resource(&resource.id, unix_now());
-    info!(session = %session.id, reason = %why, "agent session down");
+    }
+}
+
+/// Handles one frame from the agent; `Some(why)` ends the session.
+fn on_agent_msg(relay: &Relay, session: &AgentSession, who: &AgentIdentity, msg: AgentMsg) -> Option<String> {
+    match msg {
+        AgentMsg::Ping { seq } => {
+            session.send(RelayMsg::Pong { seq });
+        }
+        AgentMsg::Pong { .. } => {}
+        AgentMsg::StreamStats { streams } => relay.streams.report(&who.agent_id, &streams),
+        AgentMsg::RenewCertificate { csr_pem } => {
+            session.send(renew(relay, who, &csr_pem));
+        }
+        AgentMsg::ServiceStatus { reachable, error } => {
+            let error = error.map(|e| printable(&e));
+            if reachable {
+                info!("agent reports the private service reachable");
+            } else {
+                warn!(error = error.as_deref().unwrap_or("-"), "agent reports the private service unreachable");
+            }
+            *session.service.lock() = ServiceReport { reachable: Some(reachable), error, at: unix_now() };
+        }
+        AgentMsg::Hello { .. } => return Some("agent sent a second hello".into()),
+    }
+    None
 }
 
 /// Answers a renewal request on a control session: a new certificate for the same

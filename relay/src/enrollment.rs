@@ -49,7 +49,18 @@ pub struct Enroller<'a> {
 impl Enroller<'_> {
     /// Checks an enrollment request against the token and the store and, if it is allowed,
     /// finds or creates the resource and issues the agent's certificate.
+    /// Decides an enrollment: the JWT admits the agent, names (or creates) its resource,
+    /// and the agent gets a certificate for its CSR.
     pub fn decide(&self, req: &EnrollRequest) -> Result<Enrollment, Rejection> {
+        let claims = self.admit(req)?;
+        let resource = self.resource_for(req, &claims)?;
+        self.check_not_blocked(&claims, &resource)?;
+        self.issue(req, &claims, resource)
+    }
+
+    /// The protocol version, the JWT's signature and expiry, its record (known, not
+    /// revoked) and its customer (still there).
+    fn admit(&self, req: &EnrollRequest) -> Result<RegistrationClaims, Rejection> {
         if req.version != PROTOCOL_VERSION {
             return Err(reject(
                 RejectCode::UnsupportedVersion,
@@ -87,8 +98,13 @@ impl Enroller<'_> {
                 format!("customer {cid} of this registration JWT no longer exists"),
             ));
         }
+        Ok(claims)
+    }
 
-        let resource: Resource = match &claims.resource_id {
+    /// The resource the JWT names, or the one of the agent's NAME for this customer
+    /// (created with the lowest free port on first use).
+    fn resource_for(&self, req: &EnrollRequest, claims: &RegistrationClaims) -> Result<Resource, Rejection> {
+        match &claims.resource_id {
             Some(rid) => {
                 let r = self.store.resource(rid).map_err(internal)?.ok_or_else(|| {
                     reject(RejectCode::RevokedToken, format!("resource {rid} of this registration JWT was deleted"))
@@ -120,14 +136,14 @@ impl Enroller<'_> {
                         ),
                     ));
                 }
-                r
+                Ok(r)
             }
             None => {
                 let name = validate_resource_name(&req.name)
                     .map_err(|m| reject(RejectCode::BadRequest, format!("NAME is not valid: {m}")))?;
                 let cid = claims.customer_id.as_deref();
                 match self.store.resource_by_name(cid, name).map_err(internal)? {
-                    Some(r) => r,
+                    Some(r) => Ok(r),
                     None => {
                         let r = self
                             .store
@@ -141,14 +157,16 @@ impl Enroller<'_> {
                                 e => internal(e),
                             })?;
                         info!(resource = %r.id, name = %r.name, port = r.port, "resource created");
-                        r
+                        Ok(r)
                     }
                 }
             }
-        };
+        }
+    }
 
-        // A customer or org-level JWT that enrolled agents of this resource before it was
-        // rotated may have leaked with them: it stays valid for other resources only.
+    /// A customer or org-level JWT that enrolled agents of this resource before it was
+    /// rotated may have leaked with them: it stays valid for other resources only.
+    fn check_not_blocked(&self, claims: &RegistrationClaims, resource: &Resource) -> Result<(), Rejection> {
         if self.store.token_use_revoked_at(&claims.jti, &resource.id).map_err(internal)?.is_some() {
             let rid = &resource.id;
             return Err(reject(
@@ -161,7 +179,16 @@ impl Enroller<'_> {
                 ),
             ));
         }
+        Ok(())
+    }
 
+    /// Signs the agent's certificate and records the agent and the JWT's use.
+    fn issue(
+        &self,
+        req: &EnrollRequest,
+        claims: &RegistrationClaims,
+        resource: Resource,
+    ) -> Result<Enrollment, Rejection> {
         let who = AgentIdentity {
             agent_id: new_id("agt"),
             resource_id: resource.id.clone(),
@@ -177,7 +204,7 @@ impl Enroller<'_> {
                 id: who.agent_id.clone(),
                 resource_id: resource.id.clone(),
                 generation: resource.generation,
-                hostname: req.hostname.clone(),
+                hostname: printable(&req.hostname),
                 enrolled_at: unix_now(),
                 jti: Some(claims.jti.clone()),
             })

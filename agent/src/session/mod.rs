@@ -72,31 +72,18 @@ pub async fn run(
     id: Identity,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
-    let relay = match tls::server_name_of(&cfg.relay_url.host) {
-        Ok(server_name) => RelayTarget { authority: cfg.relay_url.authority(), server_name },
-        Err(e) => return SessionEnd::Lost(e.to_string()),
-    };
-    let (control_cfg, data_cfg) = match (client_config(&id, ALPN_CONTROL), client_config(&id, ALPN_DATA)) {
-        (Ok(c), Ok(d)) => (c, d),
-        (Err(e), _) | (_, Err(e)) => return SessionEnd::Revoked(e),
-    };
-    let mut tls = match pool::dial(&relay, &TlsConnector::from(control_cfg), None).await {
-        Ok((t, _)) => t,
-        Err(e) => return SessionEnd::Lost(e),
-    };
     let capabilities = Capabilities {
         ktls: data_path.kernel_tls(),
         ebpf: meter.source() == CounterSource::Ebpf,
         renew: true,
         service_status: true,
     };
-    let welcome = match control::hello(&mut tls, crate::hostname(), capabilities).await {
-        Ok(w) => w,
+    let (tls, welcome, relay, data_cfg) = match connect(&cfg, &id, capabilities).await {
+        Ok(c) => c,
         Err(end) => return end,
     };
     info!(session = %welcome.session_id, resource = %id.meta.resource_name, relay = %cfg.relay_url, "connected to the relay");
-
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<AgentMsg>();
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<AgentMsg>();
     let pool = Arc::new(Pool {
         relay,
         connector: Mutex::new(TlsConnector::from(data_cfg)),
@@ -114,11 +101,50 @@ pub async fn run(
     });
     crate::metrics::session(true);
     pool::refill(&pool);
+    let end = drive(&cfg, &pool, id, &welcome, tls, (out_tx, out_rx), shutdown).await;
+    pool.closed.cancel();
+    crate::metrics::session(false);
+    if matches!(end, SessionEnd::Revoked(_)) {
+        pool.stop_streams.cancel();
+    }
+    end
+}
 
+/// Dials the relay's control port with the identity and exchanges hello and welcome.
+/// Also returns the relay's address and the TLS configuration data connections use.
+async fn connect(
+    cfg: &AgentConfig,
+    id: &Identity,
+    capabilities: Capabilities,
+) -> Result<(pool::Tunnel, control::Welcome, RelayTarget, Arc<ClientConfig>), SessionEnd> {
+    let relay = match tls::server_name_of(&cfg.relay_url.host) {
+        Ok(server_name) => RelayTarget { authority: cfg.relay_url.authority(), server_name },
+        Err(e) => return Err(SessionEnd::Lost(e.to_string())),
+    };
+    let (control_cfg, data_cfg) = match (client_config(id, ALPN_CONTROL), client_config(id, ALPN_DATA)) {
+        (Ok(c), Ok(d)) => (c, d),
+        (Err(e), _) | (_, Err(e)) => return Err(SessionEnd::Revoked(e)),
+    };
+    let (mut tls, _) = pool::dial(&relay, &TlsConnector::from(control_cfg), None).await.map_err(SessionEnd::Lost)?;
+    let welcome = control::hello(&mut tls, crate::hostname(), capabilities).await?;
+    Ok((tls, welcome, relay, data_cfg))
+}
+
+/// Runs a live session until it ends: the reader handles the relay's frames, the shared
+/// [`Heartbeat`] rule pings and declares a silent relay dead, the writer sends what is
+/// queued plus stream stats and service reports, and the certificate is renewed on time.
+async fn drive(
+    cfg: &AgentConfig,
+    pool: &Arc<Pool>,
+    id: Identity,
+    welcome: &control::Welcome,
+    tls: pool::Tunnel,
+    (out_tx, mut out_rx): (mpsc::UnboundedSender<AgentMsg>, mpsc::UnboundedReceiver<AgentMsg>),
+    shutdown: &CancellationToken,
+) -> SessionEnd {
     let heartbeat = Mutex::new(Heartbeat::new(welcome.heartbeat, Instant::now()));
     let (mut rd, mut wr) = tokio::io::split(tls);
     let (renewed_tx, renewed_rx) = mpsc::unbounded_channel::<RelayMsg>();
-    let pong_tx = out_tx.clone();
     let reader = async {
         loop {
             let msg = match wire::read_frame::<_, RelayMsg>(&mut rd).await {
@@ -126,45 +152,26 @@ pub async fn run(
                 Err(e) => return SessionEnd::Ended(format!("control connection ended: {e}")),
             };
             heartbeat.lock().heard(Instant::now());
-            match msg {
-                RelayMsg::Ping { seq } => {
-                    let _ = pong_tx.send(AgentMsg::Pong { seq });
-                }
-                RelayMsg::OpenData { count } => {
-                    for _ in 0..count.min(64) {
-                        pool::spawn_data_conn(&pool);
-                    }
-                }
-                RelayMsg::Rejected(r) if r.code == RejectCode::RevokedCertificate => {
-                    return SessionEnd::Revoked(r.message);
-                }
-                RelayMsg::Rejected(r) => {
-                    return SessionEnd::Ended(format!("the relay closed the session: {}", r.message));
-                }
-                m @ (RelayMsg::CertificateRenewed { .. } | RelayMsg::RenewalRefused(_)) => {
-                    let _ = renewed_tx.send(m);
-                }
-                RelayMsg::Pong { .. } | RelayMsg::Welcome { .. } => {}
+            if let Some(end) = on_relay_msg(pool, &out_tx, &renewed_tx, msg) {
+                return end;
             }
         }
     };
     let renewal = control::renew_certificate(
         cfg.state_dir.clone(),
         pool.clone(),
-        id.clone(),
+        id,
         welcome.relay.renew,
         out_tx.clone(),
         renewed_rx,
     );
-    // Pings by the shared rule; the reader's frames keep the relay alive.
-    let ping_tx = out_tx.clone();
     let mut seq = 0;
     let beats = Heartbeat::run(&heartbeat, || {
         seq += 1;
-        ping_tx.send(AgentMsg::Ping { seq }).is_ok()
+        out_tx.send(AgentMsg::Ping { seq }).is_ok()
     });
     // Report the service's state now and on every change (to relays that take it).
-    let mut service_rx = service.subscribe();
+    let mut service_rx = pool.service.subscribe();
     let reports_service = welcome.relay.service_status;
     if reports_service {
         service_rx.mark_changed();
@@ -192,7 +199,7 @@ pub async fn run(
             }
         }
     };
-    let end = tokio::select! {
+    tokio::select! {
         e = reader => e,
         e = writer => e,
         silent = beats => match silent {
@@ -201,11 +208,35 @@ pub async fn run(
         },
         _ = shutdown.cancelled() => SessionEnd::Shutdown,
         e = renewal => e,
-    };
-    pool.closed.cancel();
-    crate::metrics::session(false);
-    if matches!(end, SessionEnd::Revoked(_)) {
-        pool.stop_streams.cancel();
     }
-    end
+}
+
+/// Handles one frame from the relay; `Some(end)` ends the session.
+fn on_relay_msg(
+    pool: &Arc<Pool>,
+    out: &mpsc::UnboundedSender<AgentMsg>,
+    renewals: &mpsc::UnboundedSender<RelayMsg>,
+    msg: RelayMsg,
+) -> Option<SessionEnd> {
+    match msg {
+        RelayMsg::Ping { seq } => {
+            let _ = out.send(AgentMsg::Pong { seq });
+        }
+        RelayMsg::OpenData { count } => {
+            for _ in 0..count.min(64) {
+                pool::spawn_data_conn(pool);
+            }
+        }
+        RelayMsg::Rejected(r) if r.code == RejectCode::RevokedCertificate => {
+            return Some(SessionEnd::Revoked(r.message));
+        }
+        RelayMsg::Rejected(r) => {
+            return Some(SessionEnd::Ended(format!("the relay closed the session: {}", r.message)));
+        }
+        m @ (RelayMsg::CertificateRenewed { .. } | RelayMsg::RenewalRefused(_)) => {
+            let _ = renewals.send(m);
+        }
+        RelayMsg::Pong { .. } | RelayMsg::Welcome { .. } => {}
+    }
+    None
 }
