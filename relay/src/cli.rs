@@ -13,10 +13,10 @@ use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::admin::{AgentView, JwtIssued, JwtRequest, JwtRevoked, RegistrationJwtView, ResourceView};
-use crate::pki::files;
-use crate::store::Customer;
-use crate::streams::StreamView;
+use crate::admin::ops::{AgentView, JwtIssued, JwtRequest, JwtRevoked, RegistrationJwtView, ResourceView};
+use crate::data::streams::StreamView;
+use crate::state::pki::files;
+use crate::state::store::Customer;
 
 /// How the CLI finds and authenticates to a relay.
 #[derive(Debug, Clone, Args)]
@@ -178,7 +178,7 @@ pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
             })?
             .as_secs()
     };
-    crate::admin::check_jwt_lifetime(secs)
+    crate::admin::ops::check_jwt_lifetime(secs)
 }
 
 /// A connection to a relay's admin API.

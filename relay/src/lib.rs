@@ -1,11 +1,15 @@
-//! The Sluice relay: the platform side of the tunnel.
+//! The Sluice relay: the platform side of the tunnel, in three layers.
 //!
-//! Agents dial the relay's agent port ([`agent_port`]) and enroll, then hold a control
-//! session and a pool of data connections ([`registry`]). Each resource gets a stable
-//! port ([`resource_port`]) where platform jobs connect; every connection becomes a
-//! stream through a live agent. Operators use the admin API ([`api`], [`admin`]) through
-//! the CLI ([`cli`]). State lives in a [`store`]; identity material in the data
-//! directory ([`pki`]); registration JWTs are signed and checked by [`tokens`].
+//! - [`data`] — the data plane: agents dial the agent port, enroll, and hold a control
+//!   session and a pool of data connections; each resource gets a stable port where
+//!   platform jobs connect, and every connection becomes a stream through a live agent.
+//! - [`admin`] — the admin plane: operator actions and the HTTP API; the CLI ([`cli`])
+//!   talks to it.
+//! - [`state`] — below both: the store, identity material, registration JWTs and the
+//!   enrollment decisions.
+//!
+//! [`relay`] holds the running relay's shared context and starts the listeners of both
+//! planes; [`metrics`] is the relay's Prometheus vocabulary.
 
 /// This build's version (from Cargo.toml).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -24,15 +28,8 @@ pub const LONG_VERSION: &str = concat!(
 );
 
 pub mod admin;
-pub mod agent_port;
-pub mod api;
 pub mod cli;
-pub mod enrollment;
+pub mod data;
 pub mod metrics;
-pub mod pki;
-pub mod registry;
 pub mod relay;
-pub mod resource_port;
-pub mod store;
-pub mod streams;
-pub mod tokens;
+pub mod state;

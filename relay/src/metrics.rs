@@ -23,7 +23,7 @@
 
 use sluice_proto::metrics::PrometheusHandle;
 
-use crate::store::Resource;
+use crate::state::store::Resource;
 
 /// Installs the process-wide Prometheus recorder (once), describes every metric, and
 /// returns the recorder's handle.

@@ -17,10 +17,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::pki::{RelayIdentity, files};
-use crate::registry::Registry;
-use crate::store::{SqliteStore, Store};
-use crate::tokens::TokenSigner;
+use crate::data::registry::Registry;
+use crate::state::pki::{RelayIdentity, files};
+use crate::state::store::{SqliteStore, Store};
+use crate::state::tokens::TokenSigner;
 
 /// Everything `sluice serve` is told: its options, parsed and typed by clap from flags or
 /// environment variables. The defaults are written once, here; `sluice quickstart`
@@ -85,11 +85,11 @@ impl RelayConfig {
     }
 }
 
-/// A certificate lifetime: a duration of at least [`crate::pki::MIN_AGENT_CERT_SECS`]
+/// A certificate lifetime: a duration of at least [`crate::state::pki::MIN_AGENT_CERT_SECS`]
 /// and at most 10 years.
 fn parse_cert_lifetime(s: &str) -> Result<Duration, String> {
     let secs = crate::cli::parse_duration_secs(s)?;
-    let min = crate::pki::MIN_AGENT_CERT_SECS;
+    let min = crate::state::pki::MIN_AGENT_CERT_SECS;
     if secs < min {
         return Err(format!("{s:?} is too short: agent certificates must live at least {min} s"));
     }
@@ -107,7 +107,7 @@ pub struct Relay {
     pub signer: TokenSigner,
     pub store: Arc<dyn Store>,
     pub registry: Registry,
-    pub streams: Arc<crate::streams::Streams>,
+    pub streams: Arc<crate::data::streams::Streams>,
     pub metrics: sluice_proto::metrics::PrometheusHandle,
     pub shutdown: CancellationToken,
     /// How streams move bytes (decided once at start).
@@ -119,8 +119,8 @@ pub struct Relay {
 
 impl Relay {
     /// The enrollment decisions, with what they need of this relay.
-    pub fn enroller(&self) -> crate::enrollment::Enroller<'_> {
-        crate::enrollment::Enroller {
+    pub fn enroller(&self) -> crate::state::enrollment::Enroller<'_> {
+        crate::state::enrollment::Enroller {
             store: &*self.store,
             signer: &self.signer,
             identity: &self.identity,
@@ -182,7 +182,7 @@ const EPHEMERAL_RANGE_FILE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 /// Warns, once at start, about resources whose ports lie outside `--resource-ports` and
 /// about a range that overlaps the kernel's ephemeral ports (where any outgoing
 /// connection of this host may hold a resource's port when the relay wants to bind it).
-fn warn_about_port_ranges(range: &RangeInclusive<u16>, resources: &[crate::store::Resource]) {
+fn warn_about_port_ranges(range: &RangeInclusive<u16>, resources: &[crate::state::store::Resource]) {
     let outside = ports_outside(range, resources);
     if !outside.is_empty() {
         warn!(
@@ -211,7 +211,7 @@ fn warn_about_port_ranges(range: &RangeInclusive<u16>, resources: &[crate::store
 }
 
 /// Ids of the resources whose ports lie outside `range`.
-fn ports_outside<'a>(range: &RangeInclusive<u16>, resources: &'a [crate::store::Resource]) -> Vec<&'a str> {
+fn ports_outside<'a>(range: &RangeInclusive<u16>, resources: &'a [crate::state::store::Resource]) -> Vec<&'a str> {
     resources.iter().filter(|r| !range.contains(&r.port)).map(|r| r.id.as_str()).collect()
 }
 
@@ -288,7 +288,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     }
     let store = open_store(&config)?;
     let admin_url = format!("http://{admin_addr}");
-    crate::pki::write_secret(&config.data_dir.join(files::ADMIN_URL), admin_url.as_bytes())?;
+    crate::state::pki::write_secret(&config.data_dir.join(files::ADMIN_URL), admin_url.as_bytes())?;
 
     let relay = Arc::new(Relay {
         signer: TokenSigner::new(&identity.jwt_key),
@@ -296,7 +296,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         store,
         public_url,
         registry: Registry::default(),
-        streams: Arc::new(crate::streams::Streams::default()),
+        streams: Arc::new(crate::data::streams::Streams::default()),
         metrics: crate::metrics::install(),
         shutdown: CancellationToken::new(),
         data_path: DataPath::new(config.data_path, config.ktls_engine),
@@ -323,10 +323,10 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     tokio::spawn(relay.streams.clone().run_sampler(relay.shutdown.clone()));
     let accepting = relay.clone();
     tokio::spawn(async move {
-        crate::agent_port::serve(accepting.clone(), agent_listener).await;
+        crate::data::agent_port::serve(accepting.clone(), agent_listener).await;
         accepting.agent_listener_up.store(false, Ordering::Relaxed);
     });
-    tokio::spawn(crate::api::serve(relay.clone(), admin_listener));
+    tokio::spawn(crate::admin::api::serve(relay.clone(), admin_listener));
     Ok(RunningRelay { relay, agent_addr, admin_addr, admin_url })
 }
 
@@ -356,7 +356,7 @@ mod tests {
 
     #[test]
     fn resources_outside_the_range_are_named() {
-        let r = |id: &str, port| crate::store::Resource {
+        let r = |id: &str, port| crate::state::store::Resource {
             id: id.into(),
             customer_id: None,
             name: id.into(),

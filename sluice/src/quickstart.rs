@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use sluice_relay::admin::{JwtRequest, Status};
+use sluice_relay::admin::ops::{JwtRequest, Status};
 use sluice_relay::relay::{self, RelayConfig, parse_port_range};
 
 /// Options of `sluice quickstart`.

@@ -6,10 +6,10 @@ use serde::{Deserialize, Serialize};
 use sluice_proto::identity::{JWT_AUDIENCE, JWT_ISSUER, RegistrationClaims, printable, unix_now};
 use tracing::{info, warn};
 
-use crate::agent_port::new_id;
-use crate::registry::PortState;
+use crate::data::agent_port::new_id;
+use crate::data::registry::PortState;
 use crate::relay::Relay;
-use crate::store::{Customer, Resource, StoreError, TokenRecord, TokenRevocation};
+use crate::state::store::{Customer, Resource, StoreError, TokenRecord, TokenRevocation};
 
 /// An operator-facing failure: an HTTP status and a message that says what to do.
 #[derive(Debug, Clone, PartialEq)]

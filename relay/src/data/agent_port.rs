@@ -23,15 +23,15 @@ use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::enrollment::{check_identity, reject};
-use crate::registry::{AgentSession, ServiceReport, SessionInfo};
+use crate::data::registry::{AgentSession, ServiceReport, SessionInfo};
 use crate::relay::Relay;
-use crate::store::Resource;
+use crate::state::enrollment::{check_identity, reject};
+use crate::state::store::Resource;
 
 /// How long a peer may take for its TLS handshake or first frame.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
-pub use crate::enrollment::new_id;
+pub use crate::state::enrollment::new_id;
 
 /// Accepts agent connections until shutdown.
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
@@ -245,7 +245,7 @@ fn register(relay: &Arc<Relay>, session: &Arc<AgentSession>, resource: &Resource
     let _ = relay.store.mark_agent_connected(&session.agent_id, now);
     let _ = relay.store.touch_resource(&resource.id, now);
     if relay.registry.add(session.clone()) {
-        crate::resource_port::start(relay.clone(), resource.id.clone(), resource.name.clone(), resource.port);
+        crate::data::resource_port::start(relay.clone(), resource.id.clone(), resource.name.clone(), resource.port);
     }
     crate::metrics::agent_sessions(&resource.id, 1.0);
     let info = &session.info;

@@ -13,9 +13,9 @@ use sluice_proto::identity::{AgentIdentity, RegistrationClaims, printable, unix_
 use sluice_proto::wire::{EnrollRequest, Enrollment, PROTOCOL_VERSION, RejectCode, Rejection};
 use tracing::{info, warn};
 
-use crate::pki::RelayIdentity;
-use crate::store::{AgentRecord, Resource, Store, StoreError};
-use crate::tokens::TokenSigner;
+use crate::state::pki::RelayIdentity;
+use crate::state::store::{AgentRecord, Resource, Store, StoreError};
+use crate::state::tokens::TokenSigner;
 
 /// Makes a short random id with a readable prefix, e.g. `res_k3x9…`.
 pub fn new_id(prefix: &str) -> String {
@@ -245,7 +245,7 @@ pub fn check_identity(store: &dyn Store, who: &AgentIdentity) -> Result<Resource
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{SqliteStore, TokenRecord};
+    use crate::state::store::{SqliteStore, TokenRecord};
     use sluice_proto::identity::{JWT_AUDIENCE, JWT_ISSUER};
 
     struct Fixture {

@@ -32,7 +32,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tracing::warn;
 
-use crate::admin::{AdminError, JwtRequest};
+use crate::admin::ops::{AdminError, JwtRequest};
 use crate::relay::Relay;
 
 impl IntoResponse for AdminError {
@@ -107,14 +107,14 @@ struct NewCustomer {
     name: String,
 }
 
-async fn list_customers(State(r): State<Arc<Relay>>) -> ApiResult<Vec<crate::store::Customer>> {
+async fn list_customers(State(r): State<Arc<Relay>>) -> ApiResult<Vec<crate::state::store::Customer>> {
     r.customers().map(Json)
 }
 
 async fn create_customer(
     State(r): State<Arc<Relay>>,
     body: Result<Json<NewCustomer>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<crate::store::Customer>), AdminError> {
+) -> Result<(StatusCode, Json<crate::state::store::Customer>), AdminError> {
     let Json(body) = body.map_err(|e| AdminError::bad_request(format!("expected {{\"name\": …}}: {e}")))?;
     Ok((StatusCode::CREATED, Json(r.create_customer(&body.name)?)))
 }
@@ -122,7 +122,7 @@ async fn create_customer(
 async fn issue_jwt(
     State(r): State<Arc<Relay>>,
     body: Result<Json<JwtRequest>, axum::extract::rejection::JsonRejection>,
-) -> ApiResult<crate::admin::JwtIssued> {
+) -> ApiResult<crate::admin::ops::JwtIssued> {
     let Json(body) = body.map_err(|e| AdminError::bad_request(format!("bad registration JWT request: {e}")))?;
     r.issue_registration_jwt(&body).map(Json)
 }
@@ -135,15 +135,15 @@ struct JwtsQuery {
 async fn list_jwts(
     State(r): State<Arc<Relay>>,
     Query(q): Query<JwtsQuery>,
-) -> ApiResult<Vec<crate::admin::RegistrationJwtView>> {
+) -> ApiResult<Vec<crate::admin::ops::RegistrationJwtView>> {
     r.registration_jwts(q.customer_id.as_deref()).map(Json)
 }
 
-async fn revoke_jwt(State(r): State<Arc<Relay>>, Path(jti): Path<String>) -> ApiResult<crate::admin::JwtRevoked> {
+async fn revoke_jwt(State(r): State<Arc<Relay>>, Path(jti): Path<String>) -> ApiResult<crate::admin::ops::JwtRevoked> {
     r.revoke_registration_jwt(&jti).map(Json)
 }
 
-async fn list_resources(State(r): State<Arc<Relay>>) -> ApiResult<Vec<crate::admin::ResourceView>> {
+async fn list_resources(State(r): State<Arc<Relay>>) -> ApiResult<Vec<crate::admin::ops::ResourceView>> {
     r.resource_views().map(Json)
 }
 
@@ -157,7 +157,7 @@ async fn get_resource(
     State(r): State<Arc<Relay>>,
     Path(id): Path<String>,
     Query(q): Query<ResourceQuery>,
-) -> ApiResult<crate::admin::ResourceView> {
+) -> ApiResult<crate::admin::ops::ResourceView> {
     r.resource_view(&id, q.customer_id.as_deref()).map(Json)
 }
 
@@ -174,7 +174,7 @@ struct AgentsQuery {
 async fn list_agents(
     State(r): State<Arc<Relay>>,
     Query(q): Query<AgentsQuery>,
-) -> ApiResult<Vec<crate::admin::AgentView>> {
+) -> ApiResult<Vec<crate::admin::ops::AgentView>> {
     r.agent_views(q.resource.as_deref()).map(Json)
 }
 
@@ -189,7 +189,7 @@ struct StreamsQuery {
 async fn list_streams(
     State(r): State<Arc<Relay>>,
     Query(q): Query<StreamsQuery>,
-) -> ApiResult<Vec<crate::streams::StreamView>> {
+) -> ApiResult<Vec<crate::data::streams::StreamView>> {
     Ok(Json(if q.closed {
         r.streams.closed_views(q.resource.as_deref())
     } else {

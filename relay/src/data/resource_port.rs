@@ -4,7 +4,7 @@
 //! The port is bound when the resource's first agent session comes up. If another
 //! process holds it, the relay does not give up: it retries with backoff (1 s doubling
 //! to 30 s) until the port is free or the last session ends, and meanwhile the resource
-//! is `PORT_BLOCKED` with the reason ([`crate::registry::PortState`]), so operators see
+//! is `PORT_BLOCKED` with the reason ([`crate::data::registry::PortState`]), so operators see
 //! the truth instead of an `AVAILABLE` port that refuses every connection.
 
 use std::net::SocketAddr;
@@ -19,7 +19,7 @@ use tokio_rustls::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::registry::{NoDataConn, PortState};
+use crate::data::registry::{NoDataConn, PortState};
 use crate::relay::Relay;
 
 /// How long a stream waits for an agent to offer a data connection.

@@ -1,0 +1,12 @@
+//! The admin plane: what operators do, over HTTP.
+//!
+//! - [`ops`]: operator actions (customers, registration JWTs and rotation, resources,
+//!   agents and their views) as plain methods on the relay, used by the API and by
+//!   `sluice quickstart`;
+//! - [`api`]: the admin HTTP API (JSON, bearer token), health and metrics endpoints.
+//!
+//! It reads the data plane's live state (sessions, streams) to answer, and acts on it
+//! only through the registry (revocation).
+
+pub mod api;
+pub mod ops;
