@@ -32,9 +32,9 @@ const META_FILE: &str = "enrollment.json";
 /// What the agent remembers about its enrollment.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EnrollmentMeta {
-    pub resource_id: String,
+    pub resource_id: sluice_proto::identity::ResourceId,
     pub resource_name: String,
-    pub agent_id: String,
+    pub agent_id: sluice_proto::identity::AgentId,
     pub generation: u64,
     /// `jti` of the registration JWT used; a different JWT means "enroll again".
     pub jti: String,

@@ -18,11 +18,84 @@ pub const JWT_ISSUER: &str = "sluice-relay";
 pub const JWT_AUDIENCE: &str = "sluice-agent-registration";
 const URI_PREFIX: &str = "urn:sluice:agent:";
 
+/// Declares a typed id: a string on the wire and in the store, a distinct type in code,
+/// so a function taking a resource id and an agent id cannot be called with them swapped.
+macro_rules! typed_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+        #[serde(transparent)]
+        pub struct $name(pub String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(s: String) -> Self {
+                $name(s)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                $name(s.to_owned())
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+    };
+}
+
+typed_id!(
+    /// A resource's id (`res_…`).
+    ResourceId
+);
+typed_id!(
+    /// An enrolled agent's id (`agt_…`), the identity in its certificate.
+    AgentId
+);
+typed_id!(
+    /// A control session's id (`ses_…`); data connections name it.
+    SessionId
+);
+
 /// Who an agent is, as its client certificate says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentIdentity {
-    pub agent_id: String,
-    pub resource_id: String,
+    pub agent_id: AgentId,
+    pub resource_id: ResourceId,
     pub generation: u64,
 }
 
@@ -46,8 +119,8 @@ impl AgentIdentity {
             return None;
         }
         Some(AgentIdentity {
-            agent_id: agent_id.to_owned(),
-            resource_id: resource_id.to_owned(),
+            agent_id: agent_id.into(),
+            resource_id: resource_id.into(),
             generation: generation.parse().ok()?,
         })
     }
@@ -194,6 +267,17 @@ pub fn unix_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typed_ids_are_plain_strings_on_the_wire() {
+        let id = ResourceId::from("res_1");
+        assert_eq!(serde_json::to_string(&id).unwrap(), "\"res_1\"");
+        assert_eq!(serde_json::from_str::<AgentId>("\"agt_2\"").unwrap(), AgentId::from("agt_2"));
+        let mut by_id = std::collections::HashMap::new();
+        by_id.insert(SessionId::from("ses_3"), 3);
+        assert_eq!(by_id.get("ses_3"), Some(&3), "looked up by &str");
+        assert!(id == "res_1" && id.to_string() == "res_1");
+    }
 
     #[test]
     fn resource_names_are_display_names() {

@@ -15,6 +15,8 @@
 //! family carries [`PROTOCOL_VERSION`] in its opening message.
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::identity::{AgentId, ResourceId, SessionId};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Version of this protocol. A relay refuses an agent whose version it does not speak.
@@ -128,10 +130,10 @@ pub enum EnrollResponse {
 /// A successful enrollment: the agent's identity and client certificate.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Enrollment {
-    pub resource_id: String,
+    pub resource_id: ResourceId,
     pub resource_name: String,
     pub customer_id: Option<String>,
-    pub agent_id: String,
+    pub agent_id: AgentId,
     /// Key generation of the resource; a rotation makes certificates of older ones invalid.
     pub generation: u64,
     /// The client certificate (PEM) for the key of the CSR.
@@ -311,8 +313,8 @@ pub enum RelayMsg {
     /// Accepts the session: data connections name `session_id` in their [`DataHello`].
     Welcome {
         version: u32,
-        session_id: String,
-        resource_id: String,
+        session_id: SessionId,
+        resource_id: ResourceId,
         resource_name: String,
         /// Each side pings at this interval; a side that hears nothing for three intervals
         /// declares the peer dead.
@@ -350,7 +352,7 @@ pub enum RelayMsg {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DataHello {
     pub version: u32,
-    pub session_id: String,
+    pub session_id: SessionId,
 }
 
 /// Sent by the relay on an idle data connection to start a stream on it.

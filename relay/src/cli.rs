@@ -393,7 +393,7 @@ pub async fn agents(conn: &AdminConn, cmd: AgentsCmd) -> Result<()> {
         .iter()
         .map(|a| {
             vec![
-                a.agent_id.clone(),
+                a.agent_id.to_string(),
                 a.resource_name.clone(),
                 a.hostname.clone(),
                 a.agent_version.clone(),
@@ -403,7 +403,7 @@ pub async fn agents(conn: &AdminConn, cmd: AgentsCmd) -> Result<()> {
                 a.counter.clone(),
                 a.service.clone(),
                 a.last_error.clone().unwrap_or_else(|| "-".into()),
-                a.session_id.clone(),
+                a.session_id.to_string(),
             ]
         })
         .collect();

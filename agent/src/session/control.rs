@@ -20,7 +20,7 @@ pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
 /// What the relay's welcome says about the session.
 #[derive(Debug, Clone)]
 pub struct Welcome {
-    pub session_id: String,
+    pub session_id: sluice_proto::identity::SessionId,
     pub heartbeat: Duration,
     pub pool_size: u32,
     /// What the relay supports beyond the baseline.

@@ -74,7 +74,7 @@ pub(super) struct Pool {
     pub(super) service: Arc<ServiceHealth>,
     /// How streams move bytes.
     pub(super) data_path: Arc<DataPath>,
-    pub(super) session_id: String,
+    pub(super) session_id: sluice_proto::identity::SessionId,
     pub(super) target: u32,
     pub(super) idle: AtomicU32,
     pub(super) connecting: AtomicU32,

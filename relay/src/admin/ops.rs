@@ -3,7 +3,9 @@
 //! `sluice quickstart`.
 
 use serde::{Deserialize, Serialize};
-use sluice_proto::identity::{JWT_AUDIENCE, JWT_ISSUER, RegistrationClaims, printable, unix_now};
+use sluice_proto::identity::{
+    AgentId, JWT_AUDIENCE, JWT_ISSUER, RegistrationClaims, ResourceId, SessionId, printable, unix_now,
+};
 use tracing::{info, warn};
 
 use crate::data::agent_port::new_id;
@@ -186,9 +188,9 @@ pub struct ResourceView {
 /// A connected agent as operators see it (`sluice agents list`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentView {
-    pub agent_id: String,
-    pub session_id: String,
-    pub resource_id: String,
+    pub agent_id: AgentId,
+    pub session_id: SessionId,
+    pub resource_id: ResourceId,
     pub resource_name: String,
     pub customer_id: Option<String>,
     pub hostname: String,
@@ -438,9 +440,9 @@ impl Relay {
         let sessions = self.registry.all_sessions();
         Ok(sessions
             .iter()
-            .filter(|s| wanted.as_ref().is_none_or(|w| w.iter().any(|r| r.id == s.resource_id)))
+            .filter(|s| wanted.as_ref().is_none_or(|w| w.iter().any(|r| s.resource_id == r.id.as_str())))
             .map(|s| {
-                let r = resources.iter().find(|r| r.id == s.resource_id);
+                let r = resources.iter().find(|r| s.resource_id == r.id.as_str());
                 let report = s.service.lock().clone();
                 let caps = &s.info.capabilities;
                 AgentView {

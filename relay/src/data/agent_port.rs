@@ -158,9 +158,9 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
     let Some((resource, info)) = admit_session(&relay, &mut tls, &who, peer).await else { return };
     let (out_tx, out_rx) = mpsc::unbounded_channel::<RelayMsg>();
     let session = Arc::new(AgentSession::new(
-        new_id("ses"),
+        new_id("ses").into(),
         who.agent_id.clone(),
-        resource.id.clone(),
+        resource.id.clone().into(),
         who.generation,
         info,
         out_tx,
@@ -168,7 +168,7 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
     let welcome = RelayMsg::Welcome {
         version: PROTOCOL_VERSION,
         session_id: session.id.clone(),
-        resource_id: resource.id.clone(),
+        resource_id: resource.id.clone().into(),
         resource_name: resource.name.clone(),
         heartbeat_secs: relay.config.heartbeat.as_secs().max(1),
         pool_size: relay.config.pool_size,

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use sluice_proto::identity::{AgentId, ResourceId, SessionId};
 use sluice_proto::wire::{RejectCode, Rejection, RelayMsg};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
@@ -47,9 +48,9 @@ pub struct ServiceReport {
 
 /// One connected agent's control session and its idle data connections.
 pub struct AgentSession {
-    pub id: String,
-    pub agent_id: String,
-    pub resource_id: String,
+    pub id: SessionId,
+    pub agent_id: AgentId,
+    pub resource_id: ResourceId,
     pub generation: u64,
     pub hostname: String,
     pub info: SessionInfo,
@@ -70,9 +71,9 @@ pub struct AgentSession {
 
 impl AgentSession {
     pub fn new(
-        id: String,
-        agent_id: String,
-        resource_id: String,
+        id: SessionId,
+        agent_id: AgentId,
+        resource_id: ResourceId,
         generation: u64,
         info: SessionInfo,
         control: mpsc::UnboundedSender<RelayMsg>,
@@ -161,8 +162,8 @@ pub enum NoDataConn {
 /// All live sessions, by resource and by session id.
 #[derive(Default)]
 pub struct Registry {
-    resources: Mutex<HashMap<String, ResourceLive>>,
-    sessions: Mutex<HashMap<String, Arc<AgentSession>>>,
+    resources: Mutex<HashMap<ResourceId, ResourceLive>>,
+    sessions: Mutex<HashMap<SessionId, Arc<AgentSession>>>,
     round_robin: AtomicU64,
 }
 
@@ -301,7 +302,7 @@ mod tests {
         let (tx, _rx) = mpsc::unbounded_channel();
         Arc::new(AgentSession::new(
             id.into(),
-            format!("agt_{id}"),
+            format!("agt_{id}").into(),
             resource.into(),
             1,
             SessionInfo { hostname: "host".into(), ..Default::default() },

@@ -190,8 +190,8 @@ impl Enroller<'_> {
         resource: Resource,
     ) -> Result<Enrollment, Rejection> {
         let who = AgentIdentity {
-            agent_id: new_id("agt"),
-            resource_id: resource.id.clone(),
+            agent_id: new_id("agt").into(),
+            resource_id: resource.id.clone().into(),
             generation: resource.generation,
         };
         let cert_pem = self
@@ -201,7 +201,7 @@ impl Enroller<'_> {
         self.store.mark_token_used(&claims.jti, &resource.id).map_err(internal)?;
         self.store
             .add_agent(&AgentRecord {
-                id: who.agent_id.clone(),
+                id: who.agent_id.to_string(),
                 resource_id: resource.id.clone(),
                 generation: resource.generation,
                 hostname: printable(&req.hostname),
@@ -210,7 +210,7 @@ impl Enroller<'_> {
             })
             .map_err(internal)?;
         Ok(Enrollment {
-            resource_id: resource.id,
+            resource_id: resource.id.into(),
             resource_name: resource.name,
             customer_id: resource.customer_id,
             agent_id: who.agent_id,
