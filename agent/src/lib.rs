@@ -21,13 +21,13 @@ pub const LONG_VERSION: &str = concat!(
     ")"
 );
 
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod config;
-pub mod enroll;
-pub mod meter;
-pub mod metrics;
-pub mod service;
-pub mod session;
+pub(crate) mod enroll;
+pub(crate) mod meter;
+pub(crate) mod metrics;
+pub(crate) mod service;
+pub(crate) mod session;
 
 use sluice_datapath::DataPath;
 use std::sync::Arc;

@@ -46,11 +46,6 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// The kernel's id of the socket.
-    pub fn cookie(&self) -> u64 {
-        self.cookie
-    }
-
     /// Live counts.
     pub fn counts(&self) -> Option<SockCounts> {
         if !self.live.load(Ordering::Acquire) {
@@ -102,6 +97,7 @@ impl Meter {
     }
 
     /// A meter that counts in user space only.
+    #[cfg(test)]
     pub fn userspace() -> Meter {
         Meter { ebpf: None }
     }

@@ -51,6 +51,7 @@ impl ServiceHealth {
         self.state.subscribe()
     }
 
+    #[cfg(test)]
     pub fn current(&self) -> ServiceState {
         self.state.borrow().clone()
     }

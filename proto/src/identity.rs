@@ -276,7 +276,7 @@ mod tests {
         let mut by_id = std::collections::HashMap::new();
         by_id.insert(SessionId::from("ses_3"), 3);
         assert_eq!(by_id.get("ses_3"), Some(&3), "looked up by &str");
-        assert!(id == "res_1" && id.to_string() == "res_1");
+        assert!(id == "res_1" && format!("{id}") == "res_1");
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub const LONG_VERSION: &str = concat!(
 
 pub mod admin;
 pub mod cli;
-pub mod data;
-pub mod metrics;
+pub(crate) mod data;
+pub(crate) mod metrics;
 pub mod relay;
 pub mod state;

@@ -104,14 +104,14 @@ pub struct Relay {
     pub config: RelayConfig,
     pub public_url: RelayUrl,
     pub identity: RelayIdentity,
-    pub signer: TokenSigner,
-    pub store: Arc<dyn Store>,
-    pub registry: Registry,
-    pub streams: Arc<crate::data::streams::Streams>,
-    pub metrics: sluice_proto::metrics::PrometheusHandle,
+    pub(crate) signer: TokenSigner,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) registry: Registry,
+    pub(crate) streams: Arc<crate::data::streams::Streams>,
+    pub(crate) metrics: sluice_proto::metrics::PrometheusHandle,
     pub shutdown: CancellationToken,
     /// How streams move bytes (decided once at start).
-    pub data_path: DataPath,
+    pub(crate) data_path: DataPath,
     next_stream_id: AtomicU64,
     /// True while the agent port's accept loop runs (for `/readyz`).
     pub(crate) agent_listener_up: AtomicBool,
@@ -119,7 +119,7 @@ pub struct Relay {
 
 impl Relay {
     /// The enrollment decisions, with what they need of this relay.
-    pub fn enroller(&self) -> crate::state::enrollment::Enroller<'_> {
+    pub(crate) fn enroller(&self) -> crate::state::enrollment::Enroller<'_> {
         crate::state::enrollment::Enroller {
             store: &*self.store,
             signer: &self.signer,
@@ -129,7 +129,7 @@ impl Relay {
         }
     }
 
-    pub fn next_stream_id(&self) -> u64 {
+    pub(crate) fn next_stream_id(&self) -> u64 {
         self.next_stream_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 

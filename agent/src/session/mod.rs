@@ -38,8 +38,6 @@ use crate::meter::Meter;
 use crate::service::ServiceHealth;
 use pool::{Pool, RelayTarget};
 
-pub use stream::connect_metered;
-
 /// How a session ended.
 #[derive(Debug)]
 pub enum SessionEnd {

@@ -114,10 +114,6 @@ impl AgentSession {
         self.pool.lock().pop_front()
     }
 
-    pub fn idle(&self) -> usize {
-        self.pool.lock().len()
-    }
-
     /// Sends a control message; false if the session's writer is gone.
     pub fn send(&self, msg: RelayMsg) -> bool {
         self.control.send(msg).is_ok()
