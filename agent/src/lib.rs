@@ -58,29 +58,8 @@ pub enum AgentError {
 /// Runs the agent until `shutdown` fires (Ok) or a permanent failure (Err).
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
     let cfg = Arc::new(cfg);
-    let handle = crate::metrics::install();
-    let (meter, why) = crate::meter::Meter::start(cfg.counter);
-    match &why {
-        None => info!("counting stream bytes with eBPF"),
-        Some(why) => info!(reason = %why, "counting stream bytes in user space"),
-    }
-    crate::metrics::ebpf_enabled(why.is_none());
-    let data_path = Arc::new(DataPath::new(cfg.data_path, cfg.ktls_engine));
-    info!(path = data_path.default_path().as_str(), "data path: {}", data_path.describe());
-    let meter = Arc::new(meter);
-    if let Some(addr) = cfg.metrics_listen {
-        tokio::spawn(crate::metrics::serve(addr, handle));
-    }
-    let service = Arc::new(crate::service::ServiceHealth::new(format!("{}:{}", cfg.app_host, cfg.app_port)));
-    {
-        let (service, interval, stop) = (service.clone(), cfg.service_check, shutdown.clone());
-        tokio::spawn(async move { service.watch(interval, stop).await });
-    }
+    let (meter, data_path, service) = start_parts(&cfg, &shutdown);
     let mut backoff = Backoff::new(Duration::from_millis(200), cfg.reconnect_max);
-    info!(
-        relay = %cfg.relay_url, service = %format!("{}:{}", cfg.app_host, cfg.app_port),
-        name = %cfg.name, state_dir = %cfg.state_dir.display(), "sluice-agent starting"
-    );
     let wait = |why: &str, backoff: &mut Backoff| {
         let d = backoff.next_delay();
         crate::metrics::relay_unreachable(why);
@@ -95,66 +74,109 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        let saved = match must_enroll.take() {
-            Some(why) => Err(enroll::NoIdentity::Unusable(why)),
-            None => enroll::load(&cfg),
-        };
-        match &saved {
-            Err(enroll::NoIdentity::Mismatch(why)) => {
-                warn!(state_dir = %cfg.state_dir.display(), "{why}: enrolling afresh with REGISTRATION_JWT")
-            }
-            Err(enroll::NoIdentity::Unusable(why)) => {
-                info!(state_dir = %cfg.state_dir.display(), "{why}: enrolling again with REGISTRATION_JWT")
-            }
-            _ => {}
-        }
-        let identity = match saved {
+        let identity = match identity(&cfg, must_enroll.take()).await {
             Ok(id) => id,
-            Err(_) => match enroll::enroll(&cfg).await {
-                Ok(id) => {
-                    crate::metrics::enrollment("enrolled");
-                    info!(resource = %id.meta.resource_id, name = %id.meta.resource_name, agent = %id.meta.agent_id, "enrolled");
-                    id
-                }
-                Err(EnrollError::Rejected(r)) if !r.code.is_transient() => {
-                    crate::metrics::enrollment("rejected");
-                    return Err(AgentError::Fatal(format!("the relay refused this agent: {}", r.message)));
-                }
-                Err(EnrollError::Trust(m)) => return Err(AgentError::Fatal(m)),
-                Err(EnrollError::State(m)) => return Err(AgentError::Fatal(m)),
-                Err(e) => {
-                    let d = wait(&e.to_string(), &mut backoff);
-                    tokio::select! { _ = tokio::time::sleep(d) => continue, _ = shutdown.cancelled() => return Ok(()) }
-                }
-            },
+            Err(Retry::Later(why)) => {
+                let d = wait(&why, &mut backoff);
+                tokio::select! { _ = tokio::time::sleep(d) => continue, _ = shutdown.cancelled() => return Ok(()) }
+            }
+            Err(Retry::Never(e)) => return Err(e),
         };
         let end =
             session::run(cfg.clone(), meter.clone(), data_path.clone(), service.clone(), identity, &shutdown).await;
         if !matches!(end, SessionEnd::Shutdown) {
             crate::metrics::reconnect();
         }
-        match end {
+        let pause = match end {
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Renew => {
-                must_enroll = Some(
-                    "the certificate is due for renewal and this relay cannot renew it over the \
-                                    session"
-                        .into(),
-                );
+                must_enroll =
+                    Some("the certificate is due for renewal and this relay cannot renew it over the session".into());
+                continue;
             }
             SessionEnd::Revoked(why) => {
                 error!(reason = %why, "the relay refused this agent's certificate; enrolling again with REGISTRATION_JWT");
                 must_enroll = Some(format!("the relay refused the saved certificate ({why})"));
+                continue;
             }
             SessionEnd::Ended(why) => {
                 backoff.reset();
-                let d = wait(&why, &mut backoff);
-                tokio::select! { _ = tokio::time::sleep(d) => {}, _ = shutdown.cancelled() => return Ok(()) }
+                wait(&why, &mut backoff)
             }
-            SessionEnd::Lost(why) => {
-                let d = wait(&why, &mut backoff);
-                tokio::select! { _ = tokio::time::sleep(d) => {}, _ = shutdown.cancelled() => return Ok(()) }
-            }
+            SessionEnd::Lost(why) => wait(&why, &mut backoff),
+        };
+        tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = shutdown.cancelled() => return Ok(()) }
+    }
+}
+
+/// Starts what lives as long as the agent: metrics (and their listener), the byte meter
+/// (eBPF when it loads), the data path, and the private service's check.
+fn start_parts(
+    cfg: &AgentConfig,
+    shutdown: &CancellationToken,
+) -> (Arc<crate::meter::Meter>, Arc<DataPath>, Arc<crate::service::ServiceHealth>) {
+    let handle = crate::metrics::install();
+    let (meter, why) = crate::meter::Meter::start(cfg.counter);
+    match &why {
+        None => info!("counting stream bytes with eBPF"),
+        Some(why) => info!(reason = %why, "counting stream bytes in user space"),
+    }
+    crate::metrics::ebpf_enabled(why.is_none());
+    let data_path = Arc::new(DataPath::new(cfg.data_path, cfg.ktls_engine));
+    info!(path = data_path.default_path().as_str(), "data path: {}", data_path.describe());
+    if let Some(addr) = cfg.metrics_listen {
+        tokio::spawn(crate::metrics::serve(addr, handle));
+    }
+    let target = format!("{}:{}", cfg.app_host, cfg.app_port);
+    let service = Arc::new(crate::service::ServiceHealth::new(target.clone()));
+    {
+        let (service, interval, stop) = (service.clone(), cfg.service_check, shutdown.clone());
+        tokio::spawn(async move { service.watch(interval, stop).await });
+    }
+    info!(
+        relay = %cfg.relay_url, service = %target, name = %cfg.name, state_dir = %cfg.state_dir.display(),
+        "sluice-agent starting"
+    );
+    (Arc::new(meter), data_path, service)
+}
+
+/// Why no identity could be had this round.
+enum Retry {
+    /// The relay could not be reached: try again after a backoff.
+    Later(String),
+    /// The relay refused for good (bad, revoked or expired JWT; wrong relay) or the
+    /// state directory failed.
+    Never(AgentError),
+}
+
+/// The identity for the next session: the saved one when it fits the configuration
+/// (and `must_enroll` does not say why not), else a new enrollment with the JWT.
+async fn identity(cfg: &AgentConfig, must_enroll: Option<String>) -> Result<enroll::Identity, Retry> {
+    let saved = match must_enroll {
+        Some(why) => Err(enroll::NoIdentity::Unusable(why)),
+        None => enroll::load(cfg),
+    };
+    match saved {
+        Ok(id) => return Ok(id),
+        Err(enroll::NoIdentity::Mismatch(why)) => {
+            warn!(state_dir = %cfg.state_dir.display(), "{why}: enrolling afresh with REGISTRATION_JWT")
         }
+        Err(enroll::NoIdentity::Unusable(why)) => {
+            info!(state_dir = %cfg.state_dir.display(), "{why}: enrolling again with REGISTRATION_JWT")
+        }
+        Err(enroll::NoIdentity::Missing) => {}
+    }
+    match enroll::enroll(cfg).await {
+        Ok(id) => {
+            crate::metrics::enrollment("enrolled");
+            info!(resource = %id.meta.resource_id, name = %id.meta.resource_name, agent = %id.meta.agent_id, "enrolled");
+            Ok(id)
+        }
+        Err(EnrollError::Rejected(r)) if !r.code.is_transient() => {
+            crate::metrics::enrollment("rejected");
+            Err(Retry::Never(AgentError::Fatal(format!("the relay refused this agent: {}", r.message))))
+        }
+        Err(EnrollError::Trust(m) | EnrollError::State(m)) => Err(Retry::Never(AgentError::Fatal(m))),
+        Err(e) => Err(Retry::Later(e.to_string())),
     }
 }

@@ -121,38 +121,15 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     };
     let check = self_check(&view.endpoint, args.app_host.is_none()).await;
 
-    println!();
-    println!("Sluice quickstart is running.");
-    println!("  relay (agents dial)  {}", relay.public_url);
-    println!("  admin API            {}", running.admin_url);
-    println!("  customer             {} ({})", customer.name, customer.id);
-    println!("  resource             {} ({}) -> agent -> {what}", view.name, view.id);
-    println!();
-    println!("Platform jobs connect to:  {}", view.endpoint);
-    match &check {
-        Ok(Some(ms)) => {
-            println!("  self-check: a message went through the tunnel and back in {ms:.1} ms")
-        }
-        Ok(None) => {}
-        Err(e) => println!("  self-check FAILED: {e:#}"),
-    }
-    let (host, port) = view.endpoint.rsplit_once(':').unwrap_or((&view.endpoint, ""));
-    println!("  try:  echo hello | nc -q1 {host} {port}");
-    println!();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(std::path::Path::to_path_buf)) {
-        let agent = dir.join("sluice-agent");
-        println!("Binaries: {} (relay + admin CLI)", dir.join("sluice").display());
-        if agent.exists() {
-            println!("          {} (agent)", agent.display());
-        } else {
-            println!("          build the agent with `cargo build --release` (target/release/sluice-agent)");
-        }
-        println!();
-    }
-    println!("Use the admin CLI against this relay from another terminal:");
-    println!("  export SLUICE_ADMIN_URL={} SLUICE_ADMIN_TOKEN={}", running.admin_url, relay.identity.admin_token);
-    println!("  cargo run --release -- resources list --extended");
-    println!();
+    print_running(&Running {
+        relay_url: relay.public_url.to_string(),
+        admin_url: &running.admin_url,
+        admin_token: &relay.identity.admin_token,
+        customer: &customer,
+        view: &view,
+        service: &what,
+        check: &check,
+    });
     if args.check {
         stop.cancel();
         running.shutdown();
@@ -175,6 +152,51 @@ pub async fn run(args: QuickstartArgs) -> Result<()> {
     running.shutdown();
     let _ = tokio::time::timeout(Duration::from_secs(2), agent).await;
     Ok(())
+}
+
+/// What the quickstart prints once its tunnel is up.
+struct Running<'a> {
+    relay_url: String,
+    admin_url: &'a str,
+    admin_token: &'a str,
+    customer: &'a sluice_relay::state::store::Customer,
+    view: &'a sluice_relay::admin::ops::ResourceView,
+    /// The private service the agent forwards to.
+    service: &'a str,
+    check: &'a Result<Option<f64>>,
+}
+
+fn print_running(r: &Running<'_>) {
+    println!();
+    println!("Sluice quickstart is running.");
+    println!("  relay (agents dial)  {}", r.relay_url);
+    println!("  admin API            {}", r.admin_url);
+    println!("  customer             {} ({})", r.customer.name, r.customer.id);
+    println!("  resource             {} ({}) -> agent -> {}", r.view.name, r.view.id, r.service);
+    println!();
+    println!("Platform jobs connect to:  {}", r.view.endpoint);
+    match r.check {
+        Ok(Some(ms)) => println!("  self-check: a message went through the tunnel and back in {ms:.1} ms"),
+        Ok(None) => {}
+        Err(e) => println!("  self-check FAILED: {e:#}"),
+    }
+    let (host, port) = r.view.endpoint.rsplit_once(':').unwrap_or((&r.view.endpoint, ""));
+    println!("  try:  echo hello | nc -q1 {host} {port}");
+    println!();
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(std::path::Path::to_path_buf)) {
+        let agent = dir.join("sluice-agent");
+        println!("Binaries: {} (relay + admin CLI)", dir.join("sluice").display());
+        if agent.exists() {
+            println!("          {} (agent)", agent.display());
+        } else {
+            println!("          build the agent with `cargo build --release` (target/release/sluice-agent)");
+        }
+        println!();
+    }
+    println!("Use the admin CLI against this relay from another terminal:");
+    println!("  export SLUICE_ADMIN_URL={} SLUICE_ADMIN_TOKEN={}", r.admin_url, r.admin_token);
+    println!("  cargo run --release -- resources list --extended");
+    println!();
 }
 
 /// Sends a message through the endpoint and checks the echo (only for the built-in echo).
