@@ -143,6 +143,10 @@ pub struct JwtRevoked {
     pub agent_resource_ids: Vec<String>,
 }
 
+/// Whom a registration JWT is for: the customer, the resource (if any), and what a
+/// rotation did (agents disconnected, JWTs revoked).
+type JwtSubject = (Option<String>, Option<Resource>, Option<(usize, crate::state::store::ResourceRevocation)>);
+
 /// Whether a resource can be reached now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -227,7 +231,48 @@ impl Relay {
     pub fn issue_registration_jwt(&self, req: &JwtRequest) -> Result<JwtIssued, AdminError> {
         // Refuse a bad lifetime before anything changes (a rotation must not half happen).
         jwt_expiry(unix_now(), req.expires_in_secs)?;
-        let (customer_id, resource, rotated) = match (&req.resource_id, &req.customer_id, req.org_only) {
+        let (customer_id, resource, rotated) = self.jwt_subject(req)?;
+        let now = unix_now();
+        let jti = new_id("jwt");
+        let expires_at = jwt_expiry(now, req.expires_in_secs)?;
+        let claims = RegistrationClaims {
+            iss: JWT_ISSUER.into(),
+            aud: JWT_AUDIENCE.into(),
+            jti: jti.clone(),
+            iat: now,
+            exp: expires_at,
+            customer_id: customer_id.clone(),
+            resource_id: resource.as_ref().map(|r| r.id.clone()),
+            generation: resource.as_ref().map(|r| r.generation),
+            relay_url: self.public_url.to_string(),
+            ca_pin: self.identity.ca_pin.clone(),
+        };
+        self.store.record_token(&TokenRecord {
+            jti: jti.clone(),
+            customer_id: customer_id.clone(),
+            resource_id: claims.resource_id.clone(),
+            issued_at: now,
+            expires_at,
+            revoked_at: None,
+        })?;
+        info!(%jti, customer = ?customer_id, resource = ?claims.resource_id, "registration JWT issued");
+        Ok(JwtIssued {
+            jwt: self.signer.sign(&claims),
+            jti,
+            customer_id,
+            resource_id: claims.resource_id,
+            generation: claims.generation,
+            expires_at,
+            disconnected_agents: rotated.as_ref().map_or(0, |(n, _)| *n),
+            revoked_resource_jwts: rotated.as_ref().map(|(_, r)| r.revoked_resource_jwts.clone()).unwrap_or_default(),
+            blocked_for_resource_jwts: rotated.map(|(_, r)| r.blocked_for_resource_jwts).unwrap_or_default(),
+        })
+    }
+
+    /// Whom a JWT request is for — a customer, the org, or an existing resource (rotated
+    /// first when asked) — after checking that the pieces of the request fit together.
+    fn jwt_subject(&self, req: &JwtRequest) -> Result<JwtSubject, AdminError> {
+        Ok(match (&req.resource_id, &req.customer_id, req.org_only) {
             (Some(rid), cid, org_only) => {
                 let r = self.store.resource(rid)?.ok_or_else(|| {
                     AdminError::not_found(format!("no resource with id {rid}; see `sluice resources list --extended`"))
@@ -252,7 +297,7 @@ impl Relay {
                         Some(generation),
                         &format!(
                             "resource {rid} was rotated: this agent's certificate is revoked, and its registration \
-                             JWT can no longer enroll agents for {rid}"
+                         JWT can no longer enroll agents for {rid}"
                         ),
                     );
                     info!(
@@ -288,41 +333,6 @@ impl Relay {
                     "say who the token is for: --customer-id ID, --org-only, or --resource-id ID",
                 ));
             }
-        };
-        let now = unix_now();
-        let jti = new_id("jwt");
-        let expires_at = jwt_expiry(now, req.expires_in_secs)?;
-        let claims = RegistrationClaims {
-            iss: JWT_ISSUER.into(),
-            aud: JWT_AUDIENCE.into(),
-            jti: jti.clone(),
-            iat: now,
-            exp: expires_at,
-            customer_id: customer_id.clone(),
-            resource_id: resource.as_ref().map(|r| r.id.clone()),
-            generation: resource.as_ref().map(|r| r.generation),
-            relay_url: self.public_url.to_string(),
-            ca_pin: self.identity.ca_pin.clone(),
-        };
-        self.store.record_token(&TokenRecord {
-            jti: jti.clone(),
-            customer_id: customer_id.clone(),
-            resource_id: claims.resource_id.clone(),
-            issued_at: now,
-            expires_at,
-            revoked_at: None,
-        })?;
-        info!(%jti, customer = ?customer_id, resource = ?claims.resource_id, "registration JWT issued");
-        Ok(JwtIssued {
-            jwt: self.signer.sign(&claims),
-            jti,
-            customer_id,
-            resource_id: claims.resource_id,
-            generation: claims.generation,
-            expires_at,
-            disconnected_agents: rotated.as_ref().map_or(0, |(n, _)| *n),
-            revoked_resource_jwts: rotated.as_ref().map(|(_, r)| r.revoked_resource_jwts.clone()).unwrap_or_default(),
-            blocked_for_resource_jwts: rotated.map(|(_, r)| r.blocked_for_resource_jwts).unwrap_or_default(),
         })
     }
 
