@@ -29,6 +29,12 @@ pub const ALPN_CONTROL: &[u8] = b"sluice-control/1";
 pub const ALPN_DATA: &[u8] = b"sluice-data/1";
 /// Largest frame either side accepts; anything larger is a protocol error.
 pub const MAX_FRAME: usize = 1 << 20;
+/// Largest frame from a peer that has not authenticated yet: an enrollment request (a
+/// JWT, a CSR and two short strings fit in a few KiB).
+pub const MAX_UNAUTHENTICATED_FRAME: usize = 64 << 10;
+/// A frame's body buffer starts at most this big and grows only as bytes arrive, so a
+/// peer that declares a large frame and stalls costs next to nothing.
+const FIRST_BODY_CHUNK: usize = 8 << 10;
 
 /// Why reading or writing a frame failed.
 #[derive(Debug, thiserror::Error)]
@@ -43,9 +49,9 @@ pub enum WireError {
     /// The transport failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
-    /// The peer sent a frame larger than [`MAX_FRAME`].
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    TooLarge(usize),
+    /// The peer declared a frame larger than the limit for this connection.
+    #[error("frame of {len} bytes exceeds the {limit}-byte limit")]
+    TooLarge { len: usize, limit: usize },
     /// The frame was not the JSON of the expected message.
     #[error("malformed frame: {0}")]
     Malformed(#[from] serde_json::Error),
@@ -59,7 +65,7 @@ where
 {
     let body = serde_json::to_vec(msg)?;
     if body.len() > MAX_FRAME {
-        return Err(WireError::TooLarge(body.len()));
+        return Err(WireError::TooLarge { len: body.len(), limit: MAX_FRAME });
     }
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -74,8 +80,18 @@ where
 ///
 /// End of stream before the frame's first byte is [`WireError::Closed`]; anywhere
 /// later it is [`WireError::Truncated`]. The body buffer is allocated only once the
-/// length is known to be at most [`MAX_FRAME`].
+/// length is known to be at most [`MAX_FRAME`], and it grows as the body's bytes arrive.
 pub async fn read_frame<R, T>(r: &mut R) -> Result<T, WireError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    read_frame_limited(r, MAX_FRAME).await
+}
+
+/// [`read_frame`] with a smaller limit, for peers that have not authenticated yet
+/// ([`MAX_UNAUTHENTICATED_FRAME`]).
+pub async fn read_frame_limited<R, T>(r: &mut R, limit: usize) -> Result<T, WireError>
 where
     R: AsyncRead + Unpin,
     T: DeserializeOwned,
@@ -86,12 +102,22 @@ where
     }
     read_all(r, &mut len[1..]).await?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
-        return Err(WireError::TooLarge(len));
+    if len > limit.min(MAX_FRAME) {
+        return Err(WireError::TooLarge { len, limit: limit.min(MAX_FRAME) });
     }
-    let mut body = vec![0u8; len];
-    read_all(r, &mut body).await?;
+    let mut body = Vec::with_capacity(len.min(FIRST_BODY_CHUNK));
+    read_body(r, len, &mut body).await?;
     Ok(serde_json::from_slice(&body)?)
+}
+
+/// Reads exactly `len` bytes into `body`, growing it as they arrive (never past what the
+/// peer actually sent, give or take the vector's doubling).
+async fn read_body<R: AsyncRead + Unpin>(r: &mut R, len: usize, body: &mut Vec<u8>) -> Result<(), WireError> {
+    let got = r.take(len as u64).read_to_end(body).await?;
+    if got < len {
+        return Err(WireError::Truncated);
+    }
+    Ok(())
 }
 
 /// `read_exact` inside a frame, where end of stream means [`WireError::Truncated`].
@@ -375,6 +401,7 @@ pub enum StreamReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn frames_round_trip_and_stop_at_frame_boundary() {
@@ -394,7 +421,31 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(64);
         a.write_all(&(u32::MAX).to_be_bytes()).await.unwrap();
         let err = read_frame::<_, StreamOpen>(&mut b).await.unwrap_err();
-        assert!(matches!(err, WireError::TooLarge(_)), "{err}");
+        assert!(matches!(err, WireError::TooLarge { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn unauthenticated_peers_get_a_smaller_limit() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&((MAX_UNAUTHENTICATED_FRAME + 1) as u32).to_be_bytes()).await.unwrap();
+        let err = read_frame_limited::<_, EnrollRequest>(&mut b, MAX_UNAUTHENTICATED_FRAME).await.unwrap_err();
+        assert!(
+            matches!(err, WireError::TooLarge { limit: MAX_UNAUTHENTICATED_FRAME, .. }),
+            "a 64 KiB+1 enrollment frame is refused before its body: {err}"
+        );
+    }
+
+    /// A peer that declares 1 MiB and sends 100 bytes costs a buffer of its 100 bytes
+    /// (one first chunk), not 1 MiB.
+    #[tokio::test]
+    async fn a_stalled_large_frame_costs_only_the_bytes_that_came() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        a.write_all(&vec![7u8; 100]).await.unwrap();
+        let mut body = Vec::with_capacity(100);
+        let pending = tokio::time::timeout(Duration::from_millis(50), read_body(&mut b, MAX_FRAME, &mut body)).await;
+        assert!(pending.is_err(), "still waiting for the rest");
+        assert_eq!(body.len(), 100);
+        assert!(body.capacity() <= FIRST_BODY_CHUNK, "buffer grew to {} bytes for 100 received", body.capacity());
     }
 
     #[tokio::test]
@@ -467,7 +518,7 @@ mod tests {
             let len = prefix as usize;
             match got {
                 Err(WireError::Closed) => prop_assert_eq!(n, 0),
-                Err(WireError::TooLarge(l)) => prop_assert!(n >= 4 && l == len && l > MAX_FRAME),
+                Err(WireError::TooLarge { len: l, .. }) => prop_assert!(n >= 4 && l == len && l > MAX_FRAME),
                 Err(WireError::Truncated) => prop_assert!(n > 0 && (n < 4 || (len <= MAX_FRAME && n < 4 + len))),
                 Err(WireError::Malformed(_)) | Ok(_) => prop_assert!(len <= MAX_FRAME && n >= 4 + len),
                 Err(WireError::Io(e)) => prop_assert!(false, "no i/o error from a slice: {e}"),

@@ -117,7 +117,10 @@ fn peer_identity(tls: &TlsStream<TunnelSocket>) -> Option<AgentIdentity> {
 // === Enrollment ===
 
 async fn enroll(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, peer: SocketAddr) {
-    let req: EnrollRequest = match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame(&mut tls)).await {
+    // The peer is not authenticated yet: a small frame limit, and a buffer that grows
+    // only as its bytes arrive.
+    let read = wire::read_frame_limited(&mut tls, wire::MAX_UNAUTHENTICATED_FRAME);
+    let req: EnrollRequest = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return debug!(error = %e, "bad enrollment request"),
         Err(_) => return debug!("enrollment request timed out"),
