@@ -440,7 +440,7 @@ mod tests {
     #[tokio::test]
     async fn a_stalled_large_frame_costs_only_the_bytes_that_came() {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        a.write_all(&vec![7u8; 100]).await.unwrap();
+        a.write_all(&[7u8; 100]).await.unwrap();
         let mut body = Vec::with_capacity(100);
         let pending = tokio::time::timeout(Duration::from_millis(50), read_body(&mut b, MAX_FRAME, &mut body)).await;
         assert!(pending.is_err(), "still waiting for the rest");
