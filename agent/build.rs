@@ -64,17 +64,7 @@ fn watch_toolchain(present: bool) {
     }
 }
 
-#[path = "../proto/build_version.rs"]
-mod build_version;
-
-/// Names the build; runs first because the eBPF part below may return early.
-fn name_the_build() {
-    println!("cargo:rerun-if-changed=../proto/build_version.rs");
-    build_version::emit();
-}
-
 fn main() {
-    name_the_build();
     println!("cargo:rustc-check-cfg=cfg(sluice_ebpf)");
     println!("cargo:rerun-if-env-changed=SLUICE_NO_EBPF");
     println!("cargo:rerun-if-changed=build.rs");

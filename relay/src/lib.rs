@@ -11,21 +11,8 @@
 //! [`relay`] holds the running relay's shared context and starts the listeners of both
 //! planes; [`metrics`] is the relay's Prometheus vocabulary.
 
-/// This build's version (from Cargo.toml).
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The git commit this build was made from (`unknown` outside a git checkout); set by build.rs.
-pub const GIT_COMMIT: &str = env!("SLUICE_GIT_COMMIT");
-/// The build's date, UTC `YYYY-MM-DD` (`SOURCE_DATE_EPOCH` when set); set by build.rs.
-pub const BUILD_DATE: &str = env!("SLUICE_BUILD_DATE");
-/// What `--version` prints after the program name, e.g. `0.1.0 (commit 7d5082f, built 2026-11-30)`.
-pub const LONG_VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("SLUICE_GIT_COMMIT"),
-    ", built ",
-    env!("SLUICE_BUILD_DATE"),
-    ")"
-);
+/// This build's version, commit and date (`--version`, logs, `*_build_info`).
+pub use sluice_runtime::{BUILD_DATE, GIT_COMMIT, LONG_VERSION, VERSION};
 
 pub mod admin;
 pub mod cli;

@@ -3,12 +3,28 @@
 //! signal ([`shutdown_signal`]), this machine's [`hostname`], [`Secret`] values that
 //! never reach a log through `Debug`, the parser of settings that are either blank or a
 //! typed value ([`blank_or`]), and configurations made in code from clap's defaults
-//! ([`ignoring_env`]).
+//! ([`ignoring_env`]), and the build's identity ([`LONG_VERSION`] and its parts).
 //!
 //! It is its own small crate so that neither binary owns the other's process glue.
 
 use std::fmt;
 use std::str::FromStr;
+
+/// This build's version (the workspace's, from Cargo.toml).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit this build was made from (`unknown` outside a git checkout); set by build.rs.
+pub const GIT_COMMIT: &str = env!("SLUICE_GIT_COMMIT");
+/// The build's date, UTC `YYYY-MM-DD` (`SOURCE_DATE_EPOCH` when set); set by build.rs.
+pub const BUILD_DATE: &str = env!("SLUICE_BUILD_DATE");
+/// What `--version` prints after the program name, e.g. `0.1.0 (commit 7d5082f, built 2026-11-30)`.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("SLUICE_GIT_COMMIT"),
+    ", built ",
+    env!("SLUICE_BUILD_DATE"),
+    ")"
+);
 
 /// Log options shared by both binaries (`--log`/`SLUICE_LOG`, `--log-json`/`SLUICE_LOG_JSON`).
 #[derive(Debug, Clone, clap::Args)]

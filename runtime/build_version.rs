@@ -1,6 +1,6 @@
-//! Build-script helper shared by the relay's and the agent's `build.rs` (included with
-//! `#[path]`, so it has no dependencies): it names the build in `--version`, the logs
-//! and the `*_build_info` metrics.
+//! Build-script helper of `sluice-runtime` (included with `#[path]`, so it has no
+//! dependencies): it names the build in `--version`, the logs and the `*_build_info`
+//! metrics of both binaries.
 //!
 //! Sets `SLUICE_GIT_COMMIT` (`git rev-parse --short HEAD`, or `unknown` when git or the
 //! repository is absent — a source tarball, a Docker context without `.git`) and
