@@ -9,7 +9,8 @@
 //!   enrollment decisions.
 //!
 //! [`relay`] holds the running relay's shared context and starts the listeners of both
-//! planes; [`metrics`] is the relay's Prometheus vocabulary.
+//! planes; [`metrics`] is the relay's Prometheus vocabulary; [`limits`] every bound it
+//! keeps on what peers may hold.
 
 /// This build's version, commit and date (`--version`, logs, `*_build_info`).
 pub use sluice_runtime::{BUILD_DATE, GIT_COMMIT, LONG_VERSION, VERSION};
@@ -17,6 +18,7 @@ pub use sluice_runtime::{BUILD_DATE, GIT_COMMIT, LONG_VERSION, VERSION};
 pub mod admin;
 pub mod cli;
 pub(crate) mod data;
+pub mod limits;
 pub(crate) mod metrics;
 pub mod relay;
 pub mod state;

@@ -73,6 +73,9 @@ pub struct RelayConfig {
     /// registration JWT. Shorter means a stolen agent key is useful for less time.
     #[arg(long, env = "SLUICE_AGENT_CERT_LIFETIME", default_value = "30d", value_parser = parse_cert_lifetime)]
     pub agent_cert_lifetime: Duration,
+    /// Bounds on connections, handshakes, streams and per-customer quotas.
+    #[command(flatten)]
+    pub limits: crate::limits::Limits,
 }
 
 impl RelayConfig {
