@@ -5,4 +5,23 @@
 /// The relay's resource limits (`sluice serve --help`, "Limits").
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "Limits")]
-pub struct Limits {}
+pub struct Limits {
+    /// Resources one customer may have (the org level, for JWTs without a customer,
+    /// counts as one customer). An enrollment that would create one more is refused
+    /// for good, naming the limit, so one customer replaying its JWT with new NAMEs
+    /// cannot take the port range every other customer needs.
+    #[arg(long, env = "SLUICE_MAX_RESOURCES_PER_CUSTOMER", default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_resources_per_customer: u32,
+    /// Agents one registration JWT may enroll per hour (sliding window). A replayed or
+    /// leaked JWT then yields this many certificates an hour, not thousands; refused
+    /// agents retry with backoff.
+    #[arg(long, env = "SLUICE_MAX_ENROLLMENTS_PER_JWT_PER_HOUR", default_value_t = 30,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_enrollments_per_jwt_per_hour: u32,
+    /// Agents connected at once for one resource (an agent group). A further agent's
+    /// session is refused (it retries with backoff) until one of them leaves.
+    #[arg(long, env = "SLUICE_MAX_AGENTS_PER_RESOURCE", default_value_t = 16,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_agents_per_resource: u32,
+}

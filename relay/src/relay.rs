@@ -129,6 +129,8 @@ impl Relay {
             identity: &self.identity,
             resource_ports: self.config.resource_ports.clone(),
             cert_lifetime: self.config.agent_cert_lifetime,
+            max_resources_per_customer: self.config.limits.max_resources_per_customer,
+            max_enrollments_per_jwt_per_hour: self.config.limits.max_enrollments_per_jwt_per_hour,
         }
     }
 

@@ -142,6 +142,11 @@ impl Relay {
         Self::launch(dir, n, &[])
     }
 
+    /// Starts a relay with a range of `n` resource ports and more `sluice serve` flags.
+    pub fn start_with_ports_and(dir: &Path, n: u16, extra_args: &[&str]) -> Relay {
+        Self::launch(dir, n, extra_args)
+    }
+
     fn launch(dir: &Path, n: u16, extra_args: &[&str]) -> Relay {
         std::fs::create_dir_all(dir).unwrap();
         let mut r = Relay {

@@ -42,6 +42,7 @@ impl From<StoreError> for AdminError {
         match e {
             StoreError::Conflict(m) => AdminError { status: 409, message: m },
             StoreError::Exhausted(m) => AdminError { status: 507, message: m },
+            StoreError::Quota(m) => AdminError { status: 429, message: m },
             StoreError::Db(e) => {
                 warn!(error = %e, "store error");
                 AdminError { status: 500, message: format!("the relay's store failed: {e}") }

@@ -208,6 +208,21 @@ async fn admit_session(
             return None;
         }
     };
+    let max = relay.config.limits.max_agents_per_resource;
+    let connected = relay.registry.sessions_of(&resource.id).len();
+    if connected >= max as usize {
+        let r = reject(
+            RejectCode::Unavailable,
+            format!(
+                "resource {} ({:?}) already has {connected} connected agents, the relay's limit \
+                 (--max-agents-per-resource {max}); this agent retries and gets in when one of them leaves",
+                resource.id, resource.name
+            ),
+        );
+        warn!(resource = %resource.id, connected, "agent session refused: agents per resource");
+        refuse(tls, r).await;
+        return None;
+    }
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame::<_, AgentMsg>(tls)).await {
         Ok(Ok(AgentMsg::Hello { version, .. })) if version != PROTOCOL_VERSION => {
             let r = reject(

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sluice_proto::identity::{AgentIdentity, RegistrationClaims, printable, unix_now, validate_resource_name};
 use sluice_proto::wire::{EnrollRequest, Enrollment, PROTOCOL_VERSION, RejectCode, Rejection};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::state::pki::RelayIdentity;
 use crate::state::store::{AgentRecord, Resource, Store, StoreError};
@@ -44,7 +44,14 @@ pub struct Enroller<'a> {
     pub resource_ports: RangeInclusive<u16>,
     /// Validity of the certificates signed for agents.
     pub cert_lifetime: Duration,
+    /// `--max-resources-per-customer`: enrollments that would create one more are refused.
+    pub max_resources_per_customer: u32,
+    /// `--max-enrollments-per-jwt-per-hour`: agents one JWT may enroll per hour.
+    pub max_enrollments_per_jwt_per_hour: u32,
 }
+
+/// The window of `--max-enrollments-per-jwt-per-hour`.
+const ENROLLMENT_WINDOW_SECS: u64 = 3600;
 
 impl Enroller<'_> {
     /// Checks an enrollment request against the token and the store and, if it is allowed,
@@ -53,6 +60,7 @@ impl Enroller<'_> {
     /// and the agent gets a certificate for its CSR.
     pub fn decide(&self, req: &EnrollRequest) -> Result<Enrollment, Rejection> {
         let claims = self.admit(req)?;
+        self.check_enrollment_rate(&claims)?;
         let resource = self.resource_for(req, &claims)?;
         self.check_not_blocked(&claims, &resource)?;
         self.issue(req, &claims, resource)
@@ -101,6 +109,19 @@ impl Enroller<'_> {
         Ok(claims)
     }
 
+    /// Refuses early, before a resource is created or a CSR signed, a JWT that already
+    /// enrolled its hourly share of agents ([`Store::add_agent_within`] enforces it again,
+    /// atomically, when the agent is recorded).
+    fn check_enrollment_rate(&self, claims: &RegistrationClaims) -> Result<(), Rejection> {
+        let since = unix_now().saturating_sub(ENROLLMENT_WINDOW_SECS);
+        let max = self.max_enrollments_per_jwt_per_hour;
+        let recent = self.store.enrollments_since(&claims.jti, since).map_err(internal)?;
+        if recent >= u64::from(max) {
+            return Err(rate_refusal(&claims.jti, recent, max));
+        }
+        Ok(())
+    }
+
     /// The resource the JWT names, or the one of the agent's NAME for this customer
     /// (created with the lowest free port on first use).
     fn resource_for(&self, req: &EnrollRequest, claims: &RegistrationClaims) -> Result<Resource, Rejection> {
@@ -147,9 +168,24 @@ impl Enroller<'_> {
                     None => {
                         let r = self
                             .store
-                            .create_resource(&new_id("res"), cid, name, self.resource_ports.clone(), unix_now())
+                            .create_resource(
+                                &new_id("res"),
+                                cid,
+                                name,
+                                self.resource_ports.clone(),
+                                self.max_resources_per_customer,
+                                unix_now(),
+                            )
                             .map_err(|e| match e {
-                                StoreError::Exhausted(m) => reject(RejectCode::Unavailable, m),
+                                StoreError::Exhausted(m) => {
+                                    // The operator's problem, not the customer's: say it loudly.
+                                    error!(reason = %m, "a resource cannot be created: the port range is full");
+                                    reject(RejectCode::Unavailable, m)
+                                }
+                                StoreError::Quota(m) => {
+                                    warn!(customer = ?cid, reason = %m, "enrollment refused: resource quota");
+                                    reject(RejectCode::Forbidden, m)
+                                }
                                 StoreError::Conflict(_) => reject(
                                     RejectCode::Unavailable,
                                     "the resource was being created concurrently; retry",
@@ -198,17 +234,22 @@ impl Enroller<'_> {
             .identity
             .sign_agent_csr(&req.csr_pem, &who, self.cert_lifetime)
             .map_err(|m| reject(RejectCode::BadRequest, m))?;
+        let now = unix_now();
+        let record = AgentRecord {
+            id: who.agent_id.to_string(),
+            resource_id: resource.id.clone(),
+            generation: resource.generation,
+            hostname: printable(&req.hostname),
+            enrolled_at: now,
+            jti: Some(claims.jti.clone()),
+        };
+        let window_start = now.saturating_sub(ENROLLMENT_WINDOW_SECS);
+        let max = self.max_enrollments_per_jwt_per_hour;
+        self.store.add_agent_within(&record, window_start, max).map_err(|e| match e {
+            StoreError::Quota(_) => rate_refusal(&claims.jti, u64::from(max), max),
+            e => internal(e),
+        })?;
         self.store.mark_token_used(&claims.jti, &resource.id).map_err(internal)?;
-        self.store
-            .add_agent(&AgentRecord {
-                id: who.agent_id.to_string(),
-                resource_id: resource.id.clone(),
-                generation: resource.generation,
-                hostname: printable(&req.hostname),
-                enrolled_at: unix_now(),
-                jti: Some(claims.jti.clone()),
-            })
-            .map_err(internal)?;
         Ok(Enrollment {
             resource_id: resource.id.into(),
             resource_name: resource.name,
@@ -219,6 +260,20 @@ impl Enroller<'_> {
             ca_pem: self.identity.ca_pem.clone(),
         })
     }
+}
+
+/// The refusal of a JWT over `--max-enrollments-per-jwt-per-hour` (transient: the agent
+/// retries with backoff, and gets in once the hour's window moves on).
+fn rate_refusal(jti: &str, recent: u64, max: u32) -> Rejection {
+    warn!(%jti, recent, max, "enrollment refused: this JWT's enrollments per hour");
+    reject(
+        RejectCode::Unavailable,
+        format!(
+            "this registration JWT already enrolled {recent} agents in the last hour, the relay's limit \
+             (--max-enrollments-per-jwt-per-hour {max}); retry later. An agent that enrolls afresh on every start \
+             has lost its state: give it a persistent STATE_DIR (a volume)"
+        ),
+    )
 }
 
 /// Checks a client certificate's identity against the store: the resource must exist
@@ -273,6 +328,8 @@ mod tests {
                 identity: &self.identity,
                 resource_ports: ports,
                 cert_lifetime: Duration::from_secs(3600),
+                max_resources_per_customer: 100,
+                max_enrollments_per_jwt_per_hour: 100,
             }
         }
 
@@ -417,7 +474,7 @@ mod tests {
         // that enrolled "db" may no longer enroll into it (it may for the others).
         f.store.rotate_resource(rid, unix_now()).unwrap();
         let old_generation = f.jwt("gen1", Some("cus_a"), Some((rid, 1)));
-        f.store.create_resource("res_deleted", Some("cus_a"), "deleted", 200..=200, 1).unwrap();
+        f.store.create_resource("res_deleted", Some("cus_a"), "deleted", 200..=200, u32::MAX, 1).unwrap();
         let deleted = f.jwt("del", Some("cus_a"), Some(("res_deleted", 1)));
         f.store.delete_resource("res_deleted", unix_now()).unwrap();
         check(vec![
@@ -432,5 +489,29 @@ mod tests {
         ]);
         // The blocked customer JWT still enrolls into the customer's other resources.
         assert!(e.decide(&request(seed, "second")).is_ok());
+    }
+
+    /// Rows 3 and 5 of issue #11: quotas refuse with a code the agent understands (a
+    /// resource quota is final, an hourly rate is retried) and name their flag.
+    #[test]
+    fn quotas_refuse_with_their_flag_before_anything_is_created() {
+        let f = Fixture::new();
+        let e =
+            Enroller { max_resources_per_customer: 2, max_enrollments_per_jwt_per_hour: 3, ..f.enroller(100..=109) };
+        let jwt = f.jwt("j", Some("cus_a"), None);
+        e.decide(&request(jwt.clone(), "one")).unwrap();
+        e.decide(&request(jwt.clone(), "two")).unwrap();
+        let over = e.decide(&request(jwt.clone(), "three")).unwrap_err();
+        assert_eq!(over.code, RejectCode::Forbidden, "{}", over.message);
+        assert!(over.message.contains("--max-resources-per-customer 2"), "{}", over.message);
+        let other = f.jwt("k", Some("cus_b"), None);
+        e.decide(&request(other, "three")).expect("customer B has its own quota");
+
+        e.decide(&request(jwt.clone(), "one")).unwrap();
+        let rate = e.decide(&request(jwt.clone(), "one")).unwrap_err();
+        assert_eq!(rate.code, RejectCode::Unavailable, "{}", rate.message);
+        assert!(rate.code.is_transient());
+        assert!(rate.message.contains("--max-enrollments-per-jwt-per-hour 3"), "{}", rate.message);
+        assert_eq!(f.store.enrollments_since("j", 0).unwrap(), 3, "no fourth agent on record");
     }
 }

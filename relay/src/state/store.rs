@@ -103,6 +103,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("{0}")]
     Exhausted(String),
+    /// A per-customer or per-JWT quota (relay/src/limits.rs) would be exceeded.
+    #[error("{0}")]
+    Quota(String),
     #[error("database error: {0}")]
     Db(#[from] rusqlite::Error),
 }
@@ -114,13 +117,16 @@ pub trait Store: Send + Sync {
     fn customers(&self) -> Result<Vec<Customer>, StoreError>;
     fn customer(&self, id: &str) -> Result<Option<Customer>, StoreError>;
 
-    /// Creates a resource with the lowest free port of `ports`.
+    /// Creates a resource with the lowest free port of `ports`, unless its customer (or
+    /// the org level, for `None`) already has `max_per_customer` resources
+    /// ([`StoreError::Quota`]); the count and the insert are one transaction.
     fn create_resource(
         &self,
         id: &str,
         customer_id: Option<&str>,
         name: &str,
         ports: RangeInclusive<u16>,
+        max_per_customer: u32,
         now: u64,
     ) -> Result<Resource, StoreError>;
     fn resource(&self, id: &str) -> Result<Option<Resource>, StoreError>;
@@ -154,6 +160,11 @@ pub trait Store: Send + Sync {
     fn token_use_revoked_at(&self, jti: &str, resource_id: &str) -> Result<Option<u64>, StoreError>;
 
     fn add_agent(&self, a: &AgentRecord) -> Result<(), StoreError>;
+    /// Records an enrolled agent unless its JWT already enrolled `max` agents since
+    /// `since` ([`StoreError::Quota`] with that count); one transaction.
+    fn add_agent_within(&self, a: &AgentRecord, since: u64, max: u32) -> Result<(), StoreError>;
+    /// How many agents the JWT `jti` enrolled since `since`.
+    fn enrollments_since(&self, jti: &str, since: u64) -> Result<u64, StoreError>;
     /// Whether any agent of the resource ever completed a control session.
     fn agents_ever_connected(&self, resource_id: &str) -> Result<bool, StoreError>;
     fn mark_agent_connected(&self, agent_id: &str, now: u64) -> Result<(), StoreError>;
@@ -313,10 +324,24 @@ impl Store for SqliteStore {
         customer_id: Option<&str>,
         name: &str,
         ports: RangeInclusive<u16>,
+        max_per_customer: u32,
         now: u64,
     ) -> Result<Resource, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
+            let owned: i64 =
+                tx.query_row("SELECT COUNT(*) FROM resources WHERE scope = ?1", [customer_id.unwrap_or("")], |r| {
+                    r.get(0)
+                })?;
+            let owned = owned as u64;
+            if owned >= u64::from(max_per_customer) {
+                let whose = customer_id.map_or("the org level".to_owned(), |c| format!("customer {c}"));
+                return Err(StoreError::Quota(format!(
+                    "{whose} already has {owned} resources, the relay's limit (--max-resources-per-customer \
+                     {max_per_customer}); delete unused ones (`sluice resources delete`) or ask the relay's operator \
+                     to raise the limit"
+                )));
+            }
             let used: std::collections::HashSet<u16> = {
                 let mut st = tx.prepare("SELECT port FROM resources")?;
                 st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
@@ -519,6 +544,39 @@ impl Store for SqliteStore {
         })
     }
 
+    fn add_agent_within(&self, a: &AgentRecord, since: u64, max: u32) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let recent: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM agents WHERE jti = ?1 AND enrolled_at >= ?2",
+                params![a.jti, since as i64],
+                |r| r.get(0),
+            )?;
+            let recent = recent as u64;
+            if recent >= u64::from(max) {
+                return Err(StoreError::Quota(format!("{recent} agents enrolled with this JWT since {since}")));
+            }
+            tx.execute(
+                "INSERT INTO agents (id, resource_id, generation, hostname, enrolled_at, jti)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![a.id, a.resource_id, a.generation as i64, a.hostname, a.enrolled_at as i64, a.jti],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn enrollments_since(&self, jti: &str, since: u64) -> Result<u64, StoreError> {
+        self.with(|c| {
+            let n: i64 = c.query_row(
+                "SELECT COUNT(*) FROM agents WHERE jti = ?1 AND enrolled_at >= ?2",
+                params![jti, since as i64],
+                |r| r.get(0),
+            )?;
+            Ok(n as u64)
+        })
+    }
+
     fn agents_ever_connected(&self, resource_id: &str) -> Result<bool, StoreError> {
         self.with(|c| {
             Ok(c.query_row(
@@ -583,14 +641,14 @@ mod tests {
     fn ports_are_allocated_lowest_free_and_survive_reopen() {
         let (dir, s) = store();
         s.create_customer("c1", "acme", 1).unwrap();
-        let a = s.create_resource("r1", Some("c1"), "db", 100..=102, 1).unwrap();
-        let b = s.create_resource("r2", None, "db", 100..=102, 1).unwrap();
+        let a = s.create_resource("r1", Some("c1"), "db", 100..=102, u32::MAX, 1).unwrap();
+        let b = s.create_resource("r2", None, "db", 100..=102, u32::MAX, 1).unwrap();
         assert_eq!((a.port, b.port), (100, 101));
         assert!(s.delete_resource("r1", 2).unwrap().is_some());
-        let c = s.create_resource("r3", Some("c1"), "sftp", 100..=102, 3).unwrap();
+        let c = s.create_resource("r3", Some("c1"), "sftp", 100..=102, u32::MAX, 3).unwrap();
         assert_eq!(c.port, 100, "a deleted resource's port is reused");
-        s.create_resource("r4", Some("c1"), "x", 100..=102, 3).unwrap();
-        let err = s.create_resource("r5", Some("c1"), "y", 100..=102, 3).unwrap_err();
+        s.create_resource("r4", Some("c1"), "x", 100..=102, u32::MAX, 3).unwrap();
+        let err = s.create_resource("r5", Some("c1"), "y", 100..=102, u32::MAX, 3).unwrap_err();
         assert!(matches!(err, StoreError::Exhausted(_)));
         drop(s);
         let s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
@@ -603,9 +661,9 @@ mod tests {
         s.create_customer("c1", "acme", 1).unwrap();
         s.create_customer("c2", "globex", 1).unwrap();
         assert!(matches!(s.create_customer("c3", "acme", 1), Err(StoreError::Conflict(_))));
-        s.create_resource("r1", Some("c1"), "db", 1..=9, 1).unwrap();
-        s.create_resource("r2", Some("c2"), "db", 1..=9, 1).unwrap();
-        assert!(matches!(s.create_resource("r3", Some("c1"), "db", 1..=9, 1), Err(StoreError::Conflict(_))));
+        s.create_resource("r1", Some("c1"), "db", 1..=9, u32::MAX, 1).unwrap();
+        s.create_resource("r2", Some("c2"), "db", 1..=9, u32::MAX, 1).unwrap();
+        assert!(matches!(s.create_resource("r3", Some("c1"), "db", 1..=9, u32::MAX, 1), Err(StoreError::Conflict(_))));
         assert_eq!(s.resource_by_name(Some("c2"), "db").unwrap().unwrap().id, "r2");
         assert_eq!(s.resource_by_name(None, "db").unwrap(), None);
     }
@@ -636,8 +694,8 @@ mod tests {
     fn rotation_revokes_the_resources_jwts_and_blocks_customer_jwts_for_it_only() {
         let (_d, s) = store();
         s.create_customer("c1", "acme", 1).unwrap();
-        s.create_resource("r1", Some("c1"), "a", 1..=9, 1).unwrap();
-        s.create_resource("r2", Some("c1"), "b", 1..=9, 1).unwrap();
+        s.create_resource("r1", Some("c1"), "a", 1..=9, u32::MAX, 1).unwrap();
+        s.create_resource("r2", Some("c1"), "b", 1..=9, u32::MAX, 1).unwrap();
         s.record_token(&tok("for-r1", Some("c1"), Some("r1"))).unwrap();
         s.record_token(&tok("for-r2", Some("c1"), Some("r2"))).unwrap();
         s.record_token(&tok("customer", Some("c1"), None)).unwrap();
@@ -673,7 +731,7 @@ mod tests {
     fn deletion_revokes_like_rotation_and_unknown_ids_change_nothing() {
         let (_d, s) = store();
         s.create_customer("c1", "acme", 1).unwrap();
-        s.create_resource("r1", Some("c1"), "a", 1..=9, 1).unwrap();
+        s.create_resource("r1", Some("c1"), "a", 1..=9, u32::MAX, 1).unwrap();
         s.record_token(&tok("for-r1", Some("c1"), Some("r1"))).unwrap();
         s.record_token(&tok("customer", Some("c1"), None)).unwrap();
         s.mark_token_used("customer", "r1").unwrap();
@@ -693,7 +751,7 @@ mod tests {
         let (_d, s) = store();
         s.create_customer("c1", "acme", 1).unwrap();
         s.create_customer("c2", "globex", 1).unwrap();
-        s.create_resource("r1", Some("c1"), "a", 1..=9, 1).unwrap();
+        s.create_resource("r1", Some("c1"), "a", 1..=9, u32::MAX, 1).unwrap();
         s.record_token(&tok("t1", Some("c1"), None)).unwrap();
         s.record_token(&tok("t2", Some("c2"), None)).unwrap();
         s.record_token(&tok("t3", None, None)).unwrap();
@@ -713,6 +771,31 @@ mod tests {
         );
         assert_eq!(s.revoke_token("nope", 8).unwrap(), TokenRevocation::Unknown);
         assert_eq!(s.token("t2").unwrap().unwrap().revoked_at, None);
+    }
+
+    #[test]
+    fn quotas_are_counted_in_the_same_transaction_as_the_insert() {
+        let (_d, s) = store();
+        s.create_customer("c1", "acme", 1).unwrap();
+        s.create_customer("c2", "globex", 1).unwrap();
+        s.create_resource("r1", Some("c1"), "a", 1..=9, 2, 1).unwrap();
+        s.create_resource("r2", Some("c1"), "b", 1..=9, 2, 1).unwrap();
+        let over = s.create_resource("r3", Some("c1"), "c", 1..=9, 2, 1).unwrap_err();
+        assert!(matches!(&over, StoreError::Quota(m) if m.contains("customer c1 already has 2 resources")), "{over}");
+        s.create_resource("r3", Some("c2"), "c", 1..=9, 2, 1).expect("another customer's quota is its own");
+        s.create_resource("r4", None, "c", 1..=9, 1, 1).expect("the org level counts apart");
+
+        let mut a = agent("a1", "r1", "t1");
+        a.enrolled_at = 100;
+        s.add_agent_within(&a, 50, 2).unwrap();
+        a.id = "a2".into();
+        s.add_agent_within(&a, 50, 2).unwrap();
+        a.id = "a3".into();
+        assert!(matches!(s.add_agent_within(&a, 50, 2), Err(StoreError::Quota(_))));
+        assert_eq!(s.enrollments_since("t1", 50).unwrap(), 2);
+        assert_eq!(s.enrollments_since("t1", 101).unwrap(), 0, "older enrollments leave the window");
+        s.add_agent_within(&a, 101, 2).expect("a new window");
+        assert_eq!(s.enrollments_since("t2", 0).unwrap(), 0);
     }
 
     #[test]
