@@ -49,6 +49,16 @@ async fn echo_once(ep: &str, msg: &[u8]) -> Result<(), String> {
     if back == msg { Ok(()) } else { Err(format!("echo came back as {} bytes: {back:?}", back.len())) }
 }
 
+/// How many distinct agents the relay's log shows closing a stream.
+fn serving_agents(log: &str) -> usize {
+    let agents: std::collections::HashSet<&str> = log
+        .lines()
+        .filter(|l| l.contains("stream closed"))
+        .filter_map(|l| l.split(" agent=").nth(1)?.split_whitespace().next())
+        .collect();
+    agents.len()
+}
+
 /// Row 7: of two agents of one resource, one is stopped. Its idle data connections stay
 /// open at the relay, and with the default 10 s heartbeat it is declared dead only after
 /// 30 s; until then, every stream must still reach the live agent within a few seconds
@@ -66,9 +76,13 @@ async fn a_stopped_agent_loses_its_streams_to_the_live_one_within_seconds() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
     let ep = relay.endpoint("pair");
-    // Both pools filled: streams alternate between the agents.
-    for i in 0..4 {
-        echo_once(&ep, format!("warm-{i}").as_bytes()).await.unwrap();
+    // Until both agents have served a stream (their pools are parked at the relay, and
+    // streams alternate between them).
+    let warm = Instant::now();
+    while serving_agents(&relay.log()) < 2 {
+        assert!(warm.elapsed() < Duration::from_secs(30), "one agent serves nothing\n{}", relay.log());
+        echo_once(&ep, b"warm-up").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     let pid = stopped.proc.child.id();
