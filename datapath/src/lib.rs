@@ -25,6 +25,10 @@
 //! - Anything else (a reset, a TLS error or alert, a TCP FIN without `close_notify`) is
 //!   an abort: both sockets are reset (RST) at once, so neither peer mistakes a
 //!   truncated stream for a complete one.
+//! - A process that dies mid-stream cannot reset anything itself, so each plain socket
+//!   is armed with [`reset_on_close`] (SO_LINGER 0) when it is accepted or connected:
+//!   the kernel resets it when the process's descriptors close. Only a clean end
+//!   disarms it, so the bytes still queued drain before the FIN.
 //!
 //! `unsafe` is confined to the system calls (`ktls/sys.rs`, key wiping and the ring in
 //! `ktls/`, [`reset`]) and one `ReadBuf` hand-over in `tunnel_socket.rs`, each with a
@@ -325,7 +329,8 @@ impl PreparedStream {
 
     /// Moves the stream's bytes between the tunnel and `plain` until both directions
     /// end, then closes both. On abort, or when `cancel` fires (credentials revoked,
-    /// shutdown), both TCP sockets are reset.
+    /// shutdown), both TCP sockets are reset. On a clean end `plain` closes gracefully
+    /// (its queued bytes drain, then FIN) even if it was armed with [`reset_on_close`].
     pub async fn run(self, plain: TcpStream, transfer: &Transfer, cancel: &CancellationToken) -> StreamReport {
         let end = match self.inner {
             Prepared::Userspace(tls) => userspace::run(*tls, plain, transfer, cancel).await,
@@ -376,7 +381,9 @@ async fn run_pump_with(
         },
         _ = cancel.cancelled() => StreamEnd::Cancelled,
     };
-    if !matches!(end, StreamEnd::Clean) {
+    if matches!(end, StreamEnd::Clean) {
+        close_gracefully_fd(plain.as_raw_fd());
+    } else {
         reset(&tunnel);
         reset(&plain);
     }
@@ -396,6 +403,31 @@ pub fn tune_tunnel_socket(tcp: &TcpStream) {
 /// Makes the next close of `tcp` send RST instead of FIN (SO_LINGER 0).
 pub fn reset(tcp: &TcpStream) {
     reset_fd(tcp.as_raw_fd());
+}
+
+/// Arms `tcp` to be reset when closed, however it closes — by an error path, a dropped
+/// task, or the process dying (SIGKILL, OOM): the kernel then sends RST, never a FIN
+/// that would make a truncated stream look complete. Called on each plain socket of a
+/// stream (the platform client at the relay, the private service at the agent) as soon
+/// as it exists; [`PreparedStream::run`] disarms it on a clean end only, so the queued
+/// bytes still drain and the peer gets its FIN.
+pub fn reset_on_close(tcp: &TcpStream) {
+    reset_fd(tcp.as_raw_fd());
+}
+
+/// Undoes [`reset_on_close`] after a clean end: close sends the queued bytes, then FIN.
+pub(crate) fn close_gracefully_fd(fd: RawFd) {
+    let linger = libc::linger { l_onoff: 0, l_linger: 0 };
+    // SAFETY: setsockopt with a valid struct on a descriptor the caller keeps open.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as _,
+        );
+    }
 }
 
 /// [`reset`] for a raw descriptor the caller keeps open.

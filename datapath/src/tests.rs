@@ -110,6 +110,60 @@ async fn cancel_resets_both_sides() {
     }
 }
 
+/// A plain socket armed with [`reset_on_close`] (as relay and agent arm theirs, so that a
+/// dying process resets its peers) is disarmed by a clean end: the bytes still queued
+/// when the stream ends reach a slow reader, then a FIN — not a reset that drops them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_end_drains_an_armed_socket_and_ends_with_fin() {
+    for &engine in KtlsEngine::ALL {
+        let (tunnel, mut far) = tcp_pair().await;
+        let (plain, mut client) = tcp_pair().await;
+        reset_on_close(&plain);
+        let reply = pattern(16 << 20, 6);
+        let t = Transfer::default();
+        let cancel = CancellationToken::new();
+        client.shutdown().await.unwrap(); // the request is empty
+        let far_io = async {
+            let (got, err) = read_until_end(&mut far).await;
+            assert!(got.is_empty() && err.is_none(), "{engine:?}: {err:?}");
+            far.write_all(&reply).await.unwrap();
+            far.shutdown().await.unwrap();
+        };
+        // A slow reader: the stream ends while megabytes still wait in the socket queues.
+        let slow_client = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                match client.read(&mut buf).await {
+                    Ok(0) => return (got, None),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => return (got, Some(e)),
+                }
+            }
+        });
+        let (end, ()) =
+            tokio::join!(run_engine(engine, tunnel, plain, Pending::default(), TunnelTls::Plain, &t, &cancel), far_io);
+        assert!(matches!(end, StreamEnd::Clean), "{engine:?}: {}", end.describe());
+        let (got, err) = tokio::time::timeout(Duration::from_secs(30), slow_client).await.unwrap().unwrap();
+        assert!(err.is_none(), "{engine:?}: reset after {} of {} bytes: {err:?}", got.len(), reply.len());
+        assert!(got == reply, "{engine:?}: {} of {} bytes", got.len(), reply.len());
+    }
+}
+
+/// An armed socket closed any other way (an error path, a dropped task, the process
+/// dying) resets its peer: a truncated stream never ends in a FIN.
+#[tokio::test]
+async fn an_armed_socket_closed_without_a_clean_end_resets_its_peer() {
+    let (plain, mut client) = tcp_pair().await;
+    reset_on_close(&plain);
+    let mut w = plain;
+    w.write_all(b"partial").await.unwrap();
+    drop(w);
+    let (_, err) = tokio::time::timeout(Duration::from_secs(5), read_until_end(&mut client)).await.unwrap();
+    assert_eq!(err.map(|e| e.kind()), Some(std::io::ErrorKind::ConnectionReset));
+}
+
 #[tokio::test]
 async fn pending_close_notify_half_closes_at_once() {
     let (tunnel, _agent_end) = tcp_pair().await;

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
@@ -13,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{COPY_BUF, Side, StreamEnd, Transfer, TunnelSocket, reset};
+use super::{COPY_BUF, Side, StreamEnd, Transfer, TunnelSocket, close_gracefully_fd, reset};
 
 /// Moves one stream until both directions end, one side fails, or `cancel` fires; on
 /// anything but a clean end both sockets are reset.
@@ -40,7 +41,9 @@ pub(crate) async fn run(
     };
     let (up, down) = transfer.get();
     transfer.copied.store(up + down, Ordering::Relaxed);
-    if !matches!(end, StreamEnd::Clean) {
+    if matches!(end, StreamEnd::Clean) {
+        close_gracefully_fd(plain.as_raw_fd());
+    } else {
         reset(tunnel.get_ref().0.tcp());
         reset(&plain);
     }

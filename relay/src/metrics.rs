@@ -10,6 +10,8 @@
 //! | `sluice_relay_streams_failed_total` | counter | `resource`, `reason` (`no_agent`, `refused`, `timeout`, `stale`, `ktls`) |
 //! | `sluice_relay_streams_active` | gauge | `resource` |
 //! | `sluice_relay_agent_sessions` | gauge | `resource` |
+//! | `sluice_relay_agent_stalls_total` | counter | `resource` (an agent answered neither a stream's open nor a ping in time) |
+//! | `sluice_relay_streams_moved_total` | counter | `resource` (streams moved off a stalled agent before any client byte) |
 //! | `sluice_relay_handshake_failures_total` | counter | |
 //! | `sluice_relay_enrollments_total` | counter | `outcome` (`enrolled` or a rejection code) |
 //! | `sluice_relay_resource_port_blocked` | gauge | `resource` (1 while an agent is connected but the port cannot be bound) |
@@ -56,6 +58,14 @@ fn describe() {
     );
     describe_gauge!("sluice_relay_streams_active", "Streams open now, by resource.");
     describe_gauge!("sluice_relay_agent_sessions", "Agent control sessions up now, by resource.");
+    describe_counter!(
+        "sluice_relay_agent_stalls_total",
+        "Agents marked stalled: they answered neither a new stream nor a ping within the stream-open deadline."
+    );
+    describe_counter!(
+        "sluice_relay_streams_moved_total",
+        "Streams moved from a stalled agent to another agent of the resource before any client byte was read."
+    );
     describe_counter!("sluice_relay_handshake_failures_total", "Agent TLS handshakes refused or timed out.");
     describe_counter!(
         "sluice_relay_enrollments_total",
@@ -132,6 +142,16 @@ pub fn userspace_copy(bytes: u64) {
 pub fn stream_failed(resource: &str, reason: &'static str) {
     metrics::counter!("sluice_relay_streams_failed_total", "resource" => resource.to_owned(), "reason" => reason)
         .increment(1);
+}
+
+/// An agent left a stream's open and a ping unanswered: marked stalled, its streams move.
+pub fn agent_stalled(resource: &str) {
+    metrics::counter!("sluice_relay_agent_stalls_total", "resource" => resource.to_owned()).increment(1);
+}
+
+/// A stream moved from a stalled agent to another before any client byte was read.
+pub fn stream_moved(resource: &str) {
+    metrics::counter!("sluice_relay_streams_moved_total", "resource" => resource.to_owned()).increment(1);
 }
 
 pub fn agent_sessions(resource: &str, delta: f64) {

@@ -131,7 +131,8 @@ impl Relay {
         Self::launch(dir, 8, &[])
     }
 
-    /// Starts a relay like [`Relay::start`] with more `sluice serve` flags.
+    /// Starts a relay like [`Relay::start`] with more `sluice serve` flags (a
+    /// `--heartbeat-secs` among them replaces the 1 s default).
     pub fn start_with(dir: &Path, extra_args: &[&str]) -> Relay {
         Self::launch(dir, 8, extra_args)
     }
@@ -179,8 +180,11 @@ impl Relay {
             .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin_port)])
             .args(["--public-url", &self.public_url()])
             .args(["--resource-ports", &format!("{}-{}", self.ports.0, self.ports.1)])
-            .args(["--heartbeat-secs", "1", "--log", "info,sluice_relay=debug"])
+            .args(["--log", "info,sluice_relay=debug"])
             .args(&self.extra_args);
+        if !self.extra_args.iter().any(|a| a == "--heartbeat-secs") {
+            cmd.args(["--heartbeat-secs", "1"]);
+        }
         let log = self.dir.join(format!("relay-{}.log", self.starts));
         self.proc = Some(Proc::spawn(cmd, log));
         // The relay writes its admin URL once its listeners are bound and its store is open.

@@ -120,6 +120,9 @@ pub(super) async fn serve(pool: &Pool, mut tls: Tunnel, tunnel_reg: Option<Regis
     };
     pool.service.record_ok();
     let _ = service.set_nodelay(true);
+    // If this process dies mid-stream the service must see a reset, not a FIN that makes
+    // a truncated upload look complete; a clean end disarms it (the data path does).
+    datapath::reset_on_close(&service);
     if let Err(e) = wire::write_frame(&mut tls, &StreamReply::Accepted).await {
         return debug!(error = %e, "the relay went away before the stream started");
     }

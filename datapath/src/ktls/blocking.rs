@@ -252,7 +252,9 @@ pub(crate) async fn run(
         }
     };
     sync(&shared);
-    if !matches!(end, StreamEnd::Clean) {
+    if matches!(end, StreamEnd::Clean) {
+        crate::close_gracefully_fd(shared.plain.as_raw_fd());
+    } else {
         // The threads drop their references within WAKE_EVERY; the last one closes the
         // sockets, which then reset.
         shared.stop.store(true, Ordering::Relaxed);

@@ -307,6 +307,7 @@ async fn run_session(
                 Err(e) => return format!("control connection ended: {e}"),
             };
             heartbeat.lock().heard(Instant::now());
+            session.heard();
             if let Some(end) = on_agent_msg(relay, session, who, msg) {
                 return end;
             }

@@ -7,6 +7,11 @@
 //! instead of hanging. When the port cannot be bound (another process holds it), its
 //! [`PortState`] says why, so `sluice resources list` shows `PORT_BLOCKED` instead of a
 //! false `AVAILABLE`; the state is forgotten with the resource's last session.
+//!
+//! A session whose agent stalls (stopped, frozen, cut off while its TCP connections stay
+//! open) is marked so by the stream that found it out ([`Liveness`]): it gets no new
+//! streams while another session of the resource answers, until any frame from it
+//! proves it alive again — long before the heartbeat would declare it dead.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -19,12 +24,76 @@ use sluice_proto::wire::{RejectCode, Rejection, RelayMsg};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 /// A data connection from an agent, handshaken and bound to its session, waiting for a stream.
 pub type DataConn = tokio_rustls::server::TlsStream<sluice_datapath::TunnelSocket>;
 
 /// Idle data connections a session may park at the relay; more are closed on arrival.
 const MAX_IDLE_PER_SESSION: usize = 64;
+
+/// The `seq` of the pings sent to probe an agent when a stream opens (the heartbeat's
+/// own pings count from 1); the agent's answer counts as any frame does.
+const PROBE_SEQ: u64 = 0;
+
+/// What the relay knows of whether an agent answers, without I/O: when it was last
+/// heard on its control session (any frame), the probe (ping) sent when a stream last
+/// opened, and whether it is marked stalled — it left a stream's open and that probe
+/// unanswered past the stream-open deadline.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    last_heard: Instant,
+    probe_sent: Option<Instant>,
+    stalled_since: Option<Instant>,
+}
+
+impl Liveness {
+    /// A session that came up at `now` (its hello was just heard).
+    pub fn new(now: Instant) -> Self {
+        Liveness { last_heard: now, probe_sent: None, stalled_since: None }
+    }
+
+    /// A frame arrived at `now`; true if it ends a stall (the agent answers again).
+    pub fn heard(&mut self, now: Instant) -> bool {
+        self.last_heard = self.last_heard.max(now);
+        match self.stalled_since {
+            Some(since) if now >= since => {
+                self.stalled_since = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The probe a stream opened at `now` relies on: the one still unanswered if there
+    /// is one, else a new one (`true`: send a ping now). One ping in flight at most, so a
+    /// burst of streams costs one ping.
+    pub fn probe(&mut self, now: Instant) -> (Instant, bool) {
+        match self.probe_sent {
+            Some(sent) if sent > self.last_heard => (sent, false),
+            _ => {
+                self.probe_sent = Some(now);
+                (now, true)
+            }
+        }
+    }
+
+    /// Whether the agent said anything at or after `since`.
+    pub fn heard_since(&self, since: Instant) -> bool {
+        self.last_heard >= since
+    }
+
+    /// Marks the agent stalled at `now`; true if it was not already.
+    pub fn stall(&mut self, now: Instant) -> bool {
+        let news = self.stalled_since.is_none();
+        self.stalled_since.get_or_insert(now);
+        news
+    }
+
+    pub fn is_stalled(&self) -> bool {
+        self.stalled_since.is_some()
+    }
+}
 
 /// What an agent said about itself when its session started, and where it came from.
 #[derive(Debug, Clone, Default)]
@@ -67,6 +136,8 @@ pub struct AgentSession {
     /// Cancelled when the agent's credentials are revoked: its streams are cut too.
     pub revoked: CancellationToken,
     pub active_streams: AtomicUsize,
+    /// Whether the agent answers (fed by the control session's reader).
+    liveness: Mutex<Liveness>,
 }
 
 impl AgentSession {
@@ -94,7 +165,49 @@ impl AgentSession {
             closed: CancellationToken::new(),
             revoked: CancellationToken::new(),
             active_streams: AtomicUsize::new(0),
+            liveness: Mutex::new(Liveness::new(Instant::now())),
         }
+    }
+
+    /// A frame arrived on the control session: the agent is alive (and takes new streams
+    /// again if it was marked stalled).
+    pub fn heard(&self) {
+        if self.liveness.lock().heard(Instant::now()) {
+            info!(agent = %self.agent_id, session = %self.id, "the stalled agent answers again: it takes new streams again");
+        }
+    }
+
+    /// Called as a stream's open is sent to this agent: makes sure a ping is on its way
+    /// and returns when it was sent. If the agent has said nothing since
+    /// ([`AgentSession::answered_since`]) when the open's deadline passes, it is stalled.
+    pub fn probe(&self) -> Instant {
+        let (sent, send_now) = self.liveness.lock().probe(Instant::now());
+        if send_now {
+            self.send(RelayMsg::Ping { seq: PROBE_SEQ });
+        }
+        sent
+    }
+
+    /// Whether the agent said anything on its control session at or after `since`.
+    pub fn answered_since(&self, since: Instant) -> bool {
+        self.liveness.lock().heard_since(since)
+    }
+
+    /// Marks the agent stalled: while another session of its resource answers, it gets
+    /// no new streams, until it is heard from again. Logs the first mark.
+    pub fn mark_stalled(&self, waited: Duration) {
+        if self.liveness.lock().stall(Instant::now()) {
+            crate::metrics::agent_stalled(&self.resource_id);
+            warn!(agent = %self.agent_id, session = %self.id, hostname = %self.hostname, ?waited,
+                "the agent answers neither a new stream nor a ping: it may be stopped, frozen or cut off; \
+                 new streams go to the resource's other agents until it answers again (it is declared dead \
+                 if it stays silent for three heartbeats)");
+        }
+    }
+
+    /// True while the agent is marked stalled.
+    pub fn is_stalled(&self) -> bool {
+        self.liveness.lock().is_stalled()
     }
 
     /// Parks an idle data connection; closes it instead (false) if the pool is full or
@@ -247,16 +360,36 @@ impl Registry {
         victims.len()
     }
 
-    /// Takes an idle data connection of some live session of the resource, spreading
-    /// streams across agents; asks an agent for more and waits when none is idle.
+    /// Whether the resource has a session other than `than` that is not marked stalled:
+    /// somewhere a stream can move to.
+    pub fn has_answering_other(&self, resource_id: &str, than: &SessionId) -> bool {
+        self.sessions_of(resource_id).iter().any(|s| s.id != *than && !s.is_stalled())
+    }
+
+    /// The sessions a new stream may go to: all but `avoid`, and of those only the ones
+    /// not marked stalled while any such is left (a resource whose agents all look
+    /// stalled still gets its streams tried).
+    fn candidates(&self, resource_id: &str, avoid: Option<&SessionId>) -> Vec<Arc<AgentSession>> {
+        let mut sessions = self.sessions_of(resource_id);
+        sessions.retain(|s| Some(&s.id) != avoid);
+        if sessions.iter().any(|s| !s.is_stalled()) {
+            sessions.retain(|s| !s.is_stalled());
+        }
+        sessions
+    }
+
+    /// Takes an idle data connection of some live session of the resource (never of
+    /// `avoid`, preferring agents not marked stalled), spreading streams across agents;
+    /// asks an agent for more and waits when none is idle.
     pub async fn take_data_conn(
         &self,
         resource_id: &str,
         wait: Duration,
+        avoid: Option<&SessionId>,
     ) -> Result<(Arc<AgentSession>, DataConn), NoDataConn> {
         let deadline = Instant::now() + wait;
         loop {
-            let sessions = self.sessions_of(resource_id);
+            let sessions = self.candidates(resource_id, avoid);
             if sessions.is_empty() {
                 return Err(NoDataConn::NoAgent);
             }
@@ -304,6 +437,46 @@ mod tests {
             SessionInfo { hostname: "host".into(), ..Default::default() },
             tx,
         ))
+    }
+
+    #[test]
+    fn one_probe_in_flight_and_a_stall_ends_when_the_agent_is_heard() {
+        let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let mut l = Liveness::new(t0);
+        assert_eq!(l.probe(s(1)), (s(1), true), "a stream opens: a ping goes out");
+        assert_eq!(l.probe(s(2)), (s(1), false), "unanswered: the next stream relies on the same ping");
+        assert!(!l.heard_since(s(1)));
+        l.heard(s(1)); // the answer, in the same instant
+        assert!(l.heard_since(s(1)));
+        assert_eq!(l.probe(s(3)), (s(3), true), "answered: a new stream sends a new ping");
+        assert!(l.stall(s(6)), "silent past the deadline: stalled");
+        assert!(!l.stall(s(7)), "already stalled: no news");
+        assert!(l.is_stalled());
+        assert!(!l.heard(s(5)), "a late report of an earlier frame proves nothing");
+        assert!(l.is_stalled());
+        assert!(l.heard(s(8)), "any frame after the stall ends it");
+        assert!(!l.is_stalled());
+    }
+
+    #[test]
+    fn stalled_sessions_get_no_new_streams_while_another_answers() {
+        let reg = Registry::default();
+        let (a, b) = (session("a", "res_1"), session("b", "res_1"));
+        reg.add(a.clone());
+        reg.add(b.clone());
+        let ids = |v: Vec<Arc<AgentSession>>| v.iter().map(|s| s.id.to_string()).collect::<Vec<_>>();
+        assert_eq!(ids(reg.candidates("res_1", None)), ["a", "b"]);
+        assert!(reg.has_answering_other("res_1", &a.id));
+        a.mark_stalled(Duration::from_secs(3));
+        assert_eq!(ids(reg.candidates("res_1", None)), ["b"], "the stalled agent is skipped");
+        assert!(!reg.has_answering_other("res_1", &b.id), "b has nowhere to move its streams");
+        b.mark_stalled(Duration::from_secs(3));
+        assert_eq!(ids(reg.candidates("res_1", None)), ["a", "b"], "all stalled: all are still tried");
+        assert_eq!(ids(reg.candidates("res_1", Some(&b.id))), ["a"], "never the one a stream just left");
+        a.heard();
+        assert!(!a.is_stalled(), "a frame from the agent clears the mark");
+        assert_eq!(ids(reg.candidates("res_1", None)), ["a"]);
     }
 
     #[test]

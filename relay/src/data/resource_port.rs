@@ -6,6 +6,11 @@
 //! to 30 s) until the port is free or the last session ends, and meanwhile the resource
 //! is `PORT_BLOCKED` with the reason ([`crate::data::registry::PortState`]), so operators see
 //! the truth instead of an `AVAILABLE` port that refuses every connection.
+//!
+//! A stream fails visibly, never silently: the client socket is armed to be reset if
+//! the relay dies mid-stream ([`datapath::reset_on_close`]), and a stream whose agent
+//! does not answer its open within `--stream-open-deadline-secs` (nor the ping sent with
+//! it) moves to another agent of the resource before any client byte is read.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,19 +18,24 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use sluice_datapath::{self as datapath, StreamEnd};
+use sluice_proto::identity::SessionId;
 use sluice_proto::wire::{self, StreamOpen, StreamReply};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::data::registry::{NoDataConn, PortState};
+use crate::data::registry::{AgentSession, DataConn, NoDataConn, PortState};
 use crate::relay::Relay;
 
 /// How long a stream waits for an agent to offer a data connection.
 const DATA_CONN_WAIT: Duration = Duration::from_secs(10);
-/// How long the agent may take to connect to the private service and answer.
+/// How long a stream's open may take in all, from the first `StreamOpen` sent, across
+/// every agent it is tried on (the agent connects to the private service, up to 10 s,
+/// and answers).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
+/// Data connections found broken before a stream is refused.
+const MAX_BROKEN: u32 = 4;
 
 /// Starts a resource's port (called when its first agent session comes up): binds it,
 /// retrying with backoff while another process holds it, then accepts until the
@@ -194,79 +204,170 @@ async fn forward(
     stream_id: u64,
 ) {
     let started = Instant::now();
-    // A pooled data connection may have died while idle; such a failure happens before
-    // any client byte is read, so trying the next one is safe.
-    let mut last_err = String::new();
-    for _attempt in 0..4 {
-        let (session, mut conn) = match relay.registry.take_data_conn(&resource_id, DATA_CONN_WAIT).await {
-            Ok(x) => x,
-            Err(e) => {
-                crate::metrics::stream_failed(
-                    &resource_id,
-                    if matches!(e, NoDataConn::NoAgent) { "no_agent" } else { "timeout" },
-                );
-                warn!(reason = %e, "stream refused: no path to the private service");
-                datapath::reset(&client);
-                return;
+    // Should the relay die mid-stream, the kernel resets the client instead of ending
+    // its stream with a FIN that would make a truncated download look complete; the
+    // data path disarms this on a clean end.
+    datapath::reset_on_close(&client);
+    let open = StreamOpen { stream_id, client_addr: peer.to_string() };
+    let (session, conn) = match open_stream(&relay, &resource_id, &open).await {
+        Ok(x) => x,
+        Err(failed) => {
+            crate::metrics::stream_failed(&resource_id, failed.reason);
+            if failed.reason == "refused" {
+                info!(reason = %failed.why, "private service refused the stream");
+            } else {
+                warn!(reason = %failed.why, "stream refused: no path to the private service");
             }
+            datapath::reset(&client);
+            return;
+        }
+    };
+    let prepared = match relay.data_path.prepare(TlsStream::Server(conn)) {
+        Ok(p) => p,
+        Err(e) => {
+            crate::metrics::stream_failed(&resource_id, "ktls");
+            warn!(agent = %session.agent_id, error = %e, "stream failed: the kernel refused the connection's TLS keys");
+            datapath::reset(&client);
+            return;
+        }
+    };
+    session.active_streams.fetch_add(1, Ordering::Relaxed);
+    let live = relay.streams.open(stream_id, &resource_id, &resource_name, &session.agent_id, &peer.to_string());
+    crate::metrics::stream_opened(&resource_id, prepared.path().as_str());
+    let report = prepared.run(client, &live.transfer, &session.revoked).await;
+    session.active_streams.fetch_sub(1, Ordering::Relaxed);
+    relay.streams.close(stream_id);
+    let (up, down) = live.transfer.get();
+    let copied = live.transfer.copied();
+    crate::metrics::stream_closed(&resource_id, report.end.label());
+    crate::metrics::userspace_copy(copied);
+    if matches!(report.end, StreamEnd::Clean) {
+        debug!(agent = %session.agent_id, path = report.path.as_str(), bytes_in = up, bytes_out = down,
+            copied, secs = started.elapsed().as_secs_f64(), "stream closed");
+    } else {
+        info!(agent = %session.agent_id, path = report.path.as_str(), bytes_in = up, bytes_out = down,
+            end = %report.end.describe(), "stream ended abnormally");
+    }
+}
+
+/// Why a stream could not be opened (its client is reset): the metric label
+/// (`sluice_relay_streams_failed_total{reason}`) and what happened.
+struct OpenFailed {
+    reason: &'static str,
+    why: String,
+}
+
+/// How one try to open a stream on one data connection ended.
+#[derive(Debug)]
+enum Attempt {
+    /// The agent connected to the private service: the stream runs on this connection.
+    Accepted,
+    /// The agent could not reach the private service.
+    Refused(String),
+    /// The connection failed before an answer (a pooled connection that died while
+    /// idle, or the agent's session ended): nothing reached the service.
+    Broken(String),
+    /// The agent answered neither the open nor the ping sent with it within the
+    /// stream-open deadline, and another agent of the resource answers: try that one.
+    Stalled,
+    /// No answer within [`OPEN_TIMEOUT`].
+    TimedOut,
+}
+
+/// Opens a stream on a data connection of an agent of the resource: sends
+/// `StreamOpen` and waits for the agent's answer. A data connection that turns out
+/// dead, or an agent that stalls, costs a retry on another one: no client byte has been
+/// read yet, so nothing reached the private service, and dropping the connection
+/// cancels the stalled agent's attempt should it wake. [`OPEN_TIMEOUT`] bounds the
+/// whole, from the first `StreamOpen` sent.
+async fn open_stream(
+    relay: &Relay,
+    resource_id: &str,
+    open: &StreamOpen,
+) -> Result<(Arc<AgentSession>, DataConn), OpenFailed> {
+    let deadline = relay.config.limits.stream_open_deadline;
+    let mut give_up: Option<tokio::time::Instant> = None;
+    let mut avoid: Option<SessionId> = None;
+    let mut broken = 0;
+    loop {
+        let wait = match give_up {
+            None => DATA_CONN_WAIT,
+            Some(t) => DATA_CONN_WAIT.min(t.saturating_duration_since(tokio::time::Instant::now())),
         };
-        let open = StreamOpen { stream_id, client_addr: peer.to_string() };
-        let reply = tokio::time::timeout(OPEN_TIMEOUT, async {
-            wire::write_frame(&mut conn, &open).await?;
-            wire::read_frame::<_, StreamReply>(&mut conn).await
-        })
-        .await;
-        match reply {
-            Ok(Ok(StreamReply::Accepted)) => {
-                let prepared = match relay.data_path.prepare(TlsStream::Server(conn)) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        crate::metrics::stream_failed(&resource_id, "ktls");
-                        warn!(agent = %session.agent_id, error = %e, "stream failed: the kernel refused the connection's TLS keys");
-                        datapath::reset(&client);
-                        return;
-                    }
-                };
-                session.active_streams.fetch_add(1, Ordering::Relaxed);
-                let live =
-                    relay.streams.open(stream_id, &resource_id, &resource_name, &session.agent_id, &peer.to_string());
-                crate::metrics::stream_opened(&resource_id, prepared.path().as_str());
-                let report = prepared.run(client, &live.transfer, &session.revoked).await;
-                session.active_streams.fetch_sub(1, Ordering::Relaxed);
-                relay.streams.close(stream_id);
-                let (up, down) = live.transfer.get();
-                let copied = live.transfer.copied();
-                crate::metrics::stream_closed(&resource_id, report.end.label());
-                crate::metrics::userspace_copy(copied);
-                if matches!(report.end, StreamEnd::Clean) {
-                    debug!(agent = %session.agent_id, path = report.path.as_str(), bytes_in = up, bytes_out = down,
-                        copied, secs = started.elapsed().as_secs_f64(), "stream closed");
-                } else {
-                    info!(agent = %session.agent_id, path = report.path.as_str(), bytes_in = up, bytes_out = down,
-                        end = %report.end.describe(), "stream ended abnormally");
+        let (session, mut conn) =
+            relay.registry.take_data_conn(resource_id, wait, avoid.as_ref()).await.map_err(|e| OpenFailed {
+                reason: if matches!(e, NoDataConn::NoAgent) { "no_agent" } else { "timeout" },
+                why: e.to_string(),
+            })?;
+        let until = *give_up.get_or_insert_with(|| tokio::time::Instant::now() + OPEN_TIMEOUT);
+        match attempt(relay, &session, &mut conn, open, deadline, until).await {
+            Attempt::Accepted => return Ok((session, conn)),
+            Attempt::Refused(reason) => return Err(OpenFailed { reason: "refused", why: reason }),
+            Attempt::TimedOut => {
+                return Err(OpenFailed {
+                    reason: "timeout",
+                    why: format!("agent {} did not answer within {OPEN_TIMEOUT:?}", session.agent_id),
+                });
+            }
+            Attempt::Broken(e) => {
+                broken += 1;
+                if broken >= MAX_BROKEN {
+                    return Err(OpenFailed {
+                        reason: "stale",
+                        why: format!("every data connection tried failed; the last: {e}"),
+                    });
                 }
-                return;
+                debug!(agent = %session.agent_id, error = %e, "stale data connection; trying another");
             }
-            Ok(Ok(StreamReply::Refused { reason })) => {
-                crate::metrics::stream_failed(&resource_id, "refused");
-                info!(agent = %session.agent_id, %reason, "private service refused the stream");
-                datapath::reset(&client);
-                return;
-            }
-            Ok(Err(e)) => last_err = e.to_string(),
-            Err(_) => {
-                // The agent may still be connecting: retrying could open the service twice.
-                crate::metrics::stream_failed(&resource_id, "timeout");
-                warn!(agent = %session.agent_id, "stream refused: the agent did not answer within {OPEN_TIMEOUT:?}");
-                datapath::reset(&client);
-                return;
+            Attempt::Stalled => {
+                crate::metrics::stream_moved(resource_id);
+                info!(stalled_agent = %session.agent_id, "moving the stream to another agent of the resource");
+                avoid = Some(session.id.clone());
             }
         }
-        debug!(error = %last_err, "stale data connection; trying another");
+        // `conn` is dropped here: the agent, should it wake, finds the stream gone.
     }
-    crate::metrics::stream_failed(&resource_id, "stale");
-    warn!(error = %last_err, "stream refused: every data connection tried failed");
-    datapath::reset(&client);
+}
+
+/// Sends `open` on `conn` and waits for the answer: until `deadline` while the agent
+/// may be stalled, then — if it answered the ping sent with the open (it is alive; its
+/// service is slow) or no other agent answers — until `give_up`.
+async fn attempt(
+    relay: &Relay,
+    session: &AgentSession,
+    conn: &mut DataConn,
+    open: &StreamOpen,
+    deadline: Duration,
+    give_up: tokio::time::Instant,
+) -> Attempt {
+    let probe = session.probe();
+    let exchange = async {
+        wire::write_frame(&mut *conn, open).await?;
+        wire::read_frame::<_, StreamReply>(&mut *conn).await
+    };
+    tokio::pin!(exchange);
+    let first = (tokio::time::Instant::now() + deadline).min(give_up);
+    let reply = tokio::select! {
+        r = &mut exchange => r,
+        _ = tokio::time::sleep_until(first) => {
+            if !session.answered_since(probe) {
+                session.mark_stalled(deadline);
+                if relay.registry.has_answering_other(&session.resource_id, &session.id) {
+                    return Attempt::Stalled;
+                }
+            }
+            tokio::select! {
+                r = &mut exchange => r,
+                _ = tokio::time::sleep_until(give_up) => return Attempt::TimedOut,
+                _ = session.closed.cancelled() => return Attempt::Broken("the agent's session ended".into()),
+            }
+        }
+    };
+    match reply {
+        Ok(StreamReply::Accepted) => Attempt::Accepted,
+        Ok(StreamReply::Refused { reason }) => Attempt::Refused(reason),
+        Err(e) => Attempt::Broken(e.to_string()),
+    }
 }
 
 #[cfg(test)]
