@@ -81,6 +81,13 @@ pub struct AgentConfig {
     #[arg(long = "service-check-secs", env = "SLUICE_SERVICE_CHECK_SECS", default_value = "30",
           value_parser = parse_service_check)]
     pub service_check: std::option::Option<Duration>,
+    /// Seconds a stopping agent (SIGTERM, Ctrl-C) lets its streams under way finish: it
+    /// ends its session at once, so the relay sends it no new stream, waits for the
+    /// running ones up to this long, then exits 0, cutting what still runs. 0: no wait.
+    /// A second signal exits at once.
+    #[arg(long = "drain-timeout-secs", env = "SLUICE_DRAIN_TIMEOUT_SECS", default_value = "30",
+          value_parser = parse_drain_timeout)]
+    pub drain_timeout: Duration,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -241,6 +248,16 @@ fn parse_sluice_url(s: &str) -> Result<Option<RelayUrl>, String> {
     RelayUrl::parse(s).map(Some).map_err(|e| format!("SLUICE_URL: {e}"))
 }
 
+fn parse_drain_timeout(s: &str) -> Result<Duration, String> {
+    let secs: u64 = s
+        .trim()
+        .parse()
+        .ok()
+        .filter(|s| *s <= 3600)
+        .ok_or_else(|| format!("SLUICE_DRAIN_TIMEOUT_SECS={s:?} is not a number of seconds from 0 to 3600"))?;
+    Ok(Duration::from_secs(secs))
+}
+
 fn parse_reconnect_max(s: &str) -> Result<Duration, String> {
     let secs: u64 =
         s.trim().parse().map_err(|_| format!("SLUICE_RECONNECT_MAX_SECS={s:?} is not a number of seconds"))?;
@@ -343,6 +360,7 @@ mod tests {
         assert_eq!((c.data_path, c.ktls_engine), (DataPathMode::Auto, KtlsEngine::Splice));
         assert_eq!((c.reconnect_max, c.service_check), (Duration::from_secs(30), Some(Duration::from_secs(30))));
         assert_eq!((c.counter, c.metrics_listen), (CounterMode::Auto, None));
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
         let mut f = flags(d.path());
         set(&mut f, "--data-path", Some("userspace"));
         set(&mut f, "--ktls-engine", Some("uring"));
@@ -391,6 +409,7 @@ mod tests {
             ("--ktls-engine", Some("fast"), "SLUICE_KTLS_ENGINE: unknown kernel TLS engine"),
             ("--reconnect-max-secs", Some("soon"), "SLUICE_RECONNECT_MAX_SECS=\"soon\""),
             ("--service-check-secs", Some("-1"), "SLUICE_SERVICE_CHECK_SECS=\"-1\""),
+            ("--drain-timeout-secs", Some("7200"), "SLUICE_DRAIN_TIMEOUT_SECS=\"7200\" is not a number of seconds"),
         ];
         for (flag, value, want) in cases {
             let mut f = flags(d.path());

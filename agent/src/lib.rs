@@ -3,13 +3,15 @@
 //!
 //! [`config`] validates the inputs, [`enroll`] obtains and saves the agent's identity,
 //! [`session`] holds the control session and the pool of data connections, and
-//! [`run`] ties them together with reconnection ([`backoff`]).
+//! [`run`] ties them together with reconnection ([`backoff`]) and, when asked to stop,
+//! a [`drain`] of the streams under way.
 
 /// This build's version, commit and date (`--version`, logs, `*_build_info`).
 pub use sluice_runtime::{BUILD_DATE, GIT_COMMIT, LONG_VERSION, VERSION};
 
 pub(crate) mod backoff;
 pub mod config;
+pub(crate) mod drain;
 pub(crate) mod enroll;
 pub(crate) mod meter;
 pub(crate) mod metrics;
@@ -42,8 +44,20 @@ pub enum AgentError {
     Fatal(String),
 }
 
-/// Runs the agent until `shutdown` fires (Ok) or a permanent failure (Err).
+/// Runs the agent until `shutdown` fires (Ok) or a permanent failure (Err). When
+/// `shutdown` fires it drains: the session ends at once (no new streams), the streams
+/// under way get up to `cfg.drain_timeout` to finish, then the rest are cut.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let deadline = cfg.drain_timeout;
+    let drain = drain::Drain::default();
+    let served = serve(cfg, &shutdown, &drain).await;
+    drain.run(if served.is_ok() { deadline } else { Duration::ZERO }).await;
+    served
+}
+
+/// Keeps a session with the relay up, reconnecting, until `shutdown` or a permanent failure.
+async fn serve(cfg: AgentConfig, shutdown: &CancellationToken, drain: &drain::Drain) -> Result<(), AgentError> {
+    let shutdown = shutdown.clone();
     let cfg = Arc::new(cfg);
     let (meter, data_path, service) = start_parts(&cfg, &shutdown);
     let mut backoff = Backoff::new(Duration::from_millis(200), cfg.reconnect_max);
@@ -70,7 +84,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Ag
             Err(Retry::Never(e)) => return Err(e),
         };
         let end =
-            session::run(cfg.clone(), meter.clone(), data_path.clone(), service.clone(), identity, &shutdown).await;
+            session::run(cfg.clone(), meter.clone(), data_path.clone(), service.clone(), identity, &shutdown, drain)
+                .await;
         if !matches!(end, SessionEnd::Shutdown) {
             crate::metrics::reconnect();
         }

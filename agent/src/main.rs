@@ -1,6 +1,7 @@
 //! `sluice-agent`: configured by environment variables (or the equivalent flags), see
 //! [`sluice_agent::config::AgentConfig`]. Exit codes: 2 bad configuration, 1 refused for
-//! good by the relay, 0 stopped by SIGTERM/SIGINT.
+//! good by the relay, 0 stopped by SIGTERM/SIGINT (after draining its streams, up to
+//! `SLUICE_DRAIN_TIMEOUT_SECS`; a second signal exits at once).
 
 use std::process::ExitCode;
 
@@ -21,9 +22,14 @@ fn main() -> ExitCode {
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();
+        let mut signals = sluice_runtime::ShutdownSignals::new();
         tokio::spawn(async move {
-            sluice_runtime::shutdown_signal().await;
+            let first = signals.next().await;
+            tracing::info!("{first}: shutting down");
             signal.cancel();
+            let second = signals.next().await;
+            tracing::warn!("{second} during the drain: exiting now, cutting the streams still running");
+            std::process::exit(0);
         });
         match sluice_agent::run(cfg, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,

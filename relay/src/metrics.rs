@@ -16,6 +16,9 @@
 //! | `sluice_relay_enrollments_total` | counter | `outcome` (`enrolled` or a rejection code) |
 //! | `sluice_relay_resource_port_blocked` | gauge | `resource` (1 while an agent is connected but the port cannot be bound) |
 //! | `sluice_relay_resource_port_bind_failures_total` | counter | `resource` |
+//! | `sluice_relay_store_fault` | gauge | | 1 while the database file is deleted, replaced or failing (see `/readyz`) |
+//! | `sluice_relay_store_errors_total` | counter | | store calls that failed on the database file (disk full, I/O, read-only) |
+//! | `sluice_relay_draining` | gauge | | 1 while the relay drains after SIGTERM |
 //! | `sluice_build_info` | gauge | `version`, `commit` (always 1) |
 //! | `sluice_resource_info` | gauge | `resource`, `name`, `customer` (id or empty; always 1) |
 //!
@@ -35,6 +38,8 @@ pub fn install() -> PrometheusHandle {
     metrics::gauge!("sluice_build_info", "version" => crate::VERSION, "commit" => crate::GIT_COMMIT).set(1.0);
     // Present from the start, so "0 bytes copied" is visible before any stream ends.
     metrics::counter!("sluice_relay_userspace_copy_bytes_total").increment(0);
+    metrics::counter!("sluice_relay_store_errors_total").increment(0);
+    store_fault(false);
     handle
 }
 
@@ -76,6 +81,15 @@ fn describe() {
         "1 while a resource has a connected agent but its port cannot be bound (see `sluice resources list --extended`)."
     );
     describe_counter!("sluice_relay_resource_port_bind_failures_total", "Failed attempts to bind a resource's port.");
+    describe_gauge!(
+        "sluice_relay_store_fault",
+        "1 while the database file is deleted, replaced or failing (checked every 5 s; /readyz says why)."
+    );
+    describe_counter!(
+        "sluice_relay_store_errors_total",
+        "Store calls that failed on the database file (disk full, I/O error, read-only, deleted)."
+    );
+    describe_gauge!("sluice_relay_draining", "1 while the relay drains its streams after SIGTERM.");
     describe_gauge!("sluice_build_info", "The running relay's version and git commit (always 1).");
 }
 
@@ -178,6 +192,21 @@ pub fn port_blocked(resource: &str, blocked: bool) {
 
 pub fn port_bind_failed(resource: &str) {
     metrics::counter!("sluice_relay_resource_port_bind_failures_total", "resource" => resource.to_owned()).increment(1);
+}
+
+/// Whether the database file check fails now.
+pub fn store_fault(fault: bool) {
+    metrics::gauge!("sluice_relay_store_fault").set(if fault { 1.0 } else { 0.0 });
+}
+
+/// A store call failed on the database file.
+pub fn store_error() {
+    metrics::counter!("sluice_relay_store_errors_total").increment(1);
+}
+
+/// Whether the relay is draining.
+pub fn draining(on: bool) {
+    metrics::gauge!("sluice_relay_draining").set(if on { 1.0 } else { 0.0 });
 }
 
 #[cfg(test)]

@@ -18,8 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::data::registry::Registry;
+use crate::state::data_dir::DataDirLock;
 use crate::state::pki::{RelayIdentity, files};
 use crate::state::store::{SqliteStore, Store};
+use crate::state::store_watch::StoreHealth;
 use crate::state::tokens::TokenSigner;
 
 /// Everything `sluice serve` is told: its options, parsed and typed by clap from flags or
@@ -73,6 +75,18 @@ pub struct RelayConfig {
     /// registration JWT. Shorter means a stolen agent key is useful for less time.
     #[arg(long, env = "SLUICE_AGENT_CERT_LIFETIME", default_value = "30d", value_parser = parse_cert_lifetime)]
     pub agent_cert_lifetime: Duration,
+    /// On SIGTERM or Ctrl-C the relay drains: it closes the resource ports and the agent
+    /// port at once (no new streams), lets the streams under way finish for up to this
+    /// long (e.g. 30s, 2m; 0: none), then exits 0, cutting what still runs. A second
+    /// signal exits at once.
+    #[arg(long, env = "SLUICE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_drain_timeout)]
+    pub drain_timeout: Duration,
+    /// Start with a new, EMPTY database although the data directory holds this relay's
+    /// CA (so it served before, and its database is missing): every customer, resource
+    /// and agent is gone, and every agent must enroll again. Without it the relay refuses
+    /// to start in that case, so a lost database file is never replaced silently.
+    #[arg(long, env = "SLUICE_RECREATE_DATABASE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub recreate_database: bool,
     /// Bounds on connections, handshakes, streams and per-customer quotas.
     #[command(flatten)]
     pub limits: crate::limits::Limits,
@@ -102,6 +116,18 @@ fn parse_cert_lifetime(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// A drain deadline: a duration (30s, 2m) or a number of seconds, 0 to 1 hour.
+fn parse_drain_timeout(s: &str) -> Result<Duration, String> {
+    let secs = match s.trim() {
+        "0" | "0s" => 0,
+        s => crate::cli::parse_duration_secs(s)?,
+    };
+    if secs > 3600 {
+        return Err(format!("{s:?} is too long: a drain waits at most 1 hour (1h)"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
 /// The relay's shared state, handed to every task.
 pub struct Relay {
     pub config: RelayConfig,
@@ -118,6 +144,10 @@ pub struct Relay {
     next_stream_id: AtomicU64,
     /// True while the agent port's accept loop runs (for `/readyz`).
     pub(crate) agent_listener_up: AtomicBool,
+    /// What the database watch last found wrong (for `/readyz`).
+    pub(crate) store_health: Arc<StoreHealth>,
+    /// Held for the relay's life: no second relay on this data directory.
+    _lock: DataDirLock,
 }
 
 impl Relay {
@@ -161,6 +191,51 @@ impl RunningRelay {
     /// Stops accepting and ends every session.
     pub fn shutdown(&self) {
         self.relay.shutdown.cancel();
+    }
+
+    /// Drains the relay: stops accepting (resource ports, agent port, admin API, agent
+    /// sessions end) so no new stream starts, then waits up to `deadline` for the streams
+    /// under way to finish, reporting progress in the log. Returns how many streams were
+    /// still running at the deadline (0: drained).
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        let streams = &self.relay.streams;
+        crate::metrics::draining(true);
+        self.shutdown();
+        let active = streams.live_count();
+        if active == 0 {
+            info!("draining: no stream active; exiting");
+            return 0;
+        }
+        info!(
+            active,
+            deadline_secs = deadline.as_secs(),
+            "draining: {active} stream(s) active, waiting up to {} s for them to finish; the resource ports and the \
+             agent port are closed; a second SIGTERM or Ctrl-C exits at once",
+            deadline.as_secs()
+        );
+        let started = tokio::time::Instant::now();
+        let mut last_report = started;
+        loop {
+            let active = streams.live_count();
+            if active == 0 {
+                info!(secs = started.elapsed().as_secs_f64(), "drained: every stream finished; exiting");
+                return 0;
+            }
+            if started.elapsed() >= deadline {
+                warn!(
+                    active,
+                    "drain deadline (--drain-timeout {} s) reached: cutting {active} stream(s) still running",
+                    deadline.as_secs()
+                );
+                return active;
+            }
+            if last_report.elapsed() >= Duration::from_secs(5) {
+                last_report = tokio::time::Instant::now();
+                let left = deadline.saturating_sub(started.elapsed()).as_secs();
+                info!(active, "draining: {active} stream(s) still active, {left} s left");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -256,7 +331,9 @@ pub fn hostname() -> String {
     sluice_runtime::hostname().unwrap_or_else(|| "localhost".into())
 }
 
-fn open_store(cfg: &RelayConfig) -> Result<Arc<dyn Store>> {
+/// Opens the SQLite store, refusing to create an empty database where this relay's
+/// data directory says one existed (`had_ca`: the CA was there before this start).
+fn open_store(cfg: &RelayConfig, had_ca: bool) -> Result<Arc<SqliteStore>> {
     let path = match cfg.database_url.as_deref() {
         None => cfg.data_dir.join(files::DATABASE),
         Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => bail!(
@@ -265,13 +342,25 @@ fn open_store(cfg: &RelayConfig) -> Result<Arc<dyn Store>> {
         ),
         Some(u) => PathBuf::from(u.strip_prefix("sqlite://").unwrap_or(u)),
     };
-    let store = SqliteStore::open(&path).with_context(|| format!("opening the store at {}", path.display()))?;
-    Ok(Arc::new(store))
+    if had_ca && !path.exists() {
+        if !cfg.recreate_database {
+            return Err(crate::state::data_dir::refuse_missing_database(&cfg.data_dir, &path));
+        }
+        warn!(
+            file = %path.display(),
+            "--recreate-database: starting with a new, EMPTY database; every customer, resource and agent of the old \
+             one is gone and every agent must enroll again"
+        );
+    }
+    Ok(Arc::new(SqliteStore::open(&path)?))
 }
 
 /// Starts a relay: loads (or creates) its identity, opens the store, binds the agent and
 /// admin listeners, and returns once they accept.
 pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
+    // The lock first: a second relay on this data directory must change nothing in it.
+    crate::state::pki::ensure_private_dir(&config.data_dir)?;
+    let mut lock = DataDirLock::acquire(&config.data_dir)?;
     let agent_listener = TcpListener::bind(config.agent_listen).await.with_context(|| {
         format!("binding the agent listener on {} (--agent-listen); is another relay running?", config.agent_listen)
     })?;
@@ -280,10 +369,12 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     })?;
     let agent_addr = agent_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
+    lock.record_holder(agent_addr, admin_addr);
     let public_url = derive_public_url(&config, agent_addr)?;
 
     let mut names = vec![public_url.host.clone(), "localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
     names.dedup();
+    let had_ca = config.data_dir.join(files::CA_CERT).exists();
     let identity = RelayIdentity::load_or_create(&config.data_dir, &names)?;
     if identity.created {
         // Shown once, on the terminal of whoever first started the relay; it is also in
@@ -291,7 +382,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         println!("Admin token (shown once; also stored in {}):", config.data_dir.join(files::ADMIN_TOKEN).display());
         println!("  {}", identity.admin_token);
     }
-    let store = open_store(&config)?;
+    let sqlite = open_store(&config, had_ca)?;
+    let store: Arc<dyn Store> = sqlite.clone();
     let admin_url = format!("http://{admin_addr}");
     crate::state::pki::write_secret(&config.data_dir.join(files::ADMIN_URL), admin_url.as_bytes())?;
 
@@ -307,6 +399,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         data_path: DataPath::new(config.data_path, config.ktls_engine),
         next_stream_id: AtomicU64::new(0),
         agent_listener_up: AtomicBool::new(true),
+        store_health: Arc::default(),
+        _lock: lock,
         config,
     });
 
@@ -326,6 +420,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         "relay ready"
     );
     tokio::spawn(relay.streams.clone().run_sampler(relay.shutdown.clone()));
+    tokio::spawn(crate::state::store_watch::run(sqlite, relay.store_health.clone(), relay.shutdown.clone()));
     let accepting = relay.clone();
     tokio::spawn(async move {
         crate::data::agent_port::serve(accepting.clone(), agent_listener).await;
@@ -373,6 +468,15 @@ mod tests {
         let resources = [r("res_old", 40000), r("res_new", 20000), r("res_edge", 20999), r("res_below", 19999)];
         assert_eq!(ports_outside(&(20000..=20999), &resources), ["res_old", "res_below"]);
         assert!(ports_outside(&(1..=65535), &resources).is_empty());
+    }
+
+    #[test]
+    fn drain_timeouts() {
+        assert_eq!(parse_drain_timeout("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_drain_timeout("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_drain_timeout("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_drain_timeout("2h").unwrap_err().contains("at most 1 hour"));
+        assert!(parse_drain_timeout("soon").is_err());
     }
 
     #[test]

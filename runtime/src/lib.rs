@@ -1,6 +1,6 @@
 //! What both Sluice binaries (`sluice` and `sluice-agent`) need from the process they
 //! run in, written once: log set-up ([`LogArgs`], [`init_logging`]), the shutdown
-//! signal ([`shutdown_signal`]), this machine's [`hostname`], [`Secret`] values that
+//! signals ([`shutdown_signal`], [`ShutdownSignals`] for a drain and a second signal), this machine's [`hostname`], [`Secret`] values that
 //! never reach a log through `Debug`, the parser of settings that are either blank or a
 //! typed value ([`blank_or`]), and configurations made in code from clap's defaults
 //! ([`ignoring_env`]), and the build's identity ([`LONG_VERSION`] and its parts).
@@ -60,9 +60,37 @@ pub fn init_logging(filter: &str, json: bool) {
 /// Waits for Ctrl-C (SIGINT) or SIGTERM, the two ways operators and supervisors
 /// (systemd, Docker, Kubernetes) ask a process to stop.
 pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+    ShutdownSignals::new().next().await;
+}
+
+/// SIGTERM and SIGINT, listened to for the process's life: the first asks for a graceful
+/// stop (a drain), a second one for an immediate exit. Made once, before the first
+/// wait, so a signal that arrives while the first is handled is not missed.
+pub struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Starts listening (inside a tokio runtime).
+    pub fn new() -> ShutdownSignals {
+        use tokio::signal::unix::{SignalKind, signal};
+        ShutdownSignals {
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("SIGINT handler"),
+        }
+    }
+
+    /// Waits for the next SIGTERM or SIGINT; returns its name.
+    pub async fn next(&mut self) -> &'static str {
+        tokio::select! { _ = self.term.recv() => "SIGTERM", _ = self.int.recv() => "SIGINT" }
+    }
+}
+
+impl Default for ShutdownSignals {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// This machine's host name, `None` when the kernel does not say (each binary picks its

@@ -73,11 +73,20 @@ enum Cmd {
     },
 }
 
+/// Runs the relay until SIGTERM or Ctrl-C, then drains it (`--drain-timeout`); a second
+/// signal during the drain exits at once. Exits 0 either way: the stop was asked for.
 async fn serve(config: RelayConfig) -> anyhow::Result<()> {
+    let mut signals = sluice_runtime::ShutdownSignals::new();
+    let deadline = config.drain_timeout;
     let running = relay::start(config).await?;
-    sluice_runtime::shutdown_signal().await;
-    tracing::info!("shutting down");
-    running.shutdown();
+    let signal = signals.next().await;
+    tracing::info!("{signal}: shutting down");
+    tokio::select! {
+        _ = running.drain(deadline) => {}
+        second = signals.next() => {
+            tracing::warn!("{second} during the drain: exiting now, cutting the streams still running");
+        }
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
 }

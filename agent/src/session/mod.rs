@@ -61,7 +61,8 @@ pub(crate) fn client_config(id: &Identity, alpn: &[u8]) -> Result<Arc<ClientConf
         .map_err(|e| format!("building the TLS configuration from the saved identity: {e}"))
 }
 
-/// Runs one control session until it ends.
+/// Runs one control session until it ends. Its streams run on until they finish, the
+/// certificate is revoked, or the agent's drain cuts them (`drain`).
 pub async fn run(
     cfg: Arc<AgentConfig>,
     meter: Arc<Meter>,
@@ -69,6 +70,7 @@ pub async fn run(
     service: Arc<ServiceHealth>,
     id: Identity,
     shutdown: &CancellationToken,
+    drain: &crate::drain::Drain,
 ) -> SessionEnd {
     let capabilities = Capabilities {
         ktls: data_path.kernel_tls(),
@@ -92,7 +94,8 @@ pub async fn run(
         idle: AtomicU32::new(0),
         connecting: AtomicU32::new(0),
         closed: CancellationToken::new(),
-        stop_streams: shutdown.child_token(),
+        stop_streams: drain.cut.child_token(),
+        drain: drain.clone(),
         control: out_tx.clone(),
         active: Mutex::new(HashMap::new()),
         meter,

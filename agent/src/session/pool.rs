@@ -80,8 +80,10 @@ pub(super) struct Pool {
     pub(super) connecting: AtomicU32,
     /// Cancelled when the session ends: idle connections close; streams continue.
     pub(super) closed: CancellationToken,
-    /// Cancelled when the agent shuts down or is revoked: streams are cut too.
+    /// Cancelled when the agent's drain ends or the certificate is revoked: streams are cut too.
     pub(super) stop_streams: CancellationToken,
+    /// Counts the streams under way, for the agent's drain.
+    pub(super) drain: crate::drain::Drain,
     /// Messages to the relay (stream stats).
     pub(super) control: mpsc::UnboundedSender<AgentMsg>,
     /// Running streams, for the periodic stats.
@@ -139,6 +141,7 @@ pub(super) fn spawn_data_conn(pool: &Arc<Pool>) {
             Ok(open) => {
                 refill(&pool);
                 let span = info_span!("stream", id = open.stream_id, client = %open.client_addr);
+                let _counted = pool.drain.enter();
                 stream::serve(&pool, tls, registration, open).instrument(span).await;
             }
             Err(e) => {

@@ -207,10 +207,14 @@ async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
-/// `/readyz`: can the relay do its job now? The store must answer a trivial query and
+/// `/readyz`: can the relay do its job now? The store must answer a trivial query (and
+/// its file must be the one the relay opened, see [`crate::state::store_watch`]) and
 /// the agent port's accept loop must run.
 async fn readyz(State(r): State<Arc<Relay>>) -> Response {
-    let store = r.store.customer("readiness-probe").map(|_| ()).map_err(|e| e.to_string());
+    let store = match r.store_health.fault() {
+        Some(fault) => Err(fault),
+        None => r.store.customer("readiness-probe").map(|_| ()).map_err(|e| e.to_string()),
+    };
     let accepting = r.agent_listener_up.load(std::sync::atomic::Ordering::Relaxed);
     let (status, body) = readiness(store, accepting, r.shutdown.is_cancelled());
     (status, Json(body)).into_response()

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use sluice_proto::identity::{
     AgentId, JWT_AUDIENCE, JWT_ISSUER, RegistrationClaims, ResourceId, SessionId, printable, unix_now,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::data::agent_port::new_id;
 use crate::data::registry::PortState;
@@ -46,6 +46,10 @@ impl From<StoreError> for AdminError {
             StoreError::Db(e) => {
                 warn!(error = %e, "store error");
                 AdminError { status: 500, message: format!("the relay's store failed: {e}") }
+            }
+            StoreError::Unavailable(m) => {
+                error!("store error: {m}");
+                AdminError { status: 503, message: format!("the relay's store failed: {m}") }
             }
         }
     }

@@ -101,6 +101,11 @@ impl Streams {
         s
     }
 
+    /// How many streams are open now (a drain waits for 0).
+    pub fn live_count(&self) -> usize {
+        self.live.lock().len()
+    }
+
     pub fn close(&self, id: u64) {
         if let Some(s) = self.live.lock().remove(&id) {
             s.flush_metrics();

@@ -20,6 +20,8 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sluice_proto::identity::{AgentIdentity, ca_pin};
+
+use crate::state::data_dir::io_failure;
 use time::{Duration, OffsetDateTime};
 
 /// The shortest certificate lifetime the relay accepts (tests shorten it to this range).
@@ -33,6 +35,8 @@ pub mod files {
     pub const ADMIN_TOKEN: &str = "admin-token";
     pub const ADMIN_URL: &str = "admin-url";
     pub const DATABASE: &str = "sluice.db";
+    /// Held locked (`flock`) by the running relay: one relay per data directory.
+    pub const LOCK: &str = crate::state::data_dir::LOCK_FILE;
 }
 
 /// The relay's CA, server certificate and secrets, loaded from the data directory.
@@ -180,31 +184,34 @@ fn dn(common_name: &str) -> DistinguishedName {
 
 /// Creates `dir` (and parents) if missing and makes it 0700.
 pub fn ensure_private_dir(dir: &Path) -> Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+    fs::create_dir_all(dir).map_err(|e| io_failure("create the data directory", dir, &e))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("making {} private (0700)", dir.display()))?;
+        .map_err(|e| io_failure("make private (mode 0700)", dir, &e))?;
     Ok(())
 }
 
-/// Writes a secret file atomically with mode 0600.
+/// Writes a secret file atomically with mode 0600. An error names the file, the cause
+/// and what to do; a half-written temporary file is removed.
 pub fn write_secret(path: &Path, contents: &[u8]) -> Result<()> {
     let tmp: PathBuf = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
+    let written = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+        .map_err(|e| io_failure("create", &tmp, &e))
+        .and_then(|mut f| f.write_all(contents).and_then(|()| f.sync_all()).map_err(|e| io_failure("write", path, &e)))
+        .and_then(|()| fs::rename(&tmp, path).map_err(|e| io_failure("write", path, &e)));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Reads a secret file, refusing one that others can read.
 pub fn read_secret(path: &Path) -> Result<String> {
-    let meta = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let meta = fs::metadata(path).map_err(|e| io_failure("read", path, &e))?;
     if meta.permissions().mode() & 0o077 != 0 {
         bail!(
             "{} is readable by other users (mode {:o}); run `chmod 600 {}`",
@@ -213,7 +220,7 @@ pub fn read_secret(path: &Path) -> Result<String> {
             path.display()
         );
     }
-    fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    fs::read_to_string(path).map_err(|e| io_failure("read", path, &e))
 }
 
 fn load_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> Result<String> {

@@ -14,7 +14,7 @@
 //! other resources keep re-enrolling (restarts, new replicas, certificate renewal) with it.
 
 use std::ops::RangeInclusive;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -108,6 +108,10 @@ pub enum StoreError {
     Quota(String),
     #[error("database error: {0}")]
     Db(#[from] rusqlite::Error),
+    /// The database file failed (disk full, deleted, read-only, damaged): the message
+    /// names the file, the cause and what to do ([`SqliteStore`] turns `Db` into this).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// The relay's state, behind one small interface so a PostgreSQL implementation can
@@ -219,23 +223,34 @@ const MIGRATIONS: &[&str] = &[
 /// The embedded store: one SQLite file in the data directory.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
+    /// The database file, named in every error.
+    path: PathBuf,
+    /// (device, inode) of the file when it was opened: [`SqliteStore::check_file`]
+    /// notices the file deleted or replaced under the running relay.
+    file_id: (u64, u64),
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and applies pending migrations.
+    /// Errors name the file and what to do.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let store = SqliteStore { conn: Mutex::new(conn) };
-        store.migrate()?;
+        let fail = |e: rusqlite::Error| StoreError::Unavailable(describe_db_error(path, &e));
+        let conn = Connection::open(path).map_err(fail)?;
+        let setup = || -> rusqlite::Result<()> {
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.busy_timeout(std::time::Duration::from_secs(5))
+        };
+        setup().map_err(fail)?;
+        let file_id = file_id(path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let store = SqliteStore { conn: Mutex::new(conn), path: path.to_owned(), file_id };
+        store.migrate().map_err(|e| store.named(e))?;
         Ok(store)
     }
 
     fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.lock().unwrap();
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             let tx = conn.transaction()?;
@@ -248,8 +263,106 @@ impl SqliteStore {
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut conn)
+        f(&mut conn).map_err(|e| self.named(e))
     }
+
+    /// A database failure as the operator reads it: the file, the cause, what to do.
+    fn named(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::Db(e) => {
+                crate::metrics::store_error();
+                StoreError::Unavailable(describe_db_error(&self.path, &e))
+            }
+            e => e,
+        }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the database is still the file it was: present at its path (not deleted,
+    /// not replaced by another file) and answering a query. `Err` says what is wrong
+    /// and what to do.
+    pub fn check_file(&self) -> Result<(), String> {
+        let path = self.path.display();
+        match file_id(&self.path) {
+            Ok(id) if id == self.file_id => {}
+            Ok(_) => {
+                return Err(format!(
+                    "the database file {path} was replaced by another file while the relay runs: the relay still \
+                     uses the file it opened, and what it writes from now on is lost when it stops"
+                ));
+            }
+            Err(_) if !self.path.exists() => {
+                return Err(format!(
+                    "the database file {path} was deleted while the relay runs: the relay still uses the open \
+                     (deleted) file, and every customer, resource and agent is lost when it stops"
+                ));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        self.with(|c| Ok(c.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0))?))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Writes a consistent copy of the open database to `to` (SQLite's `VACUUM INTO`):
+    /// what can be saved of a database whose file was deleted under the relay.
+    pub fn save_copy(&self, to: &Path) -> Result<(), StoreError> {
+        let to = to.to_str().ok_or_else(|| StoreError::Unavailable(format!("{} is not UTF-8", to.display())))?;
+        self.with(|c| Ok(c.execute("VACUUM INTO ?1", [to]).map(|_| ())?))
+    }
+}
+
+/// (device, inode) of the file at `path`.
+fn file_id(path: &Path) -> Result<(u64, u64), anyhow::Error> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|e| crate::state::data_dir::io_failure("read", path, &e))
+}
+
+/// What an operator reads about a failed database call: "cannot write /x/sluice.db:
+/// database or disk is full — free space on the volume holding /x". Classified by
+/// SQLite's error code, never by its text.
+pub fn describe_db_error(path: &Path, e: &rusqlite::Error) -> String {
+    use rusqlite::ErrorCode as C;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).display();
+    let file = path.display();
+    let Some(code) = e.sqlite_error() else {
+        return format!("the database {file} failed: {e}");
+    };
+    // SQLITE_READONLY_DBMOVED: the file was renamed or deleted under the open connection.
+    const READONLY_DBMOVED: std::os::raw::c_int = 8 | (4 << 8);
+    let (action, what_to_do) = match code.code {
+        _ if code.extended_code == READONLY_DBMOVED => (
+            "write",
+            "the database file was moved or deleted while the relay ran; see the relay's log and docs/operations.md \
+             (\"The database file\")"
+                .to_owned(),
+        ),
+        C::DiskFull => ("write", format!("free space on the volume holding {dir} (`df -h {dir}`)")),
+        C::ReadOnly => (
+            "write",
+            format!("the relay's user needs write access to {file} and {dir}, on a volume mounted read-write"),
+        ),
+        C::CannotOpen => ("open", format!("check that {dir} exists and that the relay's user may write it")),
+        C::PermissionDenied => ("open", format!("the relay's user needs read and write access to {file} and {dir}")),
+        C::DatabaseCorrupt | C::NotADatabase => {
+            ("read", format!("{file} is damaged or not a Sluice database: restore it from a backup"))
+        }
+        C::DatabaseBusy | C::DatabaseLocked => (
+            "use",
+            "another process holds the database: is a second relay (or a sqlite3 shell) using it? Stop it".to_owned(),
+        ),
+        C::SystemIoFailure => {
+            ("use", format!("an I/O error: check free space on the volume holding {dir} and `dmesg`"))
+        }
+        _ => ("use", "see the relay's log".to_owned()),
+    };
+    format!("cannot {action} {file}: {e} — {what_to_do}")
 }
 
 const RESOURCE_COLS: &str = "id, customer_id, name, port, generation, created_at, last_seen_at";
@@ -653,6 +766,42 @@ mod tests {
         drop(s);
         let s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
         assert_eq!(s.resource("r2").unwrap().unwrap().port, 101);
+    }
+
+    #[test]
+    fn a_deleted_or_replaced_database_file_is_noticed_and_can_be_saved() {
+        let (dir, s) = store();
+        s.create_customer("c1", "acme", 1).unwrap();
+        assert_eq!(s.check_file(), Ok(()));
+        let path = dir.path().join("s.db");
+        std::fs::remove_file(&path).unwrap();
+        let err = s.check_file().unwrap_err();
+        assert!(err.contains(&format!("{} was deleted", path.display())), "{err}");
+        // What can be saved is saved: the copy holds the customer.
+        let copy = dir.path().join("s.db.recovered");
+        s.save_copy(&copy).unwrap();
+        assert_eq!(SqliteStore::open(&copy).unwrap().customers().unwrap().len(), 1);
+        // Another file at the path is not the database the relay has open.
+        std::fs::write(&path, b"").unwrap();
+        let err = s.check_file().unwrap_err();
+        assert!(err.contains("was replaced by another file"), "{err}");
+    }
+
+    #[test]
+    fn database_errors_name_the_file_and_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("no-such-dir").join("s.db");
+        let err = SqliteStore::open(&missing).err().unwrap().to_string();
+        assert!(err.starts_with(&format!("cannot open {}: ", missing.display())), "{err}");
+        assert!(err.contains("check that") && err.contains("no-such-dir exists"), "{err}");
+        let full = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), None);
+        let m = describe_db_error(Path::new("/data/sluice.db"), &full);
+        assert!(m.starts_with("cannot write /data/sluice.db: "), "{m}");
+        assert!(m.contains("free space on the volume holding /data"), "{m}");
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, vec![7u8; 8192]).unwrap();
+        let err = SqliteStore::open(&garbage).err().unwrap().to_string();
+        assert!(err.contains("restore it from a backup"), "{err}");
     }
 
     #[test]
