@@ -7,13 +7,16 @@
 //! | `sluice_relay_streams_opened_total` | counter | `resource`, `path` (`ktls_splice`, `userspace`, …) |
 //! | `sluice_relay_userspace_copy_bytes_total` | counter | | payload bytes copied through user space |
 //! | `sluice_relay_streams_closed_total` | counter | `resource`, `end` (`clean`, `aborted`, `cancelled`) |
-//! | `sluice_relay_streams_failed_total` | counter | `resource`, `reason` (`no_agent`, `refused`, `timeout`, `stale`, `ktls`) |
+//! | `sluice_relay_streams_failed_total` | counter | `resource`, `reason` (`no_agent`, `refused`, `timeout`, `stale`, `ktls`, `limit`) |
 //! | `sluice_relay_streams_active` | gauge | `resource` |
 //! | `sluice_relay_agent_sessions` | gauge | `resource` |
 //! | `sluice_relay_handshake_failures_total` | counter | |
 //! | `sluice_relay_enrollments_total` | counter | `outcome` (`enrolled` or a rejection code) |
 //! | `sluice_relay_resource_port_blocked` | gauge | `resource` (1 while an agent is connected but the port cannot be bound) |
 //! | `sluice_relay_resource_port_bind_failures_total` | counter | `resource` |
+//! | `sluice_relay_connections_active` | gauge | `listener` (`admin`; `agent`: not yet authenticated; `resource`: streams) |
+//! | `sluice_relay_connections_refused_total` | counter | `listener` (`admin`, `agent`): closed at once over the cap |
+//! | `sluice_relay_accept_errors_total` | counter | `listener` (`admin`, `agent`, `resource`): e.g. out of file descriptors |
 //! | `sluice_build_info` | gauge | `version`, `commit` (always 1) |
 //! | `sluice_resource_info` | gauge | `resource`, `name`, `customer` (id or empty; always 1) |
 //!
@@ -33,6 +36,9 @@ pub fn install() -> PrometheusHandle {
     metrics::gauge!("sluice_build_info", "version" => crate::VERSION, "commit" => crate::GIT_COMMIT).set(1.0);
     // Present from the start, so "0 bytes copied" is visible before any stream ends.
     metrics::counter!("sluice_relay_userspace_copy_bytes_total").increment(0);
+    for listener in ["admin", "agent"] {
+        metrics::counter!("sluice_relay_connections_refused_total", "listener" => listener).increment(0);
+    }
     handle
 }
 
@@ -66,6 +72,19 @@ fn describe() {
         "1 while a resource has a connected agent but its port cannot be bound (see `sluice resources list --extended`)."
     );
     describe_counter!("sluice_relay_resource_port_bind_failures_total", "Failed attempts to bind a resource's port.");
+    describe_gauge!(
+        "sluice_relay_connections_active",
+        "Connections held now, by listener (admin; agent: not yet authenticated; resource: streams)."
+    );
+    describe_counter!(
+        "sluice_relay_connections_refused_total",
+        "Connections closed at once because their listener was at its cap (--admin-max-connections, \
+         --agent-max-handshakes)."
+    );
+    describe_counter!(
+        "sluice_relay_accept_errors_total",
+        "Failed accepts by listener (out of file descriptors, …); the listener backs off up to 1 s."
+    );
     describe_gauge!("sluice_build_info", "The running relay's version and git commit (always 1).");
 }
 
@@ -158,6 +177,20 @@ pub fn port_blocked(resource: &str, blocked: bool) {
 
 pub fn port_bind_failed(resource: &str) {
     metrics::counter!("sluice_relay_resource_port_bind_failures_total", "resource" => resource.to_owned()).increment(1);
+}
+
+/// Connections a listener holds now (`delta` +1 when admitted, -1 when closed).
+pub fn connections_active(listener: &'static str, delta: f64) {
+    metrics::gauge!("sluice_relay_connections_active", "listener" => listener).increment(delta);
+}
+
+/// A connection closed at once because its listener was at its cap.
+pub fn connection_refused(listener: &'static str) {
+    metrics::counter!("sluice_relay_connections_refused_total", "listener" => listener).increment(1);
+}
+
+pub fn accept_failed(listener: &'static str) {
+    metrics::counter!("sluice_relay_accept_errors_total", "listener" => listener).increment(1);
 }
 
 #[cfg(test)]
