@@ -19,29 +19,29 @@ pub struct Limits {
     /// Admin API connections open at once. Beyond it a new connection is closed at once
     /// (counted in `sluice_relay_connections_refused_total{listener="admin"}`), so
     /// stalled HTTP clients cannot take the descriptors the agent and resource ports need.
-    #[arg(long, env = "SLUICE_ADMIN_MAX_CONNECTIONS", default_value_t = 256,
+    #[arg(long, env = "SLUICE_ADMIN_MAX_CONNECTIONS", value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub admin_max_connections: u32,
     /// Seconds an admin client may take to send a request's headers; also how long an
     /// idle keep-alive connection waits for its next request. Then the relay closes it.
-    #[arg(long = "admin-header-timeout-secs", env = "SLUICE_ADMIN_HEADER_TIMEOUT_SECS", default_value = "10",
+    #[arg(long = "admin-header-timeout-secs", value_name = "SECS", env = "SLUICE_ADMIN_HEADER_TIMEOUT_SECS", default_value = "10",
           value_parser = clap::value_parser!(u64).range(1..=3600).map(Duration::from_secs))]
     pub admin_header_timeout: Duration,
     /// Seconds an admin connection may go without a byte moving either way (a stalled
     /// request body, a client that stops reading its answer); then the relay closes it.
-    #[arg(long = "admin-idle-timeout-secs", env = "SLUICE_ADMIN_IDLE_TIMEOUT_SECS", default_value = "60",
+    #[arg(long = "admin-idle-timeout-secs", value_name = "SECS", env = "SLUICE_ADMIN_IDLE_TIMEOUT_SECS", default_value = "60",
           value_parser = clap::value_parser!(u64).range(1..=86400).map(Duration::from_secs))]
     pub admin_idle_timeout: Duration,
     /// Agent-port connections not yet authenticated: TLS handshakes in progress and
     /// enrollments (which carry no client certificate). Beyond it a new connection is
     /// closed at once (`sluice_relay_connections_refused_total{listener="agent"}`); the
     /// agents it turns away retry with backoff. Each handshake may take 15 s at most.
-    #[arg(long, env = "SLUICE_AGENT_MAX_HANDSHAKES", default_value_t = 256,
+    #[arg(long, env = "SLUICE_AGENT_MAX_HANDSHAKES", value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub agent_max_handshakes: u32,
     /// Streams open at once through one resource's port. Beyond it a new client gets a
     /// TCP reset (`sluice_relay_streams_failed_total{reason="limit"}`).
-    #[arg(long, env = "SLUICE_MAX_STREAMS_PER_RESOURCE", default_value_t = 1024,
+    #[arg(long, env = "SLUICE_MAX_STREAMS_PER_RESOURCE", value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_streams_per_resource: u32,
 }

@@ -170,6 +170,97 @@ async fn a_stalled_request_body_is_closed_after_the_idle_timeout() {
     assert_eq!(still_open_after(vec![s], GENEROUS).await, 0, "a stalled body is closed after the idle timeout");
 }
 
+/// The sum of the samples of `family` whose labels contain `label`.
+fn metric_sum(metrics: &str, family: &str, label: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(family) && l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+        .sum()
+}
+
+fn relay_metrics(relay: &Relay) -> String {
+    let (code, text) = http_get(&format!("127.0.0.1:{}", relay.admin_port), "/metrics").unwrap();
+    assert_eq!(code, 200);
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_agent_connections_over_the_cap_are_closed_at_once() {
+    let dir = test_dir("limits-handshakes");
+    let relay = Relay::start_with(dir.path(), &["--agent-max-handshakes", "4"]);
+    let cid = relay.create_customer("acme");
+    let jwt = relay.customer_jwt(&cid);
+    // Four connections that never send a ClientHello fill the cap...
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(TcpStream::connect(("127.0.0.1", relay.agent_port)).await.unwrap());
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // ...so the next ones are closed without waiting for the 15 s handshake timeout.
+    let mut over = Vec::new();
+    for _ in 0..20 {
+        if let Ok(c) = TcpStream::connect(("127.0.0.1", relay.agent_port)).await {
+            over.push(c);
+        }
+    }
+    assert_eq!(still_open_after(over, GENEROUS).await, 0, "connections over the cap are closed");
+    let refused = metric_sum(&relay_metrics(&relay), "sluice_relay_connections_refused_total", "listener=\"agent\"");
+    assert_eq!(refused, 20.0, "each refusal is counted");
+    // The relay ends the stalled handshakes (15 s), and agents enroll again.
+    assert_eq!(still_open_after(held, GENEROUS).await, 0, "stalled handshakes end");
+    let echo = echo_server().await;
+    let agent = Agent::for_service(dir.path(), "echo", echo.port(), &jwt);
+    relay.wait_status("echo", "AVAILABLE", Some(&agent));
+    echo_round_trip(&relay.endpoint("echo")).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_over_the_resource_cap_get_a_reset() {
+    let dir = test_dir("limits-streams");
+    let relay = Relay::start_with(dir.path(), &["--max-streams-per-resource", "2"]);
+    let cid = relay.create_customer("acme");
+    let echo = echo_server().await;
+    let agent = Agent::for_service(dir.path(), "echo", echo.port(), &relay.customer_jwt(&cid));
+    relay.wait_status("echo", "AVAILABLE", Some(&agent));
+    let (host, port) = split_endpoint(&relay.endpoint("echo"));
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect((host.as_str(), port)).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        tokio::time::timeout(GENEROUS, s.read_exact(&mut got)).await.unwrap().unwrap();
+        open.push(s);
+    }
+    // The third stream is over the cap: reset (maybe before `connect` returns), no echo.
+    if let Ok(mut third) = TcpStream::connect((host.as_str(), port)).await {
+        let _ = third.write_all(b"ping").await;
+        let mut buf = [0u8; 4];
+        let got = tokio::time::timeout(GENEROUS, third.read(&mut buf)).await.expect("the relay answers at once");
+        assert!(matches!(got, Ok(0) | Err(_)), "no stream over the cap: {got:?}");
+    }
+    let metrics = relay_metrics(&relay);
+    assert_eq!(metric_sum(&metrics, "sluice_relay_streams_failed_total", "reason=\"limit\""), 1.0, "{metrics}");
+    // A stream that ends frees its place.
+    drop(open.pop());
+    wait_for(GENEROUS, "a stream once one ended", || {
+        tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(echo_round_trip_quick(&host, port)))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
+}
+
+/// One echo round trip, `Some` if it worked within 5 s.
+async fn echo_round_trip_quick(host: &str, port: u16) -> Option<()> {
+    let trip = async {
+        let mut s = TcpStream::connect((host, port)).await.ok()?;
+        s.write_all(b"ping").await.ok()?;
+        let mut got = [0u8; 4];
+        s.read_exact(&mut got).await.ok()?;
+        (&got == b"ping").then_some(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), trip).await.ok().flatten()
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
