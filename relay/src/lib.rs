@@ -10,12 +10,13 @@
 //!
 //! [`relay`] holds the running relay's shared context and starts the listeners of both
 //! planes; [`metrics`] is the relay's Prometheus vocabulary; [`limits`] every bound it
-//! keeps on what peers may hold.
+//! keeps on what peers may hold, [`admission`] how the listeners enforce them.
 
 /// This build's version, commit and date (`--version`, logs, `*_build_info`).
 pub use sluice_runtime::{BUILD_DATE, GIT_COMMIT, LONG_VERSION, VERSION};
 
 pub mod admin;
+pub(crate) mod admission;
 pub mod cli;
 pub(crate) mod data;
 pub mod limits;

@@ -1,6 +1,12 @@
 //! Every bound the relay puts on what peers may hold: connections, handshakes, streams,
 //! enrollments and resources per customer. One home, so docs/reliability.md can list
 //! them all with their flags and defaults; each field is a `sluice serve` flag.
+//!
+//! The connection caps share one budget, the process's file-descriptor limit: each admin
+//! connection and each agent handshake holds one descriptor, each stream two (the client
+//! and the data connection). [`Limits::fd_budget`] adds them up; at start the relay
+//! raises its soft `RLIMIT_NOFILE` to the hard limit and warns when the caps do not fit
+//! ([`crate::admission::raise_fd_limit`]).
 
 use std::time::Duration;
 
@@ -39,4 +45,77 @@ pub struct Limits {
     #[arg(long = "stream-open-deadline-secs", env = "SLUICE_STREAM_OPEN_DEADLINE_SECS", default_value = "3",
           value_parser = clap::value_parser!(u64).range(1..=60).map(Duration::from_secs))]
     pub stream_open_deadline: Duration,
+    /// Admin API connections open at once. Beyond it a new connection is closed at once
+    /// (counted in `sluice_relay_connections_refused_total{listener="admin"}`), so
+    /// stalled HTTP clients cannot take the descriptors the agent and resource ports need.
+    #[arg(long, env = "SLUICE_ADMIN_MAX_CONNECTIONS", value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub admin_max_connections: u32,
+    /// Seconds an admin client may take to send a request's headers; also how long an
+    /// idle keep-alive connection waits for its next request. Then the relay closes it.
+    #[arg(long = "admin-header-timeout-secs", value_name = "SECS", env = "SLUICE_ADMIN_HEADER_TIMEOUT_SECS", default_value = "10",
+          value_parser = clap::value_parser!(u64).range(1..=3600).map(Duration::from_secs))]
+    pub admin_header_timeout: Duration,
+    /// Seconds an admin connection may go without a byte moving either way (a stalled
+    /// request body, a client that stops reading its answer); then the relay closes it.
+    #[arg(long = "admin-idle-timeout-secs", value_name = "SECS", env = "SLUICE_ADMIN_IDLE_TIMEOUT_SECS", default_value = "60",
+          value_parser = clap::value_parser!(u64).range(1..=86400).map(Duration::from_secs))]
+    pub admin_idle_timeout: Duration,
+    /// Agent-port connections not yet authenticated: TLS handshakes in progress and
+    /// enrollments (which carry no client certificate). Beyond it a new connection is
+    /// closed at once (`sluice_relay_connections_refused_total{listener="agent"}`); the
+    /// agents it turns away retry with backoff. Each handshake may take 15 s at most.
+    #[arg(long, env = "SLUICE_AGENT_MAX_HANDSHAKES", value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub agent_max_handshakes: u32,
+    /// Streams open at once through one resource's port. Beyond it a new client gets a
+    /// TCP reset (`sluice_relay_streams_failed_total{reason="limit"}`).
+    #[arg(long, env = "SLUICE_MAX_STREAMS_PER_RESOURCE", value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_streams_per_resource: u32,
+}
+
+/// Descriptors the relay needs besides what its caps admit: listeners, the store, log
+/// files, idle pooled data connections, control sessions.
+pub const FD_RESERVE: u64 = 256;
+
+impl Limits {
+    /// File descriptors the relay may need when every cap is reached with `resources`
+    /// resources live: one per admin connection and per handshake, two per stream, plus
+    /// [`FD_RESERVE`].
+    pub fn fd_budget(&self, resources: usize) -> u64 {
+        u64::from(self.admin_max_connections)
+            + u64::from(self.agent_max_handshakes)
+            + 2 * u64::from(self.max_streams_per_resource) * resources.max(1) as u64
+            + FD_RESERVE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> Limits {
+        crate::relay::RelayConfig::defaults().limits
+    }
+
+    #[test]
+    fn defaults_fit_a_typical_descriptor_limit() {
+        let l = defaults();
+        assert_eq!(l.admin_max_connections, 256);
+        assert_eq!(l.admin_header_timeout, Duration::from_secs(10));
+        assert_eq!(l.agent_max_handshakes, 256);
+        assert_eq!(l.max_streams_per_resource, 1024);
+        // 4096 is a common hard limit on older hosts; systemd's default hard limit is 524288.
+        assert!(l.fd_budget(1) <= 4096, "{}", l.fd_budget(1));
+        assert!(l.fd_budget(200) <= 524_288, "{}", l.fd_budget(200));
+    }
+
+    #[test]
+    fn budget_counts_two_descriptors_per_stream() {
+        let l =
+            Limits { max_streams_per_resource: 10, admin_max_connections: 5, agent_max_handshakes: 7, ..defaults() };
+        assert_eq!(l.fd_budget(0), 5 + 7 + 20 + FD_RESERVE, "no resource yet counts as one");
+        assert_eq!(l.fd_budget(3), 5 + 7 + 60 + FD_RESERVE);
+    }
 }

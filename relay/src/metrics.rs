@@ -7,7 +7,7 @@
 //! | `sluice_relay_streams_opened_total` | counter | `resource`, `path` (`ktls_splice`, `userspace`, …) |
 //! | `sluice_relay_userspace_copy_bytes_total` | counter | | payload bytes copied through user space |
 //! | `sluice_relay_streams_closed_total` | counter | `resource`, `end` (`clean`, `aborted`, `cancelled`) |
-//! | `sluice_relay_streams_failed_total` | counter | `resource`, `reason` (`no_agent`, `refused`, `timeout`, `stale`, `ktls`) |
+//! | `sluice_relay_streams_failed_total` | counter | `resource`, `reason` (`no_agent`, `refused`, `timeout`, `stale`, `ktls`, `limit`) |
 //! | `sluice_relay_streams_active` | gauge | `resource` |
 //! | `sluice_relay_agent_sessions` | gauge | `resource` |
 //! | `sluice_relay_agent_stalls_total` | counter | `resource` (an agent answered neither a stream's open nor a ping in time) |
@@ -19,6 +19,9 @@
 //! | `sluice_relay_store_fault` | gauge | | 1 while the database file is deleted, replaced or failing (see `/readyz`) |
 //! | `sluice_relay_store_errors_total` | counter | | store calls that failed on the database file (disk full, I/O, read-only) |
 //! | `sluice_relay_draining` | gauge | | 1 while the relay drains after SIGTERM |
+//! | `sluice_relay_connections_active` | gauge | `listener` (`admin`; `agent`: not yet authenticated; `resource`: streams) |
+//! | `sluice_relay_connections_refused_total` | counter | `listener` (`admin`, `agent`): closed at once over the cap |
+//! | `sluice_relay_accept_errors_total` | counter | `listener` (`admin`, `agent`, `resource`): e.g. out of file descriptors |
 //! | `sluice_build_info` | gauge | `version`, `commit` (always 1) |
 //! | `sluice_resource_info` | gauge | `resource`, `name`, `customer` (id or empty; always 1) |
 //!
@@ -40,6 +43,9 @@ pub fn install() -> PrometheusHandle {
     metrics::counter!("sluice_relay_userspace_copy_bytes_total").increment(0);
     metrics::counter!("sluice_relay_store_errors_total").increment(0);
     store_fault(false);
+    for listener in ["admin", "agent"] {
+        metrics::counter!("sluice_relay_connections_refused_total", "listener" => listener).increment(0);
+    }
     handle
 }
 
@@ -90,6 +96,19 @@ fn describe() {
         "Store calls that failed on the database file (disk full, I/O error, read-only, deleted)."
     );
     describe_gauge!("sluice_relay_draining", "1 while the relay drains its streams after SIGTERM.");
+    describe_gauge!(
+        "sluice_relay_connections_active",
+        "Connections held now, by listener (admin; agent: not yet authenticated; resource: streams)."
+    );
+    describe_counter!(
+        "sluice_relay_connections_refused_total",
+        "Connections closed at once because their listener was at its cap (--admin-max-connections, \
+         --agent-max-handshakes)."
+    );
+    describe_counter!(
+        "sluice_relay_accept_errors_total",
+        "Failed accepts by listener (out of file descriptors, …); the listener backs off up to 1 s."
+    );
     describe_gauge!("sluice_build_info", "The running relay's version and git commit (always 1).");
 }
 
@@ -207,6 +226,20 @@ pub fn store_error() {
 /// Whether the relay is draining.
 pub fn draining(on: bool) {
     metrics::gauge!("sluice_relay_draining").set(if on { 1.0 } else { 0.0 });
+}
+
+/// Connections a listener holds now (`delta` +1 when admitted, -1 when closed).
+pub fn connections_active(listener: &'static str, delta: f64) {
+    metrics::gauge!("sluice_relay_connections_active", "listener" => listener).increment(delta);
+}
+
+/// A connection closed at once because its listener was at its cap.
+pub fn connection_refused(listener: &'static str) {
+    metrics::counter!("sluice_relay_connections_refused_total", "listener" => listener).increment(1);
+}
+
+pub fn accept_failed(listener: &'static str) {
+    metrics::counter!("sluice_relay_accept_errors_total", "listener" => listener).increment(1);
 }
 
 #[cfg(test)]

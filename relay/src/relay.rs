@@ -408,6 +408,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     let resources = relay.store.resources()?;
     let n_resources = resources.len();
     warn_about_port_ranges(&relay.config.resource_ports, &resources);
+    crate::admission::reserve_descriptors(&relay.config.limits, n_resources);
     info!(
         version = crate::VERSION,
         commit = crate::GIT_COMMIT,

@@ -18,8 +18,16 @@
 //! | GET    | /metrics                      | Prometheus text (no token: keep the admin listener private) |
 //!
 //! Errors are `{ "error": "what happened and what to do" }` with a fitting status.
+//!
+//! The listener is bounded ([`crate::limits::Limits`]): at most `--admin-max-connections`
+//! connections at once (more are closed at once), request headers within
+//! `--admin-header-timeout-secs` (also the keep-alive idle time between requests), and
+//! no connection on which nothing moves for `--admin-idle-timeout-secs`. Stalled HTTP
+//! clients therefore cannot take the file descriptors the agent and resource ports need.
 
+use std::pin::pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -27,10 +35,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::net::TcpListener;
-use tracing::warn;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use crate::admission::{AcceptBackoff, Activity, Gate, Throttle, Watched};
 
 use crate::admin::ops::{AdminError, JwtRequest};
 use crate::relay::Relay;
@@ -44,12 +56,77 @@ impl IntoResponse for AdminError {
 
 type ApiResult<T> = Result<Json<T>, AdminError>;
 
-/// Serves the admin API until shutdown.
+/// Read buffer of one admin connection: request heads larger than this are refused.
+const MAX_BUF: usize = 64 << 10;
+/// How long connections may finish their requests once the relay shuts down.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+static REFUSALS: Throttle = Throttle::new(crate::admission::LOG_EVERY);
+static ACCEPT_ERRORS: Throttle = Throttle::new(crate::admission::LOG_EVERY);
+
+/// Serves the admin API until shutdown: accepts within the connection cap, backs off
+/// when accepting fails, and serves each connection with the header-read and idle
+/// timeouts.
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
     let shutdown = relay.shutdown.clone();
+    let limits = relay.config.limits.clone();
     let app = router(relay);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
-        warn!(error = %e, "admin API stopped");
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.admin_header_timeout).max_buf_size(MAX_BUF);
+    let gate = Gate::new("admin", limits.admin_max_connections);
+    let mut backoff = AcceptBackoff::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.cancelled() => return,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                backoff.after_error("admin", &e, &ACCEPT_ERRORS).await;
+                continue;
+            }
+        };
+        backoff.succeeded();
+        let Some(slot) = gate.try_admit() else {
+            sluice_datapath::reset(&tcp);
+            crate::metrics::connection_refused("admin");
+            crate::admission::log_refusal(
+                &REFUSALS,
+                "admin API connections",
+                limits.admin_max_connections,
+                "--admin-max-connections",
+            );
+            continue;
+        };
+        let (io, activity) = Watched::new(tcp);
+        let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app.clone()));
+        let (shutdown, idle) = (shutdown.clone(), limits.admin_idle_timeout);
+        tokio::spawn(async move {
+            let _slot = slot;
+            serve_connection(conn, activity, idle, shutdown).await;
+        });
+    }
+}
+
+type AdminConnection = hyper::server::conn::http1::Connection<TokioIo<Watched<TcpStream>>, TowerToHyperService<Router>>;
+
+/// Serves one connection until it ends, goes idle for `idle`, or the relay shuts down
+/// (then its request in flight may finish for [`SHUTDOWN_GRACE`]).
+async fn serve_connection(
+    conn: AdminConnection,
+    activity: Activity,
+    idle: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut conn = pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "admin connection ended") },
+        _ = activity.idle_for(idle) => debug!(?idle, "admin connection idle: closed"),
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
+        }
     }
 }
 

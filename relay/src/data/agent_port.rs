@@ -33,7 +33,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub use crate::state::enrollment::new_id;
 
-/// Accepts agent connections until shutdown.
+static REFUSALS: crate::admission::Throttle = crate::admission::Throttle::new(crate::admission::LOG_EVERY);
+static ACCEPT_ERRORS: crate::admission::Throttle = crate::admission::Throttle::new(crate::admission::LOG_EVERY);
+
+/// Accepts agent connections until shutdown. At most `--agent-max-handshakes`
+/// connections are unauthenticated at once (a TLS handshake in progress, or an
+/// enrollment, which has no client certificate); more are closed at once. A failed
+/// accept (out of file descriptors) is retried with backoff, not spun.
 pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
     let enroll_cfg = Arc::new(
         sluice_proto::tls::relay_enroll_config(relay.identity.server_chain.clone(), relay.identity.server_key())
@@ -47,6 +53,9 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
         )
         .expect("relay mTLS configuration"),
     );
+    let cap = relay.config.limits.agent_max_handshakes;
+    let gate = crate::admission::Gate::new("agent", cap);
+    let mut backoff = crate::admission::AcceptBackoff::new();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -55,17 +64,34 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
         let (tcp, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                warn!(error = %e, "accepting an agent connection failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                backoff.after_error("agent", &e, &ACCEPT_ERRORS).await;
                 continue;
             }
+        };
+        backoff.succeeded();
+        let Some(slot) = gate.try_admit() else {
+            sluice_datapath::reset(&tcp);
+            crate::metrics::connection_refused("agent");
+            crate::admission::log_refusal(
+                &REFUSALS,
+                "unauthenticated agent-port connections",
+                cap,
+                "--agent-max-handshakes",
+            );
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         sluice_datapath::tune_tunnel_socket(&tcp);
         let (relay, enroll_cfg, agent_cfg) = (relay.clone(), enroll_cfg.clone(), agent_cfg.clone());
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, enroll_cfg, agent_cfg)).await {
-                Ok(Ok(tls)) => dispatch(relay, tls, peer).await,
+                Ok(Ok(tls)) => {
+                    // An enrollment stays unauthenticated to its end; the others have
+                    // proven their certificate.
+                    let enrolling = tls.get_ref().1.alpn_protocol() == Some(ALPN_ENROLL);
+                    let _slot = enrolling.then_some(slot);
+                    dispatch(relay, tls, peer).await
+                }
                 Ok(Err(e)) => {
                     crate::metrics::handshake_failed();
                     info!(%peer, error = %e, "agent TLS handshake refused")

@@ -40,6 +40,8 @@ const MAX_BROKEN: u32 = 4;
 /// Starts a resource's port (called when its first agent session comes up): binds it,
 /// retrying with backoff while another process holds it, then accepts until the
 /// resource's last session ends (the registry aborts this task) or the relay stops.
+/// At most `--max-streams-per-resource` streams are open at once (more clients get a
+/// reset); a failed accept (out of file descriptors) is retried with backoff.
 pub fn start(relay: Arc<Relay>, resource_id: String, resource_name: String, port: u16) {
     let addr = SocketAddr::new(relay.config.resource_bind, port);
     let task_relay = relay.clone();
@@ -49,21 +51,40 @@ pub fn start(relay: Arc<Relay>, resource_id: String, resource_name: String, port
             // Whatever ends this task (abort included), the port is no longer "blocked".
             let _gauge = BlockedGauge(rid.clone());
             let Some(listener) = bind_until_free(&task_relay, &rid, addr).await else { return };
+            let cap = task_relay.config.limits.max_streams_per_resource;
+            let gate = crate::admission::Gate::new("resource", cap);
+            let mut backoff = crate::admission::AcceptBackoff::new();
             loop {
                 let (client, peer) = tokio::select! {
                     a = listener.accept() => match a {
                         Ok(x) => x,
-                        Err(e) => { warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue }
+                        Err(e) => { backoff.after_error("resource", &e, &ACCEPT_ERRORS).await; continue }
                     },
                     _ = task_relay.shutdown.cancelled() => return,
+                };
+                backoff.succeeded();
+                let Some(slot) = gate.try_admit() else {
+                    datapath::reset(&client);
+                    crate::metrics::stream_failed(&rid, "limit");
+                    if let Some(held_back) = STREAM_REFUSALS.due() {
+                        warn!(cap, refused_since_last_line = held_back, client = %peer,
+                            "stream refused: the resource has {cap} streams open (--max-streams-per-resource); \
+                             the client got a reset. If this load is expected, raise --max-streams-per-resource");
+                    }
+                    continue;
                 };
                 let _ = client.set_nodelay(true);
                 let relay = task_relay.clone();
                 let rid = rid.clone();
                 let name = resource_name.clone();
                 let stream_id = relay.next_stream_id();
+                let stream = forward(relay, rid, name, client, peer, stream_id);
                 tokio::spawn(
-                    forward(relay, rid, name, client, peer, stream_id).instrument(info_span!("stream", id = stream_id, client = %peer)),
+                    async move {
+                        let _slot = slot;
+                        stream.await
+                    }
+                    .instrument(info_span!("stream", id = stream_id, client = %peer)),
                 );
             }
         }
@@ -71,6 +92,9 @@ pub fn start(relay: Arc<Relay>, resource_id: String, resource_name: String, port
     );
     relay.registry.set_listener(&resource_id, task.abort_handle());
 }
+
+static ACCEPT_ERRORS: crate::admission::Throttle = crate::admission::Throttle::new(crate::admission::LOG_EVERY);
+static STREAM_REFUSALS: crate::admission::Throttle = crate::admission::Throttle::new(crate::admission::LOG_EVERY);
 
 /// First wait before binding a blocked port again; it doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_secs(1);
