@@ -335,6 +335,26 @@ pub fn abort_client(stack: &Stack, backend: &mut Backend, ids: &mut Ids) -> Resu
     }
 }
 
+/// The control session the relay and agent started with is still the only one: neither
+/// side ended it (a heartbeat declaring the peer dead, a failed read or write) during
+/// `during`. With `--heartbeat-secs 1` a control session starved of CPU for 3 s by the
+/// data path fails this.
+pub fn heartbeat(stack: &Stack, during: &str) -> Result<String> {
+    let ends = stack.session_ends();
+    ensure!(
+        ends.is_empty(),
+        "the control session ended during {during} (heartbeat every {} s, dead after {} s of silence):\n{}",
+        stack.heartbeat_secs,
+        3 * stack.heartbeat_secs,
+        ends.join("\n")
+    );
+    Ok(format!(
+        "one control session throughout {during}, heartbeat every {} s (a silent peer is dead after {} s)",
+        stack.heartbeat_secs,
+        3 * stack.heartbeat_secs
+    ))
+}
+
 /// Which `path` labels a check accepts.
 #[derive(Debug, Clone, Copy)]
 pub enum Want<'a> {
