@@ -264,9 +264,13 @@ pub fn abort_backend(stack: &Stack, backend: &mut Backend, ids: &mut Ids) -> Res
     let header = Header { id, mode: Mode::BackendAbort, up: before_reset, down, seed: id };
     let s = connect(&stack.endpoint)?;
     let mut w = s.try_clone()?;
-    // The client keeps sending (far more than the backend reads) until the reset stops it.
+    // The client sends what the backend reads and no more. A socket reports a received
+    // reset once (the pending error is cleared by the first call that sees it, then
+    // reads return 0): a writer still sending would take the ECONNRESET and leave the
+    // reader an EOF that looks like a clean end.
     let writer = std::thread::spawn(move || {
-        w.write_all(&header.encode()).and_then(|()| payload::send(&mut w, 64 * MIB, header.seed, &AtomicU64::new(0)))
+        w.write_all(&header.encode())
+            .and_then(|()| payload::send(&mut w, before_reset, header.seed, &AtomicU64::new(0)))
     });
     let got = payload::receive(&mut (&s), &AtomicU64::new(0));
     let _ = s.shutdown(Shutdown::Both); // unblocks the writer if the stream did not reset
