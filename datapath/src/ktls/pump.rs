@@ -9,10 +9,19 @@
 //! Ends follow the data path's rules: EOF on the plain socket becomes close_notify +
 //! FIN on the tunnel; a close_notify from the tunnel becomes FIN on the plain socket; a
 //! tunnel FIN without close_notify, an alert, or any error aborts the stream.
+//!
+//! A stream shares its tokio worker with the control session, heartbeats, accepts and
+//! timers. While both of its sockets stay ready (the usual case when this end is the
+//! slowest part of a transfer: kernel TLS does the crypto inside these system calls) a
+//! loop of successful calls would never give the worker back, and tasks queued behind it
+//! would wait for the whole transfer (issue #11 row 10: an agent's pings stopped for 20 s
+//! during a 256 MiB transfer in the VM, and the relay declared it dead). So each
+//! direction yields to the runtime after every [`SLICE`] of work ([`Turn`]).
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -50,6 +59,32 @@ pub(crate) struct Pending {
 
 type Failure = (Side, io::Error);
 
+/// How long one direction of a stream may keep its tokio worker busy before it lets the
+/// runtime's other tasks run. A few system calls' worth: a 64 KiB splice through kernel
+/// TLS takes well under a millisecond on real hardware and a few under emulation.
+pub(crate) const SLICE: Duration = Duration::from_millis(5);
+
+/// One direction's time on its worker since it last gave the worker back.
+pub(crate) struct Turn {
+    since: Instant,
+}
+
+impl Turn {
+    pub(crate) fn new() -> Turn {
+        Turn { since: Instant::now() }
+    }
+
+    /// Called after each system call that moved bytes: once this direction has run for
+    /// [`SLICE`], yields, so queued tasks, timers and I/O events are served before it
+    /// goes on.
+    pub(crate) async fn moved(&mut self) {
+        if self.since.elapsed() >= SLICE {
+            tokio::task::yield_now().await;
+            self.since = Instant::now();
+        }
+    }
+}
+
 /// Moves both directions until both end cleanly, or one fails.
 pub(crate) async fn run(
     tunnel: &TcpStream,
@@ -76,16 +111,23 @@ async fn when_ready<T>(s: &TcpStream, interest: Interest, mut f: impl FnMut() ->
     }
 }
 
-async fn write_all(s: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+async fn write_all(s: &TcpStream, mut data: &[u8], turn: &mut Turn) -> io::Result<()> {
     while !data.is_empty() {
         let n = when_ready(s, Interest::WRITABLE, || sys::send(s.as_raw_fd(), data)).await?;
         data = &data[n..];
+        turn.moved().await;
     }
     Ok(())
 }
 
 /// Writes the `n` bytes in `pipe` to `dst`.
-async fn drain_pipe(pipe: &sys::Pipe, dst: &TcpStream, mut n: usize, counter: &AtomicU64) -> io::Result<()> {
+async fn drain_pipe(
+    pipe: &sys::Pipe,
+    dst: &TcpStream,
+    mut n: usize,
+    counter: &AtomicU64,
+    turn: &mut Turn,
+) -> io::Result<()> {
     while n > 0 {
         let m = when_ready(dst, Interest::WRITABLE, || sys::splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), n, true))
             .await?;
@@ -94,6 +136,7 @@ async fn drain_pipe(pipe: &sys::Pipe, dst: &TcpStream, mut n: usize, counter: &A
         }
         n -= m;
         counter.fetch_add(m as u64, Ordering::Relaxed);
+        turn.moved().await;
     }
     Ok(())
 }
@@ -119,6 +162,7 @@ async fn up(
     let pfd = plain.as_raw_fd();
     let counter = &transfer.plain_to_tunnel;
     let tunnel_err = |e| (Side::Tunnel, e);
+    let mut turn = Turn::new();
     match mover {
         Mover::Splice => {
             let pipe = sys::Pipe::new(true, PIPE_SIZE).map_err(|e| (Side::Plain, e))?;
@@ -131,7 +175,7 @@ async fn up(
                 if n == 0 {
                     return finish_tunnel(tunnel, tls).await.map_err(tunnel_err);
                 }
-                drain_pipe(&pipe, tunnel, n, counter).await.map_err(tunnel_err)?;
+                drain_pipe(&pipe, tunnel, n, counter, &mut turn).await.map_err(tunnel_err)?;
             }
         }
         #[cfg(feature = "bench-engines")]
@@ -144,7 +188,7 @@ async fn up(
                 if n == 0 {
                     return finish_tunnel(tunnel, tls).await.map_err(tunnel_err);
                 }
-                write_all(tunnel, &buf[..n]).await.map_err(tunnel_err)?;
+                write_all(tunnel, &buf[..n], &mut turn).await.map_err(tunnel_err)?;
                 counter.fetch_add(n as u64, Ordering::Relaxed);
                 transfer.copied.fetch_add(n as u64, Ordering::Relaxed);
             }
@@ -165,10 +209,11 @@ async fn on_record(
     plain: &TcpStream,
     counter: &AtomicU64,
     copied: &AtomicU64,
+    turn: &mut Turn,
 ) -> Result<Next, Failure> {
     match records::classify(record_type, data) {
         Received::Data => {
-            write_all(plain, data).await.map_err(|e| (Side::Plain, e))?;
+            write_all(plain, data, turn).await.map_err(|e| (Side::Plain, e))?;
             counter.fetch_add(data.len() as u64, Ordering::Relaxed);
             copied.fetch_add(data.len() as u64, Ordering::Relaxed);
             Ok(Next::Continue)
@@ -211,8 +256,9 @@ async fn down(
     copied: &AtomicU64,
 ) -> Result<(), Failure> {
     let tfd = tunnel.as_raw_fd();
+    let mut turn = Turn::new();
     if !pending.bytes.is_empty() {
-        write_all(plain, &pending.bytes).await.map_err(|e| (Side::Plain, e))?;
+        write_all(plain, &pending.bytes, &mut turn).await.map_err(|e| (Side::Plain, e))?;
         counter.fetch_add(pending.bytes.len() as u64, Ordering::Relaxed);
         copied.fetch_add(pending.bytes.len() as u64, Ordering::Relaxed);
     }
@@ -230,7 +276,7 @@ async fn down(
                 .await;
                 match r {
                     Ok(0) => return tunnel_eof(plain, tls),
-                    Ok(n) => drain_pipe(&pipe, plain, n, counter).await.map_err(|e| (Side::Plain, e))?,
+                    Ok(n) => drain_pipe(&pipe, plain, n, counter, &mut turn).await.map_err(|e| (Side::Plain, e))?,
                     Err(e) if tls == TunnelTls::Kernel && sys::is_control_record_next(&e) => {
                         record.resize(RECORD_BUF, 0);
                         let (n, ty) =
@@ -240,7 +286,7 @@ async fn down(
                         if n == 0 {
                             return tunnel_eof(plain, tls);
                         }
-                        if let Next::Done = on_record(ty, &record[..n], plain, counter, copied).await? {
+                        if let Next::Done = on_record(ty, &record[..n], plain, counter, copied, &mut turn).await? {
                             return Ok(());
                         }
                     }
@@ -258,7 +304,7 @@ async fn down(
                 if n == 0 {
                     return tunnel_eof(plain, tls);
                 }
-                if let Next::Done = on_record(ty, &buf[..n], plain, counter, copied).await? {
+                if let Next::Done = on_record(ty, &buf[..n], plain, counter, copied, &mut turn).await? {
                     return Ok(());
                 }
             }
@@ -268,3 +314,28 @@ async fn down(
 
 /// Room for one TLS record's plaintext (16 KiB) and then some.
 pub(crate) const RECORD_BUF: usize = 16 * 1024 + 256;
+
+#[cfg(test)]
+mod turn_tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn a_direction_gives_the_worker_back_after_its_slice() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let ran = Arc::new(AtomicBool::new(false));
+            let r = ran.clone();
+            tokio::spawn(async move { r.store(true, Ordering::Relaxed) });
+            let mut turn = Turn::new();
+            // Busy past the slice, as a splice loop whose sockets stay ready would be.
+            let t = Instant::now();
+            while t.elapsed() < SLICE {
+                std::hint::spin_loop();
+            }
+            turn.moved().await;
+            assert!(ran.load(Ordering::Relaxed), "the queued task did not run");
+        });
+    }
+}

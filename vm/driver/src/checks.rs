@@ -264,9 +264,13 @@ pub fn abort_backend(stack: &Stack, backend: &mut Backend, ids: &mut Ids) -> Res
     let header = Header { id, mode: Mode::BackendAbort, up: before_reset, down, seed: id };
     let s = connect(&stack.endpoint)?;
     let mut w = s.try_clone()?;
-    // The client keeps sending (far more than the backend reads) until the reset stops it.
+    // The client sends what the backend reads and no more. A socket reports a received
+    // reset once (the pending error is cleared by the first call that sees it, then
+    // reads return 0): a writer still sending would take the ECONNRESET and leave the
+    // reader an EOF that looks like a clean end.
     let writer = std::thread::spawn(move || {
-        w.write_all(&header.encode()).and_then(|()| payload::send(&mut w, 64 * MIB, header.seed, &AtomicU64::new(0)))
+        w.write_all(&header.encode())
+            .and_then(|()| payload::send(&mut w, before_reset, header.seed, &AtomicU64::new(0)))
     });
     let got = payload::receive(&mut (&s), &AtomicU64::new(0));
     let _ = s.shutdown(Shutdown::Both); // unblocks the writer if the stream did not reset
@@ -333,6 +337,26 @@ pub fn abort_client(stack: &Stack, backend: &mut Backend, ids: &mut Ids) -> Resu
             stack.log_tails()
         ),
     }
+}
+
+/// The control session the relay and agent started with is still the only one: neither
+/// side ended it (a heartbeat declaring the peer dead, a failed read or write) during
+/// `during`. With `--heartbeat-secs 1` a control session starved of CPU for 3 s by the
+/// data path fails this.
+pub fn heartbeat(stack: &Stack, during: &str) -> Result<String> {
+    let ends = stack.session_ends();
+    ensure!(
+        ends.is_empty(),
+        "the control session ended during {during} (heartbeat every {} s, dead after {} s of silence):\n{}",
+        stack.heartbeat_secs,
+        3 * stack.heartbeat_secs,
+        ends.join("\n")
+    );
+    Ok(format!(
+        "one control session throughout {during}, heartbeat every {} s (a silent peer is dead after {} s)",
+        stack.heartbeat_secs,
+        3 * stack.heartbeat_secs
+    ))
 }
 
 /// Which `path` labels a check accepts.

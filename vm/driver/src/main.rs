@@ -13,15 +13,21 @@
 //! `FAIL <name> …` lines (the host counts them), `INFO …` lines for people; the exit
 //! code is 1 if anything failed.
 //!
-//! `e2e` checks, in order: `bulk` (N MiB each way at once, SHA-256 both ends), `half_close`,
-//! `abort_backend`, `abort_client`, `path` (every stream on kernel TLS on both binaries,
-//! no payload copied through user space), and `compare` (relay + agent restarted with
+//! `e2e` runs the relay with `--heartbeat-secs 1` (a silent peer is dead after 3 s) and
+//! checks, in order: `bulk` (N MiB each way at once, SHA-256 both ends), `heartbeat` (the
+//! control session lived through the bulk transfer), `half_close`, `abort_backend`,
+//! `abort_client`, `path` (every stream on kernel TLS on both binaries, no payload copied
+//! through user space), `latency` (a smaller transfer with netem delaying `lo` by 100 ms,
+//! a 200 ms round trip), and `compare` (relay + agent restarted with
 //! `SLUICE_DATA_PATH=userspace`, the same transfer at `--compare-mib`, CPU per GiB side
-//! by side). `bench` runs the bulk transfer once per engine and prints a table.
+//! by side). `bench` runs the bulk transfer once per engine and prints a table. Warnings,
+//! errors and session changes from the relay's and agent's logs are printed (`INFO log`)
+//! after a failed check and at the end.
 
 mod backend;
 mod checks;
 mod metrics;
+mod netem;
 mod payload;
 mod stack;
 
@@ -36,6 +42,16 @@ use stack::Stack;
 
 /// The backend's port in the guest.
 const BACKEND_PORT: u16 = 9000;
+
+/// The relay's `--heartbeat-secs` in `e2e`: the shortest it allows, so a control
+/// session starved for 3 s by data-path work during `bulk` is declared dead and the
+/// `heartbeat` check fails (issue #11 row 10).
+const E2E_HEARTBEAT_SECS: u64 = 1;
+/// The relay's `--heartbeat-secs` in `bench`.
+const BENCH_HEARTBEAT_SECS: u64 = 5;
+/// The `latency` check: netem delay on `lo` (each round trip twice this) and MiB each way.
+const LATENCY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+pub const LATENCY_MIB: u64 = 4;
 
 /// Engines `bench` knows: `SLUICE_KTLS_ENGINE` values, plus `userspace` (no kTLS).
 const ENGINES: &[&str] = &["splice", "uring", "threads", "copy", "userspace"];
@@ -139,10 +155,35 @@ fn meminfo_mib(key: &str) -> u64 {
 }
 
 /// Starts the stack with `env`, reporting a failure as `FAIL <name>`.
-fn start(res: &mut Results, name: &str, env: &[(&str, &str)]) -> Option<Stack> {
+fn start(res: &mut Results, name: &str, env: &[(&str, &str)], heartbeat_secs: u64) -> Option<Stack> {
     let t = Instant::now();
-    let stack = Stack::start(BACKEND_PORT, env);
-    res.record(name, t, stack, |s| format!("relay + agent up, resource AVAILABLE at {}", s.endpoint))
+    let stack = Stack::start(BACKEND_PORT, env, heartbeat_secs);
+    res.record(name, t, stack, |s| {
+        format!("relay + agent up (--heartbeat-secs {heartbeat_secs}), resource AVAILABLE at {}", s.endpoint)
+    })
+}
+
+/// Prints the relay's and agent's warnings, errors and session changes logged since the
+/// last call, under `INFO log`, when a check failed since then (`failed_before`): the
+/// cause of a failure is usually there.
+fn logs_after_failure(res: &Results, failed_before: &mut u32, stack: &mut Stack) {
+    let notable = stack.take_notable();
+    if res.failed > *failed_before && !notable.is_empty() {
+        info("log: warnings, errors and session changes of relay and agent so far:");
+        for l in notable {
+            println!("INFO log {l}");
+        }
+    }
+    *failed_before = res.failed;
+}
+
+/// Always at the end: how many warnings and errors each binary logged, and those not
+/// shown yet.
+fn log_summary(stack: &mut Stack) {
+    info(format!("log summary: {}", stack.warning_counts()));
+    for l in stack.take_notable() {
+        println!("INFO log {l}");
+    }
 }
 
 fn env_line(env: &[(&str, &str)]) -> String {
@@ -155,12 +196,16 @@ fn e2e(mib: u64, compare_mib: u64) -> Result<u32> {
     let mut ids = Ids::new();
     let ktls_env = [("SLUICE_DATA_PATH", "auto")];
     info(format!("e2e: bulk {mib} MiB each way, compare {compare_mib} MiB each way; {}", env_line(&ktls_env)));
-    let Some(mut stack) = start(&mut res, "setup", &ktls_env) else { return Ok(res.failed) };
+    let Some(mut stack) = start(&mut res, "setup", &ktls_env, E2E_HEARTBEAT_SECS) else { return Ok(res.failed) };
     info(stack.data_path_log_lines().join("\n"));
+    let mut failed_before = 0;
 
     let t = Instant::now();
     let r = checks::bulk(&stack, &mut backend, &mut ids, mib);
     let ktls = res.record("bulk", t, r, Bulk::summary);
+    let t = Instant::now();
+    res.record("heartbeat", t, checks::heartbeat(&stack, "bulk"), String::clone);
+    logs_after_failure(&res, &mut failed_before, &mut stack);
     let t = Instant::now();
     res.record("half_close", t, checks::half_close(&stack, &mut backend, &mut ids), String::clone);
     let t = Instant::now();
@@ -174,6 +219,23 @@ fn e2e(mib: u64, compare_mib: u64) -> Result<u32> {
         .and_then(|r| Ok((r, stack.agent_metrics()?)))
         .and_then(|(r, a)| checks::path(&r, &a, Want::AnyKtls));
     res.record("path", t, path, String::clone);
+    logs_after_failure(&res, &mut failed_before, &mut stack);
+
+    let t = Instant::now();
+    let latency = netem::Delay::add("lo", LATENCY_DELAY).and_then(|delay| {
+        info(format!(
+            "latency: netem delay {} ms on {} (every round trip {} ms)",
+            delay.delay.as_millis(),
+            delay.interface,
+            2 * delay.delay.as_millis()
+        ));
+        let r = checks::bulk(&stack, &mut backend, &mut ids, LATENCY_MIB)
+            .and_then(|b| Ok((b, checks::heartbeat(&stack, "bulk under latency")?)));
+        delay.remove()?;
+        r
+    });
+    res.record("latency", t, latency, |(b, _)| format!("with a 200 ms round trip: {}", b.summary()));
+    logs_after_failure(&res, &mut failed_before, &mut stack);
 
     let t = Instant::now();
     let user_env = [("SLUICE_DATA_PATH", "userspace")];
@@ -210,12 +272,14 @@ fn e2e(mib: u64, compare_mib: u64) -> Result<u32> {
             None => info("compare: no numbers for the auto path (bulk failed)"),
         }
     }
+    logs_after_failure(&res, &mut failed_before, &mut stack);
     info(format!(
         "guest memory: {} MiB available of {} MiB after the checks",
         meminfo_mib("MemAvailable:"),
         meminfo_mib("MemTotal:")
     ));
     stack.stop();
+    log_summary(&mut stack);
     Ok(res.failed)
 }
 
@@ -241,7 +305,7 @@ fn bench(mib: u64, engines: &[String]) -> Result<u32> {
         let t = Instant::now();
         let r = match stack.as_mut() {
             Some(s) => s.restart(&env),
-            None => Stack::start(BACKEND_PORT, &env).map(|s| {
+            None => Stack::start(BACKEND_PORT, &env, BENCH_HEARTBEAT_SECS).map(|s| {
                 stack = Some(s);
             }),
         };
@@ -274,6 +338,7 @@ fn bench(mib: u64, engines: &[String]) -> Result<u32> {
     }
     if let Some(mut s) = stack {
         s.stop();
+        log_summary(&mut s);
     }
     println!("bench: {mib} MiB each way at once, one stream, relay + agent in the kTLS VM (emulated CPU)");
     println!(

@@ -55,6 +55,9 @@ pub struct Stack {
     agent: Option<Child>,
     pub relay_log: PathBuf,
     pub agent_log: PathBuf,
+    /// Every log this stack wrote (`relay-N.log`, `agent-N.log`), oldest first, and how
+    /// many of its notable lines were already printed ([`Stack::take_notable`]).
+    logs: Vec<(&'static str, PathBuf, usize)>,
     backend_port: u16,
     jwt: String,
     starts: u32,
@@ -62,12 +65,14 @@ pub struct Stack {
     pub endpoint: String,
     /// The environment both binaries got (data path, engine).
     pub env: Vec<(String, String)>,
+    /// The relay's `--heartbeat-secs` (the agent takes it from the welcome).
+    pub heartbeat_secs: u64,
 }
 
 impl Stack {
     /// Starts a fresh relay, creates a customer and its registration JWT, starts the agent
     /// and waits until the resource is AVAILABLE.
-    pub fn start(backend_port: u16, env: &[(&str, &str)]) -> Result<Stack> {
+    pub fn start(backend_port: u16, env: &[(&str, &str)], heartbeat_secs: u64) -> Result<Stack> {
         let _ = std::fs::remove_dir_all(relay_dir());
         let _ = std::fs::remove_dir_all(agent_state());
         let mut s = Stack {
@@ -75,11 +80,13 @@ impl Stack {
             agent: None,
             relay_log: PathBuf::new(),
             agent_log: PathBuf::new(),
+            logs: Vec::new(),
             backend_port,
             jwt: String::new(),
             starts: 0,
             endpoint: String::new(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            heartbeat_secs,
         };
         s.start_relay()?;
         let customer = s.cli_ok(&["customers", "create", "vm"])?;
@@ -103,6 +110,7 @@ impl Stack {
         let url_file = relay_dir().join("admin-url");
         let _ = std::fs::remove_file(&url_file);
         self.relay_log = log_path(&format!("relay-{}.log", self.starts));
+        self.logs.push(("relay", self.relay_log.clone(), 0));
         let mut cmd = Command::new(bin("sluice"));
         cmd.env_clear()
             .env("SLUICE_LOG", "info")
@@ -110,7 +118,7 @@ impl Stack {
             .arg(relay_dir())
             .args(["--agent-listen", AGENT_LISTEN, "--admin-listen", ADMIN_LISTEN])
             .args(["--public-url", &format!("https://{AGENT_LISTEN}"), "--resource-ports", RESOURCE_PORTS])
-            .args(["--heartbeat-secs", "5"]);
+            .args(["--heartbeat-secs", &self.heartbeat_secs.to_string()]);
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -136,6 +144,7 @@ impl Stack {
 
     fn start_agent(&mut self) -> Result<()> {
         self.agent_log = log_path(&format!("agent-{}.log", self.starts));
+        self.logs.push(("agent", self.agent_log.clone(), 0));
         let mut cmd = Command::new(bin("sluice-agent"));
         cmd.env_clear()
             .env("APP_HOST", "127.0.0.1")
@@ -244,6 +253,60 @@ impl Stack {
         out
     }
 
+    /// The notable lines ([`is_notable`]) of every log of this stack that were not taken
+    /// before, each prefixed with `relay-N.log|` or `agent-N.log|`: warnings, errors and
+    /// why control sessions ended, so a failed check shows its cause.
+    pub fn take_notable(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (_, log, seen) in &mut self.logs {
+            let text = std::fs::read_to_string(&*log).unwrap_or_default();
+            let notable: Vec<&str> = text.lines().filter(|l| is_notable(l)).collect();
+            let name = log.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let new = &notable[(*seen).min(notable.len())..];
+            let shown = new.len().min(MAX_NOTABLE);
+            out.extend(new[..shown].iter().map(|l| format!("{name}| {}", l.trim())));
+            if new.len() > shown {
+                out.push(format!("{name}| … {} more such lines in {}", new.len() - shown, log.display()));
+            }
+            *seen = notable.len();
+        }
+        out
+    }
+
+    /// How many warnings and errors each binary logged so far, e.g. `relay 0/0, agent 2/0`.
+    pub fn warning_counts(&self) -> String {
+        let mut by_who: Vec<(&str, usize, usize)> = Vec::new();
+        for (who, log, _) in &self.logs {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let (w, e) = text.lines().fold((0, 0), |(w, e), l| match level(l) {
+                Some("WARN") => (w + 1, e),
+                Some("ERROR") => (w, e + 1),
+                _ => (w, e),
+            });
+            match by_who.iter_mut().find(|(x, ..)| x == who) {
+                Some(entry) => {
+                    entry.1 += w;
+                    entry.2 += e;
+                }
+                None => by_who.push((who, w, e)),
+            }
+        }
+        by_who.iter().map(|(who, w, e)| format!("{who} {w} warnings/{e} errors")).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Control sessions that ended since the current relay and agent started: the
+    /// relay's `agent session down` lines and the agent's `relay unreachable` lines.
+    /// Empty while the one session they started with lives.
+    pub fn session_ends(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (log, needle) in [(&self.relay_log, "agent session down"), (&self.agent_log, "relay unreachable")] {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let name = log.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.extend(text.lines().filter(|l| l.contains(needle)).map(|l| format!("{name}| {}", l.trim())));
+        }
+        out
+    }
+
     /// The last lines of both logs, for failure messages.
     pub fn log_tails(&self) -> String {
         format!("{}\n{}", tail(&self.relay_log, "relay"), tail(&self.agent_log, "agent"))
@@ -342,6 +405,26 @@ fn peak_rss_kib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// At most this many notable lines per log and call of [`Stack::take_notable`].
+const MAX_NOTABLE: usize = 40;
+
+/// The level of a `tracing` text log line (`<timestamp>  WARN target: message`).
+fn level(line: &str) -> Option<&str> {
+    let mut words = line.split_whitespace();
+    words.next()?;
+    words.next().filter(|w| matches!(*w, "TRACE" | "DEBUG" | "INFO" | "WARN" | "ERROR"))
+}
+
+/// Lines worth showing with the results: warnings and errors, and the relay's and
+/// agent's lines about control sessions coming and going (with the reason they ended).
+pub fn is_notable(line: &str) -> bool {
+    matches!(level(line), Some("WARN" | "ERROR"))
+        || line.contains("agent session down")
+        || line.contains("agent session up")
+        || line.contains("connected to the relay")
+        || line.contains("panicked")
 }
 
 /// The last 15 lines of a log, each prefixed with `who|`.

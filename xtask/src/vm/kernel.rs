@@ -27,13 +27,15 @@ const META_PACKAGE: &str = "linux-image-cloud-amd64";
 /// `tls` is kTLS itself; `aesni_intel` provides `gcm(aes)` (QEMU's `-cpu max` has
 /// AES-NI); the ChaCha20-Poly1305 ones are optional because only that suite needs them.
 /// Without `modprobe` in the guest the kernel cannot load algorithm modules on demand,
-/// so every algorithm kTLS may ask for must be loaded up front.
+/// so every algorithm kTLS may ask for must be loaded up front. `sch_netem` (optional)
+/// is the delay queueing discipline of the driver's `latency` check.
 const KTLS_MODULES: &[(&str, bool)] = &[
     ("aesni_intel", true),
     ("tls", true),
     ("chacha20poly1305", false),
     ("chacha_x86_64", false),
     ("poly1305_x86_64", false),
+    ("sch_netem", false),
 ];
 
 /// An unpacked kernel package.
