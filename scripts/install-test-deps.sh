@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the end-to-end tests start for real: a PostgreSQL server and an OpenSSH
-# sftp server (Debian packages). Idempotent: does nothing when they are present.
+# Installs what the end-to-end tests start for real: a PostgreSQL server, an OpenSSH
+# sftp server and the network-fault tools (Debian packages). Idempotent: does nothing when they are present.
 # Needs root (apt-get) only when something is missing.
 set -euo pipefail
 
@@ -9,9 +9,14 @@ ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing+=(postgresql)
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 command -v sftp >/dev/null 2>&1 || missing+=(openssh-client)
+# The network-fault tests: namespaces and veth (iproute2), packet loss and firewalls
+# (nftables), segmentation offloads off so that loss hits real packets (ethtool).
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v ethtool >/dev/null 2>&1 || missing+=(ethtool)
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "test dependencies present (postgresql, openssh-server)"
+  echo "test dependencies present (postgresql, openssh-server, iproute2, nftables, ethtool)"
   exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then

@@ -16,6 +16,7 @@ use rand::Rng;
 use serde_json::Value;
 
 pub mod load;
+pub mod netns;
 pub mod services;
 
 /// Directory holding the built binaries (next to the test executable's `deps/`).
@@ -167,8 +168,15 @@ impl Relay {
         self.dir.join("relay-data")
     }
 
+    /// The address agents dial: `--agent-host ADDR` among the extra flags (a test's own
+    /// flag, not the relay's) moves the agent port from loopback to ADDR.
+    fn agent_host(&self) -> String {
+        let at = self.extra_args.iter().position(|a| a == "--agent-host");
+        at.and_then(|i| self.extra_args.get(i + 1)).cloned().unwrap_or_else(|| "127.0.0.1".into())
+    }
+
     pub fn public_url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.agent_port)
+        format!("https://{}:{}", self.agent_host(), self.agent_port)
     }
 
     fn spawn(&mut self) {
@@ -176,12 +184,12 @@ impl Relay {
         let mut cmd = Command::new(bin("sluice"));
         cmd.args(["serve", "--data-dir"])
             .arg(self.data_dir())
-            .args(["--agent-listen", &format!("127.0.0.1:{}", self.agent_port)])
+            .args(["--agent-listen", &format!("{}:{}", self.agent_host(), self.agent_port)])
             .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin_port)])
             .args(["--public-url", &self.public_url()])
             .args(["--resource-ports", &format!("{}-{}", self.ports.0, self.ports.1)])
             .args(["--log", "info,sluice_relay=debug"])
-            .args(&self.extra_args);
+            .args(self.relay_args());
         if !self.extra_args.iter().any(|a| a == "--heartbeat-secs") {
             cmd.args(["--heartbeat-secs", "1"]);
         }
@@ -194,6 +202,20 @@ impl Relay {
         }
         wait_for(Duration::from_secs(20), "the relay to be ready", || url_file.exists().then_some(()))
             .unwrap_or_else(|e| panic!("{e}\n--- relay log ---\n{}", self.log()));
+    }
+
+    /// The extra flags meant for `sluice serve` (without the harness's `--agent-host`).
+    fn relay_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut args = self.extra_args.iter();
+        while let Some(a) = args.next() {
+            if a == "--agent-host" {
+                args.next();
+            } else {
+                out.push(a.clone());
+            }
+        }
+        out
     }
 
     /// Stops the relay (SIGKILL) and starts it again on the same ports and data.
@@ -275,8 +297,16 @@ pub struct Agent {
 impl Agent {
     /// Starts `sluice-agent` with the given environment (APP_HOST etc.).
     pub fn start(dir: &Path, label: &str, env: &[(&str, &str)]) -> Agent {
+        Self::launch(Command::new(bin("sluice-agent")), dir, label, env)
+    }
+
+    /// Starts `sluice-agent` inside a network namespace of the test's.
+    pub fn start_in(ns: &netns::Netns, dir: &Path, label: &str, env: &[(&str, &str)]) -> Agent {
+        Self::launch(ns.command(&bin("sluice-agent")), dir, label, env)
+    }
+
+    fn launch(mut cmd: Command, dir: &Path, label: &str, env: &[(&str, &str)]) -> Agent {
         let state_dir = dir.join(format!("agent-{label}-state"));
-        let mut cmd = Command::new(bin("sluice-agent"));
         cmd.env_clear()
             .env("STATE_DIR", &state_dir)
             .env("SLUICE_RECONNECT_MAX_SECS", "1")

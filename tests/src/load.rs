@@ -84,7 +84,12 @@ pub fn expected_digest(len: u64, seed: u64) -> [u8; 32] {
 /// An echo service on loopback: every connection gets its bytes back, then a FIN after
 /// the client's FIN.
 pub async fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    echo_server_at("127.0.0.1".parse().unwrap()).await
+}
+
+/// [`echo_server`] listening on `ip`.
+pub async fn echo_server_at(ip: std::net::IpAddr) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -112,7 +117,16 @@ pub async fn sink_source_server(
     reply_len: u64,
     seed: u64,
 ) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<SinkReport>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    sink_source_server_at("127.0.0.1".parse().unwrap(), reply_len, seed).await
+}
+
+/// [`sink_source_server`] listening on `ip` (e.g. the host's end of a test namespace).
+pub async fn sink_source_server_at(
+    ip: std::net::IpAddr,
+    reply_len: u64,
+    seed: u64,
+) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<SinkReport>) {
+    let l = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {

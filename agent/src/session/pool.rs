@@ -138,6 +138,12 @@ pub(super) fn spawn_data_conn(pool: &Arc<Pool>) {
         };
         pool.idle.fetch_sub(1, Ordering::Relaxed);
         match open {
+            Ok(open) if pool.closed.is_cancelled() => {
+                // The session ended (a drain, a lost relay) as the stream arrived: no new
+                // streams now. Closing without a reply lets the relay, which has read no
+                // client byte yet, try another agent.
+                debug!(stream = open.stream_id, "stream refused: the session is over");
+            }
             Ok(open) => {
                 refill(&pool);
                 let span = info_span!("stream", id = open.stream_id, client = %open.client_addr);
