@@ -246,17 +246,22 @@ fn is_invisible_format(c: char) -> bool {
 /// A name made safe for one log line or terminal cell: at most 100 characters, control
 /// and invisible characters escaped. For names that have not been validated yet.
 pub fn printable(name: &str) -> String {
-    let mut out: String = name
-        .chars()
-        .take(MAX_NAME_CHARS)
-        .flat_map(|c| {
-            if c.is_control() || is_invisible_format(c) { c.escape_unicode().collect::<Vec<_>>() } else { vec![c] }
-        })
-        .collect();
+    let capped: String = name.chars().take(MAX_NAME_CHARS).collect();
+    let mut out = escape_controls(&capped);
     if name.chars().count() > MAX_NAME_CHARS {
         out.push('…');
     }
     out
+}
+
+/// `text` with control and invisible format characters written as `\u{…}` escapes, so
+/// nothing it holds can forge a line or steer a terminal (table cells, log fields).
+pub fn escape_controls(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() || is_invisible_format(c) { c.escape_unicode().collect::<Vec<_>>() } else { vec![c] }
+        })
+        .collect()
 }
 
 /// Seconds since the Unix epoch.

@@ -614,6 +614,16 @@ fn ago(t: Option<u64>) -> String {
 
 /// Prints rows as an aligned table. `wanted` (case-insensitive names) overrides `default`.
 fn print_table(all: &[&str], default: &[&str], rows: Vec<Vec<String>>, wanted: Option<&[String]>) -> Result<()> {
+    print!("{}", render_table(all, default, rows, wanted)?);
+    Ok(())
+}
+
+/// The table [`print_table`] prints. Cells come from the store and from agents (names,
+/// host names, service errors): control characters in them are escaped, so no cell can
+/// break the table's lines or send escape sequences to the operator's terminal.
+fn render_table(all: &[&str], default: &[&str], rows: Vec<Vec<String>>, wanted: Option<&[String]>) -> Result<String> {
+    let rows: Vec<Vec<String>> =
+        rows.into_iter().map(|r| r.iter().map(|c| sluice_proto::identity::escape_controls(c)).collect()).collect();
     let pick: Vec<usize> = match wanted {
         Some(w) => w
             .iter()
@@ -631,20 +641,31 @@ fn print_table(all: &[&str], default: &[&str], rows: Vec<Vec<String>>, wanted: O
             *w = (*w).max(row[i].chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
         let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", parts.join("  ").trim_end());
+        out.push_str(parts.join("  ").trim_end());
+        out.push('\n');
     };
     line(pick.iter().map(|&i| all[i]).collect());
     for row in &rows {
         line(pick.iter().map(|&i| row[i].as_str()).collect());
     }
-    Ok(())
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_cells_cannot_forge_lines_or_steer_the_terminal() {
+        let rows = vec![vec!["db\nFAKE  ROW".to_owned(), "host\u{1b}[31mred".to_owned()]];
+        let out = render_table(&["Name", "Host"], &["Name", "Host"], rows, None).unwrap();
+        assert_eq!(out.lines().count(), 2, "{out}");
+        assert!(!out.contains('\u{1b}'), "{out:?}");
+        assert!(out.contains("db\\u{a}FAKE  ROW"), "{out}");
+    }
 
     #[test]
     fn durations() {

@@ -31,7 +31,7 @@ pub(crate) fn reject(code: RejectCode, message: impl Into<String>) -> Rejection 
 }
 
 pub(crate) fn internal(e: StoreError) -> Rejection {
-    warn!(error = %e, "store error during enrollment");
+    error!(error = %e, "store error during enrollment");
     reject(RejectCode::Internal, "the relay could not read its store; try again later")
 }
 
