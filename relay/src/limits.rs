@@ -73,6 +73,13 @@ pub struct Limits {
     #[arg(long, env = "SLUICE_MAX_STREAMS_PER_RESOURCE", value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_streams_per_resource: u32,
+    /// Streams one agent (one control session) carries at once. New streams go to the
+    /// resource's other agents; when every agent is at it, the client gets a TCP reset
+    /// (`sluice_relay_streams_failed_total{reason="limit"}`). Bounds what one small host
+    /// next to a database is asked to hold.
+    #[arg(long, env = "SLUICE_MAX_STREAMS_PER_AGENT", value_name = "N", default_value_t = 512,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_streams_per_agent: u32,
 }
 
 /// Descriptors the relay needs besides what its caps admit: listeners, the store, log

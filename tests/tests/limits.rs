@@ -217,8 +217,20 @@ async fn unauthenticated_agent_connections_over_the_cap_are_closed_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_over_the_resource_cap_get_a_reset() {
+    streams_over_a_cap_get_a_reset("--max-streams-per-resource").await;
+}
+
+/// The same with the per-agent cap: the resource's only agent carries two streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_over_the_agent_cap_get_a_reset() {
+    streams_over_a_cap_get_a_reset("--max-streams-per-agent").await;
+}
+
+/// Two streams held, the third over the cap `flag` (set to 2) is reset and counted as
+/// `reason="limit"`, and a place frees when one ends.
+async fn streams_over_a_cap_get_a_reset(flag: &str) {
     let dir = test_dir("limits-streams");
-    let relay = Relay::start_with(dir.path(), &["--max-streams-per-resource", "2"]);
+    let relay = Relay::start_with(dir.path(), &[flag, "2"]);
     let cid = relay.create_customer("acme");
     let echo = echo_server().await;
     let agent = Agent::for_service(dir.path(), "echo", echo.port(), &relay.customer_jwt(&cid));

@@ -266,6 +266,8 @@ pub enum NoDataConn {
     NoAgent,
     #[error("no agent offered a data connection within {0:?}")]
     Timeout(Duration),
+    #[error("every agent of this resource carries {0} streams, the relay's limit (--max-streams-per-agent)")]
+    Busy(usize),
 }
 
 /// All live sessions, by resource and by session id.
@@ -369,30 +371,41 @@ impl Registry {
     /// The sessions a new stream may go to: all but `avoid`, and of those only the ones
     /// not marked stalled while any such is left (a resource whose agents all look
     /// stalled still gets its streams tried).
-    fn candidates(&self, resource_id: &str, avoid: Option<&SessionId>) -> Vec<Arc<AgentSession>> {
+    fn candidates(
+        &self,
+        resource_id: &str,
+        avoid: Option<&SessionId>,
+        max_per_session: usize,
+    ) -> Result<Vec<Arc<AgentSession>>, NoDataConn> {
         let mut sessions = self.sessions_of(resource_id);
         sessions.retain(|s| Some(&s.id) != avoid);
+        if sessions.is_empty() {
+            return Err(NoDataConn::NoAgent);
+        }
+        sessions.retain(|s| s.active_streams.load(Ordering::Relaxed) < max_per_session);
+        if sessions.is_empty() {
+            return Err(NoDataConn::Busy(max_per_session));
+        }
         if sessions.iter().any(|s| !s.is_stalled()) {
             sessions.retain(|s| !s.is_stalled());
         }
-        sessions
+        Ok(sessions)
     }
 
     /// Takes an idle data connection of some live session of the resource (never of
-    /// `avoid`, preferring agents not marked stalled), spreading streams across agents;
-    /// asks an agent for more and waits when none is idle.
+    /// `avoid`, preferring agents not marked stalled, only agents carrying fewer than
+    /// `max_per_session` streams), spreading streams across agents; asks an agent for
+    /// more and waits when none is idle.
     pub async fn take_data_conn(
         &self,
         resource_id: &str,
         wait: Duration,
         avoid: Option<&SessionId>,
+        max_per_session: usize,
     ) -> Result<(Arc<AgentSession>, DataConn), NoDataConn> {
         let deadline = Instant::now() + wait;
         loop {
-            let sessions = self.candidates(resource_id, avoid);
-            if sessions.is_empty() {
-                return Err(NoDataConn::NoAgent);
-            }
+            let sessions = self.candidates(resource_id, avoid, max_per_session)?;
             let start = self.round_robin.fetch_add(1, Ordering::Relaxed) as usize;
             let n = sessions.len();
             for i in 0..n {
@@ -440,6 +453,21 @@ mod tests {
     }
 
     #[test]
+    fn agents_at_their_stream_limit_get_no_new_streams() {
+        let r = Registry::default();
+        let (a, b) = (session("a", "res"), session("b", "res"));
+        r.add(a.clone());
+        r.add(b.clone());
+        a.active_streams.store(2, Ordering::Relaxed);
+        let ids = |v: Vec<Arc<AgentSession>>| v.iter().map(|s| s.id.to_string()).collect::<Vec<_>>();
+        assert_eq!(ids(r.candidates("res", None, 2).unwrap()), ["b"], "a is full");
+        b.active_streams.store(2, Ordering::Relaxed);
+        assert!(matches!(r.candidates("res", None, 2), Err(NoDataConn::Busy(2))), "both full");
+        assert!(matches!(r.candidates("other", None, 2), Err(NoDataConn::NoAgent)));
+        assert_eq!(ids(r.candidates("res", None, 3).unwrap()).len(), 2);
+    }
+
+    #[test]
     fn one_probe_in_flight_and_a_stall_ends_when_the_agent_is_heard() {
         let t0 = Instant::now();
         let s = |n: u64| t0 + Duration::from_secs(n);
@@ -466,17 +494,25 @@ mod tests {
         reg.add(a.clone());
         reg.add(b.clone());
         let ids = |v: Vec<Arc<AgentSession>>| v.iter().map(|s| s.id.to_string()).collect::<Vec<_>>();
-        assert_eq!(ids(reg.candidates("res_1", None)), ["a", "b"]);
+        assert_eq!(ids(reg.candidates("res_1", None, usize::MAX).unwrap()), ["a", "b"]);
         assert!(reg.has_answering_other("res_1", &a.id));
         a.mark_stalled(Duration::from_secs(3));
-        assert_eq!(ids(reg.candidates("res_1", None)), ["b"], "the stalled agent is skipped");
+        assert_eq!(ids(reg.candidates("res_1", None, usize::MAX).unwrap()), ["b"], "the stalled agent is skipped");
         assert!(!reg.has_answering_other("res_1", &b.id), "b has nowhere to move its streams");
         b.mark_stalled(Duration::from_secs(3));
-        assert_eq!(ids(reg.candidates("res_1", None)), ["a", "b"], "all stalled: all are still tried");
-        assert_eq!(ids(reg.candidates("res_1", Some(&b.id))), ["a"], "never the one a stream just left");
+        assert_eq!(
+            ids(reg.candidates("res_1", None, usize::MAX).unwrap()),
+            ["a", "b"],
+            "all stalled: all are still tried"
+        );
+        assert_eq!(
+            ids(reg.candidates("res_1", Some(&b.id), usize::MAX).unwrap()),
+            ["a"],
+            "never the one a stream just left"
+        );
         a.heard();
         assert!(!a.is_stalled(), "a frame from the agent clears the mark");
-        assert_eq!(ids(reg.candidates("res_1", None)), ["a"]);
+        assert_eq!(ids(reg.candidates("res_1", None, usize::MAX).unwrap()), ["a"]);
     }
 
     #[test]

@@ -318,10 +318,17 @@ async fn open_stream(
             None => DATA_CONN_WAIT,
             Some(t) => DATA_CONN_WAIT.min(t.saturating_duration_since(tokio::time::Instant::now())),
         };
+        let max_per_agent = relay.config.limits.max_streams_per_agent as usize;
         let (session, mut conn) =
-            relay.registry.take_data_conn(resource_id, wait, avoid.as_ref()).await.map_err(|e| OpenFailed {
-                reason: if matches!(e, NoDataConn::NoAgent) { "no_agent" } else { "timeout" },
-                why: e.to_string(),
+            relay.registry.take_data_conn(resource_id, wait, avoid.as_ref(), max_per_agent).await.map_err(|e| {
+                OpenFailed {
+                    reason: match e {
+                        NoDataConn::NoAgent => "no_agent",
+                        NoDataConn::Timeout(_) => "timeout",
+                        NoDataConn::Busy(_) => "limit",
+                    },
+                    why: e.to_string(),
+                }
             })?;
         let until = *give_up.get_or_insert_with(|| tokio::time::Instant::now() + OPEN_TIMEOUT);
         match attempt(relay, &session, &mut conn, open, deadline, until).await {
