@@ -27,6 +27,9 @@ impl RelayUrl {
                     format!("relay URL {s:?}: {after:?} after the IPv6 address; write https://[address]:port")
                 })?),
             };
+            if h.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(format!("relay URL {s:?}: {h:?} in brackets is not an IPv6 address"));
+            }
             (h.to_owned(), port)
         } else {
             match rest.split_once(':') {
@@ -51,6 +54,9 @@ impl RelayUrl {
         };
         if host.is_empty() {
             return Err(format!("relay URL {s:?} has no host"));
+        }
+        if let Some(c) = host.chars().find(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("relay URL {s:?}: the host contains {c:?}"));
         }
         Ok(RelayUrl { host, port })
     }
@@ -104,6 +110,13 @@ mod tests {
             // A sign before the port: was port 1.
             "https://r:+1",
             "https://r:",
+            // Brackets around something that is not an IPv6 address: was host " g1\0…",
+            // printed without its brackets.
+            "https://[ g1\0\0]:9",
+            "https://[relay.example.com]:9",
+            // Spaces or control characters in the host.
+            "https://relay example.com",
+            "https://relay\u{1b}[31m.example.com",
         ] {
             let got = RelayUrl::parse(bad);
             assert!(got.is_err(), "{bad:?} was read as {got:?}");
