@@ -3,7 +3,9 @@
 //! that the tests next to each parser pin down. The files are committed; regenerate
 //! them after a protocol change with
 //!
-//!     cargo run --manifest-path fuzz/Cargo.toml --example seed_corpus
+//!     CARGO_TARGET_DIR=target cargo run --release --manifest-path fuzz/Cargo.toml --example seed_corpus
+//!
+//! (the main workspace's target directory: its release dependencies are reused).
 //!
 //! Each file is named after what it holds, so a seed that starts failing says what it was.
 

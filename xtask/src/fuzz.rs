@@ -4,7 +4,7 @@
 //!
 //! Cheap enough for every CI run: the build goes to a target directory outside the clone
 //! (`~/.cache/sluice/fuzz-target`, or `SLUICE_FUZZ_TARGET_DIR`), so a second run on the
-//! same machine rebuilds only Sluice's own crates, not the ~300 dependencies. New inputs
+//! same machine rebuilds only Sluice's own crates, not the ~200 dependencies. New inputs
 //! the fuzzer finds go to `~/.cache/sluice/fuzz-corpus/<target>` (kept, so coverage
 //! grows across runs); the committed seeds in `fuzz/corpus/<target>` are only read.
 //! docs/reliability.md ("Fuzzing") says what each target checks.
@@ -32,8 +32,8 @@ pub const USAGE: &str =
 
 /// Build options shared by `build` and `run` (they must match, or `run` rebuilds):
 /// no sanitizer (the parsers are safe Rust; the targets check their own invariants, and
-/// ASan would halve the executions per second), 16 codegen units (a build in about half
-/// the time of cargo-fuzz's default of one, for a few percent of speed).
+/// AddressSanitizer would only slow each execution), 16 codegen units (a shorter build
+/// than cargo-fuzz's default of one).
 const BUILD_FLAGS: [&str; 4] = ["--sanitizer", "none", "--codegen-units", "16"];
 
 fn cache_dir() -> PathBuf {
@@ -91,10 +91,11 @@ pub fn run(root: &Path, secs: u64, targets: &[String]) -> Result<()> {
     // One target per core (libFuzzer runs one thread): two at a time on two cores.
     let parallel = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
     eprintln!("==> fuzz {} targets for {secs} s each, {parallel} at a time", targets.len());
+    let target_dir = &target_dir;
     for batch in targets.chunks(parallel) {
         let running: Vec<_> = batch
             .iter()
-            .map(|target| Ok((target, fuzz_one(root, &target_dir, target, secs)?)))
+            .map(|target| Ok((target, fuzz_one(root, target_dir, target, secs)?)))
             .collect::<Result<_>>()?;
         let mut failed = Vec::new();
         for (target, (mut child, log, artifacts, before)) in running {
@@ -118,9 +119,10 @@ pub fn run(root: &Path, secs: u64, targets: &[String]) -> Result<()> {
             let saved = new.iter().map(|p| format!("\n  {}", p.display())).collect::<String>();
             failed.push(format!(
                 "fuzz target {target} failed; the input that crashed it is saved in {}:{saved}\n\
-                 reproduce with: cargo +{NIGHTLY} fuzz run -s none {target} {}\n\
+                 reproduce with: cargo +{NIGHTLY} fuzz run -s none --target-dir {} {target} {}\n\
                  then add it as a regression test next to the parser",
                 artifacts.display(),
+                target_dir.display(),
                 new.first().map(|p| p.display().to_string()).unwrap_or_else(|| "<file>".into()),
             ));
         }
