@@ -69,7 +69,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=SLUICE_NO_EBPF");
     println!("cargo:rerun-if-changed=build.rs");
     let missing = missing_toolchain();
-    watch_toolchain(missing.is_none());
+    // SLUICE_NO_EBPF is a choice (watched above), not a missing toolchain to look for
+    // again on every build: rechecking would rebuild the agent each time (fuzz/ sets it).
+    watch_toolchain(missing.is_none() || std::env::var_os("SLUICE_NO_EBPF").is_some());
     if let Some(why) = missing {
         println!(
             "cargo:warning=building sluice-agent without its eBPF program ({why}); it will count stream bytes in \

@@ -128,6 +128,17 @@ impl AgentConfig {
         Self::from_arg_matches(&m).map_err(|e| one_line(&e))
     }
 
+    /// [`load`](Self::load) from `args` alone (the environment is not read): the entry
+    /// point of the `agent_config` fuzz target (`fuzz/`). `args[0]` is the program name.
+    #[doc(hidden)]
+    pub fn load_from_flags<I, T>(args: I) -> Result<AgentConfig, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Self::load_from(sluice_runtime::ignoring_env(Self::command()), args)
+    }
+
     fn load_from<I, T>(cmd: clap::Command, args: I) -> Result<AgentConfig, ConfigError>
     where
         I: IntoIterator<Item = T>,

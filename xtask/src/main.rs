@@ -3,8 +3,11 @@
 //! - `cargo xtask test`: everything CI runs, from a clean clone: installs the real
 //!   services the tests start (PostgreSQL, OpenSSH) and the eBPF toolchain, checks
 //!   formatting and lints, builds the release binaries, and runs every test against them.
+//!   Then it runs every fuzz target for a few seconds (`cargo xtask fuzz`, `fuzz/`).
 //!   Last, it boots the kTLS VM and runs the relay and agent end to end over kernel TLS
 //!   (`cargo xtask vm-test`, `vm/`).
+//! - `cargo xtask fuzz [--secs N] [TARGET…]`: the fuzz targets, each for N seconds
+//!   (`xtask/src/fuzz.rs`).
 //! - `cargo xtask vm-test`, `cargo xtask vm-test-smoke`: the kTLS VM harness (`xtask/src/vm.rs`);
 //!   `vm-test` with no arguments tests the real relay and agent end to end in the VM.
 //! - `cargo xtask vm-bench`: the data-path engines compared in the VM (MiB/s, CPU per GiB).
@@ -12,6 +15,7 @@
 //!   and with open streams (the numbers quoted in docs/benchmarks.md).
 
 mod bench_peers;
+mod fuzz;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -73,6 +77,9 @@ fn test(args: &[String]) -> Result<()> {
         "tests",
         cargo().args(["test", "--release", "--workspace", "--exclude", EBPF_CRATE, "--", "--test-threads", "4"]),
     )?;
+    // Every parser of outside input under libFuzzer for a few seconds each, from the
+    // committed seed corpus (about two minutes with the build cached).
+    fuzz::run(&workspace_root(), fuzz::DEFAULT_SECS, &fuzz::TARGETS.map(String::from))?;
     // Real kernel TLS in a VM (this kernel has none): the static relay and agent move
     // 256 MiB each way over kTLS + splice, half-close, resets, path counters.
     eprintln!("==> kTLS end-to-end test in the VM (cargo xtask vm-test)");
@@ -111,6 +118,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("measure") => measure(),
+        Some("fuzz") => fuzz::cli(&workspace_root(), &args[1..]),
         Some("vm-test") => vm::vm_test_cli(&workspace_root(), &args[1..]),
         Some("vm-test-smoke") => vm::smoke_cli(&workspace_root(), &args[1..]),
         Some("vm-bench") => vm::bench_cli(&workspace_root(), &args[1..]),
@@ -121,8 +129,10 @@ fn main() -> Result<()> {
                  commands:\n  \
                  test [--quick]  install test services, check fmt + clippy, build, run every test (what CI runs);\n                  \
                  --quick skips fmt and clippy\n  \
+                 {}\n  \
                  measure         1 GiB throughput and agent memory (idle, 8 and 200 streams)\n  \
                  bench-peers [--quick] [--no-build] [--no-docs] [--peers LIST]  Sluice vs peer tunnels → docs/benchmarks.md\n{}",
+                fuzz::USAGE.trim_start(),
                 vm::USAGE
             );
             std::process::exit(2);
