@@ -275,8 +275,22 @@ pub struct Agent {
 impl Agent {
     /// Starts `sluice-agent` with the given environment (APP_HOST etc.).
     pub fn start(dir: &Path, label: &str, env: &[(&str, &str)]) -> Agent {
+        Self::start_via(dir, label, env, &[])
+    }
+
+    /// Like [`Agent::start`], run through `wrapper` (a command that execs the rest of its
+    /// arguments, e.g. `prlimit --nofile=1024:` to start it with a low descriptor limit),
+    /// so the process is still the agent's.
+    pub fn start_via(dir: &Path, label: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Agent {
         let state_dir = dir.join(format!("agent-{label}-state"));
-        let mut cmd = Command::new(bin("sluice-agent"));
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(bin("sluice-agent")),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("sluice-agent"));
+                c
+            }
+        };
         cmd.env_clear()
             .env("STATE_DIR", &state_dir)
             .env("SLUICE_RECONNECT_MAX_SECS", "1")
