@@ -118,6 +118,7 @@ fn start_parts(
     shutdown: &CancellationToken,
 ) -> (Arc<crate::meter::Meter>, Arc<DataPath>, Arc<crate::service::ServiceHealth>) {
     let handle = crate::metrics::install();
+    raise_fd_limit();
     let (meter, why) = crate::meter::Meter::start(cfg.counter);
     match &why {
         None => info!("counting stream bytes with eBPF"),
@@ -140,6 +141,55 @@ fn start_parts(
         "sluice-agent starting"
     );
     (Arc::new(meter), data_path, service)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and logs both. Each stream holds
+/// two descriptors (its data connection and the service connection), so the common soft
+/// default of 1024 would cap the agent near 500 streams with "too many open files".
+fn raise_fd_limit() {
+    match fd_limit::raise() {
+        Ok((before, soft)) => info!(soft, raised_from = before, "file descriptor limit (RLIMIT_NOFILE)"),
+        Err(e) => warn!(
+            error = %e,
+            "could not raise the file descriptor limit (RLIMIT_NOFILE); each stream needs two: raise it \
+             (systemd LimitNOFILE=, docker --ulimit nofile=, ulimit -n) if streams fail with \"too many open files\""
+        ),
+    }
+}
+
+mod fd_limit {
+    /// Raises the soft descriptor limit to the hard one (raising soft up to hard needs no
+    /// privilege); returns the soft limit before and after.
+    pub(crate) fn raise() -> std::io::Result<(u64, u64)> {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes into the struct we own.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let before = lim.rlim_cur;
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            // SAFETY: setrlimit reads the struct we own.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim = raised;
+        }
+        Ok((before, lim.rlim_cur))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn the_soft_limit_reaches_the_hard_limit() {
+            let (before, soft) = super::raise().unwrap();
+            assert!(soft >= before);
+            let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            // SAFETY: getrlimit writes into the struct we own.
+            assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+            assert_eq!((lim.rlim_cur, soft), (lim.rlim_max, lim.rlim_max));
+        }
+    }
 }
 
 /// Why no identity could be had this round.

@@ -305,6 +305,21 @@ impl Agent {
         Self::launch(ns.command(&bin("sluice-agent")), dir, label, env)
     }
 
+    /// Like [`Agent::start`], run through `wrapper` (a command that execs the rest of its
+    /// arguments, e.g. `prlimit --nofile=1024:` to start it with a low descriptor limit),
+    /// so the process is still the agent's.
+    pub fn start_via(dir: &Path, label: &str, env: &[(&str, &str)], wrapper: &[&str]) -> Agent {
+        let cmd = match wrapper.split_first() {
+            None => Command::new(bin("sluice-agent")),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("sluice-agent"));
+                c
+            }
+        };
+        Self::launch(cmd, dir, label, env)
+    }
+
     fn launch(mut cmd: Command, dir: &Path, label: &str, env: &[(&str, &str)]) -> Agent {
         let state_dir = dir.join(format!("agent-{label}-state"));
         cmd.env_clear()
