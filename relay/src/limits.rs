@@ -77,7 +77,7 @@ pub struct Limits {
     /// resource's other agents; when every agent is at it, the client gets a TCP reset
     /// (`sluice_relay_streams_failed_total{reason="limit"}`). Bounds what one small host
     /// next to a database is asked to hold.
-    #[arg(long, env = "SLUICE_MAX_STREAMS_PER_AGENT", value_name = "N", default_value_t = 512,
+    #[arg(long, env = "SLUICE_MAX_STREAMS_PER_AGENT", value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_streams_per_agent: u32,
 }

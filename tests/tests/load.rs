@@ -119,7 +119,8 @@ async fn two_thousand_concurrent_mixed_streams_arrive_intact() {
         3 * STREAMS
     );
     let dir = test_dir("load-streams");
-    let relay = Relay::start_with(dir.path(), &["--max-streams-per-resource", "4096"]);
+    let relay =
+        Relay::start_with(dir.path(), &["--max-streams-per-resource", "4096", "--max-streams-per-agent", "4096"]);
     let cid = relay.create_customer("acme");
     let jwt = relay.customer_jwt(&cid);
     let service = exchange_server().await;
