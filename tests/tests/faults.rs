@@ -7,6 +7,8 @@
 //! each test says why and passes as skipped. Traffic stays on the test's own veth.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_e2e::load::{echo_server_at, expected_digest, receive, send, sink_source_server_at};
@@ -190,4 +192,132 @@ async fn a_sixty_second_blackhole_is_detected_and_healed() {
     relay.wait_status("blackholed", "AVAILABLE", Some(&agent));
     eprintln!("blackhole lifted: agent back after {:.1} s", healed.elapsed().as_secs_f64());
     echo_once(&ep).await.expect("streams flow again after the blackhole");
+}
+
+// === The private service misbehaving, and the agent dying (loopback, no namespace) ===
+
+/// A relay, a customer and an agent on loopback for the service at `port`.
+fn loopback_setup(dir: &std::path::Path, name: &str, port: u16) -> (Relay, Agent, String) {
+    let relay = Relay::start(dir);
+    let customer = relay.create_customer(name);
+    let agent = Agent::for_service(dir, name, port, &relay.customer_jwt(&customer));
+    relay.wait_status(name, "AVAILABLE", Some(&agent));
+    let ep = relay.endpoint(name);
+    (relay, agent, ep)
+}
+
+/// Reads until EOF or error; `Ok(n)` only for a clean end after `n` bytes.
+async fn read_to_end_or_error(s: &mut TcpStream) -> Result<u64, std::io::Error> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut n = 0u64;
+    loop {
+        match s.read(&mut buf).await? {
+            0 => return Ok(n),
+            k => n += k as u64,
+        }
+    }
+}
+
+/// The service resets its connection mid-stream (a crashed backend, a killed query): the
+/// platform's client sees a reset too, never a clean end that would pass for complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_resets_mid_stream_resets_the_client() {
+    let dir = test_dir("fault-service-reset");
+    let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = service.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = service.accept().await {
+            tokio::spawn(async move {
+                // 1 MiB of reply, then a reset instead of a FIN.
+                let chunk = vec![7u8; 64 * 1024];
+                for _ in 0..16 {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = s.set_linger(Some(Duration::ZERO));
+                drop(s);
+            });
+        }
+    });
+    let (relay, agent, ep) = loopback_setup(dir.path(), "resetting", port);
+    // The service-status probe's own connections also get the reset: only the client's
+    // stream matters here.
+    let mut client = TcpStream::connect(&ep).await.unwrap();
+    client.write_all(b"SELECT 1").await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), read_to_end_or_error(&mut client)).await.unwrap();
+    assert!(
+        got.is_err(),
+        "a reset by the service must reach the client as a reset, not a clean end after {got:?} bytes\n--- relay ---\n{}\n--- agent ---\n{}",
+        relay.log(),
+        agent.proc.log_text()
+    );
+}
+
+/// A service slow to accept (its accept loop stalled for 5 s; the kernel holds the
+/// connection in its backlog): the stream waits and then completes, bytes equal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_slow_to_accept_still_gets_every_byte() {
+    let dir = test_dir("fault-slow-accept");
+    let service = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = service.local_addr().unwrap().port();
+    let stalled = Arc::new(AtomicBool::new(false));
+    let stall = stalled.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = service.accept().await {
+            if stall.swap(false, Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    let (relay, _agent, ep) = loopback_setup(dir.path(), "slow", port);
+    stalled.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let s = TcpStream::connect(&ep).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let (sent, got) = tokio::join!(send(&mut w, 4 * MIB, 11), receive(&mut r));
+    let (n, digest) = got.unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
+    assert_eq!((n, digest), (4 * MIB, sent.unwrap()), "every byte came back, in order");
+    eprintln!("slow accept: 4 MiB echoed in {:.1} s (5 s of it waiting for accept)", started.elapsed().as_secs_f64());
+}
+
+/// The agent SIGKILLed mid-transfer and started again: the stream under way fails
+/// visibly (a reset, not a short clean end), and the restarted agent serves the next
+/// transfer in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_transfer_fails_the_stream_visibly_and_serves_after_restart() {
+    let dir = test_dir("fault-agent-restart");
+    let (service, mut report) = sink_source_server_at("127.0.0.1".parse().unwrap(), 256 * MIB, 5).await;
+    let relay = Relay::start(dir.path());
+    let customer = relay.create_customer("Restarted");
+    let jwt = relay.customer_jwt(&customer);
+    let mut agent = Agent::for_service(dir.path(), "restarted", service.port(), &jwt);
+    relay.wait_status("restarted", "AVAILABLE", Some(&agent));
+    let ep = relay.endpoint("restarted");
+
+    let mut client = TcpStream::connect(&ep).await.unwrap();
+    client.write_all(b"start").await.unwrap();
+    let mut first = [0u8; 1];
+    client.read_exact(&mut first).await.unwrap();
+    agent.proc.kill();
+    let got = tokio::time::timeout(Duration::from_secs(60), read_to_end_or_error(&mut client)).await.unwrap();
+    assert!(got.is_err(), "the cut stream must fail visibly, not end cleanly after {got:?} of 256 MiB");
+
+    // Same state directory: the agent comes back with its identity.
+    let agent = Agent::for_service(dir.path(), "restarted", service.port(), &jwt);
+    relay.wait_status("restarted", "AVAILABLE", Some(&agent));
+    while report.try_recv().is_ok() {}
+    let s = TcpStream::connect(&ep).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let reader = tokio::spawn(async move { receive(&mut r).await });
+    let sent = send(&mut w, 2 * MIB, 12).await.unwrap();
+    let (n, digest) = reader.await.unwrap().unwrap();
+    assert_eq!((n, digest), (256 * MIB, expected_digest(256 * MIB, 5)), "the full reply after the restart");
+    let seen = tokio::time::timeout(Duration::from_secs(30), report.recv()).await.unwrap().unwrap();
+    assert_eq!((seen.received, seen.received_digest), (2 * MIB, sent), "the upload after the restart");
 }
