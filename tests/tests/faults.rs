@@ -235,7 +235,7 @@ async fn a_service_that_resets_mid_stream_resets_the_client() {
                         return;
                     }
                 }
-                let _ = s.set_linger(Some(Duration::ZERO));
+                let _ = s.set_zero_linger();
                 drop(s);
             });
         }
