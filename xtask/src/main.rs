@@ -10,8 +10,11 @@
 //! - `cargo xtask vm-bench`: the data-path engines compared in the VM (MiB/s, CPU per GiB).
 //! - `cargo xtask measure`: throughput of a 1 GiB transfer and the agent's memory, idle
 //!   and with open streams (the numbers quoted in docs/benchmarks.md).
+//! - `cargo xtask soak [--minutes N]`: relay and agent under churn for 15 minutes with an
+//!   agent restart a minute; RSS and descriptor slopes (`xtask/src/soak.rs`; not in `test`).
 
 mod bench_peers;
+mod soak;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -111,6 +114,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("measure") => measure(),
+        Some("soak") => soak::cli(&args[1..]),
         Some("vm-test") => vm::vm_test_cli(&workspace_root(), &args[1..]),
         Some("vm-test-smoke") => vm::smoke_cli(&workspace_root(), &args[1..]),
         Some("vm-bench") => vm::bench_cli(&workspace_root(), &args[1..]),
@@ -122,7 +126,8 @@ fn main() -> Result<()> {
                  test [--quick]  install test services, check fmt + clippy, build, run every test (what CI runs);\n                  \
                  --quick skips fmt and clippy\n  \
                  measure         1 GiB throughput and agent memory (idle, 8 and 200 streams)\n  \
-                 bench-peers [--quick] [--no-build] [--no-docs] [--peers LIST]  Sluice vs peer tunnels → docs/benchmarks.md\n{}",
+                 bench-peers [--quick] [--no-build] [--no-docs] [--peers LIST]  Sluice vs peer tunnels → docs/benchmarks.md\n{}{}",
+                soak::USAGE,
                 vm::USAGE
             );
             std::process::exit(2);
