@@ -141,6 +141,7 @@ pub fn unacked_bytes(fd: BorrowedFd<'_>) -> Option<i32> {
 }
 
 /// This process's cgroup directory under the cgroup2 mount (looked up, never assumed).
+#[cfg_attr(not(sluice_ebpf), allow(dead_code))]
 pub fn own_cgroup() -> Result<PathBuf, String> {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("reading mountinfo: {e}"))?;
     let mount = mounts

@@ -145,7 +145,7 @@ impl RelayFixture {
         let signer = sluice_relay::state::tokens::TokenSigner::new(&identity.jwt_key);
         store.create_customer("cus_a", "acme", 1).expect("customer");
         store.create_customer("cus_b", "globex", 1).expect("customer");
-        store.create_resource("res_fixed", Some("cus_a"), "fixed", 1024..=1024, 1).expect("resource");
+        store.create_resource("res_fixed", Some("cus_a"), "fixed", 1024..=1024, 100, 1).expect("resource");
         let issue = |jti: &str, resource: Option<(&str, u64)>| {
             let claims = RegistrationClaims {
                 iss: JWT_ISSUER.into(),

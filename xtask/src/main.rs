@@ -13,9 +13,12 @@
 //! - `cargo xtask vm-bench`: the data-path engines compared in the VM (MiB/s, CPU per GiB).
 //! - `cargo xtask measure`: throughput of a 1 GiB transfer and the agent's memory, idle
 //!   and with open streams (the numbers quoted in docs/benchmarks.md).
+//! - `cargo xtask soak [--minutes N]`: relay and agent under churn for 15 minutes with an
+//!   agent restart a minute; RSS and descriptor slopes (`xtask/src/soak.rs`; not in `test`).
 
 mod bench_peers;
 mod fuzz;
+mod soak;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -119,6 +122,7 @@ fn main() -> Result<()> {
         Some("test") => test(&args[1..]),
         Some("measure") => measure(),
         Some("fuzz") => fuzz::cli(&workspace_root(), &args[1..]),
+        Some("soak") => soak::cli(&args[1..]),
         Some("vm-test") => vm::vm_test_cli(&workspace_root(), &args[1..]),
         Some("vm-test-smoke") => vm::smoke_cli(&workspace_root(), &args[1..]),
         Some("vm-bench") => vm::bench_cli(&workspace_root(), &args[1..]),
@@ -131,8 +135,9 @@ fn main() -> Result<()> {
                  --quick skips fmt and clippy\n  \
                  {}\n  \
                  measure         1 GiB throughput and agent memory (idle, 8 and 200 streams)\n  \
-                 bench-peers [--quick] [--no-build] [--no-docs] [--peers LIST]  Sluice vs peer tunnels → docs/benchmarks.md\n{}",
+                 bench-peers [--quick] [--no-build] [--no-docs] [--peers LIST]  Sluice vs peer tunnels → docs/benchmarks.md\n{}{}",
                 fuzz::USAGE.trim_start(),
+                soak::USAGE,
                 vm::USAGE
             );
             std::process::exit(2);
