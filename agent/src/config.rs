@@ -54,6 +54,13 @@ pub struct AgentConfig {
     /// The relay to dial: `--sluice-url`, else the JWT's (set by [`AgentConfig::validate`]).
     #[arg(skip = RelayUrl { host: String::new(), port: 443 })]
     pub relay_url: RelayUrl,
+    /// In a cluster of relays (they tell the agent who they are), the most relays to
+    /// hold a control session and a pool of data connections to at once; each agent
+    /// picks its own subset of a larger cluster (by hashing its identity), so the load
+    /// spreads. A single relay is a cluster of one.
+    #[arg(long = "max-relays", env = "SLUICE_MAX_RELAYS", default_value = "4",
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub max_relays: u32,
     /// Longest wait between reconnection attempts, in seconds.
     #[arg(long = "reconnect-max-secs", env = "SLUICE_RECONNECT_MAX_SECS", default_value = "30",
           value_parser = parse_reconnect_max)]

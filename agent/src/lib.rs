@@ -2,9 +2,10 @@
 //! port), and forwards the streams the relay opens to `APP_HOST:APP_PORT`.
 //!
 //! [`config`] validates the inputs, [`enroll`] obtains and saves the agent's identity,
-//! [`session`] holds the control session and the pool of data connections, and
-//! [`run`] ties them together with reconnection ([`backoff`]) and, when asked to stop,
-//! a [`drain`] of the streams under way.
+//! [`session`] holds one control session and its pool of data connections, [`relays`]
+//! one such session to each relay of the cluster, and [`run`] ties them together with
+//! reconnection ([`backoff`]) and, when asked to stop, a [`drain`] of the streams under
+//! way.
 
 /// This build's version, commit and date (`--version`, logs, `*_build_info`).
 pub use sluice_runtime::{BUILD_DATE, GIT_COMMIT, LONG_VERSION, VERSION};
@@ -15,6 +16,7 @@ pub(crate) mod drain;
 pub(crate) mod enroll;
 pub(crate) mod meter;
 pub(crate) mod metrics;
+pub(crate) mod relays;
 pub(crate) mod service;
 pub(crate) mod session;
 
@@ -60,6 +62,7 @@ async fn serve(cfg: AgentConfig, shutdown: &CancellationToken, drain: &drain::Dr
     let shutdown = shutdown.clone();
     let cfg = Arc::new(cfg);
     let (meter, data_path, service) = start_parts(&cfg, &shutdown);
+    let parts = session::Parts { cfg: cfg.clone(), meter, data_path, service, drain: drain.clone() };
     let mut backoff = Backoff::new(Duration::from_millis(200), cfg.reconnect_max);
     let wait = |why: &str, backoff: &mut Backoff| {
         let d = backoff.next_delay();
@@ -83,12 +86,9 @@ async fn serve(cfg: AgentConfig, shutdown: &CancellationToken, drain: &drain::Dr
             }
             Err(Retry::Never(e)) => return Err(e),
         };
-        let end =
-            session::run(cfg.clone(), meter.clone(), data_path.clone(), service.clone(), identity, &shutdown, drain)
-                .await;
-        if !matches!(end, SessionEnd::Shutdown) {
-            crate::metrics::reconnect();
-        }
+        // One session per relay of the cluster, each reconnecting on its own; back here
+        // only to stop or to enroll again.
+        let end = relays::run(&parts, identity, &shutdown).await;
         let pause = match end {
             SessionEnd::Shutdown => return Ok(()),
             SessionEnd::Renew => {

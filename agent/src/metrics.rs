@@ -26,7 +26,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -38,7 +38,8 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 /// True while the control session with the relay is up: what `/readyz` answers.
-static SESSION_UP: AtomicBool = AtomicBool::new(false);
+/// Control sessions up (one per relay of the cluster the agent holds a session to).
+static SESSIONS_UP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// Why the agent last failed to reach the relay, for `/readyz` while it is down.
 static LAST_FAILURE: Mutex<Option<String>> = Mutex::new(None);
 
@@ -107,13 +108,16 @@ pub fn stream_failed(reason: &'static str) {
     metrics::counter!("sluice_agent_streams_failed_total", "reason" => reason).increment(1);
 }
 
-/// The control session came up or ended: the gauge and `/readyz` follow it.
+/// A control session came up or ended: the gauge (sessions up, one per relay) and
+/// `/readyz` (ready while any is up) follow it.
 pub fn session(up: bool) {
-    SESSION_UP.store(up, Ordering::Relaxed);
-    if up {
+    let n = if up {
         *LAST_FAILURE.lock() = None;
-    }
-    metrics::gauge!("sluice_agent_sessions").set(if up { 1.0 } else { 0.0 });
+        SESSIONS_UP.fetch_add(1, Ordering::Relaxed) + 1
+    } else {
+        SESSIONS_UP.fetch_sub(1, Ordering::Relaxed).saturating_sub(1)
+    };
+    metrics::gauge!("sluice_agent_sessions").set(n as f64);
 }
 
 /// Remembers why the relay could not be reached, for `/readyz` to say.
@@ -185,7 +189,7 @@ fn answer(req: &Request<Incoming>, handle: &PrometheusHandle) -> Response<Full<B
         (&Method::GET, "/metrics") => (StatusCode::OK, TEXT, handle.render()),
         (&Method::GET, "/healthz") => (StatusCode::OK, JSON, r#"{"status":"ok"}"#.to_owned()),
         (&Method::GET, "/readyz") => {
-            let (status, body) = readiness(SESSION_UP.load(Ordering::Relaxed), LAST_FAILURE.lock().as_deref());
+            let (status, body) = readiness(SESSIONS_UP.load(Ordering::Relaxed) > 0, LAST_FAILURE.lock().as_deref());
             (status, JSON, body.to_string())
         }
         _ => (

@@ -98,7 +98,18 @@ fn main() {
                 resource_name: "Acme PostgreSQL".into(),
                 heartbeat_secs: 10,
                 pool_size: 4,
-                capabilities: Capabilities { renew: true, ..Default::default() },
+                capabilities: Capabilities { renew: true, relays: true, ..Default::default() },
+                relay_id: "rly_abc".into(),
+                relays: vec![RelayPeer { id: "rly_abc".into(), url: "https://relay-1.example.com".into() }],
+            },
+        ),
+        (
+            "relays",
+            RelayMsg::Relays {
+                relays: vec![
+                    RelayPeer { id: "rly_abc".into(), url: "https://relay-1.example.com".into() },
+                    RelayPeer { id: "rly_def".into(), url: "https://relay-2.example.com:8443".into() },
+                ],
             },
         ),
         ("rejected", RelayMsg::Rejected(rejection.clone())),

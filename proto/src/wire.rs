@@ -232,6 +232,21 @@ pub struct Capabilities {
     /// Reports of the private service's reachability ([`AgentMsg::ServiceStatus`]).
     #[serde(default)]
     pub service_status: bool,
+    /// Relay clusters: from the agent, "I keep a session to every relay you list"; from
+    /// the relay, it sends [`RelayMsg::Relays`] (and the list in its welcome). A relay
+    /// sends `Relays` only to agents that announced this.
+    #[serde(default)]
+    pub relays: bool,
+}
+
+/// One active relay of the cluster, as agents learn it: they keep a control session
+/// and a pool of data connections to each (up to their own bound).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RelayPeer {
+    /// The relay's id in the store (`rly_…`); a restarted relay has a new one.
+    pub id: String,
+    /// Where agents dial it: `https://host:port`, its `--public-url`.
+    pub url: String,
 }
 
 /// Messages from agent to relay on the control session.
@@ -350,6 +365,12 @@ pub enum RelayMsg {
         /// What this relay supports beyond the baseline (absent from older relays).
         #[serde(default)]
         capabilities: Capabilities,
+        /// This relay's id in its cluster (empty from older relays).
+        #[serde(default)]
+        relay_id: String,
+        /// The cluster's active relays, this one included (empty from older relays).
+        #[serde(default)]
+        relays: Vec<RelayPeer>,
     },
     /// Refuses the session; the relay closes the connection after sending it.
     Rejected(Rejection),
@@ -370,6 +391,12 @@ pub enum RelayMsg {
     },
     /// Renewal refused; a [`RejectCode::RevokedCertificate`] means enroll again.
     RenewalRefused(Rejection),
+    /// The cluster's active relays changed (a relay joined, left or started to drain);
+    /// the whole new list. Sent only to agents with [`Capabilities::relays`]. A relay
+    /// that drains sends the list without itself before it ends its sessions.
+    Relays {
+        relays: Vec<RelayPeer>,
+    },
 }
 
 // === Data connections ===

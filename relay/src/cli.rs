@@ -125,6 +125,26 @@ pub enum AgentsCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum RelaysCmd {
+    /// List the cluster's relays from the shared store: Id, State (active, draining,
+    /// silent), Version, Agents and Streams (each relay asked for its own), Heartbeat
+    /// age, agent URL and admin URL.
+    List {
+        /// Comma-separated columns to show.
+        #[arg(long, value_delimiter = ',')]
+        columns: Option<Vec<String>>,
+    },
+    /// Drain relay ID for an upgrade: it leaves the set agents hold sessions to (they
+    /// move their new streams to the other relays), closes its ports, lets its streams
+    /// finish up to its --drain-timeout and exits 0. Any relay of the cluster takes the
+    /// request. Same as SIGTERM to that relay.
+    Drain {
+        /// The relay's id (`sluice relays list`).
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TokensCmd {
     /// List registration JWTs: Id (the JWT's jti), Customer, Resource, Created, Expires,
     /// Agents (how many enrolled with it), Revoked.
@@ -223,6 +243,15 @@ impl AdminClient {
             token,
             http: Client::builder(TokioExecutor::new()).build_http(),
         })
+    }
+
+    /// The same client (token) for another relay's admin API.
+    pub fn for_relay(&self, admin_url: &str) -> AdminClient {
+        AdminClient {
+            base: admin_url.trim_end_matches('/').to_owned(),
+            token: self.token.clone(),
+            http: self.http.clone(),
+        }
     }
 
     /// Sends a request; a non-2xx answer becomes an error with the API's message.
@@ -408,6 +437,78 @@ pub async fn agents(conn: &AdminConn, cmd: AgentsCmd) -> Result<()> {
         })
         .collect();
     print_table(&all, &all[..10], rows, columns.as_deref())
+}
+
+/// Runs `sluice relays …`.
+pub async fn relays(conn: &AdminConn, cmd: RelaysCmd) -> Result<()> {
+    use crate::admin::relays::{RelaySelf, RelayView};
+    let api = AdminClient::new(conn)?;
+    match cmd {
+        RelaysCmd::Drain { id } => {
+            let r: RelayView = api.call("POST", &format!("/v1/relays/{}/drain", encode_path(&id)), None).await?;
+            if conn.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "relay {} is draining: it leaves the agents' set within seconds, lets its streams finish (up to                      its --drain-timeout) and exits 0; `sluice relays list` shows it until then",
+                    r.id
+                );
+            }
+            Ok(())
+        }
+        RelaysCmd::List { columns } => {
+            let mut list: Vec<RelayView> = api.call("GET", "/v1/relays", None).await?;
+            // Each relay knows its own sessions and streams: ask the others (briefly).
+            let mut asks = tokio::task::JoinSet::new();
+            for r in list.iter().filter(|r| r.agents.is_none()) {
+                let other = api.for_relay(&r.admin_url);
+                asks.spawn(async move {
+                    let ask = other.call::<RelaySelf>("GET", "/v1/relays/self", None);
+                    tokio::time::timeout(std::time::Duration::from_secs(2), ask).await.ok().and_then(Result::ok)
+                });
+            }
+            while let Some(answer) = asks.join_next().await {
+                if let Ok(Some(me)) = answer
+                    && let Some(r) = list.iter_mut().find(|r| r.id == me.id)
+                {
+                    r.agents = Some(me.agents);
+                    r.streams = Some(me.streams);
+                }
+            }
+            if conn.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            let all = ["Id", "State", "Version", "Agents", "Streams", "Heartbeat", "Agent URL", "Admin URL", "Started"];
+            let unknown = || "?".to_owned();
+            let rows = list
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.id.clone(),
+                        r.state.clone(),
+                        r.version.clone(),
+                        r.agents.map_or_else(unknown, |n| n.to_string()),
+                        r.streams.map_or_else(unknown, |n| n.to_string()),
+                        format!("{}s ago", r.heartbeat_age_secs),
+                        r.agent_url.clone(),
+                        r.admin_url.clone(),
+                        ago(Some(r.started_at)),
+                    ]
+                })
+                .collect();
+            print_table(&all, &all[..8], rows, columns.as_deref())?;
+            let total: usize = list.iter().filter_map(|r| r.streams).sum();
+            let agents: usize = list.iter().filter_map(|r| r.agents).sum();
+            if list.len() > 1 {
+                println!("{} relays; {agents} agent sessions and {total} streams in all", list.len());
+            }
+            if list.iter().any(|r| r.agents.is_none()) {
+                eprintln!("note: `?`: that relay's admin API did not answer from here (its admin URL is shown)");
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Runs `sluice tokens …`.

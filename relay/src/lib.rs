@@ -9,7 +9,7 @@
 //!   enrollment decisions.
 //!
 //! [`relay`] holds the running relay's shared context and starts the listeners of both
-//! planes; [`metrics`] is the relay's Prometheus vocabulary; [`limits`] every bound it
+//! planes; [`cluster`] its membership of a cluster of relays sharing one store; [`metrics`] is the relay's Prometheus vocabulary; [`limits`] every bound it
 //! keeps on what peers may hold, [`admission`] how the listeners enforce them.
 
 /// This build's version, commit and date (`--version`, logs, `*_build_info`).
@@ -18,6 +18,7 @@ pub use sluice_runtime::{BUILD_DATE, GIT_COMMIT, LONG_VERSION, VERSION};
 pub mod admin;
 pub(crate) mod admission;
 pub mod cli;
+pub mod cluster;
 pub(crate) mod data;
 pub mod limits;
 pub(crate) mod metrics;

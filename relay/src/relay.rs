@@ -42,9 +42,20 @@ pub struct RelayConfig {
     /// Default: derived from --agent-listen.
     #[arg(long, env = "SLUICE_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// In a cluster of relays: the URL agents use to reach THIS relay (e.g.
+    /// https://relay-2.example.com), told to every agent so each holds a session to every
+    /// relay. --public-url stays the cluster's entry (one DNS name or load balancer, in
+    /// the JWTs). Default: --public-url.
+    #[arg(long, env = "SLUICE_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     /// Address the per-resource ports listen on.
     #[arg(long, env = "SLUICE_RESOURCE_BIND", default_value = "127.0.0.1")]
     pub resource_bind: IpAddr,
+    /// Host platform jobs are told to connect to for resource ports (`resources
+    /// endpoint`): in a cluster, the name of a TCP load balancer or DNS name in front of
+    /// every relay. Default: --resource-bind, or the --public-url host when that is 0.0.0.0.
+    #[arg(long, env = "SLUICE_RESOURCE_HOST")]
+    pub resource_host: Option<String>,
     /// Port range for resources; each resource keeps its port across restarts. The
     /// default stays below Linux's ephemeral ports (32768-60999), which outgoing
     /// connections may hold.
@@ -146,6 +157,8 @@ pub struct Relay {
     pub(crate) agent_listener_up: AtomicBool,
     /// What the database watch last found wrong (for `/readyz`).
     pub(crate) store_health: Arc<StoreHealth>,
+    /// This relay's membership of its cluster (one relay on SQLite: a cluster of one).
+    pub cluster: crate::cluster::Cluster,
     /// Held for the relay's life: no second relay on this data directory.
     _lock: DataDirLock,
 }
@@ -170,13 +183,17 @@ impl Relay {
 
     /// `host:port` platform jobs use for a resource's port.
     pub fn endpoint(&self, port: u16) -> String {
-        let host = if self.config.resource_bind.is_unspecified() {
-            self.public_url.host.clone()
-        } else {
-            self.config.resource_bind.to_string()
-        };
+        let host = resource_host(&self.config, &self.public_url);
         if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
     }
+}
+
+/// The host platform jobs connect to for resource ports on this relay.
+fn resource_host(config: &RelayConfig, public_url: &RelayUrl) -> String {
+    if let Some(h) = config.resource_host.as_deref().map(str::trim).filter(|h| !h.is_empty()) {
+        return h.trim_start_matches('[').trim_end_matches(']').to_owned();
+    }
+    if config.resource_bind.is_unspecified() { public_url.host.clone() } else { config.resource_bind.to_string() }
 }
 
 /// A started relay: where it listens, and how to stop it.
@@ -200,10 +217,14 @@ impl RunningRelay {
     pub async fn drain(&self, deadline: Duration) -> usize {
         let streams = &self.relay.streams;
         crate::metrics::draining(true);
+        // First out of the cluster's set, so the agents stop holding sessions here and
+        // the other relays stop listing it; then close.
+        self.relay.cluster.start_draining(&*self.relay.store, &self.relay.registry);
         self.shutdown();
         let active = streams.live_count();
         if active == 0 {
             info!("draining: no stream active; exiting");
+            self.relay.cluster.leave(&*self.relay.store);
             return 0;
         }
         info!(
@@ -219,6 +240,7 @@ impl RunningRelay {
             let active = streams.live_count();
             if active == 0 {
                 info!(secs = started.elapsed().as_secs_f64(), "drained: every stream finished; exiting");
+                self.relay.cluster.leave(&*self.relay.store);
                 return 0;
             }
             if started.elapsed() >= deadline {
@@ -227,6 +249,7 @@ impl RunningRelay {
                     "drain deadline (--drain-timeout {} s) reached: cutting {active} stream(s) still running",
                     deadline.as_secs()
                 );
+                self.relay.cluster.leave(&*self.relay.store);
                 return active;
             }
             if last_report.elapsed() >= Duration::from_secs(5) {
@@ -372,8 +395,19 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     lock.record_holder(agent_addr, admin_addr);
     let public_url = derive_public_url(&config, agent_addr)?;
 
-    let mut names = vec![public_url.host.clone(), "localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
-    names.dedup();
+    let advertise_url = match &config.advertise_url {
+        Some(u) => RelayUrl::parse(u).map_err(anyhow::Error::msg).context("--advertise-url")?,
+        None => public_url.clone(),
+    };
+    let mut names = vec![
+        public_url.host.clone(),
+        advertise_url.host.clone(),
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
     let had_ca = config.data_dir.join(files::CA_CERT).exists();
     let identity = RelayIdentity::load_or_create(&config.data_dir, &names)?;
     if identity.created {
@@ -387,7 +421,19 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     let admin_url = format!("http://{admin_addr}");
     crate::state::pki::write_secret(&config.data_dir.join(files::ADMIN_URL), admin_url.as_bytes())?;
 
+    let cluster = crate::cluster::Cluster::new(crate::state::store::RelayRecord {
+        id: crate::cluster::Cluster::new_id(),
+        agent_url: advertise_url.to_string(),
+        resource_host: resource_host(&config, &public_url),
+        admin_url: admin_url.clone(),
+        version: crate::VERSION.to_owned(),
+        started_at: sluice_proto::identity::unix_now(),
+        heartbeat_at: 0,
+        state: crate::state::store::RelayState::Active,
+    });
+    cluster.register(&*store)?;
     let relay = Arc::new(Relay {
+        cluster,
         signer: TokenSigner::new(&identity.jwt_key),
         identity,
         store,
@@ -418,8 +464,10 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         public_url = %relay.public_url,
         resources = n_resources,
         ca_pin = %relay.identity.ca_pin,
+        relay_id = %relay.cluster.id,
         "relay ready"
     );
+    tokio::spawn(crate::cluster::run(relay.clone()));
     tokio::spawn(relay.streams.clone().run_sampler(relay.shutdown.clone()));
     tokio::spawn(crate::state::store_watch::run(sqlite, relay.store_health.clone(), relay.shutdown.clone()));
     let accepting = relay.clone();

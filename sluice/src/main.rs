@@ -64,6 +64,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokensCmd,
     },
+    /// The cluster's relays (they share a PostgreSQL store): list, drain for an upgrade.
+    Relays {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[command(subcommand)]
+        cmd: cli::RelaysCmd,
+    },
     /// Show live streams: resource, agent, client, bytes in/out, rate, data path, counter.
     Streams {
         #[command(flatten)]
@@ -79,8 +86,11 @@ async fn serve(config: RelayConfig) -> anyhow::Result<()> {
     let mut signals = sluice_runtime::ShutdownSignals::new();
     let deadline = config.drain_timeout;
     let running = relay::start(config).await?;
-    let signal = signals.next().await;
-    tracing::info!("{signal}: shutting down");
+    let asked = running.relay.cluster.drain_requested.clone();
+    tokio::select! {
+        signal = signals.next() => tracing::info!("{signal}: shutting down"),
+        _ = asked.cancelled() => tracing::info!("`sluice relays drain`: draining for an upgrade, then exiting 0"),
+    }
     tokio::select! {
         _ = running.drain(deadline) => {}
         second = signals.next() => {
@@ -95,7 +105,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let quiet_cli = matches!(
         cli.cmd,
-        Cmd::Customers { .. } | Cmd::Resources { .. } | Cmd::Tokens { .. } | Cmd::Streams { .. } | Cmd::Agents { .. }
+        Cmd::Customers { .. }
+            | Cmd::Resources { .. }
+            | Cmd::Tokens { .. }
+            | Cmd::Streams { .. }
+            | Cmd::Agents { .. }
+            | Cmd::Relays { .. }
     );
     sluice_runtime::init_logging(if quiet_cli { "warn" } else { &cli.log.log }, cli.log.log_json);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -108,6 +123,7 @@ fn main() -> ExitCode {
             Cmd::Tokens { conn, cmd } => cli::tokens(&conn, cmd).await,
             Cmd::Streams { conn, args } => cli::streams(&conn, args).await,
             Cmd::Agents { conn, cmd } => cli::agents(&conn, cmd).await,
+            Cmd::Relays { conn, cmd } => cli::relays(&conn, cmd).await,
         }
     });
     match result {

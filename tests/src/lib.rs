@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use serde_json::Value;
 
+pub mod cluster;
 pub mod load;
 pub mod netns;
 pub mod services;

@@ -228,7 +228,13 @@ async fn a_service_that_resets_mid_stream_resets_the_client() {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = service.accept().await {
             tokio::spawn(async move {
-                // 1 MiB of reply, then a reset instead of a FIN.
+                // The agent's service check connects and closes without a byte: leave it
+                // be (the resource must look AVAILABLE). A client's request gets 1 MiB
+                // of reply, then a reset instead of a FIN.
+                let mut request = [0u8; 8];
+                if !matches!(s.read(&mut request).await, Ok(n) if n > 0) {
+                    return;
+                }
                 let chunk = vec![7u8; 64 * 1024];
                 for _ in 0..16 {
                     if s.write_all(&chunk).await.is_err() {
@@ -241,8 +247,6 @@ async fn a_service_that_resets_mid_stream_resets_the_client() {
         }
     });
     let (relay, agent, ep) = loopback_setup(dir.path(), "resetting", port);
-    // The service-status probe's own connections also get the reset: only the client's
-    // stream matters here.
     let mut client = TcpStream::connect(&ep).await.unwrap();
     client.write_all(b"SELECT 1").await.unwrap();
     let got = tokio::time::timeout(Duration::from_secs(30), read_to_end_or_error(&mut client)).await.unwrap();

@@ -25,6 +25,10 @@ pub struct Welcome {
     pub pool_size: u32,
     /// What the relay supports beyond the baseline.
     pub relay: Capabilities,
+    /// The relay's id in its cluster (empty from older relays).
+    pub relay_id: String,
+    /// The cluster's active relays (empty from older relays).
+    pub relays: Vec<sluice_proto::wire::RelayPeer>,
 }
 
 /// Sends the hello and reads the welcome.
@@ -38,12 +42,16 @@ pub async fn hello(tls: &mut Tunnel, hostname: String, capabilities: Capabilitie
     wire::write_frame(tls, &hello).await.map_err(|e| SessionEnd::Lost(format!("sending hello: {e}")))?;
     let welcome = tokio::time::timeout(WELCOME_TIMEOUT, wire::read_frame::<_, RelayMsg>(tls)).await;
     match welcome {
-        Ok(Ok(RelayMsg::Welcome { session_id, heartbeat_secs, pool_size, capabilities, .. })) => Ok(Welcome {
-            session_id,
-            heartbeat: Duration::from_secs(heartbeat_secs.max(1)),
-            pool_size,
-            relay: capabilities,
-        }),
+        Ok(Ok(RelayMsg::Welcome { session_id, heartbeat_secs, pool_size, capabilities, relay_id, relays, .. })) => {
+            Ok(Welcome {
+                session_id,
+                heartbeat: Duration::from_secs(heartbeat_secs.max(1)),
+                pool_size,
+                relay: capabilities,
+                relay_id,
+                relays,
+            })
+        }
         Ok(Ok(RelayMsg::Rejected(r))) if r.code == RejectCode::RevokedCertificate => {
             Err(SessionEnd::Revoked(r.message))
         }

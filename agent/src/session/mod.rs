@@ -24,8 +24,11 @@ use parking_lot::Mutex;
 use rustls::ClientConfig;
 use sluice_datapath::DataPath;
 use sluice_proto::heartbeat::Heartbeat;
+use sluice_proto::relay_url::RelayUrl;
 use sluice_proto::tls;
-use sluice_proto::wire::{self, ALPN_CONTROL, ALPN_DATA, AgentMsg, Capabilities, CounterSource, RejectCode, RelayMsg};
+use sluice_proto::wire::{
+    self, ALPN_CONTROL, ALPN_DATA, AgentMsg, Capabilities, CounterSource, RejectCode, RelayMsg, RelayPeer,
+};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
@@ -61,34 +64,60 @@ pub(crate) fn client_config(id: &Identity, alpn: &[u8]) -> Result<Arc<ClientConf
         .map_err(|e| format!("building the TLS configuration from the saved identity: {e}"))
 }
 
-/// Runs one control session until it ends. Its streams run on until they finish, the
-/// certificate is revoked, or the agent's drain cuts them (`drain`).
+/// What a relay said about its cluster: the relay a session reached (`relay_id`) and
+/// the active relays (from the welcome, then on every change).
+#[derive(Debug, Clone)]
+pub struct PeerReport {
+    /// The URL the session dialed.
+    pub dialed: RelayUrl,
+    pub relay_id: String,
+    pub relays: Vec<RelayPeer>,
+}
+
+/// What lives as long as the agent and every session shares.
+#[derive(Clone)]
+pub struct Parts {
+    pub cfg: Arc<AgentConfig>,
+    pub meter: Arc<Meter>,
+    pub data_path: Arc<DataPath>,
+    pub service: Arc<ServiceHealth>,
+    pub drain: crate::drain::Drain,
+}
+
+/// Runs one control session with the relay at `relay_url` until it ends. Its streams run
+/// on until they finish, the certificate is revoked, or the agent's drain cuts them.
+/// What the relay says about its cluster goes to `peers`.
 pub async fn run(
-    cfg: Arc<AgentConfig>,
-    meter: Arc<Meter>,
-    data_path: Arc<DataPath>,
-    service: Arc<ServiceHealth>,
+    parts: &Parts,
+    relay_url: &RelayUrl,
     id: Identity,
     shutdown: &CancellationToken,
-    drain: &crate::drain::Drain,
+    peers: &mpsc::UnboundedSender<PeerReport>,
 ) -> SessionEnd {
+    let Parts { cfg, meter, data_path, service, drain } = parts;
     let capabilities = Capabilities {
         ktls: data_path.kernel_tls(),
         ebpf: meter.source() == CounterSource::Ebpf,
         renew: true,
         service_status: true,
+        relays: true,
     };
-    let (tls, welcome, relay, data_cfg) = match connect(&cfg, &id, capabilities).await {
+    let (tls, welcome, relay, data_cfg) = match connect(relay_url, &id, capabilities).await {
         Ok(c) => c,
         Err(end) => return end,
     };
-    info!(session = %welcome.session_id, resource = %id.meta.resource_name, relay = %cfg.relay_url, "connected to the relay");
+    info!(session = %welcome.session_id, resource = %id.meta.resource_name, relay = %relay_url,
+          relay_id = %welcome.relay_id, "connected to the relay");
+    let report = |relays: Vec<RelayPeer>| {
+        let _ = peers.send(PeerReport { dialed: relay_url.clone(), relay_id: welcome.relay_id.clone(), relays });
+    };
+    report(welcome.relays.clone());
     let (out_tx, out_rx) = mpsc::unbounded_channel::<AgentMsg>();
     let pool = Arc::new(Pool {
         relay,
         connector: Mutex::new(TlsConnector::from(data_cfg)),
         service: service.clone(),
-        data_path,
+        data_path: data_path.clone(),
         session_id: welcome.session_id.clone(),
         target: welcome.pool_size.max(1),
         idle: AtomicU32::new(0),
@@ -98,11 +127,11 @@ pub async fn run(
         drain: drain.clone(),
         control: out_tx.clone(),
         active: Mutex::new(HashMap::new()),
-        meter,
+        meter: meter.clone(),
     });
     crate::metrics::session(true);
     pool::refill(&pool);
-    let end = drive(&cfg, &pool, id, &welcome, tls, (out_tx, out_rx), shutdown).await;
+    let end = drive(cfg, &pool, id, &welcome, tls, (out_tx, out_rx), shutdown, &report).await;
     pool.closed.cancel();
     crate::metrics::session(false);
     if matches!(end, SessionEnd::Revoked(_)) {
@@ -114,12 +143,12 @@ pub async fn run(
 /// Dials the relay's control port with the identity and exchanges hello and welcome.
 /// Also returns the relay's address and the TLS configuration data connections use.
 async fn connect(
-    cfg: &AgentConfig,
+    relay_url: &RelayUrl,
     id: &Identity,
     capabilities: Capabilities,
 ) -> Result<(pool::Tunnel, control::Welcome, RelayTarget, Arc<ClientConfig>), SessionEnd> {
-    let relay = match tls::server_name_of(&cfg.relay_url.host) {
-        Ok(server_name) => RelayTarget { authority: cfg.relay_url.authority(), server_name },
+    let relay = match tls::server_name_of(&relay_url.host) {
+        Ok(server_name) => RelayTarget { authority: relay_url.authority(), server_name },
         Err(e) => return Err(SessionEnd::Lost(e.to_string())),
     };
     let (control_cfg, data_cfg) = match (client_config(id, ALPN_CONTROL), client_config(id, ALPN_DATA)) {
@@ -134,6 +163,7 @@ async fn connect(
 /// Runs a live session until it ends: the reader handles the relay's frames, the shared
 /// [`Heartbeat`] rule pings and declares a silent relay dead, the writer sends what is
 /// queued plus stream stats and service reports, and the certificate is renewed on time.
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     cfg: &AgentConfig,
     pool: &Arc<Pool>,
@@ -142,6 +172,7 @@ async fn drive(
     tls: pool::Tunnel,
     (out_tx, mut out_rx): (mpsc::UnboundedSender<AgentMsg>, mpsc::UnboundedReceiver<AgentMsg>),
     shutdown: &CancellationToken,
+    report: &(dyn Fn(Vec<RelayPeer>) + Sync),
 ) -> SessionEnd {
     let heartbeat = Mutex::new(Heartbeat::new(welcome.heartbeat, Instant::now()));
     let (mut rd, mut wr) = tokio::io::split(tls);
@@ -153,6 +184,10 @@ async fn drive(
                 Err(e) => return SessionEnd::Ended(format!("control connection ended: {e}")),
             };
             heartbeat.lock().heard(Instant::now());
+            if let RelayMsg::Relays { relays } = msg {
+                report(relays);
+                continue;
+            }
             if let Some(end) = on_relay_msg(pool, &out_tx, &renewed_tx, msg) {
                 return end;
             }
@@ -237,7 +272,7 @@ fn on_relay_msg(
         m @ (RelayMsg::CertificateRenewed { .. } | RelayMsg::RenewalRefused(_)) => {
             let _ = renewals.send(m);
         }
-        RelayMsg::Pong { .. } | RelayMsg::Welcome { .. } => {}
+        RelayMsg::Pong { .. } | RelayMsg::Welcome { .. } | RelayMsg::Relays { .. } => {}
     }
     None
 }

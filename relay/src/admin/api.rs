@@ -15,6 +15,9 @@
 //! | DELETE | /v1/resources/{id}            | delete a resource                     |
 //! | GET    | /v1/streams[?resource=NAME][&closed=true] | live (or recently closed) streams |
 //! | GET    | /v1/agents[?resource=NAME_OR_ID] | connected agents: host, version, peer, data path, service state |
+//! | GET    | /v1/relays                    | the cluster's relays: state, version, addresses, heartbeat age |
+//! | GET    | /v1/relays/self               | this relay: id, agent sessions, open streams, draining |
+//! | POST   | /v1/relays/{id}/drain         | drain relay `id` (any relay of the cluster takes it) |
 //! | GET    | /metrics                      | Prometheus text (no token: keep the admin listener private) |
 //!
 //! Errors are `{ "error": "what happened and what to do" }` with a fitting status.
@@ -139,6 +142,9 @@ fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/streams", get(list_streams))
         .route("/v1/agents", get(list_agents))
         .route("/v1/resources/{id}", get(get_resource).delete(delete_resource))
+        .route("/v1/relays", get(list_relays))
+        .route("/v1/relays/self", get(relay_self))
+        .route("/v1/relays/{id}/drain", post(drain_relay))
         .route_layer(middleware::from_fn_with_state(relay.clone(), require_token));
     Router::new()
         .route("/v1/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
@@ -272,6 +278,21 @@ async fn list_streams(
     } else {
         r.streams.views(q.resource.as_deref())
     }))
+}
+
+async fn list_relays(State(r): State<Arc<Relay>>) -> ApiResult<Vec<crate::admin::relays::RelayView>> {
+    r.relay_views().map(Json)
+}
+
+async fn relay_self(State(r): State<Arc<Relay>>) -> Json<crate::admin::relays::RelaySelf> {
+    Json(r.relay_self())
+}
+
+async fn drain_relay(
+    State(r): State<Arc<Relay>>,
+    Path(id): Path<String>,
+) -> ApiResult<crate::admin::relays::RelayView> {
+    r.drain_relay(&id).map(Json)
 }
 
 async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {

@@ -3,6 +3,7 @@
 //! - [`ops`]: operator actions (customers, registration JWTs and rotation, resources,
 //!   agents and their views) as plain methods on the relay, used by the API and by
 //!   `sluice quickstart`;
+//! - [`relays`]: the cluster's relays (list, drain);
 //! - [`api`]: the admin HTTP API (JSON, bearer token), health and metrics endpoints.
 //!
 //! It reads the data plane's live state (sessions, streams) to answer, and acts on it
@@ -10,3 +11,4 @@
 
 pub mod api;
 pub mod ops;
+pub mod relays;

@@ -201,7 +201,9 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
         resource_name: resource.name.clone(),
         heartbeat_secs: relay.config.heartbeat.as_secs().max(1),
         pool_size: relay.config.pool_size,
-        capabilities: Capabilities { renew: true, service_status: true, ..Default::default() },
+        capabilities: Capabilities { renew: true, service_status: true, relays: true, ..Default::default() },
+        relay_id: relay.cluster.id.clone(),
+        relays: relay.cluster.peers(),
     };
     if wire::write_frame(&mut tls, &welcome).await.is_err() {
         return;

@@ -394,8 +394,8 @@ impl Registry {
 
     /// Takes an idle data connection of some live session of the resource (never of
     /// `avoid`, preferring agents not marked stalled, only agents carrying fewer than
-    /// `max_per_session` streams), spreading streams across agents; asks an agent for
-    /// more and waits when none is idle.
+    /// `max_per_session` streams), from the agent with the fewest active streams first;
+    /// asks an agent for more and waits when none is idle.
     pub async fn take_data_conn(
         &self,
         resource_id: &str,
@@ -405,17 +405,17 @@ impl Registry {
     ) -> Result<(Arc<AgentSession>, DataConn), NoDataConn> {
         let deadline = Instant::now() + wait;
         loop {
-            let sessions = self.candidates(resource_id, avoid, max_per_session)?;
-            let start = self.round_robin.fetch_add(1, Ordering::Relaxed) as usize;
-            let n = sessions.len();
-            for i in 0..n {
-                let s = &sessions[(start + i) % n];
+            let sessions = least_active_first(
+                self.candidates(resource_id, avoid, max_per_session)?,
+                self.round_robin.fetch_add(1, Ordering::Relaxed) as usize,
+            );
+            for s in &sessions {
                 if let Some(c) = s.take() {
                     return Ok((s.clone(), c));
                 }
             }
-            // None idle: ask one agent (in turn) for a connection and wait for any to arrive.
-            let s = sessions[start % n].clone();
+            // None idle: ask the least busy agent for a connection and wait for any to arrive.
+            let s = sessions[0].clone();
             let notified = s.pool_ready.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -436,6 +436,17 @@ impl Registry {
     }
 }
 
+/// `sessions` ordered by active streams, fewest first; sessions with equal counts take
+/// turns (rotated by `turn`), so an idle group still spreads its streams.
+fn least_active_first(mut sessions: Vec<Arc<AgentSession>>, turn: usize) -> Vec<Arc<AgentSession>> {
+    let n = sessions.len();
+    if n > 1 {
+        sessions.rotate_left(turn % n);
+    }
+    sessions.sort_by_key(|s| s.active_streams.load(Ordering::Relaxed));
+    sessions
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -450,6 +461,23 @@ mod tests {
             SessionInfo { hostname: "host".into(), ..Default::default() },
             tx,
         ))
+    }
+
+    #[test]
+    fn new_streams_go_to_the_agent_with_the_fewest_and_ties_take_turns() {
+        let (a, b, c) = (session("a", "res"), session("b", "res"), session("c", "res"));
+        a.active_streams.store(5, Ordering::Relaxed);
+        b.active_streams.store(1, Ordering::Relaxed);
+        c.active_streams.store(3, Ordering::Relaxed);
+        let ids = |v: Vec<Arc<AgentSession>>| v.iter().map(|s| s.id.to_string()).collect::<Vec<_>>();
+        for turn in 0..3 {
+            assert_eq!(ids(least_active_first(vec![a.clone(), b.clone(), c.clone()], turn)), ["b", "c", "a"]);
+        }
+        b.active_streams.store(0, Ordering::Relaxed);
+        c.active_streams.store(0, Ordering::Relaxed);
+        let firsts: std::collections::HashSet<_> =
+            (0..4).map(|t| ids(least_active_first(vec![a.clone(), b.clone(), c.clone()], t))[0].clone()).collect();
+        assert_eq!(firsts, ["b".to_owned(), "c".to_owned()].into(), "idle agents take turns");
     }
 
     #[test]
