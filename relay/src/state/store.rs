@@ -1,5 +1,6 @@
 //! The relay's persistent state: customers, resources (with their stable ports and key
-//! generations), agents, and every registration JWT issued.
+//! generations), agents, every registration JWT issued, and the membership of the relays
+//! sharing the store (each relay's row, heartbeat and active/draining state).
 //!
 //! [`Store`] is the one interface the rest of the relay uses; [`SqliteStore`] is the
 //! embedded default. The calls are synchronous and short (single-row reads and writes on
@@ -96,6 +97,50 @@ pub enum TokenRevocation {
     AlreadyRevoked(TokenRecord),
 }
 
+/// Whether a relay takes new agent sessions and streams, or is draining for an upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayState {
+    Active,
+    Draining,
+}
+
+impl RelayState {
+    /// How the state is stored: "active" or "draining".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayState::Active => "active",
+            RelayState::Draining => "draining",
+        }
+    }
+
+    /// The stored text back; anything unknown (a newer relay's state) reads as draining,
+    /// so an older relay never sends work to a relay it does not understand.
+    pub fn from_stored(s: &str) -> RelayState {
+        match s {
+            "active" => RelayState::Active,
+            _ => RelayState::Draining,
+        }
+    }
+}
+
+/// One relay of the cluster, as it registered itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayRecord {
+    /// e.g. "rly_…"
+    pub id: String,
+    /// The URL agents dial this relay on (its --public-url).
+    pub agent_url: String,
+    /// The host platform jobs use for resource ports on this relay.
+    pub resource_host: String,
+    /// http://host:port of its admin API.
+    pub admin_url: String,
+    pub version: String,
+    pub started_at: u64,
+    pub heartbeat_at: u64,
+    pub state: RelayState,
+}
+
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -172,6 +217,20 @@ pub trait Store: Send + Sync {
     /// Whether any agent of the resource ever completed a control session.
     fn agents_ever_connected(&self, resource_id: &str) -> Result<bool, StoreError>;
     fn mark_agent_connected(&self, agent_id: &str, now: u64) -> Result<(), StoreError>;
+
+    /// Inserts or replaces this relay's row (at start).
+    fn register_relay(&self, r: &RelayRecord) -> Result<(), StoreError>;
+    /// Sets heartbeat_at = now; returns the stored state (an operator may have set it to
+    /// draining through another relay), or None when the row is gone (re-register).
+    fn relay_heartbeat(&self, id: &str, now: u64) -> Result<Option<RelayState>, StoreError>;
+    /// Sets the state; false when no relay has that id.
+    fn set_relay_state(&self, id: &str, state: RelayState) -> Result<bool, StoreError>;
+    /// Every registered relay, oldest first (by started_at, then id).
+    fn relays(&self) -> Result<Vec<RelayRecord>, StoreError>;
+    /// Deletes this relay's row (clean exit).
+    fn remove_relay(&self, id: &str) -> Result<(), StoreError>;
+    /// Deletes the rows whose heartbeat_at < before; returns their ids.
+    fn forget_silent_relays(&self, before: u64) -> Result<Vec<String>, StoreError>;
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -218,6 +277,17 @@ const MIGRATIONS: &[&str] = &[
     // 3: which registration JWT each agent enrolled with (for listing and revocation)
     "ALTER TABLE agents ADD COLUMN jti TEXT;
      CREATE INDEX agents_jti ON agents (jti);",
+    // 4: relay membership: every relay sharing this store registers itself and heartbeats
+    "CREATE TABLE relays (
+        id TEXT PRIMARY KEY,
+        agent_url TEXT NOT NULL,
+        resource_host TEXT NOT NULL,
+        admin_url TEXT NOT NULL,
+        version TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        heartbeat_at INTEGER NOT NULL,
+        state TEXT NOT NULL          -- 'active' or 'draining'
+     );",
 ];
 
 /// The embedded store: one SQLite file in the data directory.
@@ -394,6 +464,21 @@ fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
 
 fn customer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Customer> {
     Ok(Customer { id: r.get(0)?, name: r.get(1)?, created_at: r.get::<_, i64>(2)? as u64 })
+}
+
+const RELAY_COLS: &str = "id, agent_url, resource_host, admin_url, version, started_at, heartbeat_at, state";
+
+fn relay_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RelayRecord> {
+    Ok(RelayRecord {
+        id: r.get(0)?,
+        agent_url: r.get(1)?,
+        resource_host: r.get(2)?,
+        admin_url: r.get(3)?,
+        version: r.get(4)?,
+        started_at: r.get::<_, i64>(5)? as u64,
+        heartbeat_at: r.get::<_, i64>(6)? as u64,
+        state: RelayState::from_stored(&r.get::<_, String>(7)?),
+    })
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
@@ -706,6 +791,66 @@ impl Store for SqliteStore {
             Ok(())
         })
     }
+
+    fn register_relay(&self, r: &RelayRecord) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                &format!("INSERT OR REPLACE INTO relays ({RELAY_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                params![
+                    r.id,
+                    r.agent_url,
+                    r.resource_host,
+                    r.admin_url,
+                    r.version,
+                    r.started_at as i64,
+                    r.heartbeat_at as i64,
+                    r.state.as_str()
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn relay_heartbeat(&self, id: &str, now: u64) -> Result<Option<RelayState>, StoreError> {
+        self.with(|c| {
+            let state: Option<String> = c
+                .query_row(
+                    "UPDATE relays SET heartbeat_at = ?2 WHERE id = ?1 RETURNING state",
+                    params![id, now as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            Ok(state.as_deref().map(RelayState::from_stored))
+        })
+    }
+
+    fn set_relay_state(&self, id: &str, state: RelayState) -> Result<bool, StoreError> {
+        self.with(|c| Ok(c.execute("UPDATE relays SET state = ?2 WHERE id = ?1", params![id, state.as_str()])? > 0))
+    }
+
+    fn relays(&self) -> Result<Vec<RelayRecord>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!("SELECT {RELAY_COLS} FROM relays ORDER BY started_at, id"))?;
+            let rows = st.query_map([], relay_row)?.collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn remove_relay(&self, id: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute("DELETE FROM relays WHERE id = ?1", [id])?;
+            Ok(())
+        })
+    }
+
+    fn forget_silent_relays(&self, before: u64) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("DELETE FROM relays WHERE heartbeat_at < ?1 RETURNING id")?;
+            let mut ids: Vec<String> = st.query_map([before as i64], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            ids.sort();
+            Ok(ids)
+        })
+    }
 }
 
 /// Revokes the JWTs issued for `resource_id`, and the use for `resource_id` of every
@@ -945,6 +1090,53 @@ mod tests {
         assert_eq!(s.enrollments_since("t1", 101).unwrap(), 0, "older enrollments leave the window");
         s.add_agent_within(&a, 101, 2).expect("a new window");
         assert_eq!(s.enrollments_since("t2", 0).unwrap(), 0);
+    }
+
+    fn relay(id: &str, started_at: u64) -> RelayRecord {
+        RelayRecord {
+            id: id.into(),
+            agent_url: format!("https://{id}.example:7443"),
+            resource_host: format!("{id}.example"),
+            admin_url: format!("http://{id}.example:7444"),
+            version: "0.1.0".into(),
+            started_at,
+            heartbeat_at: started_at,
+            state: RelayState::Active,
+        }
+    }
+
+    #[test]
+    fn relays_register_heartbeat_drain_and_are_forgotten_when_silent() {
+        let (_d, s) = store();
+        assert!(s.relays().unwrap().is_empty());
+        s.register_relay(&relay("rly_b", 10)).unwrap();
+        s.register_relay(&relay("rly_a", 10)).unwrap();
+        s.register_relay(&relay("rly_c", 5)).unwrap();
+        let ids = |s: &SqliteStore| s.relays().unwrap().into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(&s), ["rly_c", "rly_a", "rly_b"], "oldest first, then by id");
+        assert_eq!(s.relays().unwrap()[1], relay("rly_a", 10), "stored as registered");
+
+        assert_eq!(s.relay_heartbeat("rly_a", 20).unwrap(), Some(RelayState::Active));
+        assert!(s.set_relay_state("rly_a", RelayState::Draining).unwrap());
+        assert!(!s.set_relay_state("rly_nope", RelayState::Draining).unwrap());
+        assert_eq!(s.relay_heartbeat("rly_a", 21).unwrap(), Some(RelayState::Draining), "set through another relay");
+        assert_eq!(s.relay_heartbeat("rly_nope", 21).unwrap(), None, "a row that is gone asks to re-register");
+
+        // Re-registering replaces the row (a restart with the same id).
+        let mut again = relay("rly_b", 30);
+        again.version = "0.2.0".into();
+        s.register_relay(&again).unwrap();
+        assert_eq!(s.relays().unwrap().last().unwrap(), &again);
+
+        // rly_c (heartbeat 5) and nobody else is silent before 20.
+        assert_eq!(s.forget_silent_relays(20).unwrap(), ["rly_c"]);
+        assert_eq!(ids(&s), ["rly_a", "rly_b"]);
+        assert!(s.forget_silent_relays(20).unwrap().is_empty());
+        s.remove_relay("rly_a").unwrap();
+        s.remove_relay("rly_a").unwrap();
+        assert_eq!(ids(&s), ["rly_b"]);
+        let r = s.relays().unwrap().remove(0);
+        assert_eq!(serde_json::to_value(r.state).unwrap(), "active");
     }
 
     #[test]
