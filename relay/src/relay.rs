@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::builder::TypedValueParser as _;
 use sluice_datapath::{DataPath, DataPathMode, KtlsEngine};
 use sluice_proto::relay_url::RelayUrl;
@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use crate::data::registry::Registry;
 use crate::state::data_dir::DataDirLock;
 use crate::state::pki::{RelayIdentity, files};
-use crate::state::store::{SqliteStore, Store};
+use crate::state::store::{PgStore, SqliteStore, Store, redacted_url};
 use crate::state::store_watch::StoreHealth;
 use crate::state::tokens::TokenSigner;
 
@@ -61,7 +61,10 @@ pub struct RelayConfig {
     /// connections may hold.
     #[arg(long, env = "SLUICE_RESOURCE_PORTS", default_value = "20000-20999", value_parser = parse_port_range)]
     pub resource_ports: RangeInclusive<u16>,
-    /// Store location. Default: SQLite file `sluice.db` in the data directory.
+    /// Store location. Default: the SQLite file `sluice.db` in the data directory. A path
+    /// (or sqlite://PATH) names another SQLite file; postgres://USER:PASSWORD@HOST:PORT/DB
+    /// (or postgresql://…) keeps the state in PostgreSQL, in a database the user owns
+    /// (the relay creates its tables), so that several relays can share it.
     #[arg(long, env = "SLUICE_DATABASE_URL")]
     pub database_url: Option<String>,
     /// Heartbeat interval of agent sessions in seconds; a silent peer is dead after three.
@@ -354,15 +357,18 @@ pub fn hostname() -> String {
     sluice_runtime::hostname().unwrap_or_else(|| "localhost".into())
 }
 
-/// Opens the SQLite store, refusing to create an empty database where this relay's
-/// data directory says one existed (`had_ca`: the CA was there before this start).
-fn open_store(cfg: &RelayConfig, had_ca: bool) -> Result<Arc<SqliteStore>> {
+/// Opens the store: PostgreSQL for a `postgres://` URL, else the SQLite file (by
+/// default in the data directory), refusing to create an empty SQLite database where
+/// this relay's data directory says one existed (`had_ca`: the CA was there before
+/// this start).
+fn open_store(cfg: &RelayConfig, had_ca: bool) -> Result<Arc<dyn Store>> {
     let path = match cfg.database_url.as_deref() {
         None => cfg.data_dir.join(files::DATABASE),
-        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => bail!(
-            "--database-url {u:?}: PostgreSQL is not supported by this build yet; omit --database-url to use \
-             the embedded SQLite store in the data directory"
-        ),
+        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+            let store = PgStore::open(u)?;
+            info!(database_url = %redacted_url(u), "store: PostgreSQL at {}", store.server());
+            return Ok(Arc::new(store));
+        }
         Some(u) => PathBuf::from(u.strip_prefix("sqlite://").unwrap_or(u)),
     };
     if had_ca && !path.exists() {
@@ -375,6 +381,7 @@ fn open_store(cfg: &RelayConfig, had_ca: bool) -> Result<Arc<SqliteStore>> {
              one is gone and every agent must enroll again"
         );
     }
+    info!(file = %path.display(), "store: SQLite");
     Ok(Arc::new(SqliteStore::open(&path)?))
 }
 
@@ -416,8 +423,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         println!("Admin token (shown once; also stored in {}):", config.data_dir.join(files::ADMIN_TOKEN).display());
         println!("  {}", identity.admin_token);
     }
-    let sqlite = open_store(&config, had_ca)?;
-    let store: Arc<dyn Store> = sqlite.clone();
+    let store = open_store(&config, had_ca)?;
     let admin_url = format!("http://{admin_addr}");
     crate::state::pki::write_secret(&config.data_dir.join(files::ADMIN_URL), admin_url.as_bytes())?;
 
@@ -469,7 +475,11 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     );
     tokio::spawn(crate::cluster::run(relay.clone()));
     tokio::spawn(relay.streams.clone().run_sampler(relay.shutdown.clone()));
-    tokio::spawn(crate::state::store_watch::run(sqlite, relay.store_health.clone(), relay.shutdown.clone()));
+    tokio::spawn(crate::state::store_watch::run(
+        relay.store.clone(),
+        relay.store_health.clone(),
+        relay.shutdown.clone(),
+    ));
     let accepting = relay.clone();
     tokio::spawn(async move {
         crate::data::agent_port::serve(accepting.clone(), agent_listener).await;

@@ -4,12 +4,18 @@
 //! own agents as child processes, and kills them when the handles drop. Logs of every
 //! child go to files in the test's temporary directory and are printed when a wait
 //! fails, so a red test explains itself.
+//!
+//! With `SLUICE_TEST_STORE=postgres` every relay keeps its state in PostgreSQL instead
+//! of its SQLite file: one server per test process ([`shared_postgres`]) and one
+//! database per relay data directory, so a relay restarted on its directory finds its
+//! state again. Tests about the SQLite file itself skip themselves
+//! ([`skip_unless_sqlite`]).
 
 use std::collections::HashSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -115,6 +121,51 @@ impl Drop for Proc {
     }
 }
 
+/// Whether this run keeps the relays' state in PostgreSQL (`SLUICE_TEST_STORE=postgres`).
+pub fn on_postgres() -> bool {
+    std::env::var("SLUICE_TEST_STORE").is_ok_and(|v| v == "postgres")
+}
+
+/// True (after printing why) when the test is about the SQLite store and this run is on
+/// PostgreSQL: the caller returns at once.
+pub fn skip_unless_sqlite(test: &str, why: &str) -> bool {
+    if on_postgres() {
+        eprintln!("skipped {test} under SLUICE_TEST_STORE=postgres: {why}");
+        return true;
+    }
+    false
+}
+
+static SHARED_POSTGRES: OnceLock<services::Postgres> = OnceLock::new();
+
+/// The PostgreSQL server of this test process, started on first use in a directory kept
+/// for the process's life, and stopped when the process exits.
+pub fn shared_postgres() -> &'static services::Postgres {
+    SHARED_POSTGRES.get_or_init(|| {
+        let dir = tempfile::Builder::new().prefix("sluice-shared-pg-").tempdir().unwrap().keep();
+        let pg = services::Postgres::start(&dir);
+        extern "C" fn stop_shared_postgres() {
+            if let Some(pg) = SHARED_POSTGRES.get() {
+                pg.stop_immediately();
+            }
+        }
+        // SAFETY: registers a plain function, run once at exit.
+        unsafe { libc::atexit(stop_shared_postgres) };
+        pg
+    })
+}
+
+/// The `--database-url` for a relay in `data_dir` under `SLUICE_TEST_STORE=postgres`: a
+/// database of the shared server named after the directory, created on first use.
+pub fn postgres_url_for(data_dir: &Path) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(data_dir.to_string_lossy().as_bytes());
+    let db = format!("sluice_{}", &hex::encode(digest)[..16]);
+    let pg = shared_postgres();
+    pg.create_database(&db);
+    pg.url(&db)
+}
+
 /// A relay under test.
 pub struct Relay {
     pub dir: PathBuf,
@@ -191,6 +242,9 @@ impl Relay {
             .args(["--resource-ports", &format!("{}-{}", self.ports.0, self.ports.1)])
             .args(["--log", "info,sluice_relay=debug"])
             .args(self.relay_args());
+        if on_postgres() && !self.extra_args.iter().any(|a| a == "--database-url") {
+            cmd.arg("--database-url").arg(postgres_url_for(&self.data_dir()));
+        }
         if !self.extra_args.iter().any(|a| a == "--heartbeat-secs") {
             cmd.args(["--heartbeat-secs", "1"]);
         }

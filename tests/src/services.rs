@@ -44,7 +44,11 @@ fn as_postgres(program: &Path) -> Command {
 pub struct Postgres {
     pub port: u16,
     pub proc: Proc,
-    _dir: PathBuf,
+    root: PathBuf,
+    bin: PathBuf,
+    /// Where its log goes (each start appends a number).
+    log_dir: PathBuf,
+    starts: u32,
 }
 
 impl Postgres {
@@ -73,13 +77,19 @@ impl Postgres {
             .unwrap();
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
+        let proc = Self::spawn(&bin, &root, port, dir.join("postgres.log"));
+        Postgres { port, proc, root, bin, log_dir: dir.to_owned(), starts: 1 }
+    }
+
+    fn spawn(bin: &Path, root: &Path, port: u16, log: PathBuf) -> Proc {
         let mut cmd = as_postgres(&bin.join("postgres"));
         cmd.arg("-D")
-            .arg(&data)
+            .arg(root.join("data"))
             .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c"])
             .arg(format!("unix_socket_directories={}", root.display()))
-            .args(["-c", "fsync=off"]);
-        let proc = Proc::spawn(cmd, dir.join("postgres.log"));
+            // Every relay of every test of one process on one server.
+            .args(["-c", "fsync=off", "-c", "max_connections=400"]);
+        let proc = Proc::spawn(cmd, log);
         wait_for(Duration::from_secs(30), "postgres to accept connections", || {
             let s = Command::new(bin.join("pg_isready"))
                 .args(["-h", "127.0.0.1", "-p", &port.to_string()])
@@ -88,7 +98,73 @@ impl Postgres {
             s.status.success().then_some(())
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", proc.log_text()));
-        Postgres { port, proc, _dir: root }
+        proc
+    }
+
+    /// The postmaster's pid (the process we spawned may be `runuser`, its parent).
+    fn postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.root.join("data").join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    /// Stops the server (fast shutdown, SIGINT: it closes every connection and exits).
+    pub fn stop(&mut self) {
+        if let Some(pid) = self.postmaster_pid() {
+            // SAFETY: kill(2) on the postmaster this test started.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        if self.proc.wait_exit(Duration::from_secs(30)).is_none() {
+            self.proc.kill();
+        }
+    }
+
+    /// Stops the server without waiting (SIGQUIT: immediate shutdown), e.g. at exit.
+    pub fn stop_immediately(&self) {
+        if let Some(pid) = self.postmaster_pid() {
+            // SAFETY: kill(2) on the postmaster this test started.
+            unsafe { libc::kill(pid, libc::SIGQUIT) };
+        }
+    }
+
+    /// Starts the server again on the same port and data.
+    pub fn start_again(&mut self) {
+        self.starts += 1;
+        let log = self.log_dir.join(format!("postgres-{}.log", self.starts));
+        wait_for(Duration::from_secs(30), "the old postgres processes to exit", || {
+            std::net::TcpListener::bind(("127.0.0.1", self.port)).ok().map(drop)
+        })
+        .unwrap();
+        self.proc = Self::spawn(&self.bin, &self.root, self.port, log);
+    }
+
+    /// The URL of database `db` (user postgres, no password: trust authentication).
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Runs one SQL statement with psql as user postgres; panics with psql's answer on failure.
+    pub fn sql(&self, db: &str, statement: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", db])
+            .args(["-v", "ON_ERROR_STOP=1", "-X", "-q", "-A", "-t", "-c", statement])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "psql {statement:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Creates database `db` unless it exists.
+    pub fn create_database(&self, db: &str) {
+        if self.sql("postgres", &format!("SELECT 1 FROM pg_database WHERE datname = '{db}'")).is_empty() {
+            self.sql("postgres", &format!("CREATE DATABASE \"{db}\""));
+        }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // Killing `runuser` (our child when we are root) would leave the server running.
+        self.stop_immediately();
     }
 }
 

@@ -1,13 +1,15 @@
 //! Notices the database failing under the running relay, instead of at the next start.
 //!
-//! SQLite keeps using a file that was deleted (the open descriptor keeps the inode
-//! alive): admin calls and enrollments go on working, and everything is lost when the
-//! relay stops — a supervisor's restart then finds no database at all. So every
-//! [`CHECK_EVERY`] the watch asks [`SqliteStore::check_file`] whether the file at the
-//! path is still the one the relay opened, and whether it answers. A failure is loud:
-//! an error in the log naming the file (repeated every [`REPEAT_EVERY`] while it
-//! lasts), `/readyz` 503 with the reason, `sluice_relay_store_fault` 1, and a copy of the
-//! open database saved next to it (`sluice.db.recovered-<unix time>`) to restore from.
+//! Every [`CHECK_EVERY`] the watch asks the store's [`Store::check`] whether it still
+//! answers. SQLite keeps using a file that was deleted (the open descriptor keeps the
+//! inode alive): admin calls and enrollments go on working, and everything is lost when
+//! the relay stops — a supervisor's restart then finds no database at all; so its check
+//! also asks whether the file at the path is still the one the relay opened. PostgreSQL's
+//! check is a `SELECT 1` (reconnecting if the connection dropped). A failure is loud: an
+//! error in the log naming the file or the server (repeated every [`REPEAT_EVERY`] while
+//! it lasts), `/readyz` 503 with the reason, `sluice_relay_store_fault` 1, and what the
+//! engine can save ([`Store::rescue`]: SQLite writes a copy of the open database next to
+//! it, `sluice.db.recovered-<unix time>`, to restore from). Recovery is logged once.
 //!
 //! The relay does not exit: its sessions and streams keep running, and a restart
 //! would lose what the open file still holds. It refuses to start on a data directory
@@ -22,8 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::state::data_dir::recovered_copy_path;
-use crate::state::store::SqliteStore;
+use crate::state::store::Store;
 
 /// How often the database file is checked.
 pub const CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -81,7 +82,7 @@ impl Watch {
 
 /// Checks the database every [`CHECK_EVERY`] until `shutdown`, reporting to `health`, the
 /// log and the metrics.
-pub async fn run(store: Arc<SqliteStore>, health: Arc<StoreHealth>, shutdown: CancellationToken) {
+pub async fn run(store: Arc<dyn Store>, health: Arc<StoreHealth>, shutdown: CancellationToken) {
     let mut watch = Watch::default();
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -90,44 +91,33 @@ pub async fn run(store: Arc<SqliteStore>, health: Arc<StoreHealth>, shutdown: Ca
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let check = store.check_file();
+        // A PostgreSQL check may wait on the network (up to its connect timeout).
+        let check = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.check()).await.unwrap_or_else(|e| Err(e.to_string()))
+        };
         *health.fault.lock() = check.as_ref().err().cloned();
         crate::metrics::store_fault(check.is_err());
         match watch.observe(check, Instant::now()) {
             Verdict::Quiet => {}
-            Verdict::Recovered => info!(file = %store.path().display(), "the database answers again"),
+            Verdict::Recovered => info!(store = %store.location(), "the database answers again"),
             Verdict::Fault { message, first } => {
-                let saved = if first { save_copy(&store) } else { String::new() };
-                error!(
-                    file = %store.path().display(),
-                    "{message}.{saved} /readyz answers 503 until this is fixed. Do not restart the relay before the \
-                     database is back at its path: it refuses to start without it (see docs/operations.md, \"The \
-                     database file\")"
-                );
+                let saved = if first {
+                    let store = store.clone();
+                    tokio::task::spawn_blocking(move || store.rescue()).await.unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                error!(store = %store.location(), "{message}. /readyz answers 503 until this is fixed. {saved}");
             }
         }
-    }
-}
-
-/// Saves a copy of the open database next to its path; says where (or why not).
-fn save_copy(store: &SqliteStore) -> String {
-    let to = recovered_copy_path(store.path(), sluice_proto::identity::unix_now());
-    match store.save_copy(&to) {
-        Ok(()) => {
-            let db = store.path().display();
-            format!(
-                " A copy of the open database was saved to {}: stop the relay, delete {db}-wal and {db}-shm, move \
-                 that copy to {db}, and start the relay again.",
-                to.display()
-            )
-        }
-        Err(e) => format!(" Saving a copy of the open database to {} failed too: {e}.", to.display()),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::store::SqliteStore;
 
     #[test]
     fn faults_are_reported_at_once_then_every_minute_and_recovery_once() {
@@ -149,11 +139,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sluice.db");
         let store = Arc::new(SqliteStore::open(&path).unwrap());
-        use crate::state::store::Store;
         store.create_customer("c1", "acme", 1).unwrap();
         let health = Arc::new(StoreHealth::default());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(store.clone(), health.clone(), stop.clone()));
+        let task = tokio::spawn(run(store.clone() as Arc<dyn Store>, health.clone(), stop.clone()));
         tokio::time::sleep(CHECK_EVERY + Duration::from_millis(10)).await;
         assert_eq!(health.fault(), None);
         std::fs::remove_file(&path).unwrap();

@@ -1,294 +1,12 @@
-//! The relay's persistent state: customers, resources (with their stable ports and key
-//! generations), agents, every registration JWT issued, and the membership of the relays
-//! sharing the store (each relay's row, heartbeat and active/draining state).
-//!
-//! [`Store`] is the one interface the rest of the relay uses; [`SqliteStore`] is the
-//! embedded default. The calls are synchronous and short (single-row reads and writes on
-//! a local file), made on admin requests and enrollments, never per stream byte.
-//!
-//! Revocation has two grains. A registration JWT as a whole is revoked (`revoked_at` on
-//! its `registration_tokens` row) when the operator revokes it or when the one resource
-//! it was issued for is rotated or deleted. A customer (or org-level) JWT enrolls agents
-//! of many resources; rotating or deleting one of them revokes only that JWT's *use* for
-//! that resource (`revoked_at` on the `token_uses` row): the JWT may have leaked with the
-//! compromised host, so it must not enroll into that resource again, but the customer's
-//! other resources keep re-enrolling (restarts, new replicas, certificate renewal) with it.
+//! The embedded store: one SQLite file in the data directory (the default engine).
 
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
 
-/// A customer of the platform operator (a tenant).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Customer {
-    pub id: String,
-    pub name: String,
-    pub created_at: u64,
-}
-
-/// A private service reachable through one or more agents.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Resource {
-    pub id: String,
-    /// `None` for an org-level resource.
-    pub customer_id: Option<String>,
-    pub name: String,
-    /// The relay port platform jobs connect to; stable for the resource's life.
-    pub port: u16,
-    /// Key generation: bumped by a rotation; certificates of older generations are refused.
-    pub generation: u64,
-    pub created_at: u64,
-    /// When an agent session last started or ended (seconds since the epoch).
-    pub last_seen_at: Option<u64>,
-}
-
-/// A registration JWT the relay issued.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TokenRecord {
-    pub jti: String,
-    pub customer_id: Option<String>,
-    pub resource_id: Option<String>,
-    pub issued_at: u64,
-    pub expires_at: Option<u64>,
-    pub revoked_at: Option<u64>,
-}
-
-/// An enrolled agent.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AgentRecord {
-    pub id: String,
-    pub resource_id: String,
-    pub generation: u64,
-    pub hostname: String,
-    pub enrolled_at: u64,
-    /// The registration JWT the agent enrolled with; `None` for agents enrolled before
-    /// the relay recorded it.
-    pub jti: Option<String>,
-}
-
-/// What rotating or deleting a resource revoked besides its agents' certificates.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ResourceRevocation {
-    /// JWTs issued for the resource itself (`--resource-id`): revoked everywhere.
-    pub revoked_resource_jwts: Vec<String>,
-    /// Customer or org-level JWTs that had enrolled agents of the resource: they can no
-    /// longer enroll agents for it, and stay valid for every other resource.
-    pub blocked_for_resource_jwts: Vec<String>,
-}
-
-/// A registration JWT with how many agents (still on record) enrolled with it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenUsage {
-    pub token: TokenRecord,
-    pub agents: u64,
-}
-
-/// What [`Store::revoke_token`] found.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TokenRevocation {
-    /// No JWT with that id was ever issued by this relay.
-    Unknown,
-    /// Revoked now; the record carries the revocation time.
-    Revoked(TokenRecord),
-    /// It had been revoked before (at the record's `revoked_at`); nothing changed.
-    AlreadyRevoked(TokenRecord),
-}
-
-/// Whether a relay takes new agent sessions and streams, or is draining for an upgrade.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RelayState {
-    Active,
-    Draining,
-}
-
-impl RelayState {
-    /// How the state is stored: "active" or "draining".
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RelayState::Active => "active",
-            RelayState::Draining => "draining",
-        }
-    }
-
-    /// The stored text back; anything unknown (a newer relay's state) reads as draining,
-    /// so an older relay never sends work to a relay it does not understand.
-    pub fn from_stored(s: &str) -> RelayState {
-        match s {
-            "active" => RelayState::Active,
-            _ => RelayState::Draining,
-        }
-    }
-}
-
-/// One relay of the cluster, as it registered itself.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RelayRecord {
-    /// e.g. "rly_…"
-    pub id: String,
-    /// The URL agents dial this relay on (its --public-url).
-    pub agent_url: String,
-    /// The host platform jobs use for resource ports on this relay.
-    pub resource_host: String,
-    /// http://host:port of its admin API.
-    pub admin_url: String,
-    pub version: String,
-    pub started_at: u64,
-    pub heartbeat_at: u64,
-    pub state: RelayState,
-}
-
-/// Why a store call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    Exhausted(String),
-    /// A per-customer or per-JWT quota (relay/src/limits.rs) would be exceeded.
-    #[error("{0}")]
-    Quota(String),
-    #[error("database error: {0}")]
-    Db(#[from] rusqlite::Error),
-    /// The database file failed (disk full, deleted, read-only, damaged): the message
-    /// names the file, the cause and what to do ([`SqliteStore`] turns `Db` into this).
-    #[error("{0}")]
-    Unavailable(String),
-}
-
-/// The relay's state, behind one small interface so a PostgreSQL implementation can
-/// stand beside the embedded SQLite one.
-pub trait Store: Send + Sync {
-    fn create_customer(&self, id: &str, name: &str, now: u64) -> Result<Customer, StoreError>;
-    fn customers(&self) -> Result<Vec<Customer>, StoreError>;
-    fn customer(&self, id: &str) -> Result<Option<Customer>, StoreError>;
-
-    /// Creates a resource with the lowest free port of `ports`, unless its customer (or
-    /// the org level, for `None`) already has `max_per_customer` resources
-    /// ([`StoreError::Quota`]); the count and the insert are one transaction.
-    fn create_resource(
-        &self,
-        id: &str,
-        customer_id: Option<&str>,
-        name: &str,
-        ports: RangeInclusive<u16>,
-        max_per_customer: u32,
-        now: u64,
-    ) -> Result<Resource, StoreError>;
-    fn resource(&self, id: &str) -> Result<Option<Resource>, StoreError>;
-    fn resource_by_name(&self, customer_id: Option<&str>, name: &str) -> Result<Option<Resource>, StoreError>;
-    fn resources(&self) -> Result<Vec<Resource>, StoreError>;
-    /// Bumps the key generation (so the agents' certificates of older generations are
-    /// refused), revokes the JWTs issued for this resource, and revokes the use for this
-    /// resource of every customer or org-level JWT that enrolled agents of it — those
-    /// JWTs stay valid for other resources. Returns the new generation and what was revoked.
-    fn rotate_resource(&self, id: &str, now: u64) -> Result<(u64, ResourceRevocation), StoreError>;
-    /// Deletes the resource and its agents, and revokes JWTs as a rotation does. `None`
-    /// if the resource did not exist.
-    fn delete_resource(&self, id: &str, now: u64) -> Result<Option<ResourceRevocation>, StoreError>;
-    fn touch_resource(&self, id: &str, now: u64) -> Result<(), StoreError>;
-
-    fn record_token(&self, t: &TokenRecord) -> Result<(), StoreError>;
-    fn token(&self, jti: &str) -> Result<Option<TokenRecord>, StoreError>;
-    /// Every registration JWT (of one customer, when given), in the order issued, with the
-    /// number of agents on record that enrolled with it.
-    fn tokens(&self, customer_id: Option<&str>) -> Result<Vec<TokenUsage>, StoreError>;
-    /// Revokes one registration JWT everywhere: it enrolls no more agents. Agents that
-    /// enrolled with it keep their certificates.
-    fn revoke_token(&self, jti: &str, now: u64) -> Result<TokenRevocation, StoreError>;
-    /// The resources whose agents on record enrolled with `jti`.
-    fn resources_enrolled_with(&self, jti: &str) -> Result<Vec<String>, StoreError>;
-    /// Remembers that `jti` enrolled an agent of `resource_id`, so rotating or deleting
-    /// that resource can revoke this JWT's use for it.
-    fn mark_token_used(&self, jti: &str, resource_id: &str) -> Result<(), StoreError>;
-    /// When `jti`'s use for `resource_id` was revoked (by rotating or deleting the
-    /// resource), if it was.
-    fn token_use_revoked_at(&self, jti: &str, resource_id: &str) -> Result<Option<u64>, StoreError>;
-
-    fn add_agent(&self, a: &AgentRecord) -> Result<(), StoreError>;
-    /// Records an enrolled agent unless its JWT already enrolled `max` agents since
-    /// `since` ([`StoreError::Quota`] with that count); one transaction.
-    fn add_agent_within(&self, a: &AgentRecord, since: u64, max: u32) -> Result<(), StoreError>;
-    /// How many agents the JWT `jti` enrolled since `since`.
-    fn enrollments_since(&self, jti: &str, since: u64) -> Result<u64, StoreError>;
-    /// Whether any agent of the resource ever completed a control session.
-    fn agents_ever_connected(&self, resource_id: &str) -> Result<bool, StoreError>;
-    fn mark_agent_connected(&self, agent_id: &str, now: u64) -> Result<(), StoreError>;
-
-    /// Inserts or replaces this relay's row (at start).
-    fn register_relay(&self, r: &RelayRecord) -> Result<(), StoreError>;
-    /// Sets heartbeat_at = now; returns the stored state (an operator may have set it to
-    /// draining through another relay), or None when the row is gone (re-register).
-    fn relay_heartbeat(&self, id: &str, now: u64) -> Result<Option<RelayState>, StoreError>;
-    /// Sets the state; false when no relay has that id.
-    fn set_relay_state(&self, id: &str, state: RelayState) -> Result<bool, StoreError>;
-    /// Every registered relay, oldest first (by started_at, then id).
-    fn relays(&self) -> Result<Vec<RelayRecord>, StoreError>;
-    /// Deletes this relay's row (clean exit).
-    fn remove_relay(&self, id: &str) -> Result<(), StoreError>;
-    /// Deletes the rows whose heartbeat_at < before; returns their ids.
-    fn forget_silent_relays(&self, before: u64) -> Result<Vec<String>, StoreError>;
-}
-
-const MIGRATIONS: &[&str] = &[
-    // 1: initial schema
-    "CREATE TABLE customers (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        created_at INTEGER NOT NULL
-     );
-     CREATE TABLE resources (
-        id TEXT PRIMARY KEY,
-        customer_id TEXT REFERENCES customers(id),
-        scope TEXT NOT NULL,          -- customer id, or '' for org-level: makes (scope, name) unique
-        name TEXT NOT NULL,
-        port INTEGER NOT NULL UNIQUE,
-        generation INTEGER NOT NULL,
-        created_at INTEGER NOT NULL,
-        last_seen_at INTEGER,
-        UNIQUE (scope, name)
-     );
-     CREATE TABLE agents (
-        id TEXT PRIMARY KEY,
-        resource_id TEXT NOT NULL REFERENCES resources(id) ON DELETE CASCADE,
-        generation INTEGER NOT NULL,
-        hostname TEXT NOT NULL,
-        enrolled_at INTEGER NOT NULL,
-        connected_at INTEGER
-     );
-     CREATE TABLE registration_tokens (
-        jti TEXT PRIMARY KEY,
-        customer_id TEXT,
-        resource_id TEXT,
-        issued_at INTEGER NOT NULL,
-        expires_at INTEGER,
-        revoked_at INTEGER
-     );
-     CREATE TABLE token_uses (
-        jti TEXT NOT NULL,
-        resource_id TEXT NOT NULL,
-        PRIMARY KEY (jti, resource_id)
-     );",
-    // 2: a rotation or deletion revokes a JWT's use for one resource, not the whole JWT
-    "ALTER TABLE token_uses ADD COLUMN revoked_at INTEGER;",
-    // 3: which registration JWT each agent enrolled with (for listing and revocation)
-    "ALTER TABLE agents ADD COLUMN jti TEXT;
-     CREATE INDEX agents_jti ON agents (jti);",
-    // 4: relay membership: every relay sharing this store registers itself and heartbeats
-    "CREATE TABLE relays (
-        id TEXT PRIMARY KEY,
-        agent_url TEXT NOT NULL,
-        resource_host TEXT NOT NULL,
-        admin_url TEXT NOT NULL,
-        version TEXT NOT NULL,
-        started_at INTEGER NOT NULL,
-        heartbeat_at INTEGER NOT NULL,
-        state TEXT NOT NULL          -- 'active' or 'draining'
-     );",
-];
+use super::*;
 
 /// The embedded store: one SQLite file in the data directory.
 pub struct SqliteStore {
@@ -435,8 +153,6 @@ pub fn describe_db_error(path: &Path, e: &rusqlite::Error) -> String {
     format!("cannot {action} {file}: {e} — {what_to_do}")
 }
 
-const RESOURCE_COLS: &str = "id, customer_id, name, port, generation, created_at, last_seen_at";
-
 fn resource_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Resource> {
     Ok(Resource {
         id: r.get(0)?,
@@ -448,8 +164,6 @@ fn resource_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Resource> {
         last_seen_at: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
     })
 }
-
-const TOKEN_COLS: &str = "jti, customer_id, resource_id, issued_at, expires_at, revoked_at";
 
 fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
     Ok(TokenRecord {
@@ -465,8 +179,6 @@ fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenRecord> {
 fn customer_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Customer> {
     Ok(Customer { id: r.get(0)?, name: r.get(1)?, created_at: r.get::<_, i64>(2)? as u64 })
 }
-
-const RELAY_COLS: &str = "id, agent_url, resource_host, admin_url, version, started_at, heartbeat_at, state";
 
 fn relay_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RelayRecord> {
     Ok(RelayRecord {
@@ -486,6 +198,35 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 }
 
 impl Store for SqliteStore {
+    fn check(&self) -> Result<(), String> {
+        self.check_file()
+    }
+
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// Saves a copy of the open database next to its path and says where (or why not):
+    /// what can be saved of a file deleted or replaced under the relay.
+    fn rescue(&self) -> String {
+        let to = crate::state::data_dir::recovered_copy_path(&self.path, sluice_proto::identity::unix_now());
+        let saved = match self.save_copy(&to) {
+            Ok(()) => {
+                let db = self.path.display();
+                format!(
+                    "A copy of the open database was saved to {}: stop the relay, delete {db}-wal and {db}-shm, move \
+                     that copy to {db}, and start the relay again.",
+                    to.display()
+                )
+            }
+            Err(e) => format!("Saving a copy of the open database to {} failed too: {e}.", to.display()),
+        };
+        format!(
+            "{saved} Do not restart the relay before the database is back at its path: it refuses to start without it \
+             (see docs/operations.md, \"The database file\")"
+        )
+    }
+
     fn create_customer(&self, id: &str, name: &str, now: u64) -> Result<Customer, StoreError> {
         self.with(|c| {
             match c.execute(
@@ -493,9 +234,7 @@ impl Store for SqliteStore {
                 params![id, name, now as i64],
             ) {
                 Ok(_) => Ok(Customer { id: id.into(), name: name.into(), created_at: now }),
-                Err(e) if is_unique_violation(&e) => {
-                    Err(StoreError::Conflict(format!("a customer named {name:?} already exists")))
-                }
+                Err(e) if is_unique_violation(&e) => Err(customer_name_taken(name)),
                 Err(e) => Err(e.into()),
             }
         })
@@ -531,26 +270,12 @@ impl Store for SqliteStore {
                 tx.query_row("SELECT COUNT(*) FROM resources WHERE scope = ?1", [customer_id.unwrap_or("")], |r| {
                     r.get(0)
                 })?;
-            let owned = owned as u64;
-            if owned >= u64::from(max_per_customer) {
-                let whose = customer_id.map_or("the org level".to_owned(), |c| format!("customer {c}"));
-                return Err(StoreError::Quota(format!(
-                    "{whose} already has {owned} resources, the relay's limit (--max-resources-per-customer \
-                     {max_per_customer}); delete unused ones (`sluice resources delete`) or ask the relay's operator \
-                     to raise the limit"
-                )));
-            }
+            within_resource_quota(customer_id, owned as u64, max_per_customer)?;
             let used: std::collections::HashSet<u16> = {
                 let mut st = tx.prepare("SELECT port FROM resources")?;
                 st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
             };
-            let port = ports.clone().find(|p| !used.contains(p)).ok_or_else(|| {
-                StoreError::Exhausted(format!(
-                    "every port of the resource port range {}-{} is taken: widen --resource-ports",
-                    ports.start(),
-                    ports.end()
-                ))
-            })?;
+            let port = lowest_free_port(&ports, &used)?;
             let res = tx.execute(
                 "INSERT INTO resources (id, customer_id, scope, name, port, generation, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6)",
@@ -559,7 +284,7 @@ impl Store for SqliteStore {
             match res {
                 Ok(_) => {}
                 Err(e) if is_unique_violation(&e) => {
-                    return Err(StoreError::Conflict(format!("a resource named {name:?} already exists")));
+                    return Err(resource_name_taken(name));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -638,8 +363,7 @@ impl Store for SqliteStore {
     fn record_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO registration_tokens (jti, customer_id, resource_id, issued_at, expires_at, revoked_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                INSERT_TOKEN,
                 params![
                     t.jti,
                     t.customer_id,
@@ -666,7 +390,7 @@ impl Store for SqliteStore {
                 "SELECT {TOKEN_COLS}, (SELECT COUNT(*) FROM agents a WHERE a.jti = t.jti)
                  FROM registration_tokens t
                  WHERE ?1 IS NULL OR t.customer_id = ?1
-                 ORDER BY t.issued_at, t.rowid"
+                 ORDER BY t.issued_at, t.seq, t.jti"
             ))?;
             let rows = st
                 .query_map([customer_id], |r| {
@@ -711,7 +435,7 @@ impl Store for SqliteStore {
     fn mark_token_used(&self, jti: &str, resource_id: &str) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT OR IGNORE INTO token_uses (jti, resource_id) VALUES (?1, ?2)",
+                "INSERT INTO token_uses (jti, resource_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
                 params![jti, resource_id],
             )?;
             Ok(())
@@ -750,10 +474,7 @@ impl Store for SqliteStore {
                 params![a.jti, since as i64],
                 |r| r.get(0),
             )?;
-            let recent = recent as u64;
-            if recent >= u64::from(max) {
-                return Err(StoreError::Quota(format!("{recent} agents enrolled with this JWT since {since}")));
-            }
+            within_enrollment_quota(recent as u64, since, max)?;
             tx.execute(
                 "INSERT INTO agents (id, resource_id, generation, hostname, enrolled_at, jti)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -795,7 +516,7 @@ impl Store for SqliteStore {
     fn register_relay(&self, r: &RelayRecord) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                &format!("INSERT OR REPLACE INTO relays ({RELAY_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                UPSERT_RELAY,
                 params![
                     r.id,
                     r.agent_url,
@@ -947,196 +668,6 @@ mod tests {
         std::fs::write(&garbage, vec![7u8; 8192]).unwrap();
         let err = SqliteStore::open(&garbage).err().unwrap().to_string();
         assert!(err.contains("restore it from a backup"), "{err}");
-    }
-
-    #[test]
-    fn names_are_unique_per_customer() {
-        let (_d, s) = store();
-        s.create_customer("c1", "acme", 1).unwrap();
-        s.create_customer("c2", "globex", 1).unwrap();
-        assert!(matches!(s.create_customer("c3", "acme", 1), Err(StoreError::Conflict(_))));
-        s.create_resource("r1", Some("c1"), "db", 1..=9, u32::MAX, 1).unwrap();
-        s.create_resource("r2", Some("c2"), "db", 1..=9, u32::MAX, 1).unwrap();
-        assert!(matches!(s.create_resource("r3", Some("c1"), "db", 1..=9, u32::MAX, 1), Err(StoreError::Conflict(_))));
-        assert_eq!(s.resource_by_name(Some("c2"), "db").unwrap().unwrap().id, "r2");
-        assert_eq!(s.resource_by_name(None, "db").unwrap(), None);
-    }
-
-    fn tok(jti: &str, cid: Option<&str>, rid: Option<&str>) -> TokenRecord {
-        TokenRecord {
-            jti: jti.into(),
-            customer_id: cid.map(Into::into),
-            resource_id: rid.map(Into::into),
-            issued_at: 1,
-            expires_at: None,
-            revoked_at: None,
-        }
-    }
-
-    fn agent(id: &str, rid: &str, jti: &str) -> AgentRecord {
-        AgentRecord {
-            id: id.into(),
-            resource_id: rid.into(),
-            generation: 1,
-            hostname: "h".into(),
-            enrolled_at: 1,
-            jti: Some(jti.into()),
-        }
-    }
-
-    #[test]
-    fn rotation_revokes_the_resources_jwts_and_blocks_customer_jwts_for_it_only() {
-        let (_d, s) = store();
-        s.create_customer("c1", "acme", 1).unwrap();
-        s.create_resource("r1", Some("c1"), "a", 1..=9, u32::MAX, 1).unwrap();
-        s.create_resource("r2", Some("c1"), "b", 1..=9, u32::MAX, 1).unwrap();
-        s.record_token(&tok("for-r1", Some("c1"), Some("r1"))).unwrap();
-        s.record_token(&tok("for-r2", Some("c1"), Some("r2"))).unwrap();
-        s.record_token(&tok("customer", Some("c1"), None)).unwrap();
-        s.record_token(&tok("unrelated", Some("c1"), None)).unwrap();
-        // One customer JWT enrolled agents of both resources.
-        s.mark_token_used("customer", "r1").unwrap();
-        s.mark_token_used("customer", "r2").unwrap();
-        s.mark_token_used("for-r1", "r1").unwrap();
-
-        let (generation, revoked) = s.rotate_resource("r1", 5).unwrap();
-        assert_eq!(generation, 2);
-        assert_eq!(
-            revoked,
-            ResourceRevocation {
-                revoked_resource_jwts: vec!["for-r1".into()],
-                blocked_for_resource_jwts: vec!["customer".into()],
-            }
-        );
-        assert_eq!(s.token("for-r1").unwrap().unwrap().revoked_at, Some(5));
-        assert_eq!(s.token("for-r2").unwrap().unwrap().revoked_at, None, "other resources' JWTs stay valid");
-        assert_eq!(s.token("customer").unwrap().unwrap().revoked_at, None, "the customer JWT stays valid");
-        assert_eq!(s.token("unrelated").unwrap().unwrap().revoked_at, None);
-        assert_eq!(s.token_use_revoked_at("customer", "r1").unwrap(), Some(5), "but it can no longer enroll into r1");
-        assert_eq!(s.token_use_revoked_at("customer", "r2").unwrap(), None, "and still can into r2");
-        assert_eq!(s.token_use_revoked_at("unrelated", "r1").unwrap(), None, "a JWT that never enrolled r1");
-
-        // A second rotation reports only what it revoked itself.
-        assert_eq!(s.rotate_resource("r1", 6).unwrap(), (3, ResourceRevocation::default()));
-        assert_eq!(s.token_use_revoked_at("customer", "r1").unwrap(), Some(5));
-    }
-
-    #[test]
-    fn deletion_revokes_like_rotation_and_unknown_ids_change_nothing() {
-        let (_d, s) = store();
-        s.create_customer("c1", "acme", 1).unwrap();
-        s.create_resource("r1", Some("c1"), "a", 1..=9, u32::MAX, 1).unwrap();
-        s.record_token(&tok("for-r1", Some("c1"), Some("r1"))).unwrap();
-        s.record_token(&tok("customer", Some("c1"), None)).unwrap();
-        s.mark_token_used("customer", "r1").unwrap();
-        s.add_agent(&agent("a1", "r1", "customer")).unwrap();
-        assert_eq!(s.delete_resource("nope", 2).unwrap(), None);
-        assert_eq!(s.token_use_revoked_at("customer", "r1").unwrap(), None);
-        let revoked = s.delete_resource("r1", 3).unwrap().unwrap();
-        assert_eq!(revoked.revoked_resource_jwts, ["for-r1"]);
-        assert_eq!(revoked.blocked_for_resource_jwts, ["customer"]);
-        assert_eq!(s.token("customer").unwrap().unwrap().revoked_at, None);
-        assert_eq!(s.token_use_revoked_at("customer", "r1").unwrap(), Some(3));
-        assert!(s.resources_enrolled_with("customer").unwrap().is_empty(), "the agents went with the resource");
-    }
-
-    #[test]
-    fn tokens_are_listed_with_agent_counts_and_revoked_one_by_one() {
-        let (_d, s) = store();
-        s.create_customer("c1", "acme", 1).unwrap();
-        s.create_customer("c2", "globex", 1).unwrap();
-        s.create_resource("r1", Some("c1"), "a", 1..=9, u32::MAX, 1).unwrap();
-        s.record_token(&tok("t1", Some("c1"), None)).unwrap();
-        s.record_token(&tok("t2", Some("c2"), None)).unwrap();
-        s.record_token(&tok("t3", None, None)).unwrap();
-        s.add_agent(&agent("a1", "r1", "t1")).unwrap();
-        s.add_agent(&agent("a2", "r1", "t1")).unwrap();
-
-        let all = s.tokens(None).unwrap();
-        let counts: Vec<(&str, u64)> = all.iter().map(|u| (u.token.jti.as_str(), u.agents)).collect();
-        assert_eq!(counts, [("t1", 2), ("t2", 0), ("t3", 0)]);
-        let of_c2 = s.tokens(Some("c2")).unwrap();
-        assert_eq!(of_c2.iter().map(|u| u.token.jti.as_str()).collect::<Vec<_>>(), ["t2"]);
-        assert_eq!(s.resources_enrolled_with("t1").unwrap(), ["r1"]);
-
-        assert!(matches!(s.revoke_token("t1", 7).unwrap(), TokenRevocation::Revoked(t) if t.revoked_at == Some(7)));
-        assert!(
-            matches!(s.revoke_token("t1", 8).unwrap(), TokenRevocation::AlreadyRevoked(t) if t.revoked_at == Some(7))
-        );
-        assert_eq!(s.revoke_token("nope", 8).unwrap(), TokenRevocation::Unknown);
-        assert_eq!(s.token("t2").unwrap().unwrap().revoked_at, None);
-    }
-
-    #[test]
-    fn quotas_are_counted_in_the_same_transaction_as_the_insert() {
-        let (_d, s) = store();
-        s.create_customer("c1", "acme", 1).unwrap();
-        s.create_customer("c2", "globex", 1).unwrap();
-        s.create_resource("r1", Some("c1"), "a", 1..=9, 2, 1).unwrap();
-        s.create_resource("r2", Some("c1"), "b", 1..=9, 2, 1).unwrap();
-        let over = s.create_resource("r3", Some("c1"), "c", 1..=9, 2, 1).unwrap_err();
-        assert!(matches!(&over, StoreError::Quota(m) if m.contains("customer c1 already has 2 resources")), "{over}");
-        s.create_resource("r3", Some("c2"), "c", 1..=9, 2, 1).expect("another customer's quota is its own");
-        s.create_resource("r4", None, "c", 1..=9, 1, 1).expect("the org level counts apart");
-
-        let mut a = agent("a1", "r1", "t1");
-        a.enrolled_at = 100;
-        s.add_agent_within(&a, 50, 2).unwrap();
-        a.id = "a2".into();
-        s.add_agent_within(&a, 50, 2).unwrap();
-        a.id = "a3".into();
-        assert!(matches!(s.add_agent_within(&a, 50, 2), Err(StoreError::Quota(_))));
-        assert_eq!(s.enrollments_since("t1", 50).unwrap(), 2);
-        assert_eq!(s.enrollments_since("t1", 101).unwrap(), 0, "older enrollments leave the window");
-        s.add_agent_within(&a, 101, 2).expect("a new window");
-        assert_eq!(s.enrollments_since("t2", 0).unwrap(), 0);
-    }
-
-    fn relay(id: &str, started_at: u64) -> RelayRecord {
-        RelayRecord {
-            id: id.into(),
-            agent_url: format!("https://{id}.example:7443"),
-            resource_host: format!("{id}.example"),
-            admin_url: format!("http://{id}.example:7444"),
-            version: "0.1.0".into(),
-            started_at,
-            heartbeat_at: started_at,
-            state: RelayState::Active,
-        }
-    }
-
-    #[test]
-    fn relays_register_heartbeat_drain_and_are_forgotten_when_silent() {
-        let (_d, s) = store();
-        assert!(s.relays().unwrap().is_empty());
-        s.register_relay(&relay("rly_b", 10)).unwrap();
-        s.register_relay(&relay("rly_a", 10)).unwrap();
-        s.register_relay(&relay("rly_c", 5)).unwrap();
-        let ids = |s: &SqliteStore| s.relays().unwrap().into_iter().map(|r| r.id).collect::<Vec<_>>();
-        assert_eq!(ids(&s), ["rly_c", "rly_a", "rly_b"], "oldest first, then by id");
-        assert_eq!(s.relays().unwrap()[1], relay("rly_a", 10), "stored as registered");
-
-        assert_eq!(s.relay_heartbeat("rly_a", 20).unwrap(), Some(RelayState::Active));
-        assert!(s.set_relay_state("rly_a", RelayState::Draining).unwrap());
-        assert!(!s.set_relay_state("rly_nope", RelayState::Draining).unwrap());
-        assert_eq!(s.relay_heartbeat("rly_a", 21).unwrap(), Some(RelayState::Draining), "set through another relay");
-        assert_eq!(s.relay_heartbeat("rly_nope", 21).unwrap(), None, "a row that is gone asks to re-register");
-
-        // Re-registering replaces the row (a restart with the same id).
-        let mut again = relay("rly_b", 30);
-        again.version = "0.2.0".into();
-        s.register_relay(&again).unwrap();
-        assert_eq!(s.relays().unwrap().last().unwrap(), &again);
-
-        // rly_c (heartbeat 5) and nobody else is silent before 20.
-        assert_eq!(s.forget_silent_relays(20).unwrap(), ["rly_c"]);
-        assert_eq!(ids(&s), ["rly_a", "rly_b"]);
-        assert!(s.forget_silent_relays(20).unwrap().is_empty());
-        s.remove_relay("rly_a").unwrap();
-        s.remove_relay("rly_a").unwrap();
-        assert_eq!(ids(&s), ["rly_b"]);
-        let r = s.relays().unwrap().remove(0);
-        assert_eq!(serde_json::to_value(r.state).unwrap(), "active");
     }
 
     #[test]
