@@ -323,7 +323,8 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
             }
         }
         ResourcesCmd::List { extended, columns } => {
-            let list: Vec<ResourceView> = api.call("GET", "/v1/resources", None).await?;
+            let mut list: Vec<ResourceView> = api.call("GET", "/v1/resources", None).await?;
+            let relays = agents_by_relay(&api, &mut list).await;
             if conn.output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(());
@@ -339,8 +340,15 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
                 "Last seen",
                 "Service error",
                 "Port error",
+                "Per relay",
             ];
-            let default: &[&str] = if extended { &all } else { &all[..3] };
+            let cluster_default = ["Name", "Status", "Customer", "Per relay"];
+            let default: &[&str] = match (extended, relays.len() > 1) {
+                (true, true) => &all,
+                (true, false) => &all[..10],
+                (false, true) => &cluster_default,
+                (false, false) => &all[..3],
+            };
             let rows = list
                 .iter()
                 .map(|r| {
@@ -358,10 +366,14 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
                         if r.agents > 0 { "now".into() } else { ago(r.last_seen_at) },
                         r.service_error.clone().unwrap_or_else(|| "-".into()),
                         r.port_error.clone().unwrap_or_else(|| "-".into()),
+                        per_relay(r, &relays),
                     ]
                 })
                 .collect();
             print_table(&all, default, rows, columns.as_deref())?;
+            if relays.len() > 1 {
+                println!("Per relay: agent sessions on {}", relays.join(" / "));
+            }
         }
         ResourcesCmd::Endpoint { name_or_id, customer_id } => {
             let mut path = format!("/v1/resources/{}", encode_path(&name_or_id));
@@ -437,6 +449,51 @@ pub async fn agents(conn: &AdminConn, cmd: AgentsCmd) -> Result<()> {
         })
         .collect();
     print_table(&all, &all[..10], rows, columns.as_deref())
+}
+
+/// In a cluster, asks every relay for its agent sessions per resource and fills
+/// `agents_by_relay`; returns the relay ids in `relays list` order (empty for a single
+/// relay or an older one).
+async fn agents_by_relay(api: &AdminClient, list: &mut [ResourceView]) -> Vec<String> {
+    use crate::admin::relays::{RelaySelf, RelayView};
+    let Ok(relays) = api.call::<Vec<RelayView>>("GET", "/v1/relays", None).await else { return Vec::new() };
+    let relays: Vec<RelayView> = relays.into_iter().filter(|r| r.state != "silent").collect();
+    if relays.len() < 2 {
+        return Vec::new();
+    }
+    let me = api.call::<RelaySelf>("GET", "/v1/relays/self", None).await.ok().map(|m| m.id);
+    let mut asks = tokio::task::JoinSet::new();
+    for r in relays.iter().filter(|r| Some(&r.id) != me.as_ref()) {
+        let (other, id) = (api.for_relay(&r.admin_url), r.id.clone());
+        asks.spawn(async move {
+            let ask = other.call::<Vec<ResourceView>>("GET", "/v1/resources", None);
+            (id, tokio::time::timeout(std::time::Duration::from_secs(2), ask).await.ok().and_then(Result::ok))
+        });
+    }
+    let mut answers: Vec<(String, Vec<ResourceView>)> = Vec::new();
+    while let Some(answer) = asks.join_next().await {
+        if let Ok((id, Some(views))) = answer {
+            answers.push((id, views));
+        }
+    }
+    for r in list.iter_mut() {
+        let mut by = std::collections::BTreeMap::new();
+        if let Some(me) = &me {
+            by.insert(me.clone(), r.agents);
+        }
+        for (id, views) in &answers {
+            by.insert(id.clone(), views.iter().find(|v| v.id == r.id).map_or(0, |v| v.agents));
+        }
+        r.agents_by_relay = Some(by);
+    }
+    relays.into_iter().map(|r| r.id).collect()
+}
+
+/// `2/2/0`: a resource's agent sessions on each relay, in `relays` order (`?`: that
+/// relay did not answer).
+fn per_relay(r: &ResourceView, relays: &[String]) -> String {
+    let Some(by) = &r.agents_by_relay else { return "-".into() };
+    relays.iter().map(|id| by.get(id).map_or_else(|| "?".to_owned(), |n| n.to_string())).collect::<Vec<_>>().join("/")
 }
 
 /// Runs `sluice relays …`.

@@ -15,6 +15,11 @@ pub struct Cluster {
     pub relays: Vec<Relay>,
     pub database_url: String,
     pub pg: Postgres,
+    dir: std::path::PathBuf,
+    /// The resource port range every relay shares.
+    ports: (u16, u16),
+    /// `sluice serve` flags every relay gets.
+    extra: Vec<String>,
 }
 
 /// What a new member's data directory must not take from the first one: its lock, its
@@ -27,32 +32,45 @@ impl Cluster {
     pub fn start(dir: &Path, n: usize, extra: &[&str]) -> Cluster {
         let pg = Postgres::start(dir);
         let database_url = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
-        let ports = free_port_range(8);
-        let mut relays: Vec<Relay> = Vec::new();
-        for i in 0..n {
-            let rdir = dir.join(format!("relay{}", i + 1));
-            std::fs::create_dir_all(&rdir).unwrap();
-            if let Some(first) = relays.first() {
-                copy_data_dir(&first.data_dir(), &rdir.join("relay-data"));
-            }
-            let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
-            args.extend(["--database-url".into(), database_url.clone()]);
-            args.extend(["--resource-bind".into(), format!("127.0.0.{}", i + 1)]);
-            let mut r = Relay {
-                dir: rdir,
-                agent_port: free_port(),
-                admin_port: free_port(),
-                ports,
-                proc: None,
-                starts: 0,
-                extra_args: args,
-            };
-            r.spawn();
-            relays.push(r);
+        let mut c = Cluster {
+            relays: Vec::new(),
+            database_url,
+            pg,
+            dir: dir.to_path_buf(),
+            ports: free_port_range(8),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+        };
+        for _ in 0..n {
+            c.add_relay();
         }
-        let c = Cluster { relays, database_url, pg };
         c.wait_members(n);
         c
+    }
+
+    /// Starts one more relay (a new member, or the replacement of a drained one) from a
+    /// copy of the first relay's data directory; returns its index.
+    pub fn add_relay(&mut self) -> usize {
+        let i = self.relays.len();
+        let rdir = self.dir.join(format!("relay{}", i + 1));
+        std::fs::create_dir_all(&rdir).unwrap();
+        if let Some(first) = self.relays.first() {
+            copy_data_dir(&first.data_dir(), &rdir.join("relay-data"));
+        }
+        let mut args = self.extra.clone();
+        args.extend(["--database-url".into(), self.database_url.clone()]);
+        args.extend(["--resource-bind".into(), format!("127.0.0.{}", i + 1)]);
+        let mut r = Relay {
+            dir: rdir,
+            agent_port: free_port(),
+            admin_port: free_port(),
+            ports: self.ports,
+            proc: None,
+            starts: 0,
+            extra_args: args,
+        };
+        r.spawn();
+        self.relays.push(r);
+        i
     }
 
     /// Waits until the first relay lists `n` active relays.

@@ -79,6 +79,8 @@ async fn a_relay_and_an_agent_killed_under_load_lose_only_their_streams_in_fligh
         (sessions_per_relay(&c, 0) == [Some(2), Some(2), Some(2)]).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}\n{}\n--- a1 ---\n{}", c.logs(), a1.proc.log_text()));
+    let table = c.relays[0].cli_ok(&["resources", "list"]);
+    assert!(table.contains("2/2/2"), "resources list shows the agents on each relay:\n{table}");
     let endpoints = Arc::new(c.endpoints(resource_port(&c, 0, "orders")));
 
     let t0 = Instant::now();
@@ -162,6 +164,12 @@ async fn a_relay_and_an_agent_killed_under_load_lose_only_their_streams_in_fligh
     assert!(per_relay(1) > 0 && per_relay(0) > 0 && per_relay(2) > 0, "every relay carried streams");
     assert_eq!(c.relays[0].status("orders").as_deref(), Some("AVAILABLE"));
     assert_eq!(c.relays[2].status("orders").as_deref(), Some("AVAILABLE"));
+    // The killed relay's heartbeat stopped: it leaves the set (and the agent's sessions).
+    wait_for(Duration::from_secs(40), "the killed relay to leave the set", || {
+        (c.active_ids(0).len() == 2).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    eprintln!("the killed relay left the set {:?} after the kill", t0.elapsed() - relay_killed);
     drop(a2);
 }
 
@@ -218,6 +226,17 @@ async fn a_drained_relay_finishes_its_streams_takes_no_new_ones_and_exits_0() {
     // machine's speed: either way the relay said how it ended.
     let log2 = c.relays[1].log();
     assert!(log2.contains("drained: every stream finished") || log2.contains("draining: no stream active"), "{log2}");
+    // The upgraded relay takes its place: the agent follows without a restart.
+    let new = c.add_relay();
+    wait_for(Duration::from_secs(30), "the agent on the new relay", || {
+        (sessions_per_relay(&c, 0)[new] == Some(1)).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n--- agent ---\n{}", c.logs(), a.proc.log_text()));
+    let fresh =
+        exchange(&c.endpoint(new, port), Exchange { up: 1 << 20, up_seed: 5, down: 1 << 20, down_seed: 6 }, || async {
+        })
+        .await;
+    assert!(fresh.is_ok(), "a stream through the new relay: {fresh:?}");
 }
 
 /// A rotation given to relay 1 cuts an agent that holds a session only to relay 3.

@@ -192,6 +192,10 @@ pub struct ResourceView {
     /// (with [`Status::PortBlocked`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_error: Option<String>,
+    /// In a cluster: agent sessions per relay id (filled by the CLI, which asks every
+    /// relay; `agents` is the answering relay's own count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agents_by_relay: Option<std::collections::BTreeMap<String, usize>>,
 }
 
 /// A connected agent as operators see it (`sluice agents list`).
@@ -434,6 +438,7 @@ impl Relay {
             generation: r.generation,
             service_error,
             port_error,
+            agents_by_relay: None,
         })
     }
 
