@@ -395,8 +395,9 @@ fn relays_starting_at_once_on_an_empty_postgres_database_create_it_once() {
     }
 }
 
-/// Opening a database that does not exist, or a server that is not there, says so,
-/// names the server and never the password.
+/// Opening a database that does not exist, or as a role the server refuses, says so,
+/// names the server and what to do, and never the password (a server that is not
+/// there: `postgres::tests` in the relay crate).
 #[test]
 fn postgres_open_errors_say_what_is_wrong_and_what_to_do() {
     let pg = shared_postgres();
@@ -405,6 +406,13 @@ fn postgres_open_errors_say_what_is_wrong_and_what_to_do() {
     eprintln!("{err}");
     assert!(err.contains(&format!("PostgreSQL at 127.0.0.1:{}/no_such_db", pg.port)), "{err}");
     assert!(err.contains("does not exist") && err.contains("create the database"), "{err}");
+    assert!(!err.contains("pw-never-shown"), "{err}");
+    // Trust authentication still refuses a role that does not exist: an authentication failure.
+    pg.create_database("auth_probe");
+    let url = format!("postgres://nobody:pw-never-shown@127.0.0.1:{}/auth_probe", pg.port);
+    let err = PgStore::open(&url).err().expect("no such role").to_string();
+    eprintln!("{err}");
+    assert!(err.contains("SQLSTATE 28000") && err.contains("check the user and password in --database-url"), "{err}");
     assert!(!err.contains("pw-never-shown"), "{err}");
 }
 

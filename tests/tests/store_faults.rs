@@ -2,13 +2,14 @@
 //! start and changes nothing; a database file deleted under the running relay is
 //! noticed (`/readyz` 503 naming the file, an error in the log) and a restart refuses
 //! to create an empty one; a full disk is named, with the file and the fix, at run time
-//! (admin calls) and at start.
+//! (admin calls) and at start. Under `SLUICE_TEST_STORE=postgres` the tests about the
+//! SQLite file skip themselves (tests/tests/postgres_store.rs covers PostgreSQL down).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use sluice_e2e::{Proc, Relay, bin, free_port, http_get, test_dir, wait_for};
+use sluice_e2e::{Proc, Relay, bin, free_port, http_get, skip_unless_sqlite, test_dir, wait_for};
 
 /// Runs `sluice serve` once more on `relay`'s data directory (fresh ports, `extra`
 /// flags) and returns its exit code (None: still running after 30 s, then killed) and
@@ -58,6 +59,9 @@ fn a_second_relay_on_the_same_data_dir_refuses_and_changes_nothing() {
 
 #[test]
 fn a_deleted_database_is_noticed_and_a_restart_refuses_an_empty_one() {
+    if skip_unless_sqlite("a_deleted_database_is_noticed…", "it deletes the relay's SQLite file") {
+        return;
+    }
     let dir = test_dir("db-deleted");
     let mut relay = Relay::start(dir.path());
     let customer = relay.create_customer("acme");
@@ -148,6 +152,9 @@ impl Drop for SmallVolume {
 
 #[test]
 fn a_full_disk_is_named_at_run_time_and_at_start() {
+    if skip_unless_sqlite("a_full_disk_is_named…", "it fills the volume holding the relay's SQLite file") {
+        return;
+    }
     let dir = test_dir("disk-full");
     let volume = match SmallVolume::mount(&dir.path().join("relay-data"), "4m") {
         Ok(v) => v,

@@ -80,6 +80,14 @@ fn test(args: &[String]) -> Result<()> {
         "tests",
         cargo().args(["test", "--release", "--workspace", "--exclude", EBPF_CRATE, "--", "--test-threads", "4"]),
     )?;
+    // The end-to-end suite again with every relay's state in PostgreSQL (one server per
+    // test binary, a database per relay); tests about the SQLite file skip themselves.
+    run(
+        "tests on PostgreSQL",
+        cargo()
+            .args(["test", "--release", "-p", "sluice-e2e", "--", "--test-threads", "4"])
+            .env("SLUICE_TEST_STORE", "postgres"),
+    )?;
     // Every parser of outside input under libFuzzer for a few seconds each, from the
     // committed seed corpus (about two minutes with the build cached).
     fuzz::run(&workspace_root(), fuzz::DEFAULT_SECS, &fuzz::TARGETS.map(String::from))?;

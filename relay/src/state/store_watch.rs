@@ -102,13 +102,16 @@ pub async fn run(store: Arc<dyn Store>, health: Arc<StoreHealth>, shutdown: Canc
             Verdict::Quiet => {}
             Verdict::Recovered => info!(store = %store.location(), "the database answers again"),
             Verdict::Fault { message, first } => {
-                let saved = if first {
+                let mut saved = if first {
                     let store = store.clone();
                     tokio::task::spawn_blocking(move || store.rescue()).await.unwrap_or_default()
                 } else {
                     String::new()
                 };
-                error!(store = %store.location(), "{message}. /readyz answers 503 until this is fixed. {saved}");
+                if !saved.is_empty() {
+                    saved.insert(0, ' ');
+                }
+                error!(store = %store.location(), "{message}. /readyz answers 503 until this is fixed.{saved}");
             }
         }
     }
