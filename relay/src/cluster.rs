@@ -207,7 +207,11 @@ pub async fn run(relay: Arc<Relay>) {
             _ = tick.tick() => {}
             _ = relay.shutdown.cancelled() => return,
         }
-        match cluster.tick(&*relay.store, &relay.registry) {
+        // Store calls block (PostgreSQL round trips): off the async workers.
+        let r = relay.clone();
+        let ticked = tokio::task::spawn_blocking(move || r.cluster.tick(&*r.store, &r.registry)).await;
+        let Ok(ticked) = ticked else { continue };
+        match ticked {
             Ok(()) if failing => {
                 failing = false;
                 info!("cluster membership: the store answers again");

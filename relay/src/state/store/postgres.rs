@@ -111,6 +111,11 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("sluice-relay");
         }
+        // The server's notices ("relation … already exists, skipping") are not the
+        // operator's business; warnings and errors still come.
+        if config.get_options().is_none() {
+            config.options("-c client_min_messages=warning");
+        }
         let server = server_name(&config);
         let (jobs, queue) = mpsc::channel::<Job>();
         let mut conn = Connection { config, server: server.clone(), client: None };
