@@ -29,11 +29,16 @@ fn resource_list(relay: &Relay) -> Vec<Value> {
     })
 }
 
+/// The relay's `/metrics` text.
+fn metrics_text(relay: &Relay) -> String {
+    let admin = format!("127.0.0.1:{}", relay.admin_port);
+    tokio::task::block_in_place(|| http_get(&admin, "/metrics").map(|(_, b)| b).unwrap_or_default())
+}
+
 /// Sum of one metric over its labels on the relay's `/metrics`.
 fn metric_sum(relay: &Relay, name: &str) -> f64 {
-    let admin = format!("127.0.0.1:{}", relay.admin_port);
-    let body = tokio::task::block_in_place(|| http_get(&admin, "/metrics").map(|(_, b)| b).unwrap_or_default());
-    body.lines()
+    metrics_text(relay)
+        .lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .fold(0.0, |a, b| a + b)
@@ -180,6 +185,8 @@ struct Row {
     sim_rss_mib: f64,
     sim_cpu_pct: f64,
     sessions_in_relay_metrics: f64,
+    /// Size of one `/metrics` answer (per-resource series grow with the resources).
+    metrics_kib: f64,
 }
 
 async fn measure_window(what: &str, agents: usize, streams: usize, relay: &Relay, sim: &Sim, plan: &Plan) -> Row {
@@ -202,6 +209,7 @@ async fn measure_window(what: &str, agents: usize, streams: usize, relay: &Relay
         sim_rss_mib: b.sim_rss_kib as f64 / 1024.0,
         sim_cpu_pct: 100.0 * (b.sim_cpu_secs - a.sim_cpu_secs) / secs,
         sessions_in_relay_metrics: metric_sum(relay, "sluice_relay_agent_sessions"),
+        metrics_kib: metrics_text(relay).len() as f64 / 1024.0,
     }
 }
 
@@ -260,6 +268,7 @@ async fn measure_relay_cost_per_agent_and_stream() {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     println!("relay flags raised for the run: {}", flags.join(" "));
     let relay = Relay::start_with_ports_and(dir.path(), resources as u16, &flags);
+    let pid = relay.proc.as_ref().unwrap().child.id();
     let jwt = tokio::task::block_in_place(|| {
         let cid = relay.create_customer("sim");
         relay.customer_jwt(&cid)
@@ -267,6 +276,7 @@ async fn measure_relay_cost_per_agent_and_stream() {
 
     // Identities: the first agent of each resource creates it, the others join.
     let t = Instant::now();
+    let cpu_before = sim::cpu_secs(pid);
     let names: Vec<String> = (0..n).map(|i| sim::resource_name(i, plan.per_resource)).collect();
     let firsts: Vec<String> = names.iter().step_by(plan.per_resource).cloned().collect();
     let mut ids: Vec<SimIdentity> = sim::enroll_all(&jwt, &firsts, 16).await.unwrap_or_else(|e| panic!("{e}"));
@@ -274,7 +284,11 @@ async fn measure_relay_cost_per_agent_and_stream() {
         names.iter().enumerate().filter(|(i, _)| i % plan.per_resource != 0).map(|(_, n)| n.clone()).collect();
     ids.extend(sim::enroll_all(&jwt, &rest, 16).await.unwrap_or_else(|e| panic!("{e}")));
     let enroll_secs = t.elapsed().as_secs_f64();
-    println!("enrolled {n} agents over {resources} resources in {enroll_secs:.1} s (16 at a time)");
+    let enroll_cpu_ms = 1000.0 * (sim::cpu_secs(pid) - cpu_before) / n as f64;
+    println!(
+        "enrolled {n} agents over {resources} resources in {enroll_secs:.1} s (16 at a time); relay CPU \
+         {enroll_cpu_ms:.2} ms per enrollment"
+    );
 
     let sim = Sim::new(Target::of_jwt(&jwt).unwrap());
     let settle = Duration::from_secs((2 * plan.heartbeat_secs).max(5));
@@ -283,16 +297,22 @@ async fn measure_relay_cost_per_agent_and_stream() {
     let mut connect = Vec::new();
     let mut have = 0;
     for &step in &plan.steps {
+        let cpu_before = sim::cpu_secs(pid);
         let started = sim.start(&ids[have..step], plan.parallel).await;
+        // The relay's CPU for one agent's arrival: the control session's and the pool's
+        // mutual-TLS handshakes, the hello, the store writes, the resource port.
+        let connect_cpu_ms = 1000.0 * (sim::cpu_secs(pid) - cpu_before) / (step - have) as f64;
         println!(
-            "{step} agents: {} more ready in {:.1} s ({} failed{})",
+            "{step} agents: {} more ready in {:.1} s ({} failed{}); relay CPU {connect_cpu_ms:.2} ms per agent \
+             (control session + {} pooled connections)",
             started.ready,
             started.secs,
             started.failed,
-            if started.reasons.is_empty() { String::new() } else { format!(": {:?}", started.reasons) }
+            if started.reasons.is_empty() { String::new() } else { format!(": {:?}", started.reasons) },
+            plan.pool
         );
         assert_eq!(started.failed, 0, "agents that did not come up: {started:?}");
-        connect.push((step, started.secs));
+        connect.push((step, started.secs, connect_cpu_ms));
         have = step;
         tokio::time::sleep(settle).await;
         rows.push(measure_window(&format!("{step} idle agents"), step, 0, &relay, &sim, &plan).await);
@@ -317,12 +337,12 @@ async fn measure_relay_cost_per_agent_and_stream() {
     let end = sim.counters.snapshot();
     println!("\nsimulator counters at the end: {}", serde_json::to_string(&end).unwrap());
     println!(
-        "\n| state | relay RSS MiB | relay fds | relay CPU % of a core | control msgs/s relay→agents | agents→relay | sessions (relay metrics) | simulator RSS MiB | simulator CPU % |"
+        "\n| state | relay RSS MiB | relay fds | relay CPU % of a core | control msgs/s relay→agents | agents→relay | sessions (relay metrics) | /metrics KiB | simulator RSS MiB | simulator CPU % |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.1} | {} | {:.2} | {:.1} | {:.1} | {} | {:.1} | {:.1} |",
+            "| {} | {:.1} | {} | {:.2} | {:.1} | {:.1} | {} | {:.0} | {:.1} | {:.1} |",
             r.what,
             r.relay_rss_mib,
             r.relay_fds,
@@ -330,6 +350,7 @@ async fn measure_relay_cost_per_agent_and_stream() {
             r.msgs_from_relay_per_s,
             r.msgs_to_relay_per_s,
             r.sessions_in_relay_metrics,
+            r.metrics_kib,
             r.sim_rss_mib,
             r.sim_cpu_pct
         );
@@ -354,7 +375,7 @@ async fn measure_relay_cost_per_agent_and_stream() {
         );
     }
     let report = serde_json::json!({
-        "plan": plan, "enroll_secs": enroll_secs, "connect_secs": connect, "rows": rows, "slopes": slopes, "end": end,
+        "plan": plan, "enroll_secs": enroll_secs, "enroll_cpu_ms": enroll_cpu_ms, "connect_secs_cpu_ms": connect, "rows": rows, "slopes": slopes, "end": end,
     });
     println!("\nsim-agents result: {report}");
     assert_eq!((end.refused, end.lost), (0, 0), "sessions refused or lost: {:?}", sim.ended());
