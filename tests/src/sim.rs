@@ -669,11 +669,18 @@ impl Drop for Sim {
     }
 }
 
+/// Streams held open by [`hold_streams`], and why the others failed.
+#[derive(Debug, Default)]
+pub struct Held {
+    pub streams: Vec<TcpStream>,
+    pub failed: Vec<String>,
+}
+
 /// Holds `n` streams open through the relay, spread round-robin over `endpoints`: each
 /// connects, sends one byte and reads its echo (so the stream is through the relay and
 /// the simulated agent), then stays open until the returned sockets are dropped. At most
-/// `parallel` are opened at once.
-pub async fn hold_streams(endpoints: &[String], n: usize, parallel: usize) -> Result<Vec<TcpStream>, String> {
+/// `parallel` are opened at once; the ones that fail are counted, with why.
+pub async fn hold_streams(endpoints: &[String], n: usize, parallel: usize) -> Held {
     let gate = Arc::new(Semaphore::new(parallel.max(1)));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
@@ -696,11 +703,14 @@ pub async fn hold_streams(endpoints: &[String], n: usize, parallel: usize) -> Re
                 .map_err(|e| format!("stream {i} via {ep}: {e}"))
         }));
     }
-    let mut out = Vec::with_capacity(n);
+    let mut out = Held::default();
     for t in tasks {
-        out.push(t.await.map_err(|e| e.to_string())??);
+        match t.await.map_err(|e| e.to_string()).and_then(|r| r) {
+            Ok(c) => out.streams.push(c),
+            Err(e) => out.failed.push(e),
+        }
     }
-    Ok(out)
+    out
 }
 
 // === the relay's side ===
@@ -740,6 +750,25 @@ pub fn cpu_secs(pid: u32) -> f64 {
     let f: Vec<&str> = after.split_whitespace().collect();
     let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     (tick(11) + tick(12)) as f64 / 100.0
+}
+
+/// Packets the kernel dropped because a CPU's input backlog was full (the second column
+/// of `/proc/net/softnet_stat`, summed over CPUs). Loopback traffic goes through that
+/// backlog (`net.core.netdev_max_backlog`), so bursts of thousands of packets at one
+/// instant on loopback can lose some.
+pub fn backlog_drops() -> u64 {
+    let s = std::fs::read_to_string("/proc/net/softnet_stat").unwrap_or_default();
+    s.lines().filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok()).sum()
+}
+
+/// TCP connections the kernel aborted after unanswered retransmissions or keepalive
+/// probes (`TcpExt: TCPAbortOnTimeout` of `/proc/net/netstat`), machine-wide.
+pub fn tcp_aborts_on_timeout() -> u64 {
+    let s = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let lines: Vec<&str> = s.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let [names, values, ..] = lines[..] else { return 0 };
+    let at = names.split_whitespace().position(|n| n == "TCPAbortOnTimeout");
+    at.and_then(|i| values.split_whitespace().nth(i)?.parse().ok()).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -87,13 +87,14 @@ async fn twenty_simulated_agents_are_welcomed_heartbeat_and_carry_streams() {
     // replaced, and ends with its stream.
     let endpoints: Vec<String> =
         resource_list(&relay).iter().map(|r| r["endpoint"].as_str().unwrap().to_owned()).collect();
-    let streams = sim::hold_streams(&endpoints, 10, 10).await.unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
+    let held = sim::hold_streams(&endpoints, 10, 10).await;
+    assert!(held.failed.is_empty(), "{:?}\n--- relay ---\n{}", held.failed, relay.log());
     assert_eq!(sim.counters.snapshot().streams_active, 10);
     wait_until(Duration::from_secs(60), "pools refilled while the streams run", || {
         sim.counters.snapshot().idle == AGENTS as u64 * POOL
     })
     .await;
-    drop(streams);
+    drop(held);
     wait_until(Duration::from_secs(60), "the ten streams to end", || sim.counters.snapshot().streams_done == 10).await;
 
     let s = sim.counters.snapshot();
@@ -290,6 +291,7 @@ async fn measure_relay_cost_per_agent_and_stream() {
          {enroll_cpu_ms:.2} ms per enrollment"
     );
 
+    let (drops_before, aborts_before) = (sim::backlog_drops(), sim::tcp_aborts_on_timeout());
     let sim = Sim::new(Target::of_jwt(&jwt).unwrap());
     let settle = Duration::from_secs((2 * plan.heartbeat_secs).max(5));
     tokio::time::sleep(settle).await;
@@ -318,18 +320,41 @@ async fn measure_relay_cost_per_agent_and_stream() {
         rows.push(measure_window(&format!("{step} idle agents"), step, 0, &relay, &sim, &plan).await);
     }
 
+    let mut streams_held = 0;
     if plan.streams > 0 {
-        let endpoints: Vec<String> =
-            resource_list(&relay).iter().map(|r| r["endpoint"].as_str().unwrap().to_owned()).collect();
+        // Only through resources whose port listens: on a shared machine another process
+        // may hold a port of the range (the resource is then PORT_BLOCKED).
+        let list = resource_list(&relay);
+        let endpoints: Vec<String> = list
+            .iter()
+            .filter(|r| r["status"] == "AVAILABLE")
+            .map(|r| r["endpoint"].as_str().unwrap().to_owned())
+            .collect();
+        if endpoints.len() < list.len() {
+            println!(
+                "{} of {} resources not AVAILABLE (their port held by another process?)",
+                list.len() - endpoints.len(),
+                list.len()
+            );
+        }
         let t = Instant::now();
-        let held = sim::hold_streams(&endpoints, plan.streams, 64).await.unwrap_or_else(|e| panic!("{e}"));
-        println!("{} streams open (one echoed byte each) in {:.1} s", held.len(), t.elapsed().as_secs_f64());
+        let held = sim::hold_streams(&endpoints, plan.streams, 64).await;
+        streams_held = held.streams.len();
+        println!(
+            "{streams_held} streams open (one echoed byte each) in {:.1} s; {} failed{}",
+            t.elapsed().as_secs_f64(),
+            held.failed.len(),
+            if held.failed.is_empty() {
+                String::new()
+            } else {
+                format!(", e.g. {:?}", &held.failed[..held.failed.len().min(5)])
+            }
+        );
         let pool_full = n as u64 * u64::from(plan.pool);
         wait_until(Duration::from_secs(120), "the pools refilled", || sim.counters.snapshot().idle >= pool_full).await;
         tokio::time::sleep(settle).await;
         rows.push(
-            measure_window(&format!("{n} agents, {} streams", plan.streams), n, plan.streams, &relay, &sim, &plan)
-                .await,
+            measure_window(&format!("{n} agents, {streams_held} streams"), n, streams_held, &relay, &sim, &plan).await,
         );
         drop(held);
     }
@@ -364,7 +389,7 @@ async fn measure_relay_cost_per_agent_and_stream() {
         slopes.push(slope(idle[0], idle[idle.len() - 1], idle[idle.len() - 1].agents as f64, "agent"));
     }
     if plan.streams > 0 {
-        slopes.push(slope(idle[idle.len() - 1], &rows[rows.len() - 1], plan.streams as f64, "stream"));
+        slopes.push(slope(idle[idle.len() - 1], &rows[rows.len() - 1], streams_held.max(1) as f64, "stream"));
     }
     println!("\n| from → to | per | relay RSS KiB | relay fds | relay CPU ms/s | msgs/s relay→agent | agent→relay |");
     println!("|---|---|---|---|---|---|---|");
@@ -378,5 +403,24 @@ async fn measure_relay_cost_per_agent_and_stream() {
         "plan": plan, "enroll_secs": enroll_secs, "enroll_cpu_ms": enroll_cpu_ms, "connect_secs_cpu_ms": connect, "rows": rows, "slopes": slopes, "end": end,
     });
     println!("\nsim-agents result: {report}");
+    let mut failed_by_reason = std::collections::BTreeMap::<String, f64>::new();
+    for l in metrics_text(&relay).lines().filter(|l| l.starts_with("sluice_relay_streams_failed_total{")) {
+        let reason = l.split("reason=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?");
+        *failed_by_reason.entry(reason.to_owned()).or_default() +=
+            l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    }
+    println!("streams the relay counted as failed, by reason: {failed_by_reason:?}");
+    println!(
+        "machine-wide during the run: {} packets dropped at a full input backlog (net.core.netdev_max_backlog), \
+         {} TCP connections aborted on timeout (keepalive or retransmission)",
+        sim::backlog_drops() - drops_before,
+        sim::tcp_aborts_on_timeout() - aborts_before
+    );
+    let warnings: Vec<String> =
+        relay.log().lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(20).map(String::from).collect();
+    println!(
+        "relay warnings and errors (first 20): {}",
+        if warnings.is_empty() { "none".into() } else { warnings.join("\n") }
+    );
     assert_eq!((end.refused, end.lost), (0, 0), "sessions refused or lost: {:?}", sim.ended());
 }
