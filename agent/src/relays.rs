@@ -57,7 +57,8 @@ struct Loop {
 pub async fn run(parts: &Parts, id: Identity, shutdown: &CancellationToken) -> SessionEnd {
     let entry = parts.cfg.relay_url.clone();
     let max = parts.cfg.max_relays as usize;
-    let key = id.meta.agent_id.clone();
+    // Every agent of one resource ranks the relays alike: a job finds all of them there.
+    let key = id.meta.resource_id.clone();
     let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
     let mut loops: HashMap<String, Loop> = HashMap::new();
     let mut latest: Option<Vec<RelayPeer>> = None;
@@ -166,9 +167,10 @@ async fn relay_loop(
 
 /// The relays to hold sessions to: the entry alone until a relay lists the set; then up
 /// to `max` of the listed relays, the entry first when it is one of them, the others
-/// ranked by each agent by a hash of its own `key` and
-/// the relay's URL (rendezvous hashing: agents spread over a larger cluster, and one
-/// relay joining or leaving moves only the agents that chose it).
+/// ranked by a hash of `key` and the relay's URL (rendezvous hashing; `key` is the
+/// resource's id, so every agent of a resource picks the same relays, resources spread
+/// over a larger cluster, and one relay joining or leaving moves only the resources that
+/// chose it).
 fn chosen(entry: &RelayUrl, listed: Option<&[RelayPeer]>, max: usize, key: &str) -> Vec<(RelayUrl, String)> {
     let Some(listed) = listed.filter(|l| !l.is_empty()) else {
         return vec![(entry.clone(), String::new())];
@@ -290,24 +292,24 @@ mod tests {
     }
 
     #[test]
-    fn agents_spread_over_a_larger_cluster_and_a_leaving_relay_moves_only_its_agents() {
+    fn resources_spread_over_a_larger_cluster_and_a_leaving_relay_moves_only_its_resources() {
         let entry = url("https://relays.example");
         let all = peers(8);
         let mut load: HashMap<String, usize> = HashMap::new();
         for a in 0..400 {
-            for (u, _) in chosen(&entry, Some(&all), 2, &format!("agt_{a}")) {
+            for (u, _) in chosen(&entry, Some(&all), 2, &format!("res_{a}")) {
                 *load.entry(u.to_string()).or_default() += 1;
             }
         }
-        assert_eq!(load.len(), 8, "every relay gets agents");
+        assert_eq!(load.len(), 8, "every relay gets resources");
         assert!(load.values().all(|&n| n > 40), "spread: {load:?}");
         let without_3: Vec<_> = all.iter().filter(|p| p.id != "rly_3").cloned().collect();
         for a in 0..200 {
-            let key = format!("agt_{a}");
+            let key = format!("res_{a}");
             let before = chosen(&entry, Some(&all), 2, &key);
             let after = chosen(&entry, Some(&without_3), 2, &key);
             let kept = before.iter().filter(|(_, id)| id != "rly_3").all(|b| after.contains(b));
-            assert!(kept, "agent {key}: {before:?} -> {after:?}");
+            assert!(kept, "resource {key}: {before:?} -> {after:?}");
         }
     }
 

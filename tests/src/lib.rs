@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod load;
 pub mod netns;
 pub mod services;
+pub mod sim;
 
 /// Directory holding the built binaries (next to the test executable's `deps/`).
 pub fn bin_dir() -> PathBuf {
@@ -185,7 +186,7 @@ impl Relay {
     }
 
     /// Starts a relay like [`Relay::start`] with more `sluice serve` flags (a
-    /// `--heartbeat-secs` among them replaces the 1 s default).
+    /// `--heartbeat-secs` or `--log` among them replaces the harness's default).
     pub fn start_with(dir: &Path, extra_args: &[&str]) -> Relay {
         Self::launch(dir, 8, extra_args)
     }
@@ -240,10 +241,12 @@ impl Relay {
             .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin_port)])
             .args(["--public-url", &self.public_url()])
             .args(["--resource-ports", &format!("{}-{}", self.ports.0, self.ports.1)])
-            .args(["--log", "info,sluice_relay=debug"])
             .args(self.relay_args());
         if on_postgres() && !self.extra_args.iter().any(|a| a == "--database-url") {
             cmd.arg("--database-url").arg(postgres_url_for(&self.data_dir()));
+        }
+        if !self.extra_args.iter().any(|a| a == "--log") {
+            cmd.args(["--log", "info,sluice_relay=debug"]);
         }
         if !self.extra_args.iter().any(|a| a == "--heartbeat-secs") {
             cmd.args(["--heartbeat-secs", "1"]);

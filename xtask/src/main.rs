@@ -15,9 +15,13 @@
 //!   and with open streams (the numbers quoted in docs/benchmarks.md).
 //! - `cargo xtask soak [--minutes N]`: relay and agent under churn for 15 minutes with an
 //!   agent restart a minute; RSS and descriptor slopes (`xtask/src/soak.rs`; not in `test`).
+//! - `cargo xtask sim-agents [--agents N,…] [--streams M] [--pool N] …`: thousands of
+//!   simulated agents against one relay; its RSS, descriptors, CPU and control messages
+//!   per idle agent and per stream (`xtask/src/sim_agents.rs`; docs/scaling.md; not in `test`).
 
 mod bench_peers;
 mod fuzz;
+mod sim_agents;
 mod soak;
 mod vm;
 
@@ -131,6 +135,7 @@ fn main() -> Result<()> {
         Some("measure") => measure(),
         Some("fuzz") => fuzz::cli(&workspace_root(), &args[1..]),
         Some("soak") => soak::cli(&args[1..]),
+        Some("sim-agents") => sim_agents::cli(&args[1..]),
         Some("vm-test") => vm::vm_test_cli(&workspace_root(), &args[1..]),
         Some("vm-test-smoke") => vm::smoke_cli(&workspace_root(), &args[1..]),
         Some("vm-bench") => vm::bench_cli(&workspace_root(), &args[1..]),
@@ -143,9 +148,10 @@ fn main() -> Result<()> {
                  --quick skips fmt and clippy\n  \
                  {}\n  \
                  measure         1 GiB throughput and agent memory (idle, 8 and 200 streams)\n  \
-                 bench-peers [--quick] [--no-build] [--no-docs] [--peers LIST]  Sluice vs peer tunnels → docs/benchmarks.md\n{}{}",
+                 bench-peers [--quick] [--no-build] [--no-docs] [--peers LIST]  Sluice vs peer tunnels → docs/benchmarks.md\n{}{}{}",
                 fuzz::USAGE.trim_start(),
                 soak::USAGE,
+                sim_agents::USAGE,
                 vm::USAGE
             );
             std::process::exit(2);
