@@ -45,12 +45,24 @@ pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 
-/// A free loopback TCP port (free when checked).
+static RANGES: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// A free loopback TCP port (free when checked), not handed to any other test of this
+/// process, and outside the kernel's ephemeral range (32768-60999 here): a port the
+/// kernel picked would be the next source port of some outgoing connection of a load
+/// test running alongside, taken before the relay or service binds it.
 pub fn free_port() -> u16 {
+    let mut taken = RANGES.lock().unwrap();
+    let taken = taken.get_or_insert_with(HashSet::new);
+    for _ in 0..1000 {
+        let p = rand::rng().random_range(10000..20000u16);
+        if !taken.contains(&p) && TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            taken.insert(p);
+            return p;
+        }
+    }
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
-
-static RANGES: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 
 /// `n` consecutive free ports, not handed to any other test of this process.
 pub fn free_port_range(n: u16) -> (u16, u16) {
