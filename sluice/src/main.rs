@@ -71,6 +71,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cli::RelaysCmd,
     },
+    /// Endpoint leases: a fresh port per platform execution, admitting only its holder
+    /// (source network, connection budget, expiry). Talks to the admin API.
+    Leases {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[command(subcommand)]
+        cmd: cli::LeasesCmd,
+    },
     /// Show live streams: resource, agent, client, bytes in/out, rate, data path, counter.
     Streams {
         #[command(flatten)]
@@ -111,6 +119,7 @@ fn main() -> ExitCode {
             | Cmd::Streams { .. }
             | Cmd::Agents { .. }
             | Cmd::Relays { .. }
+            | Cmd::Leases { .. }
     );
     sluice_runtime::init_logging(if quiet_cli { "warn" } else { &cli.log.log }, cli.log.log_json);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -124,6 +133,7 @@ fn main() -> ExitCode {
             Cmd::Streams { conn, args } => cli::streams(&conn, args).await,
             Cmd::Agents { conn, cmd } => cli::agents(&conn, cmd).await,
             Cmd::Relays { conn, cmd } => cli::relays(&conn, cmd).await,
+            Cmd::Leases { conn, cmd } => cli::leases(&conn, cmd).await,
         }
     });
     match result {
