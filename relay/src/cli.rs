@@ -451,7 +451,10 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
                      through leases (`sluice leases create {}`).",
                     r.name, r.id, r.endpoint, r.id
                 ),
-                Output::Table => eprintln!("Resource {} ({}) is open: its port {} admits every connection.", r.name, r.id, r.endpoint),
+                Output::Table => eprintln!(
+                    "Resource {} ({}) is open: its port {} admits every connection.",
+                    r.name, r.id, r.endpoint
+                ),
             }
         }
     }

@@ -313,7 +313,8 @@ async fn update_resource(
     Path(id): Path<String>,
     body: Result<Json<ResourceUpdate>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<crate::admin::ops::ResourceView> {
-    let Json(body) = body.map_err(|e| AdminError::bad_request(format!("expected {{\"access\": \"leased\"|\"open\"}}: {e}")))?;
+    let Json(body) =
+        body.map_err(|e| AdminError::bad_request(format!("expected {{\"access\": \"leased\"|\"open\"}}: {e}")))?;
     r.set_resource_access(&id, &body.access).map(Json)
 }
 

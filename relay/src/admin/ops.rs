@@ -707,7 +707,9 @@ impl Relay {
     pub fn get_lease(&self, id: &str) -> Result<LeaseView, AdminError> {
         match self.store.lease(id)? {
             Some(l) => Ok(self.lease_view(l)),
-            None => Err(AdminError::not_found(format!("no lease with id {:?}; see `sluice leases list`", printable(id)))),
+            None => {
+                Err(AdminError::not_found(format!("no lease with id {:?}; see `sluice leases list`", printable(id))))
+            }
         }
     }
 
@@ -719,7 +721,9 @@ impl Relay {
                 info!(lease = %l.id, resource = %l.resource_id, "lease deleted");
                 Ok(self.lease_view(l))
             }
-            None => Err(AdminError::not_found(format!("no lease with id {:?}; see `sluice leases list`", printable(id)))),
+            None => {
+                Err(AdminError::not_found(format!("no lease with id {:?}; see `sluice leases list`", printable(id))))
+            }
         }
     }
 

@@ -63,12 +63,13 @@ impl FromStr for SourceNet {
             .parse()
             .map_err(|_| format!("{s:?} is not a network: give an address with a prefix length, e.g. 10.1.2.3/32"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
-                format!("{s:?}: the prefix length must be a number from 0 to {max} for this address")
-            })?,
-        };
+        let prefix =
+            match prefix {
+                None => max,
+                Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
+                    format!("{s:?}: the prefix length must be a number from 0 to {max} for this address")
+                })?,
+            };
         Ok(SourceNet { addr, prefix })
     }
 }
@@ -326,7 +327,9 @@ pub fn refuse(client: &tokio::net::TcpStream, peer: SocketAddr, resource_id: &st
             Refusal::Spent => "the lease's connection budget is used up",
             Refusal::Ended => "the lease was deleted or ended",
             Refusal::Unavailable => "the store could not count the connection (see /readyz)",
-            Refusal::LeasedOnly => "the resource is leased-only: connect through a lease's port (`sluice leases create`)",
+            Refusal::LeasedOnly => {
+                "the resource is leased-only: connect through a lease's port (`sluice leases create`)"
+            }
         };
         info!(client = %peer, resource = %resource_id, lease = lease.unwrap_or("-"), reason = why.label(),
               refused_since_last_line = held_back, "connection refused with a reset: {what}");
@@ -409,7 +412,9 @@ async fn end_if_spent(relay: &Arc<Relay>, lease_id: &str) {
     let ended = tokio::task::spawn_blocking(move || {
         let l = r.store.lease(&id)?;
         match l {
-            Some(l) if l.ended_at.is_none() && l.max_connections.is_some_and(|m| l.connections_used >= u64::from(m)) => {
+            Some(l)
+                if l.ended_at.is_none() && l.max_connections.is_some_and(|m| l.connections_used >= u64::from(m)) =>
+            {
                 r.store.end_lease(&id, "spent", unix_now()).map(|_| true)
             }
             _ => Ok(false),

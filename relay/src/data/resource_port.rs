@@ -64,7 +64,13 @@ pub fn start(relay: Arc<Relay>, resource_id: String, resource_name: String, port
                 };
                 backoff.succeeded();
                 if task_relay.leases.is_leased_only(&rid) {
-                    crate::data::lease_port::refuse(&client, peer, &rid, None, crate::data::lease_port::Refusal::LeasedOnly);
+                    crate::data::lease_port::refuse(
+                        &client,
+                        peer,
+                        &rid,
+                        None,
+                        crate::data::lease_port::Refusal::LeasedOnly,
+                    );
                     continue;
                 }
                 let Some(slot) = gate.try_admit() else {
