@@ -198,7 +198,6 @@ fn sweep_revocations(store: &dyn Store, registry: &Registry) -> Result<usize, cr
 /// Keeps the membership until the relay shuts down; store failures are logged (the
 /// store watch reports them on /readyz) and retried next round.
 pub async fn run(relay: Arc<Relay>) {
-    let cluster = &relay.cluster;
     let mut tick = tokio::time::interval(MEMBERSHIP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;

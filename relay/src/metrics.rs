@@ -248,6 +248,11 @@ pub fn accept_failed(listener: &'static str) {
     metrics::counter!("sluice_relay_accept_errors_total", "listener" => listener).increment(1);
 }
 
+/// A connection on a lease port (or a leased-only resource's fixed port) was refused.
+pub fn lease_refused(reason: &'static str) {
+    metrics::counter!("sluice_relay_lease_refused_total", "reason" => reason).increment(1);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,9 +282,4 @@ mod tests {
         assert!(text.contains("sluice_resource_info{resource=\"res_a\",name=\"orders-db\",customer=\"cus_1\"} 1\n"));
         assert!(text.contains("sluice_resource_info{resource=\"res_b\",name=\"Café \\\"x\\\"\",customer=\"\"} 1\n"));
     }
-}
-
-/// A connection on a lease port (or a leased-only resource's fixed port) was refused.
-pub fn lease_refused(reason: &'static str) {
-    metrics::counter!("sluice_relay_lease_refused_total", "reason" => reason).increment(1);
 }
