@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::admin::ops::{AgentView, JwtIssued, JwtRequest, JwtRevoked, RegistrationJwtView, ResourceView};
+use crate::admin::ops::{LeaseRequest, LeaseView};
 use crate::data::streams::StreamView;
 use crate::state::pki::files;
 use crate::state::store::Customer;
@@ -105,6 +106,51 @@ pub enum ResourcesCmd {
     /// Delete a resource: its port closes, its agents are disconnected, its JWTs revoked.
     Delete {
         /// Resource id.
+        id: String,
+    },
+    /// Change a resource: `--access leased` makes its fixed port refuse every connection
+    /// (platform jobs then connect through leases: `sluice leases create`); `--access
+    /// open` (the default) admits every connection on it again.
+    Update {
+        /// Resource id, or its name.
+        name_or_id: String,
+        #[arg(long, value_parser = ["leased", "open"])]
+        access: String,
+    },
+}
+
+/// `sluice leases …`.
+#[derive(Debug, Subcommand)]
+pub enum LeasesCmd {
+    /// Create an endpoint lease for one platform execution and print its endpoint
+    /// (host:port) and id. Only connections from --source, within --max-connections and
+    /// before --ttl runs out reach the resource through it.
+    Create {
+        /// Resource id, or its name.
+        resource: String,
+        /// How long the lease lives (e.g. 90s, 15m, 2h; 1 s to 24 h).
+        #[arg(long, value_parser = parse_duration_secs)]
+        ttl: u64,
+        /// Connections it admits in all (across every relay). Default: no budget.
+        #[arg(long)]
+        max_connections: Option<u32>,
+        /// The network its connections must come from, e.g. 10.1.2.3/32.
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// List the active leases and those ended within the hour.
+    List {
+        /// Only the leases of this resource (id or name).
+        #[arg(long)]
+        resource: Option<String>,
+        /// Comma-separated columns: Id,Resource,Endpoint,State,Expires,Connections,Source,Ended,Open.
+        #[arg(long, value_delimiter = ',')]
+        columns: Option<Vec<String>>,
+    },
+    /// End a lease now: new connections are refused, open streams are cut after the
+    /// relay's --lease-grace.
+    Delete {
+        /// The lease's id (lse_…).
         id: String,
     },
 }
@@ -389,6 +435,94 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
         ResourcesCmd::Delete { id } => {
             let _: Value = api.call("DELETE", &format!("/v1/resources/{}", encode_path(&id)), None).await?;
             eprintln!("Deleted resource {id}.");
+        }
+        ResourcesCmd::Update { name_or_id, access } => {
+            let r: ResourceView = api
+                .call(
+                    "PATCH",
+                    &format!("/v1/resources/{}", encode_path(&name_or_id)),
+                    Some(serde_json::json!({ "access": access })),
+                )
+                .await?;
+            match conn.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+                Output::Table if r.access == "leased" => eprintln!(
+                    "Resource {} ({}) is leased-only: its port {} refuses every connection; platform jobs connect \
+                     through leases (`sluice leases create {}`).",
+                    r.name, r.id, r.endpoint, r.id
+                ),
+                Output::Table => eprintln!(
+                    "Resource {} ({}) is open: its port {} admits every connection.",
+                    r.name, r.id, r.endpoint
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `sluice leases …`.
+pub async fn leases(conn: &AdminConn, cmd: LeasesCmd) -> Result<()> {
+    let api = AdminClient::new(conn)?;
+    let all = ["Id", "Resource", "Endpoint", "State", "Expires", "Connections", "Source", "Ended", "Open"];
+    let default = ["Id", "Resource", "Endpoint", "State", "Expires", "Connections", "Source"];
+    let row = |l: &LeaseView| {
+        vec![
+            l.id.clone(),
+            l.resource_id.clone(),
+            l.endpoint.clone(),
+            l.state.clone(),
+            expires(Some(l.expires_at)),
+            match l.max_connections {
+                Some(m) => format!("{}/{m}", l.connections_used),
+                None => l.connections_used.to_string(),
+            },
+            l.source.clone().unwrap_or_else(|| "any".into()),
+            match (&l.ended_at, &l.end_reason) {
+                (Some(t), Some(why)) => format!("{} ({why})", ago(Some(*t))),
+                (Some(t), None) => ago(Some(*t)),
+                _ => "-".into(),
+            },
+            l.open_streams.to_string(),
+        ]
+    };
+    match cmd {
+        LeasesCmd::Create { resource, ttl, max_connections, source } => {
+            let req = LeaseRequest { ttl_secs: ttl, max_connections, source };
+            let lease: LeaseView = api
+                .call(
+                    "POST",
+                    &format!("/v1/resources/{}/leases", encode_path(&resource)),
+                    Some(serde_json::to_value(&req)?),
+                )
+                .await?;
+            match conn.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&lease)?),
+                Output::Table => print_table(&all, &default, vec![row(&lease)], None)?,
+            }
+        }
+        LeasesCmd::List { resource, columns } => {
+            let mut path = "/v1/leases".to_owned();
+            if let Some(r) = &resource {
+                path.push_str(&format!("?resource={}", encode_path(r)));
+            }
+            let list: Vec<LeaseView> = api.call("GET", &path, None).await?;
+            if conn.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            print_table(&all, &default, list.iter().map(row).collect(), columns.as_deref())?;
+        }
+        LeasesCmd::Delete { id } => {
+            let lease: LeaseView = api.call("DELETE", &format!("/v1/leases/{}", encode_path(&id)), None).await?;
+            match conn.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&lease)?),
+                Output::Table => eprintln!(
+                    "Ended lease {}: its port {} refuses new connections; open streams are cut after the relay's \
+                     --lease-grace.",
+                    lease.id, lease.endpoint
+                ),
+            }
         }
     }
     Ok(())

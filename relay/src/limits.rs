@@ -80,6 +80,12 @@ pub struct Limits {
     #[arg(long, env = "SLUICE_MAX_STREAMS_PER_AGENT", value_name = "N", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_streams_per_agent: u32,
+    /// Active endpoint leases one resource may have at once (`sluice leases create`).
+    /// One more is refused (HTTP 429, naming this flag) until a lease ends, so a runaway
+    /// job runner cannot take the whole --lease-ports range from other resources.
+    #[arg(long, env = "SLUICE_MAX_LEASES_PER_RESOURCE", value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_leases_per_resource: u32,
 }
 
 /// Descriptors the relay needs besides what its caps admit: listeners, the store, log

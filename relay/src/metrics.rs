@@ -22,6 +22,7 @@
 //! | `sluice_relay_connections_active` | gauge | `listener` (`admin`; `agent`: not yet authenticated; `resource`: streams) |
 //! | `sluice_relay_connections_refused_total` | counter | `listener` (`admin`, `agent`): closed at once over the cap |
 //! | `sluice_relay_accept_errors_total` | counter | `listener` (`admin`, `agent`, `resource`): e.g. out of file descriptors |
+//! | `sluice_relay_lease_refused_total` | counter | `reason` (`source`, `expired`, `spent`, `ended`, `unavailable`, `leased_only`): connections reset by lease admission |
 //! | `sluice_build_info` | gauge | `version`, `commit` (always 1) |
 //! | `sluice_resource_info` | gauge | `resource`, `name`, `customer` (id or empty; always 1) |
 //!
@@ -57,6 +58,11 @@ fn describe() {
         "Stream payload bytes by resource and direction (in: client to service)."
     );
     describe_counter!("sluice_relay_streams_opened_total", "Streams opened, by resource and data path.");
+    describe_counter!(
+        "sluice_relay_lease_refused_total",
+        "Connections reset by lease admission: outside the lease's source, lease expired, spent or ended, or on \
+         the fixed port of a leased-only resource."
+    );
     describe_counter!(
         "sluice_relay_userspace_copy_bytes_total",
         Unit::Bytes,
@@ -240,6 +246,11 @@ pub fn connection_refused(listener: &'static str) {
 
 pub fn accept_failed(listener: &'static str) {
     metrics::counter!("sluice_relay_accept_errors_total", "listener" => listener).increment(1);
+}
+
+/// A connection on a lease port (or a leased-only resource's fixed port) was refused.
+pub fn lease_refused(reason: &'static str) {
+    metrics::counter!("sluice_relay_lease_refused_total", "reason" => reason).increment(1);
 }
 
 #[cfg(test)]

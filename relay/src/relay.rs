@@ -61,6 +61,16 @@ pub struct RelayConfig {
     /// connections may hold.
     #[arg(long, env = "SLUICE_RESOURCE_PORTS", default_value = "20000-20999", value_parser = parse_port_range)]
     pub resource_ports: RangeInclusive<u16>,
+    /// Port range for endpoint leases (`sluice leases create`): each lease gets the
+    /// lowest port of it that no active lease holds; a port is used again once its lease
+    /// ended. Keep it apart from --resource-ports and below the ephemeral ports.
+    #[arg(long, env = "SLUICE_LEASE_PORTS", default_value = "21000-21999", value_parser = parse_port_range)]
+    pub lease_ports: RangeInclusive<u16>,
+    /// How long the streams still open under a lease that ended (expired or deleted) may
+    /// run on before the relay cuts them (e.g. 30s, 2m; 0: at once). New connections are
+    /// refused as soon as the lease ends.
+    #[arg(long, env = "SLUICE_LEASE_GRACE", default_value = "30s", value_parser = parse_lease_grace)]
+    pub lease_grace: Duration,
     /// Store location. Default: the SQLite file `sluice.db` in the data directory. A path
     /// (or sqlite://PATH) names another SQLite file; postgres://USER:PASSWORD@HOST:PORT/DB
     /// (or postgresql://…) keeps the state in PostgreSQL, in a database the user owns
@@ -142,6 +152,11 @@ fn parse_drain_timeout(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// A lease grace period: a duration (30s, 2m) or a number of seconds, 0 to 1 hour.
+fn parse_lease_grace(s: &str) -> Result<Duration, String> {
+    parse_drain_timeout(s).map_err(|e| e.replace("a drain waits", "a lease's grace lasts"))
+}
+
 /// The relay's shared state, handed to every task.
 pub struct Relay {
     pub config: RelayConfig,
@@ -162,6 +177,8 @@ pub struct Relay {
     pub(crate) store_health: Arc<StoreHealth>,
     /// This relay's membership of its cluster (one relay on SQLite: a cluster of one).
     pub cluster: crate::cluster::Cluster,
+    /// The endpoint leases this relay serves, and the leased-only resources.
+    pub(crate) leases: crate::data::lease_port::Leases,
     /// Held for the relay's life: no second relay on this data directory.
     _lock: DataDirLock,
 }
@@ -452,6 +469,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         next_stream_id: AtomicU64::new(0),
         agent_listener_up: AtomicBool::new(true),
         store_health: Arc::default(),
+        leases: Default::default(),
         _lock: lock,
         config,
     });
@@ -474,6 +492,8 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         "relay ready"
     );
     tokio::spawn(crate::cluster::run(relay.clone()));
+    relay.leases.load(&*relay.store)?;
+    tokio::spawn(crate::data::lease_port::run(relay.clone()));
     tokio::spawn(relay.streams.clone().run_sampler(relay.shutdown.clone()));
     tokio::spawn(crate::state::store_watch::run(
         relay.store.clone(),

@@ -29,6 +29,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start: the size of `Serve`'s flags costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the relay: the agent port, the admin API and one port per resource.
@@ -71,6 +73,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cli::RelaysCmd,
     },
+    /// Endpoint leases: a fresh port per platform execution, admitting only its holder
+    /// (source network, connection budget, expiry). Talks to the admin API.
+    Leases {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[command(subcommand)]
+        cmd: cli::LeasesCmd,
+    },
     /// Show live streams: resource, agent, client, bytes in/out, rate, data path, counter.
     Streams {
         #[command(flatten)]
@@ -111,6 +121,7 @@ fn main() -> ExitCode {
             | Cmd::Streams { .. }
             | Cmd::Agents { .. }
             | Cmd::Relays { .. }
+            | Cmd::Leases { .. }
     );
     sluice_runtime::init_logging(if quiet_cli { "warn" } else { &cli.log.log }, cli.log.log_json);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -124,6 +135,7 @@ fn main() -> ExitCode {
             Cmd::Streams { conn, args } => cli::streams(&conn, args).await,
             Cmd::Agents { conn, cmd } => cli::agents(&conn, cmd).await,
             Cmd::Relays { conn, cmd } => cli::relays(&conn, cmd).await,
+            Cmd::Leases { conn, cmd } => cli::leases(&conn, cmd).await,
         }
     });
     match result {

@@ -18,6 +18,11 @@
 //! | GET    | /v1/relays                    | the cluster's relays: state, version, addresses, heartbeat age |
 //! | GET    | /v1/relays/self               | this relay: id, agent sessions, open streams, draining |
 //! | POST   | /v1/relays/{id}/drain         | drain relay `id` (any relay of the cluster takes it) |
+//! | PATCH  | /v1/resources/{id_or_name} | `{"access": "leased"\|"open"}`: leased-only or open fixed port |
+//! | POST   | /v1/resources/{id_or_name}/leases | create an endpoint lease ([`LeaseRequest`]) |
+//! | GET    | /v1/leases[?resource=ID_OR_NAME] | active leases and those ended within the hour |
+//! | GET    | /v1/leases/{id}               | one lease                             |
+//! | DELETE | /v1/leases/{id}               | end a lease now (open streams cut after `--lease-grace`) |
 //! | GET    | /metrics                      | Prometheus text (no token: keep the admin listener private) |
 //!
 //! Errors are `{ "error": "what happened and what to do" }` with a fitting status.
@@ -47,7 +52,7 @@ use tracing::{debug, warn};
 
 use crate::admission::{AcceptBackoff, Activity, Gate, Throttle, Watched};
 
-use crate::admin::ops::{AdminError, JwtRequest};
+use crate::admin::ops::{AdminError, JwtRequest, LeaseRequest};
 use crate::relay::Relay;
 
 impl IntoResponse for AdminError {
@@ -141,7 +146,10 @@ fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/resources", get(list_resources))
         .route("/v1/streams", get(list_streams))
         .route("/v1/agents", get(list_agents))
-        .route("/v1/resources/{id}", get(get_resource).delete(delete_resource))
+        .route("/v1/resources/{id}", get(get_resource).delete(delete_resource).patch(update_resource))
+        .route("/v1/resources/{id}/leases", post(create_lease))
+        .route("/v1/leases", get(list_leases))
+        .route("/v1/leases/{id}", get(get_lease).delete(delete_lease))
         .route("/v1/relays", get(list_relays))
         .route("/v1/relays/self", get(relay_self))
         .route("/v1/relays/{id}/drain", post(drain_relay))
@@ -293,6 +301,59 @@ async fn drain_relay(
     Path(id): Path<String>,
 ) -> ApiResult<crate::admin::relays::RelayView> {
     r.drain_relay(&id).map(Json)
+}
+
+#[derive(Deserialize)]
+struct ResourceUpdate {
+    access: String,
+}
+
+async fn update_resource(
+    State(r): State<Arc<Relay>>,
+    Path(id): Path<String>,
+    body: Result<Json<ResourceUpdate>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<crate::admin::ops::ResourceView> {
+    let Json(body) =
+        body.map_err(|e| AdminError::bad_request(format!("expected {{\"access\": \"leased\"|\"open\"}}: {e}")))?;
+    r.set_resource_access(&id, &body.access).map(Json)
+}
+
+async fn create_lease(
+    State(r): State<Arc<Relay>>,
+    Path(id): Path<String>,
+    body: Result<Json<LeaseRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<crate::admin::ops::LeaseView>), AdminError> {
+    let Json(body) = body.map_err(|e| {
+        AdminError::bad_request(format!(
+            "expected {{\"ttl_secs\": N, \"max_connections\": N (optional), \"source\": \"CIDR\" (optional)}}: {e}"
+        ))
+    })?;
+    let lease = r.create_lease(&id, &body)?;
+    // Its port listens (where this relay has an agent of the resource) before the answer.
+    let _ = crate::data::lease_port::Leases::refresh(&r).await;
+    Ok((StatusCode::CREATED, Json(lease)))
+}
+
+#[derive(Deserialize)]
+struct LeasesQuery {
+    resource: Option<String>,
+}
+
+async fn list_leases(
+    State(r): State<Arc<Relay>>,
+    Query(q): Query<LeasesQuery>,
+) -> ApiResult<Vec<crate::admin::ops::LeaseView>> {
+    r.lease_views(q.resource.as_deref()).map(Json)
+}
+
+async fn get_lease(State(r): State<Arc<Relay>>, Path(id): Path<String>) -> ApiResult<crate::admin::ops::LeaseView> {
+    r.get_lease(&id).map(Json)
+}
+
+async fn delete_lease(State(r): State<Arc<Relay>>, Path(id): Path<String>) -> ApiResult<crate::admin::ops::LeaseView> {
+    let lease = r.delete_lease(&id)?;
+    let _ = crate::data::lease_port::Leases::refresh(&r).await;
+    Ok(Json(lease))
 }
 
 async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {

@@ -196,6 +196,13 @@ pub struct ResourceView {
     /// relay; `agents` is the answering relay's own count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agents_by_relay: Option<std::collections::BTreeMap<String, usize>>,
+    /// `open` (the fixed port admits every connection) or `leased` (only lease ports do).
+    #[serde(default = "open_access")]
+    pub access: String,
+}
+
+fn open_access() -> String {
+    "open".into()
 }
 
 /// A connected agent as operators see it (`sluice agents list`).
@@ -407,6 +414,7 @@ impl Relay {
         let service_error =
             refusing.then(|| reports.iter().max_by_key(|s| s.at).and_then(|s| s.error.clone())).flatten();
         // A blocked port comes first: no platform job gets through, whatever the service does.
+        let access = if self.leases.is_leased_only(&r.id) { "leased" } else { "open" }.into();
         let port_error = match self.registry.port_state(&r.id) {
             Some(PortState::Blocked(why)) if agents > 0 => Some(why),
             _ => None,
@@ -439,6 +447,7 @@ impl Relay {
             service_error,
             port_error,
             agents_by_relay: None,
+            access,
         })
     }
 
@@ -573,6 +582,171 @@ impl Relay {
             "resource deleted"
         );
         Ok(())
+    }
+}
+
+/// The shortest and longest lease lifetimes.
+pub const LEASE_TTL_SECS: std::ops::RangeInclusive<u64> = 1..=86_400;
+
+/// A request for an endpoint lease (`POST /v1/resources/{id}/leases`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    /// Lifetime in seconds, 1 to 86400 (24 h).
+    pub ttl_secs: u64,
+    /// Connections the lease admits in all; absent: no budget (until it ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// The network its connections must come from (CIDR, e.g. 10.1.2.3/32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// A lease as operators and platforms see it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaseView {
+    pub id: String,
+    pub resource_id: String,
+    /// `host:port` the lease holder connects to.
+    pub endpoint: String,
+    pub port: u16,
+    /// `active` or `ended`.
+    pub state: String,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub max_connections: Option<u32>,
+    pub connections_used: u64,
+    pub source: Option<String>,
+    pub ended_at: Option<u64>,
+    /// `expired`, `deleted` or `spent`.
+    pub end_reason: Option<String>,
+    /// Streams open under it on the relay that answered.
+    #[serde(default)]
+    pub open_streams: usize,
+}
+
+/// How long ended leases stay listed.
+const ENDED_LEASES_LISTED_SECS: u64 = 3600;
+
+impl Relay {
+    fn lease_view(&self, l: crate::state::store::Lease) -> LeaseView {
+        let now = unix_now();
+        let (ended_at, end_reason) = match (l.ended_at, l.expires_at <= now) {
+            (None, true) => (Some(l.expires_at), Some("expired".to_owned())),
+            _ => (l.ended_at, l.end_reason),
+        };
+        LeaseView {
+            open_streams: self.leases.open_streams(&l.id),
+            endpoint: self.endpoint(l.port),
+            state: if ended_at.is_some() { "ended" } else { "active" }.into(),
+            id: l.id,
+            resource_id: l.resource_id,
+            port: l.port,
+            created_at: l.created_at,
+            expires_at: l.expires_at,
+            max_connections: l.max_connections,
+            connections_used: l.connections_used,
+            source: l.source,
+            ended_at,
+            end_reason,
+        }
+    }
+
+    /// Creates a lease for one platform execution on the resource `id_or_name`.
+    pub fn create_lease(&self, id_or_name: &str, req: &LeaseRequest) -> Result<LeaseView, AdminError> {
+        if !LEASE_TTL_SECS.contains(&req.ttl_secs) {
+            return Err(AdminError::bad_request(format!(
+                "ttl_secs: {} is out of bounds: a lease lives 1 second to 24 hours (86400); give the execution's \
+                 expected length",
+                req.ttl_secs
+            )));
+        }
+        if req.max_connections == Some(0) {
+            return Err(AdminError::bad_request(
+                "max_connections: 0 would admit nobody; give at least 1, or none for no budget",
+            ));
+        }
+        let source = match req.source.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+            None => None,
+            Some(s) => Some(
+                s.parse::<crate::data::lease_port::SourceNet>()
+                    .map_err(|e| AdminError::bad_request(format!("source: {e}")))?
+                    .to_string(),
+            ),
+        };
+        let resource = self.resource_view(id_or_name, None)?;
+        let now = unix_now();
+        let new = crate::state::store::NewLease {
+            id: new_id("lse"),
+            resource_id: resource.id.clone(),
+            created_at: now,
+            expires_at: now + req.ttl_secs,
+            max_connections: req.max_connections,
+            source,
+        };
+        let lease = self.store.create_lease(
+            &new,
+            self.config.lease_ports.clone(),
+            self.config.limits.max_leases_per_resource,
+        )?;
+        info!(lease = %lease.id, resource = %resource.id, port = lease.port, ttl_secs = req.ttl_secs,
+              max_connections = ?lease.max_connections, source = ?lease.source, "lease created");
+        Ok(self.lease_view(lease))
+    }
+
+    /// The active leases and those ended within the last hour (of one resource, by id or
+    /// name, when given).
+    pub fn lease_views(&self, resource: Option<&str>) -> Result<Vec<LeaseView>, AdminError> {
+        let rid = match resource {
+            Some(r) => Some(self.resource_view(r, None)?.id),
+            None => None,
+        };
+        let since = unix_now().saturating_sub(ENDED_LEASES_LISTED_SECS);
+        Ok(self.store.leases(rid.as_deref(), since)?.into_iter().map(|l| self.lease_view(l)).collect())
+    }
+
+    pub fn get_lease(&self, id: &str) -> Result<LeaseView, AdminError> {
+        match self.store.lease(id)? {
+            Some(l) => Ok(self.lease_view(l)),
+            None => {
+                Err(AdminError::not_found(format!("no lease with id {:?}; see `sluice leases list`", printable(id))))
+            }
+        }
+    }
+
+    /// Ends a lease now: its port refuses new connections at once (on every relay within
+    /// the refresh bound) and its open streams are cut after `--lease-grace`.
+    pub fn delete_lease(&self, id: &str) -> Result<LeaseView, AdminError> {
+        match self.store.end_lease(id, "deleted", unix_now())? {
+            Some(l) => {
+                info!(lease = %l.id, resource = %l.resource_id, "lease deleted");
+                Ok(self.lease_view(l))
+            }
+            None => {
+                Err(AdminError::not_found(format!("no lease with id {:?}; see `sluice leases list`", printable(id))))
+            }
+        }
+    }
+
+    /// Sets a resource's access: `leased` (its fixed port refuses every connection;
+    /// platform jobs connect through leases) or `open`.
+    pub fn set_resource_access(&self, id_or_name: &str, access: &str) -> Result<ResourceView, AdminError> {
+        let leased_only = match access {
+            "leased" => true,
+            "open" => false,
+            other => {
+                return Err(AdminError::bad_request(format!(
+                    "access: {:?} is not an access mode: give \"leased\" or \"open\"",
+                    printable(other)
+                )));
+            }
+        };
+        let r = self.resource_view(id_or_name, None)?;
+        if !self.store.set_resource_leased_only(&r.id, leased_only)? {
+            return Err(AdminError::not_found(format!("resource {} was deleted meanwhile", r.id)));
+        }
+        self.leases.set_leased_only(&r.id, leased_only);
+        info!(resource = %r.id, name = %r.name, %access, "resource access set");
+        self.resource_view(&r.id, None)
     }
 }
 

@@ -63,6 +63,16 @@ pub fn start(relay: Arc<Relay>, resource_id: String, resource_name: String, port
                     _ = task_relay.shutdown.cancelled() => return,
                 };
                 backoff.succeeded();
+                if task_relay.leases.is_leased_only(&rid) {
+                    crate::data::lease_port::refuse(
+                        &client,
+                        peer,
+                        &rid,
+                        None,
+                        crate::data::lease_port::Refusal::LeasedOnly,
+                    );
+                    continue;
+                }
                 let Some(slot) = gate.try_admit() else {
                     datapath::reset(&client);
                     crate::metrics::stream_failed(&rid, "limit");
@@ -78,7 +88,7 @@ pub fn start(relay: Arc<Relay>, resource_id: String, resource_name: String, port
                 let rid = rid.clone();
                 let name = resource_name.clone();
                 let stream_id = relay.next_stream_id();
-                let stream = forward(relay, rid, name, client, peer, stream_id);
+                let stream = forward(relay, rid, name, client, peer, stream_id, None);
                 tokio::spawn(
                     async move {
                         let _slot = slot;
@@ -218,14 +228,16 @@ fn blocked_reason(addr: SocketAddr, e: &std::io::Error) -> String {
     format!("{addr}: {e} — {why}; the relay retries, at least every {} s", RETRY_MAX.as_secs())
 }
 
-/// Carries one platform connection through an agent.
-async fn forward(
+/// Carries one platform connection through an agent. `cut` (a lease's) ends the stream
+/// when cancelled, as a revocation of the agent does.
+pub(crate) async fn forward(
     relay: Arc<Relay>,
     resource_id: String,
     resource_name: String,
     client: TcpStream,
     peer: SocketAddr,
     stream_id: u64,
+    cut: Option<CancellationToken>,
 ) {
     let started = Instant::now();
     // Should the relay die mid-stream, the kernel resets the client instead of ending
@@ -258,7 +270,20 @@ async fn forward(
     session.active_streams.fetch_add(1, Ordering::Relaxed);
     let live = relay.streams.open(stream_id, &resource_id, &resource_name, &session.agent_id, &peer.to_string());
     crate::metrics::stream_opened(&resource_id, prepared.path().as_str());
-    let report = prepared.run(client, &live.transfer, &session.revoked).await;
+    let stop = session.revoked.child_token();
+    let watch = cut.map(|cut| {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cut.cancelled() => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
+        })
+    });
+    let report = prepared.run(client, &live.transfer, &stop).await;
+    if let Some(w) = watch {
+        w.abort();
+    }
     session.active_streams.fetch_sub(1, Ordering::Relaxed);
     relay.streams.close(stream_id);
     let (up, down) = live.transfer.get();

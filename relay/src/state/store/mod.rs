@@ -147,6 +147,74 @@ pub struct RelayRecord {
     pub state: RelayState,
 }
 
+/// An endpoint lease: one platform execution's own way in to one resource, a fresh port
+/// from the lease range that admits only its holder (see docs/security.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    /// e.g. "lse_…"
+    pub id: String,
+    pub resource_id: String,
+    /// The lease port (from `--lease-ports`), unique among leases not ended.
+    pub port: u16,
+    pub created_at: u64,
+    pub expires_at: u64,
+    /// Connections it admits in all (across every relay); `None`: no budget.
+    pub max_connections: Option<u32>,
+    /// Connections admitted so far (counted in the store, so across relays).
+    pub connections_used: u64,
+    /// The network its connections must come from (CIDR, e.g. 10.1.2.3/32).
+    pub source: Option<String>,
+    pub ended_at: Option<u64>,
+    /// "expired", "deleted" or "spent".
+    pub end_reason: Option<String>,
+}
+
+/// What [`Store::create_lease`] is asked for (the port is the store's choice).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewLease {
+    pub id: String,
+    pub resource_id: String,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub max_connections: Option<u32>,
+    pub source: Option<String>,
+}
+
+/// Why a connection on a lease port was refused by the store's count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseRefusal {
+    /// No such lease (deleted with its resource).
+    Unknown,
+    /// Ended (deleted, or spent and closed).
+    Ended,
+    /// Past its expiry.
+    Expired,
+    /// Its connection budget is used up.
+    Spent,
+}
+
+impl LeaseRefusal {
+    /// The `reason` label of `sluice_relay_lease_refused_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            LeaseRefusal::Unknown | LeaseRefusal::Ended => "ended",
+            LeaseRefusal::Expired => "expired",
+            LeaseRefusal::Spent => "spent",
+        }
+    }
+}
+
+/// Why a lease that admits no more connections does so, without I/O: the one rule both
+/// engines apply after their atomic increment found nothing to count.
+pub(crate) fn lease_refusal(lease: Option<&Lease>, now: u64) -> LeaseRefusal {
+    match lease {
+        None => LeaseRefusal::Unknown,
+        Some(l) if l.ended_at.is_some() => LeaseRefusal::Ended,
+        Some(l) if l.expires_at <= now => LeaseRefusal::Expired,
+        Some(_) => LeaseRefusal::Spent,
+    }
+}
+
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -252,6 +320,29 @@ pub trait Store: Send + Sync {
     fn remove_relay(&self, id: &str) -> Result<(), StoreError>;
     /// Deletes the rows whose heartbeat_at < before; returns their ids.
     fn forget_silent_relays(&self, before: u64) -> Result<Vec<String>, StoreError>;
+
+    /// Creates a lease on the lowest port of `ports` that no lease not yet ended holds,
+    /// unless the resource already has `max_active` such leases ([`StoreError::Quota`]).
+    /// Ends the leases past their expiry first; one transaction (on PostgreSQL under an
+    /// advisory lock, so two relays never hand out one port).
+    fn create_lease(&self, new: &NewLease, ports: RangeInclusive<u16>, max_active: u32) -> Result<Lease, StoreError>;
+    fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError>;
+    /// Leases not ended, and those ended at or after `ended_since`, of one resource when
+    /// given; newest first.
+    fn leases(&self, resource_id: Option<&str>, ended_since: u64) -> Result<Vec<Lease>, StoreError>;
+    /// Ends a lease not yet ended (`reason`: "deleted", "spent", "expired"); returns the
+    /// lease as it now stands, `None` if there is no such lease.
+    fn end_lease(&self, id: &str, reason: &str, now: u64) -> Result<Option<Lease>, StoreError>;
+    /// Marks ended ("expired", at their expiry) the leases past `expires_at <= now`; returns them.
+    fn expire_leases(&self, now: u64) -> Result<Vec<Lease>, StoreError>;
+    /// Counts one connection on a lease, atomically (across relays): `Ok(lease)` with
+    /// the count taken if the lease is neither ended, expired nor spent, else why not.
+    fn use_lease(&self, id: &str, now: u64) -> Result<Result<Lease, LeaseRefusal>, StoreError>;
+    /// Sets a resource's access: `true` leased-only (its fixed port refuses every
+    /// connection), `false` open. False when no resource has that id.
+    fn set_resource_leased_only(&self, id: &str, leased_only: bool) -> Result<bool, StoreError>;
+    /// The ids of the leased-only resources.
+    fn leased_only_resources(&self) -> Result<Vec<String>, StoreError>;
 }
 
 /// The schema, one migration per entry, shared by both engines: written in the SQL both
@@ -322,6 +413,22 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         WHERE t2.issued_at < registration_tokens.issued_at
            OR (t2.issued_at = registration_tokens.issued_at AND t2.jti <= registration_tokens.jti)
      );",
+    // endpoint leases: a fresh port per platform execution, and leased-only resources
+    "ALTER TABLE resources ADD COLUMN access TEXT NOT NULL DEFAULT 'open';
+     CREATE TABLE leases (
+        id TEXT PRIMARY KEY,
+        resource_id TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        max_connections INTEGER,
+        connections_used INTEGER NOT NULL DEFAULT 0,
+        source TEXT,
+        ended_at INTEGER,
+        end_reason TEXT
+     );
+     CREATE UNIQUE INDEX leases_active_port ON leases (port) WHERE ended_at IS NULL;
+     CREATE INDEX leases_resource ON leases (resource_id);",
 ];
 
 /// A migration (or any schema text) in PostgreSQL's dialect: the one difference is the
@@ -394,3 +501,38 @@ pub(crate) const UPSERT_RELAY: &str =
      ON CONFLICT (id) DO UPDATE SET agent_url = excluded.agent_url, resource_host = excluded.resource_host,
         admin_url = excluded.admin_url, version = excluded.version, started_at = excluded.started_at,
         heartbeat_at = excluded.heartbeat_at, state = excluded.state";
+
+pub(crate) const LEASE_COLS: &str =
+    "id, resource_id, port, created_at, expires_at, max_connections, connections_used, source, ended_at, end_reason";
+
+/// The lowest lease port of `ports` not in `used`, or why there is none.
+pub(crate) fn lowest_free_lease_port(
+    ports: &RangeInclusive<u16>,
+    used: &std::collections::HashSet<u16>,
+) -> Result<u16, StoreError> {
+    ports.clone().find(|p| !used.contains(p)).ok_or_else(|| {
+        StoreError::Exhausted(format!(
+            "every port of the lease port range {}-{} is held by a lease not yet ended: widen --lease-ports, or \
+             delete leases that are no longer needed (`sluice leases delete ID`)",
+            ports.start(),
+            ports.end()
+        ))
+    })
+}
+
+/// Refuses one more lease for a resource that already has `active` of `max`.
+pub(crate) fn within_lease_quota(resource_id: &str, active: u64, max: u32) -> Result<(), StoreError> {
+    if active < u64::from(max) {
+        return Ok(());
+    }
+    Err(StoreError::Quota(format!(
+        "resource {resource_id} already has {active} active leases, the relay's limit (--max-leases-per-resource \
+         {max}); delete leases no longer needed (`sluice leases delete ID`) or let them expire"
+    )))
+}
+
+/// Counts one connection on lease `?1` at time `?2` if it admits one: not ended, not
+/// expired, budget not spent. One statement, so two relays never both take the last one.
+pub(crate) const USE_LEASE: &str = "UPDATE leases SET connections_used = connections_used + 1
+     WHERE id = ?1 AND ended_at IS NULL AND expires_at > ?2
+       AND (max_connections IS NULL OR connections_used < max_connections)";

@@ -40,6 +40,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// applications' keys on a shared server).
 const LOCK_MIGRATE: i64 = 0x736c_6365_0000_0001;
 const LOCK_RESOURCES: i64 = 0x736c_6365_0000_0002;
+/// Lease creations, one at a time across relays (the port and the per-resource count).
+const LOCK_LEASES: i64 = 0x736c_6365_0000_0003;
 /// The first of the two int4 keys of the per-JWT enrollment lock (the second is the
 /// JWT id's hash); the int4 pair and the bigint key spaces never overlap.
 const LOCK_ENROLLMENTS: i32 = 0x736c_6365;
@@ -713,6 +715,154 @@ impl Store for PgStore {
             ids.sort();
             Ok(ids)
         })
+    }
+
+    fn create_lease(&self, new: &NewLease, ports: RangeInclusive<u16>, max_active: u32) -> Result<Lease, StoreError> {
+        let new = new.clone();
+        self.with(move |c| {
+            let mut tx = c.transaction()?;
+            // Every relay's lease creations one at a time: the count and the free port hold.
+            tx.batch_execute(&format!("SELECT pg_advisory_xact_lock({LOCK_LEASES})"))?;
+            tx.execute(
+                "UPDATE leases SET ended_at = expires_at, end_reason = 'expired'
+                 WHERE ended_at IS NULL AND expires_at <= $1",
+                &[&(new.created_at as i64)],
+            )?;
+            let active: i64 = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM leases WHERE resource_id = $1 AND ended_at IS NULL",
+                    &[&new.resource_id],
+                )?
+                .get(0);
+            within_lease_quota(&new.resource_id, active as u64, max_active)?;
+            let used: HashSet<u16> = tx
+                .query("SELECT port FROM leases WHERE ended_at IS NULL", &[])?
+                .iter()
+                .map(|r| r.get::<_, i64>(0) as u16)
+                .collect();
+            let port = lowest_free_lease_port(&ports, &used)?;
+            tx.execute(
+                "INSERT INTO leases (id, resource_id, port, created_at, expires_at, max_connections, source)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &new.id,
+                    &new.resource_id,
+                    &i64::from(port),
+                    &(new.created_at as i64),
+                    &(new.expires_at as i64),
+                    &new.max_connections.map(i64::from),
+                    &new.source,
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Lease {
+                id: new.id,
+                resource_id: new.resource_id,
+                port,
+                created_at: new.created_at,
+                expires_at: new.expires_at,
+                max_connections: new.max_connections,
+                connections_used: 0,
+                source: new.source,
+                ended_at: None,
+                end_reason: None,
+            })
+        })
+    }
+
+    fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            Ok(c.query_opt(&format!("SELECT {LEASE_COLS} FROM leases WHERE id = $1"), &[&id])?.as_ref().map(lease_row))
+        })
+    }
+
+    fn leases(&self, resource_id: Option<&str>, ended_since: u64) -> Result<Vec<Lease>, StoreError> {
+        let resource_id = resource_id.map(str::to_owned);
+        self.with(move |c| {
+            Ok(c.query(
+                &format!(
+                    "SELECT {LEASE_COLS} FROM leases
+                     WHERE ($1::text IS NULL OR resource_id = $1::text) AND (ended_at IS NULL OR ended_at >= $2)
+                     ORDER BY created_at DESC, id"
+                ),
+                &[&resource_id, &(ended_since as i64)],
+            )?
+            .iter()
+            .map(lease_row)
+            .collect())
+        })
+    }
+
+    fn end_lease(&self, id: &str, reason: &str, now: u64) -> Result<Option<Lease>, StoreError> {
+        let (id, reason) = (id.to_owned(), reason.to_owned());
+        self.with(move |c| {
+            c.execute(
+                "UPDATE leases SET ended_at = $2, end_reason = $3 WHERE id = $1 AND ended_at IS NULL",
+                &[&id, &(now as i64), &reason],
+            )?;
+            Ok(c.query_opt(&format!("SELECT {LEASE_COLS} FROM leases WHERE id = $1"), &[&id])?.as_ref().map(lease_row))
+        })
+    }
+
+    fn expire_leases(&self, now: u64) -> Result<Vec<Lease>, StoreError> {
+        self.with(move |c| {
+            Ok(c.query(
+                &format!(
+                    "UPDATE leases SET ended_at = expires_at, end_reason = 'expired'
+                     WHERE ended_at IS NULL AND expires_at <= $1 RETURNING {LEASE_COLS}"
+                ),
+                &[&(now as i64)],
+            )?
+            .iter()
+            .map(lease_row)
+            .collect())
+        })
+    }
+
+    fn use_lease(&self, id: &str, now: u64) -> Result<Result<Lease, LeaseRefusal>, StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            let counted = c.query_opt(
+                &numbered_placeholders(&format!("{USE_LEASE} RETURNING {LEASE_COLS}")),
+                &[&id, &(now as i64)],
+            )?;
+            if let Some(row) = counted {
+                return Ok(Ok(lease_row(&row)));
+            }
+            let found = c.query_opt(&format!("SELECT {LEASE_COLS} FROM leases WHERE id = $1"), &[&id])?;
+            Ok(Err(lease_refusal(found.as_ref().map(lease_row).as_ref(), now)))
+        })
+    }
+
+    fn set_resource_leased_only(&self, id: &str, leased_only: bool) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        let access = if leased_only { "leased" } else { "open" };
+        self.with(move |c| Ok(c.execute("UPDATE resources SET access = $2 WHERE id = $1", &[&id, &access])? > 0))
+    }
+
+    fn leased_only_resources(&self) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            Ok(c.query("SELECT id FROM resources WHERE access = 'leased' ORDER BY id", &[])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect())
+        })
+    }
+}
+
+fn lease_row(r: &Row) -> Lease {
+    Lease {
+        id: r.get(0),
+        resource_id: r.get(1),
+        port: r.get::<_, i64>(2) as u16,
+        created_at: r.get::<_, i64>(3) as u64,
+        expires_at: r.get::<_, i64>(4) as u64,
+        max_connections: r.get::<_, Option<i64>>(5).map(|v| v as u32),
+        connections_used: r.get::<_, i64>(6) as u64,
+        source: r.get(7),
+        ended_at: r.get::<_, Option<i64>>(8).map(|v| v as u64),
+        end_reason: r.get(9),
     }
 }
 

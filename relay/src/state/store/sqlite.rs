@@ -572,6 +572,135 @@ impl Store for SqliteStore {
             Ok(ids)
         })
     }
+
+    fn create_lease(&self, new: &NewLease, ports: RangeInclusive<u16>, max_active: u32) -> Result<Lease, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE leases SET ended_at = expires_at, end_reason = 'expired'
+                 WHERE ended_at IS NULL AND expires_at <= ?1",
+                [new.created_at as i64],
+            )?;
+            let active: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM leases WHERE resource_id = ?1 AND ended_at IS NULL",
+                [&new.resource_id],
+                |r| r.get(0),
+            )?;
+            within_lease_quota(&new.resource_id, active as u64, max_active)?;
+            let used: std::collections::HashSet<u16> = {
+                let mut st = tx.prepare("SELECT port FROM leases WHERE ended_at IS NULL")?;
+                st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+            };
+            let port = lowest_free_lease_port(&ports, &used)?;
+            tx.execute(
+                "INSERT INTO leases (id, resource_id, port, created_at, expires_at, max_connections, source)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    new.id,
+                    new.resource_id,
+                    port,
+                    new.created_at as i64,
+                    new.expires_at as i64,
+                    new.max_connections,
+                    new.source
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Lease {
+                id: new.id.clone(),
+                resource_id: new.resource_id.clone(),
+                port,
+                created_at: new.created_at,
+                expires_at: new.expires_at,
+                max_connections: new.max_connections,
+                connections_used: 0,
+                source: new.source.clone(),
+                ended_at: None,
+                end_reason: None,
+            })
+        })
+    }
+
+    fn lease(&self, id: &str) -> Result<Option<Lease>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(&format!("SELECT {LEASE_COLS} FROM leases WHERE id = ?1"), [id], lease_row).optional()?)
+        })
+    }
+
+    fn leases(&self, resource_id: Option<&str>, ended_since: u64) -> Result<Vec<Lease>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {LEASE_COLS} FROM leases
+                 WHERE (?1 IS NULL OR resource_id = ?1) AND (ended_at IS NULL OR ended_at >= ?2)
+                 ORDER BY created_at DESC, id"
+            ))?;
+            let rows = st.query_map(params![resource_id, ended_since as i64], lease_row)?.collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn end_lease(&self, id: &str, reason: &str, now: u64) -> Result<Option<Lease>, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE leases SET ended_at = ?2, end_reason = ?3 WHERE id = ?1 AND ended_at IS NULL",
+                params![id, now as i64, reason],
+            )?;
+            Ok(c.query_row(&format!("SELECT {LEASE_COLS} FROM leases WHERE id = ?1"), [id], lease_row).optional()?)
+        })
+    }
+
+    fn expire_leases(&self, now: u64) -> Result<Vec<Lease>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "UPDATE leases SET ended_at = expires_at, end_reason = 'expired'
+                 WHERE ended_at IS NULL AND expires_at <= ?1 RETURNING {LEASE_COLS}"
+            ))?;
+            let rows = st.query_map([now as i64], lease_row)?.collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn use_lease(&self, id: &str, now: u64) -> Result<Result<Lease, LeaseRefusal>, StoreError> {
+        self.with(|c| {
+            let counted = c
+                .query_row(&format!("{USE_LEASE} RETURNING {LEASE_COLS}"), params![id, now as i64], lease_row)
+                .optional()?;
+            if let Some(l) = counted {
+                return Ok(Ok(l));
+            }
+            let found =
+                c.query_row(&format!("SELECT {LEASE_COLS} FROM leases WHERE id = ?1"), [id], lease_row).optional()?;
+            Ok(Err(lease_refusal(found.as_ref(), now)))
+        })
+    }
+
+    fn set_resource_leased_only(&self, id: &str, leased_only: bool) -> Result<bool, StoreError> {
+        let access = if leased_only { "leased" } else { "open" };
+        self.with(|c| Ok(c.execute("UPDATE resources SET access = ?2 WHERE id = ?1", params![id, access])? > 0))
+    }
+
+    fn leased_only_resources(&self) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT id FROM resources WHERE access = 'leased' ORDER BY id")?;
+            let rows = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+}
+
+fn lease_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
+    Ok(Lease {
+        id: r.get(0)?,
+        resource_id: r.get(1)?,
+        port: r.get(2)?,
+        created_at: r.get::<_, i64>(3)? as u64,
+        expires_at: r.get::<_, i64>(4)? as u64,
+        max_connections: r.get(5)?,
+        connections_used: r.get::<_, i64>(6)? as u64,
+        source: r.get(7)?,
+        ended_at: r.get::<_, Option<i64>>(8)?.map(|v| v as u64),
+        end_reason: r.get(9)?,
+    })
 }
 
 /// Revokes the JWTs issued for `resource_id`, and the use for `resource_id` of every
