@@ -64,6 +64,22 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokensCmd,
     },
+    /// API tokens with roles (admin, operator, platform, customer): create, list, revoke.
+    #[command(name = "api-tokens")]
+    ApiTokens {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[command(subcommand)]
+        cmd: cli::ApiTokensCmd,
+    },
+    /// The audit trail: admin actions (who, what, target, result, from where) and streams
+    /// (resource, agent, client, bytes each way, how they ended).
+    Audit {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[command(flatten)]
+        args: cli::AuditArgs,
+    },
     /// The cluster's relays (they share a PostgreSQL store): list, drain for an upgrade.
     Relays {
         #[command(flatten)]
@@ -111,6 +127,8 @@ fn main() -> ExitCode {
             | Cmd::Streams { .. }
             | Cmd::Agents { .. }
             | Cmd::Relays { .. }
+            | Cmd::ApiTokens { .. }
+            | Cmd::Audit { .. }
     );
     sluice_runtime::init_logging(if quiet_cli { "warn" } else { &cli.log.log }, cli.log.log_json);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -124,6 +142,8 @@ fn main() -> ExitCode {
             Cmd::Streams { conn, args } => cli::streams(&conn, args).await,
             Cmd::Agents { conn, cmd } => cli::agents(&conn, cmd).await,
             Cmd::Relays { conn, cmd } => cli::relays(&conn, cmd).await,
+            Cmd::ApiTokens { conn, cmd } => cli::api_tokens(&conn, cmd).await,
+            Cmd::Audit { conn, args } => cli::audit(&conn, args).await,
         }
     });
     match result {

@@ -265,6 +265,21 @@ async fn forward(
     let copied = live.transfer.copied();
     crate::metrics::stream_closed(&resource_id, report.end.label());
     crate::metrics::userspace_copy(copied);
+    let ended_at_ms = crate::audit::now_ms();
+    relay.audit.stream(crate::state::store::StreamRecord {
+        resource_id: resource_id.clone(),
+        resource_name: resource_name.clone(),
+        agent_id: session.agent_id.to_string(),
+        client_addr: peer.to_string(),
+        started_at_ms: ended_at_ms.saturating_sub(started.elapsed().as_millis() as u64),
+        ended_at_ms,
+        bytes_in: up,
+        bytes_out: down,
+        end: report.end.label().to_owned(),
+        end_detail: report.end.describe(),
+        path: report.path.as_str().to_owned(),
+        lease_id: None,
+    });
     if matches!(report.end, StreamEnd::Clean) {
         debug!(agent = %session.agent_id, path = report.path.as_str(), bytes_in = up, bytes_out = down,
             copied, secs = started.elapsed().as_secs_f64(), "stream closed");
