@@ -214,3 +214,26 @@ async fn revoked_expired_and_unknown_tokens_are_refused() {
     let out = r.cli(&["api-tokens", "create", "--role", "platform", "--customer-id", "cus_x"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("only for --role customer"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revoked_on_one_relay_is_refused_by_every_relay_at_once() {
+    let dir = test_dir("api-tokens-cluster");
+    let c = sluice_e2e::cluster::Cluster::start(dir.path(), 2, &[]);
+    let (one, two) = (&c.relays[0], &c.relays[1]);
+    let token = one.cli_ok(&["api-tokens", "create", "--role", "operator"]);
+    ok(two, &token, &["resources", "list"]);
+    let id = json(&one.cli_ok(&["api-tokens", "list", "-o", "json"]))[0]["id"].as_str().unwrap().to_owned();
+    one.cli_ok(&["api-tokens", "revoke", &id]);
+    // No wait: the other relay reads the token from the shared store on every request.
+    let err = refused(two, &token, &["resources", "list"], "401");
+    assert!(err.contains("was revoked"), "{err}");
+    // Both relays' records are in the one audit trail.
+    let records = json(&two.cli_ok(&["audit", "-o", "json"]));
+    let seen: Vec<(&str, u64)> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["action"].as_str().unwrap(), r["status"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(seen, [("create_api_token", 201), ("revoke_api_token", 200), ("GET /v1/resources", 401)], "{records:#}");
+}
