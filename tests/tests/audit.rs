@@ -108,7 +108,11 @@ async fn one_record_per_admin_action_and_per_stream_with_exact_bytes() {
     let streams = of_kind(&records, "stream");
     assert_eq!(streams.len(), 2, "{records:#?}");
     for s in &streams {
-        assert_eq!((s["bytes_in"].as_u64(), s["bytes_out"].as_u64()), (Some(SENT as u64), Some(GREETING as u64)), "{s}");
+        assert_eq!(
+            (s["bytes_in"].as_u64(), s["bytes_out"].as_u64()),
+            (Some(SENT as u64), Some(GREETING as u64)),
+            "{s}"
+        );
         assert_eq!(s["resource_name"], "db");
         assert_eq!(s["end"], "clean", "{s}");
         assert!(s["client_addr"].as_str().unwrap().starts_with("127.0.0.1:"), "{s}");
@@ -189,12 +193,17 @@ async fn secrets_never_appear_in_the_audit_trail_or_the_log() {
     let log = relay.log();
     for (what, secret) in &secrets {
         assert!(secret.len() >= 32, "{what}: {secret}");
-        for (place, text) in [("the audit trail", &records), ("the --audit-log file", &sink_text), ("the relay's log", &log)] {
+        for (place, text) in
+            [("the audit trail", &records), ("the --audit-log file", &sink_text), ("the relay's log", &log)]
+        {
             assert!(!text.contains(secret.as_str()), "the {what} appears in {place}");
         }
         // Nor the JWT's signature alone.
         if let Some(sig) = secret.rsplit('.').next().filter(|s| s.len() >= 32 && secret.contains('.')) {
-            assert!(!records.contains(sig) && !sink_text.contains(sig) && !log.contains(sig), "{what}'s signature leaked");
+            assert!(
+                !records.contains(sig) && !sink_text.contains(sig) && !log.contains(sig),
+                "{what}'s signature leaked"
+            );
         }
     }
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use sluice_e2e::{shared_postgres, test_dir};
 use sluice_relay::state::store::{
-    AdminActionRecord, AgentRecord, ApiTokenRecord, AuditEvent, AuditQuery, AuditRecord, PgStore, StreamRecord, RelayRecord, RelayState, ResourceRevocation, SqliteStore, Store, StoreError, TokenRecord,
-    TokenRevocation,
+    AdminActionRecord, AgentRecord, ApiTokenRecord, AuditEvent, AuditQuery, AuditRecord, PgStore, RelayRecord,
+    RelayState, ResourceRevocation, SqliteStore, Store, StoreError, StreamRecord, TokenRecord, TokenRevocation,
 };
 
 /// A fresh, empty PostgreSQL database on the process's server; its URL.
@@ -296,7 +296,11 @@ mod contract {
         let ids: Vec<String> = s.api_tokens().unwrap().into_iter().map(|t| t.id).collect();
         assert_eq!(ids, ["tok_a", "tok_b"], "oldest first");
         assert_eq!(s.revoke_api_token("tok_a", 50).unwrap().unwrap().revoked_at, Some(50));
-        assert_eq!(s.revoke_api_token("tok_a", 60).unwrap().unwrap().revoked_at, Some(50), "the first revocation stays");
+        assert_eq!(
+            s.revoke_api_token("tok_a", 60).unwrap().unwrap().revoked_at,
+            Some(50),
+            "the first revocation stays"
+        );
         assert_eq!(s.revoke_api_token("tok_none", 60).unwrap(), None);
         drop(s);
         // Revocation is in the store: another relay (a reopened store) sees it at once.
