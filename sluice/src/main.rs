@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the relay: the agent port, the admin API and one port per resource.
-    Serve(RelayConfig),
+    Serve(Box<RelayConfig>),
     /// Start a relay, a demo customer and an agent in one process, and print the
     /// endpoint to connect to.
     Quickstart(QuickstartArgs),
@@ -134,7 +134,7 @@ fn main() -> ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = rt.block_on(async move {
         match cli.cmd {
-            Cmd::Serve(a) => serve(a).await,
+            Cmd::Serve(a) => serve(*a).await,
             Cmd::Quickstart(a) => quickstart::run(a).await,
             Cmd::Customers { conn, cmd } => cli::customers(&conn, cmd).await,
             Cmd::Resources { conn, cmd } => cli::resources(&conn, cmd).await,
