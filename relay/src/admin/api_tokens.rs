@@ -54,8 +54,9 @@ impl Relay {
         let Some(t) = self.store.api_token_by_hash(&hash)?.filter(|t| same(t.token_hash.as_bytes(), hash.as_bytes()))
         else {
             return Err(refused(
-                "the token is not valid here: use the admin token the relay printed on first start (stored in its \
-                 data directory as admin-token) or an API token an admin created (`sluice api-tokens create`)"
+                "the admin token is wrong (it is neither this relay's admin token nor an API token it knows): use \
+                 the admin token the relay printed on first start (stored in its data directory as admin-token) or an \
+                 API token an admin created (`sluice api-tokens create`)"
                     .into(),
             ));
         };
