@@ -84,7 +84,7 @@ pub struct Limits {
     /// e.g. 30d, 12h: older ones are deleted at start and then every hour. By age, not
     /// size: a reviewer asks "who did what in the last N days", which a size cap would
     /// answer for a window that shrinks as traffic grows. Size the store for a stream
-    /// record (about 400 bytes) per stream over this window.
+    /// record (about 550 bytes on SQLite, measured) per stream over this window.
     #[arg(long, env = "SLUICE_AUDIT_RETENTION", value_name = "DURATION", default_value = "30d",
           value_parser = parse_retention)]
     pub audit_retention: Duration,
