@@ -755,10 +755,8 @@ pub async fn audit(conn: &AdminConn, args: AuditArgs) -> Result<()> {
                     format!("{} ({})", a.token_id, a.role),
                     a.action.clone(),
                     a.target.clone().unwrap_or_else(|| "-".into()),
-                    match &a.error {
-                        Some(e) => format!("{} {e}", a.status),
-                        None => a.status.to_string(),
-                    },
+                    // The status only: the error's full text is in --output json.
+                    a.status.to_string(),
                     a.source.clone(),
                     "-".into(),
                     "-".into(),
