@@ -1,5 +1,5 @@
-//! The admin CLI: `sluice customers …`, `sluice resources …`, `sluice tokens …` and
-//! `sluice streams` talk to a relay's admin API and print tables (default) or JSON
+//! The admin CLI: `sluice customers …`, `sluice resources …`, `sluice tokens …`,
+//! `sluice api-tokens …`, `sluice audit` and `sluice streams` talk to a relay's admin API and print tables (default) or JSON
 //! (`--output json`).
 
 use std::path::{Path, PathBuf};
@@ -209,6 +209,54 @@ pub enum TokensCmd {
         /// The JWT's id (jti), as `sluice tokens list` shows it.
         jti: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiTokensCmd {
+    /// Create an API token and print it (only the token, on stdout; shown this once,
+    /// the relay keeps only its SHA-256): `export SLUICE_ADMIN_TOKEN=$(sluice api-tokens
+    /// create --role platform --name ci)`.
+    Create {
+        /// admin (everything), operator (read everything, rotate, revoke registration
+        /// JWTs, drain relays), platform (read resources and endpoints, manage leases),
+        /// customer (one customer's resources, JWTs and agents; needs --customer-id).
+        #[arg(long, value_enum)]
+        role: crate::admin::auth::Role,
+        /// With --role customer: the customer the token is confined to.
+        #[arg(long)]
+        customer_id: Option<String>,
+        /// Make the token expire after this long (e.g. 12h, 30d). Default: never.
+        #[arg(long, value_parser = parse_duration_secs)]
+        expires_in: Option<u64>,
+        /// What the token is for (shown in lists), e.g. "ci-runner".
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List API tokens: Id, Name, Role, Customer, Created, Expires, Revoked (never the tokens).
+    List {
+        /// Comma-separated columns to show.
+        #[arg(long, value_delimiter = ',')]
+        columns: Option<Vec<String>>,
+    },
+    /// Revoke an API token: every relay sharing the store refuses it from its next request.
+    Revoke {
+        /// The token's id (tok_…), as `sluice api-tokens list` shows it.
+        id: String,
+    },
+}
+
+/// Options of `sluice audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only records from this long ago on (e.g. 1h, 7d). Default: all kept.
+    #[arg(long, value_parser = parse_duration_secs)]
+    pub since: Option<u64>,
+    /// Only records of this resource (name or id; admin actions whose target is this id).
+    #[arg(long)]
+    pub resource: Option<String>,
+    /// At most this many (the newest).
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u32,
 }
 
 /// Options of `sluice streams`.
@@ -744,6 +792,128 @@ pub async fn tokens(conn: &AdminConn, cmd: TokensCmd) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Runs `sluice api-tokens …`.
+pub async fn api_tokens(conn: &AdminConn, cmd: ApiTokensCmd) -> Result<()> {
+    use crate::admin::api_tokens::{ApiTokenCreated, ApiTokenRequest};
+    use crate::state::store::ApiTokenRecord;
+    let api = AdminClient::new(conn)?;
+    match cmd {
+        ApiTokensCmd::Create { role, customer_id, expires_in, name } => {
+            let req = ApiTokenRequest { role, customer_id, expires_in_secs: expires_in, name };
+            let created: ApiTokenCreated =
+                api.call("POST", "/v1/api-tokens", Some(serde_json::to_value(&req)?)).await?;
+            match conn.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&created)?),
+                Output::Table => {
+                    eprintln!(
+                        "Created API token {} (role {}{}, expires {}). It is shown this once: the relay keeps only \
+                         its hash. Revoke it with `sluice api-tokens revoke {}`.",
+                        created.record.id,
+                        created.record.role,
+                        created.record.customer_id.as_deref().map(|c| format!(" for customer {c}")).unwrap_or_default(),
+                        expires(created.record.expires_at),
+                        created.record.id
+                    );
+                    println!("{}", created.token);
+                }
+            }
+        }
+        ApiTokensCmd::List { columns } => {
+            let list: Vec<ApiTokenRecord> = api.call("GET", "/v1/api-tokens", None).await?;
+            if conn.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            let all = ["Id", "Name", "Role", "Customer", "Created", "Expires", "Revoked"];
+            let dash = || "-".to_owned();
+            let rows = list
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.id.clone(),
+                        t.name.clone().unwrap_or_else(dash),
+                        t.role.clone(),
+                        t.customer_id.clone().unwrap_or_else(dash),
+                        ago(Some(t.created_at)),
+                        expires(t.expires_at),
+                        t.revoked_at.map_or_else(dash, |r| ago(Some(r))),
+                    ]
+                })
+                .collect();
+            print_table(&all, &all, rows, columns.as_deref())?;
+        }
+        ApiTokensCmd::Revoke { id } => {
+            let t: ApiTokenRecord =
+                api.call("POST", &format!("/v1/api-tokens/{}/revoke", encode_path(&id)), None).await?;
+            match conn.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&t)?),
+                Output::Table => eprintln!(
+                    "API token {} is revoked ({}): every relay sharing the store refuses it from its next request.",
+                    t.id,
+                    ago(t.revoked_at)
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `sluice audit`.
+pub async fn audit(conn: &AdminConn, args: AuditArgs) -> Result<()> {
+    use crate::state::store::{AuditEvent, AuditRecord};
+    let api = AdminClient::new(conn)?;
+    let since_ms = args.since.map_or(0, |s| crate::audit::now_ms().saturating_sub(s.saturating_mul(1000)));
+    let mut path = format!("/v1/audit?since={since_ms}&limit={}", args.limit);
+    if let Some(r) = &args.resource {
+        path.push_str(&format!("&resource={}", encode_path(r)));
+    }
+    let list: Vec<AuditRecord> = api.call("GET", &path, None).await?;
+    if conn.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    let all = ["Time", "Kind", "Who", "Action", "Target", "Result", "From", "In", "Out", "Relay", "Id"];
+    let rows = list
+        .iter()
+        .map(|r| {
+            let time =
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.at_ms))
+                    .to_string();
+            match &r.event {
+                AuditEvent::Admin(a) => vec![
+                    time,
+                    "admin".into(),
+                    format!("{} ({})", a.token_id, a.role),
+                    a.action.clone(),
+                    a.target.clone().unwrap_or_else(|| "-".into()),
+                    // The status only: the error's full text is in --output json.
+                    a.status.to_string(),
+                    a.source.clone(),
+                    "-".into(),
+                    "-".into(),
+                    r.relay_id.clone(),
+                    r.id.clone(),
+                ],
+                AuditEvent::Stream(s) => vec![
+                    time,
+                    "stream".into(),
+                    s.agent_id.clone(),
+                    format!("stream {:.1}s", s.ended_at_ms.saturating_sub(s.started_at_ms) as f64 / 1000.0),
+                    s.resource_name.clone(),
+                    s.end_detail.clone(),
+                    s.client_addr.clone(),
+                    s.bytes_in.to_string(),
+                    s.bytes_out.to_string(),
+                    r.relay_id.clone(),
+                    r.id.clone(),
+                ],
+            }
+        })
+        .collect();
+    print_table(&all, &all[..9], rows, None)?;
     Ok(())
 }
 

@@ -10,13 +10,15 @@
 //!
 //! [`relay`] holds the running relay's shared context and starts the listeners of both
 //! planes; [`cluster`] its membership of a cluster of relays sharing one store; [`metrics`] is the relay's Prometheus vocabulary; [`limits`] every bound it
-//! keeps on what peers may hold, [`admission`] how the listeners enforce them.
+//! keeps on what peers may hold, [`admission`] how the listeners enforce them; [`audit`]
+//! the audit trail of admin actions and streams.
 
 /// This build's version, commit and date (`--version`, logs, `*_build_info`).
 pub use sluice_runtime::{BUILD_DATE, GIT_COMMIT, LONG_VERSION, VERSION};
 
 pub mod admin;
 pub(crate) mod admission;
+pub mod audit;
 pub mod cli;
 pub mod cluster;
 pub(crate) mod data;

@@ -86,6 +86,23 @@ pub struct Limits {
     #[arg(long, env = "SLUICE_MAX_LEASES_PER_RESOURCE", value_name = "N", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub max_leases_per_resource: u32,
+    /// How long audit records (admin actions and streams, `sluice audit`) are kept,
+    /// e.g. 30d, 12h: older ones are deleted at start and then every hour. By age, not
+    /// size: a reviewer asks "who did what in the last N days", which a size cap would
+    /// answer for a window that shrinks as traffic grows. Size the store for a stream
+    /// record (about 550 bytes on SQLite, measured) per stream over this window.
+    #[arg(long, env = "SLUICE_AUDIT_RETENTION", value_name = "DURATION", default_value = "30d",
+          value_parser = parse_retention)]
+    pub audit_retention: Duration,
+}
+
+/// An audit retention: at least 1 hour, at most 100 years.
+fn parse_retention(s: &str) -> Result<Duration, String> {
+    let secs = crate::cli::parse_duration_secs(s)?;
+    if secs < 3600 {
+        return Err(format!("{s:?} is too short: keep audit records at least 1h"));
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 /// Descriptors the relay needs besides what its caps admit: listeners, the store, log
@@ -119,6 +136,7 @@ mod tests {
         assert_eq!(l.admin_header_timeout, Duration::from_secs(10));
         assert_eq!(l.agent_max_handshakes, 256);
         assert_eq!(l.max_streams_per_resource, 1024);
+        assert_eq!(l.audit_retention, Duration::from_secs(30 * 86_400));
         // 4096 is a common hard limit on older hosts; systemd's default hard limit is 524288.
         assert!(l.fd_budget(1) <= 4096, "{}", l.fd_budget(1));
         assert!(l.fd_budget(200) <= 524_288, "{}", l.fd_budget(200));

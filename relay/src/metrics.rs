@@ -59,6 +59,10 @@ fn describe() {
     );
     describe_counter!("sluice_relay_streams_opened_total", "Streams opened, by resource and data path.");
     describe_counter!(
+        "sluice_relay_audit_dropped_total",
+        "Stream audit records dropped because the audit writer's queue was full (the store or sink is too slow)."
+    );
+    describe_counter!(
         "sluice_relay_lease_refused_total",
         "Connections reset by lease admission: outside the lease's source, lease expired, spent or ended, or on \
          the fixed port of a leased-only resource."
@@ -222,6 +226,11 @@ pub fn port_bind_failed(resource: &str) {
 /// Whether the database file check fails now.
 pub fn store_fault(fault: bool) {
     metrics::gauge!("sluice_relay_store_fault").set(if fault { 1.0 } else { 0.0 });
+}
+
+/// A stream's audit record was dropped: the audit writer's queue was full.
+pub fn audit_dropped() {
+    metrics::counter!("sluice_relay_audit_dropped_total").increment(1);
 }
 
 /// A store call failed on the database file.

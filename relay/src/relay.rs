@@ -111,6 +111,11 @@ pub struct RelayConfig {
     /// to start in that case, so a lost database file is never replaced silently.
     #[arg(long, env = "SLUICE_RECREATE_DATABASE", value_parser = clap::builder::BoolishValueParser::new())]
     pub recreate_database: bool,
+    /// Also write every audit record (admin actions, streams) as a JSON line to this
+    /// file (created 0600, appended to), or `-` for stdout. The store keeps them either
+    /// way (`sluice audit`).
+    #[arg(long, env = "SLUICE_AUDIT_LOG", value_name = "PATH", value_parser = crate::audit::parse_sink)]
+    pub audit_log: Option<PathBuf>,
     /// Bounds on connections, handshakes, streams and per-customer quotas.
     #[command(flatten)]
     pub limits: crate::limits::Limits,
@@ -179,6 +184,8 @@ pub struct Relay {
     pub cluster: crate::cluster::Cluster,
     /// The endpoint leases this relay serves, and the leased-only resources.
     pub(crate) leases: crate::data::lease_port::Leases,
+    /// The audit trail (store and `--audit-log`).
+    pub(crate) audit: crate::audit::Audit,
     /// Held for the relay's life: no second relay on this data directory.
     _lock: DataDirLock,
 }
@@ -455,7 +462,9 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         state: crate::state::store::RelayState::Active,
     });
     cluster.register(&*store)?;
+    let audit = crate::audit::Audit::start(store.clone(), &cluster.id, config.audit_log.as_deref())?;
     let relay = Arc::new(Relay {
+        audit,
         cluster,
         signer: TokenSigner::new(&identity.jwt_key),
         identity,
@@ -494,6 +503,11 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     tokio::spawn(crate::cluster::run(relay.clone()));
     relay.leases.load(&*relay.store)?;
     tokio::spawn(crate::data::lease_port::run(relay.clone()));
+    tokio::spawn(crate::audit::run_retention(
+        relay.store.clone(),
+        relay.config.limits.audit_retention,
+        relay.shutdown.clone(),
+    ));
     tokio::spawn(relay.streams.clone().run_sampler(relay.shutdown.clone()));
     tokio::spawn(crate::state::store_watch::run(
         relay.store.clone(),

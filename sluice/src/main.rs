@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the relay: the agent port, the admin API and one port per resource.
-    Serve(RelayConfig),
+    Serve(Box<RelayConfig>),
     /// Start a relay, a demo customer and an agent in one process, and print the
     /// endpoint to connect to.
     Quickstart(QuickstartArgs),
@@ -65,6 +65,22 @@ enum Cmd {
         conn: AdminConn,
         #[command(subcommand)]
         cmd: TokensCmd,
+    },
+    /// API tokens with roles (admin, operator, platform, customer): create, list, revoke.
+    #[command(name = "api-tokens")]
+    ApiTokens {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[command(subcommand)]
+        cmd: cli::ApiTokensCmd,
+    },
+    /// The audit trail: admin actions (who, what, target, result, from where) and streams
+    /// (resource, agent, client, bytes each way, how they ended).
+    Audit {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[command(flatten)]
+        args: cli::AuditArgs,
     },
     /// The cluster's relays (they share a PostgreSQL store): list, drain for an upgrade.
     Relays {
@@ -122,12 +138,14 @@ fn main() -> ExitCode {
             | Cmd::Agents { .. }
             | Cmd::Relays { .. }
             | Cmd::Leases { .. }
+            | Cmd::ApiTokens { .. }
+            | Cmd::Audit { .. }
     );
     sluice_runtime::init_logging(if quiet_cli { "warn" } else { &cli.log.log }, cli.log.log_json);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = rt.block_on(async move {
         match cli.cmd {
-            Cmd::Serve(a) => serve(a).await,
+            Cmd::Serve(a) => serve(*a).await,
             Cmd::Quickstart(a) => quickstart::run(a).await,
             Cmd::Customers { conn, cmd } => cli::customers(&conn, cmd).await,
             Cmd::Resources { conn, cmd } => cli::resources(&conn, cmd).await,
@@ -136,6 +154,8 @@ fn main() -> ExitCode {
             Cmd::Agents { conn, cmd } => cli::agents(&conn, cmd).await,
             Cmd::Relays { conn, cmd } => cli::relays(&conn, cmd).await,
             Cmd::Leases { conn, cmd } => cli::leases(&conn, cmd).await,
+            Cmd::ApiTokens { conn, cmd } => cli::api_tokens(&conn, cmd).await,
+            Cmd::Audit { conn, args } => cli::audit(&conn, args).await,
         }
     });
     match result {

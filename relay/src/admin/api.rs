@@ -23,7 +23,19 @@
 //! | GET    | /v1/leases[?resource=ID_OR_NAME] | active leases and those ended within the hour |
 //! | GET    | /v1/leases/{id}               | one lease                             |
 //! | DELETE | /v1/leases/{id}               | end a lease now (open streams cut after `--lease-grace`) |
+//! | POST   | /v1/api-tokens                | create an API token ([`ApiTokenRequest`]); the token is in the answer, once |
+//! | GET    | /v1/api-tokens                | list API tokens (ids, roles, expiry, revoked; never the tokens) |
+//! | POST   | /v1/api-tokens/{id}/revoke    | revoke an API token (on every relay of the cluster at once) |
+//! | GET    | /v1/audit[?since=MS][&resource=NAME_OR_ID][&limit=N] | audit records, oldest first |
 //! | GET    | /metrics                      | Prometheus text (no token: keep the admin listener private) |
+//!
+//! Every route but the health probes and `/metrics` needs a bearer token: the data
+//! directory's admin token, or an API token with a role ([`crate::admin::auth`]); each
+//! handler asks the scope table for its action, and a `customer` token sees only its
+//! customer's things (others' are 404). Every request that changes something (not a
+//! GET), and every request refused with 401, 403 or 404, is appended to the audit trail
+//! ([`crate::audit`]) with the caller, the action, the target id, the status and the
+//! client's address.
 //!
 //! Errors are `{ "error": "what happened and what to do" }` with a fitting status.
 //!
@@ -37,8 +49,8 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Extension, FromRequestParts, Path, Query, RawPathParams, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -52,8 +64,20 @@ use tracing::{debug, warn};
 
 use crate::admission::{AcceptBackoff, Activity, Gate, Throttle, Watched};
 
+use crate::admin::api_tokens::{ApiTokenCreated, ApiTokenRequest};
+use crate::admin::auth::{Action, Caller};
 use crate::admin::ops::{AdminError, JwtRequest, LeaseRequest};
 use crate::relay::Relay;
+use crate::state::store::AdminActionRecord;
+
+/// The admin client's address, put in each request's extensions by [`serve`].
+#[derive(Debug, Clone, Copy)]
+struct Source(std::net::SocketAddr);
+
+/// The id a request created (a customer, a JWT, an API token), for the audit trail:
+/// handlers put it in their response's extensions.
+#[derive(Debug, Clone)]
+struct AuditTarget(String);
 
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
@@ -88,8 +112,8 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
             a = listener.accept() => a,
             _ = shutdown.cancelled() => return,
         };
-        let tcp = match accepted {
-            Ok((tcp, _)) => tcp,
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 backoff.after_error("admin", &e, &ACCEPT_ERRORS).await;
                 continue;
@@ -108,7 +132,8 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
             continue;
         };
         let (io, activity) = Watched::new(tcp);
-        let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app.clone()));
+        let app = app.clone().layer(axum::Extension(Source(peer)));
+        let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
         let (shutdown, idle) = (shutdown.clone(), limits.admin_idle_timeout);
         tokio::spawn(async move {
             let _slot = slot;
@@ -153,6 +178,9 @@ fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/relays", get(list_relays))
         .route("/v1/relays/self", get(relay_self))
         .route("/v1/relays/{id}/drain", post(drain_relay))
+        .route("/v1/api-tokens", get(list_api_tokens).post(create_api_token))
+        .route("/v1/api-tokens/{id}/revoke", post(revoke_api_token))
+        .route("/v1/audit", get(read_audit))
         .route_layer(middleware::from_fn_with_state(relay.clone(), require_token));
     Router::new()
         .route("/v1/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
@@ -164,33 +192,82 @@ fn router(relay: Arc<Relay>) -> Router {
         .with_state(relay)
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn require_token(State(relay): State<Arc<Relay>>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    let given = headers
+/// The bearer token of a request, if it carries one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(t) if same(t.as_bytes(), relay.identity.admin_token.as_bytes()) => next.run(req).await,
-        Some(_) => AdminError {
+        .map(str::trim)
+}
+
+/// Checks the bearer token (against the store, every request), hands the [`Caller`] to
+/// the handler, and appends the request to the audit trail when it changed something
+/// or was refused.
+async fn require_token(State(relay): State<Arc<Relay>>, req: Request, next: Next) -> Response {
+    let source = req.extensions().get::<Source>().map(|s| s.0.to_string()).unwrap_or_default();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let (mut head, body) = req.into_parts();
+    let target = RawPathParams::from_request_parts(&mut head, &relay)
+        .await
+        .ok()
+        .and_then(|p| p.iter().next().map(|(_, v)| v.to_owned()));
+    let mut req = Request::from_parts(head, body);
+    let caller = match bearer(req.headers()) {
+        None => Err(AdminError {
             status: 401,
-            message: "the admin token is wrong: use the one the relay printed on first start (stored in its data \
-                      directory as admin-token)"
+            message: "no token: send `Authorization: Bearer <token>` (CLI: --admin-token or SLUICE_ADMIN_TOKEN) with \
+                      the admin token or an API token"
                 .into(),
+        }),
+        Some(t) => relay.authenticate(t),
+    };
+    let (caller, response) = match caller {
+        Err(e) => (None, e.into_response()),
+        Ok(c) => {
+            req.extensions_mut().insert(c.clone());
+            (Some(c), next.run(req).await)
         }
-        .into_response(),
-        None => AdminError {
-            status: 401,
-            message: "no admin token: send `Authorization: Bearer <token>` (CLI: --admin-token or SLUICE_ADMIN_TOKEN)"
-                .into(),
-        }
-        .into_response(),
+    };
+    let status = response.status();
+    let refused = matches!(status.as_u16(), 401 | 403 | 404);
+    if method == Method::GET && !refused {
+        return response;
     }
+    let (mut parts, body) = response.into_parts();
+    let (body, error) = if status.is_success() {
+        (axum::body::Body::new(body), None)
+    } else {
+        // Error answers are small JSON: read the message for the record, send it on.
+        let bytes = axum::body::to_bytes(axum::body::Body::new(body), MAX_BUF).await.unwrap_or_default();
+        let message = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_owned));
+        (axum::body::Body::from(bytes), message)
+    };
+    let created = parts.extensions.remove::<AuditTarget>().map(|t| t.0);
+    let route = format!("{method} {path}");
+    relay
+        .audit
+        .admin(AdminActionRecord {
+            token_id: caller.as_ref().map_or("-".into(), |c| c.token_id.clone()),
+            role: caller.as_ref().map_or("-".into(), |c| c.role.to_string()),
+            customer_id: caller.as_ref().and_then(|c| c.customer_id.clone()),
+            action: caller.as_ref().and_then(Caller::asked).map_or_else(|| route.clone(), |a| a.name().to_owned()),
+            target: created.or(target),
+            route,
+            status: status.as_u16(),
+            error,
+            source,
+        })
+        .await;
+    Response::from_parts(parts, body)
+}
+
+/// 404 for what a customer token may not see: answered as if it did not exist.
+fn hidden(what: &str, id: &str) -> AdminError {
+    AdminError::not_found(format!("no {what} with id {id}"))
 }
 
 #[derive(Deserialize)]
@@ -198,24 +275,56 @@ struct NewCustomer {
     name: String,
 }
 
-async fn list_customers(State(r): State<Arc<Relay>>) -> ApiResult<Vec<crate::state::store::Customer>> {
-    r.customers().map(Json)
+type CallerExt = Extension<Caller>;
+
+async fn list_customers(
+    State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
+) -> ApiResult<Vec<crate::state::store::Customer>> {
+    c.require(Action::ListCustomers)?;
+    Ok(Json(r.customers()?.into_iter().filter(|x| c.sees(Some(&x.id))).collect()))
 }
 
 async fn create_customer(
     State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
     body: Result<Json<NewCustomer>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<crate::state::store::Customer>), AdminError> {
+) -> Result<(StatusCode, Extension<AuditTarget>, Json<crate::state::store::Customer>), AdminError> {
+    c.require(Action::CreateCustomer)?;
     let Json(body) = body.map_err(|e| AdminError::bad_request(format!("expected {{\"name\": …}}: {e}")))?;
-    Ok((StatusCode::CREATED, Json(r.create_customer(&body.name)?)))
+    let customer = r.create_customer(&body.name)?;
+    Ok((StatusCode::CREATED, Extension(AuditTarget(customer.id.clone())), Json(customer)))
 }
 
 async fn issue_jwt(
     State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
     body: Result<Json<JwtRequest>, axum::extract::rejection::JsonRejection>,
-) -> ApiResult<crate::admin::ops::JwtIssued> {
-    let Json(body) = body.map_err(|e| AdminError::bad_request(format!("bad registration JWT request: {e}")))?;
-    r.issue_registration_jwt(&body).map(Json)
+) -> Result<(Extension<AuditTarget>, Json<crate::admin::ops::JwtIssued>), AdminError> {
+    let Json(mut body) = body.map_err(|e| AdminError::bad_request(format!("bad registration JWT request: {e}")))?;
+    c.require(if body.rotate { Action::RotateResource } else { Action::IssueJwt })?;
+    if let Some(own) = c.confined_to() {
+        if body.org_only {
+            return Err(AdminError {
+                status: 403,
+                message: format!(
+                    "a customer token issues registration JWTs for its customer ({own}) only; drop --org-only"
+                ),
+            });
+        }
+        if let Some(cid) = body.customer_id.as_deref().filter(|cid| *cid != own) {
+            return Err(hidden("customer", cid));
+        }
+        if let Some(rid) = &body.resource_id
+            && !r.store.resource(rid)?.is_some_and(|res| c.sees(res.customer_id.as_deref()))
+        {
+            return Err(hidden("resource", rid));
+        }
+        body.customer_id = Some(own.to_owned());
+    }
+    let issued = r.issue_registration_jwt(&body)?;
+    let target = issued.resource_id.clone().unwrap_or_else(|| issued.jti.clone());
+    Ok((Extension(AuditTarget(target)), Json(issued)))
 }
 
 #[derive(Deserialize)]
@@ -225,17 +334,37 @@ struct JwtsQuery {
 
 async fn list_jwts(
     State(r): State<Arc<Relay>>,
-    Query(q): Query<JwtsQuery>,
+    Extension(c): CallerExt,
+    Query(mut q): Query<JwtsQuery>,
 ) -> ApiResult<Vec<crate::admin::ops::RegistrationJwtView>> {
+    c.require(Action::ListJwts)?;
+    if let Some(own) = c.confined_to() {
+        if let Some(cid) = q.customer_id.as_deref().filter(|cid| *cid != own) {
+            return Err(hidden("customer", cid));
+        }
+        q.customer_id = Some(own.to_owned());
+    }
     r.registration_jwts(q.customer_id.as_deref()).map(Json)
 }
 
-async fn revoke_jwt(State(r): State<Arc<Relay>>, Path(jti): Path<String>) -> ApiResult<crate::admin::ops::JwtRevoked> {
+async fn revoke_jwt(
+    State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
+    Path(jti): Path<String>,
+) -> ApiResult<crate::admin::ops::JwtRevoked> {
+    c.require(Action::RevokeJwt)?;
+    if c.confined_to().is_some() && !r.store.token(&jti)?.is_some_and(|t| c.sees(t.customer_id.as_deref())) {
+        return Err(hidden("registration JWT", &jti));
+    }
     r.revoke_registration_jwt(&jti).map(Json)
 }
 
-async fn list_resources(State(r): State<Arc<Relay>>) -> ApiResult<Vec<crate::admin::ops::ResourceView>> {
-    r.resource_views().map(Json)
+async fn list_resources(
+    State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
+) -> ApiResult<Vec<crate::admin::ops::ResourceView>> {
+    c.require(Action::ListResources)?;
+    Ok(Json(r.resource_views()?.into_iter().filter(|v| c.sees(v.customer_id.as_deref())).collect()))
 }
 
 #[derive(Deserialize)]
@@ -246,13 +375,29 @@ struct ResourceQuery {
 
 async fn get_resource(
     State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
     Path(id): Path<String>,
-    Query(q): Query<ResourceQuery>,
+    Query(mut q): Query<ResourceQuery>,
 ) -> ApiResult<crate::admin::ops::ResourceView> {
+    c.require(Action::ReadResource)?;
+    if let Some(own) = c.confined_to() {
+        if q.customer_id.as_deref().is_some_and(|cid| cid != own) {
+            return Err(hidden("resource", &id));
+        }
+        q.customer_id = Some(own.to_owned());
+    }
     r.resource_view(&id, q.customer_id.as_deref()).map(Json)
 }
 
-async fn delete_resource(State(r): State<Arc<Relay>>, Path(id): Path<String>) -> Result<StatusCode, AdminError> {
+async fn delete_resource(
+    State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
+    Path(id): Path<String>,
+) -> Result<StatusCode, AdminError> {
+    c.require(Action::DeleteResource)?;
+    if c.confined_to().is_some() && !r.store.resource(&id)?.is_some_and(|res| c.sees(res.customer_id.as_deref())) {
+        return Err(hidden("resource", &id));
+    }
     r.delete_resource(&id)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -264,9 +409,11 @@ struct AgentsQuery {
 
 async fn list_agents(
     State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
     Query(q): Query<AgentsQuery>,
 ) -> ApiResult<Vec<crate::admin::ops::AgentView>> {
-    r.agent_views(q.resource.as_deref()).map(Json)
+    c.require(Action::ListAgents)?;
+    Ok(Json(r.agent_views(q.resource.as_deref())?.into_iter().filter(|a| c.sees(a.customer_id.as_deref())).collect()))
 }
 
 #[derive(Deserialize)]
@@ -279,27 +426,48 @@ struct StreamsQuery {
 
 async fn list_streams(
     State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
     Query(q): Query<StreamsQuery>,
 ) -> ApiResult<Vec<crate::data::streams::StreamView>> {
-    Ok(Json(if q.closed {
-        r.streams.closed_views(q.resource.as_deref())
-    } else {
-        r.streams.views(q.resource.as_deref())
-    }))
+    c.require(Action::ListStreams)?;
+    let mut list =
+        if q.closed { r.streams.closed_views(q.resource.as_deref()) } else { r.streams.views(q.resource.as_deref()) };
+    if c.confined_to().is_some() {
+        let own: std::collections::HashSet<String> = r
+            .store
+            .resources()
+            .map_err(AdminError::from)?
+            .into_iter()
+            .filter(|res| c.sees(res.customer_id.as_deref()))
+            .map(|res| res.id)
+            .collect();
+        list.retain(|s| own.contains(&s.resource_id));
+    }
+    Ok(Json(list))
 }
 
-async fn list_relays(State(r): State<Arc<Relay>>) -> ApiResult<Vec<crate::admin::relays::RelayView>> {
+async fn list_relays(
+    State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
+) -> ApiResult<Vec<crate::admin::relays::RelayView>> {
+    c.require(Action::ListRelays)?;
     r.relay_views().map(Json)
 }
 
-async fn relay_self(State(r): State<Arc<Relay>>) -> Json<crate::admin::relays::RelaySelf> {
-    Json(r.relay_self())
+async fn relay_self(
+    State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
+) -> ApiResult<crate::admin::relays::RelaySelf> {
+    c.require(Action::ListRelays)?;
+    Ok(Json(r.relay_self()))
 }
 
 async fn drain_relay(
     State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
     Path(id): Path<String>,
 ) -> ApiResult<crate::admin::relays::RelayView> {
+    c.require(Action::DrainRelay)?;
     r.drain_relay(&id).map(Json)
 }
 
@@ -310,16 +478,24 @@ struct ResourceUpdate {
 
 async fn update_resource(
     State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
     Path(id): Path<String>,
     body: Result<Json<ResourceUpdate>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<crate::admin::ops::ResourceView> {
+    c.require(Action::UpdateResource)?;
     let Json(body) =
         body.map_err(|e| AdminError::bad_request(format!("expected {{\"access\": \"leased\"|\"open\"}}: {e}")))?;
+    let id = match c.confined_to() {
+        // A customer token reaches its own resources only (others': 404, as if absent).
+        Some(own) => r.resource_view(&id, Some(own)).map_err(|_| hidden("resource", &id))?.id,
+        None => id,
+    };
     r.set_resource_access(&id, &body.access).map(Json)
 }
 
 async fn create_lease(
     State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
     Path(id): Path<String>,
     body: Result<Json<LeaseRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<crate::admin::ops::LeaseView>), AdminError> {
@@ -328,6 +504,7 @@ async fn create_lease(
             "expected {{\"ttl_secs\": N, \"max_connections\": N (optional), \"source\": \"CIDR\" (optional)}}: {e}"
         ))
     })?;
+    c.require(Action::CreateLease)?;
     let lease = r.create_lease(&id, &body)?;
     // Its port listens (where this relay has an agent of the resource) before the answer.
     let _ = crate::data::lease_port::Leases::refresh(&r).await;
@@ -341,19 +518,82 @@ struct LeasesQuery {
 
 async fn list_leases(
     State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
     Query(q): Query<LeasesQuery>,
 ) -> ApiResult<Vec<crate::admin::ops::LeaseView>> {
+    c.require(Action::ListLeases)?;
     r.lease_views(q.resource.as_deref()).map(Json)
 }
 
-async fn get_lease(State(r): State<Arc<Relay>>, Path(id): Path<String>) -> ApiResult<crate::admin::ops::LeaseView> {
+async fn get_lease(
+    State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
+    Path(id): Path<String>,
+) -> ApiResult<crate::admin::ops::LeaseView> {
+    c.require(Action::ListLeases)?;
     r.get_lease(&id).map(Json)
 }
 
-async fn delete_lease(State(r): State<Arc<Relay>>, Path(id): Path<String>) -> ApiResult<crate::admin::ops::LeaseView> {
+async fn delete_lease(
+    State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
+    Path(id): Path<String>,
+) -> ApiResult<crate::admin::ops::LeaseView> {
+    c.require(Action::DeleteLease)?;
     let lease = r.delete_lease(&id)?;
     let _ = crate::data::lease_port::Leases::refresh(&r).await;
     Ok(Json(lease))
+}
+
+async fn create_api_token(
+    State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
+    body: Result<Json<ApiTokenRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Extension<AuditTarget>, Json<ApiTokenCreated>), AdminError> {
+    c.require(Action::CreateApiToken)?;
+    let Json(body) = body.map_err(|e| {
+        AdminError::bad_request(format!(
+            "bad API token request: {e}; expected {{\"role\": \"admin|operator|platform|customer\", \"customer_id\": …, \
+             \"expires_in_secs\": …, \"name\": …}}"
+        ))
+    })?;
+    let created = r.create_api_token(&body)?;
+    Ok((StatusCode::CREATED, Extension(AuditTarget(created.record.id.clone())), Json(created)))
+}
+
+async fn list_api_tokens(
+    State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
+) -> ApiResult<Vec<crate::state::store::ApiTokenRecord>> {
+    c.require(Action::ListApiTokens)?;
+    r.api_tokens().map(Json)
+}
+
+async fn revoke_api_token(
+    State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
+    Path(id): Path<String>,
+) -> ApiResult<crate::state::store::ApiTokenRecord> {
+    c.require(Action::RevokeApiToken)?;
+    r.revoke_api_token(&id).map(Json)
+}
+
+#[derive(Deserialize)]
+struct AuditParams {
+    /// ms since the epoch.
+    #[serde(default)]
+    since: u64,
+    resource: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn read_audit(
+    State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
+    Query(q): Query<AuditParams>,
+) -> ApiResult<Vec<crate::state::store::AuditRecord>> {
+    c.require(Action::ReadAudit)?;
+    r.audit_records(q.since, q.resource.as_deref(), q.limit).map(Json)
 }
 
 async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
@@ -407,12 +647,5 @@ mod tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body["reason"].as_str().unwrap().contains("agent port"), "{body}");
         assert_eq!(readiness(Ok(()), true, true).0, StatusCode::SERVICE_UNAVAILABLE);
-    }
-
-    #[test]
-    fn token_comparison() {
-        assert!(same(b"abc", b"abc"));
-        assert!(!same(b"abc", b"abd"));
-        assert!(!same(b"abc", b"abcd"));
     }
 }

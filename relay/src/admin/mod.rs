@@ -4,11 +4,15 @@
 //!   agents and their views) as plain methods on the relay, used by the API and by
 //!   `sluice quickstart`;
 //! - [`relays`]: the cluster's relays (list, drain);
-//! - [`api`]: the admin HTTP API (JSON, bearer token), health and metrics endpoints.
+//! - [`api`]: the admin HTTP API (JSON, bearer token), health and metrics endpoints;
+//! - [`auth`]: roles, the scope table and the caller of each request;
+//! - [`api_tokens`]: API tokens (create, list, revoke, check) and reading the audit trail.
 //!
 //! It reads the data plane's live state (sessions, streams) to answer, and acts on it
 //! only through the registry (revocation).
 
 pub mod api;
+pub mod api_tokens;
+pub mod auth;
 pub mod ops;
 pub mod relays;

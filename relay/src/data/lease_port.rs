@@ -394,7 +394,7 @@ async fn accept_loop(
                 client,
                 peer,
                 stream_id,
-                Some(cut),
+                Some((lease.id.clone(), cut)),
             )
             .instrument(info_span!("stream", id = stream_id, client = %peer, lease = %lease.id))
             .await;

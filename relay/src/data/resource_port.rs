@@ -228,8 +228,9 @@ fn blocked_reason(addr: SocketAddr, e: &std::io::Error) -> String {
     format!("{addr}: {e} — {why}; the relay retries, at least every {} s", RETRY_MAX.as_secs())
 }
 
-/// Carries one platform connection through an agent. `cut` (a lease's) ends the stream
-/// when cancelled, as a revocation of the agent does.
+/// Carries one platform connection through an agent. `lease`: the lease it came in
+/// under (its id, for the audit trail) and its cut, which ends the stream when
+/// cancelled, as a revocation of the agent does.
 pub(crate) async fn forward(
     relay: Arc<Relay>,
     resource_id: String,
@@ -237,8 +238,9 @@ pub(crate) async fn forward(
     client: TcpStream,
     peer: SocketAddr,
     stream_id: u64,
-    cut: Option<CancellationToken>,
+    lease: Option<(String, CancellationToken)>,
 ) {
+    let (lease_id, cut) = lease.map_or((None, None), |(id, cut)| (Some(id), Some(cut)));
     let started = Instant::now();
     // Should the relay die mid-stream, the kernel resets the client instead of ending
     // its stream with a FIN that would make a truncated download look complete; the
@@ -290,6 +292,21 @@ pub(crate) async fn forward(
     let copied = live.transfer.copied();
     crate::metrics::stream_closed(&resource_id, report.end.label());
     crate::metrics::userspace_copy(copied);
+    let ended_at_ms = crate::audit::now_ms();
+    relay.audit.stream(crate::state::store::StreamRecord {
+        resource_id: resource_id.clone(),
+        resource_name: resource_name.clone(),
+        agent_id: session.agent_id.to_string(),
+        client_addr: peer.to_string(),
+        started_at_ms: ended_at_ms.saturating_sub(started.elapsed().as_millis() as u64),
+        ended_at_ms,
+        bytes_in: up,
+        bytes_out: down,
+        end: report.end.label().to_owned(),
+        end_detail: report.end.describe(),
+        path: report.path.as_str().to_owned(),
+        lease_id,
+    });
     if matches!(report.end, StreamEnd::Clean) {
         debug!(agent = %session.agent_id, path = report.path.as_str(), bytes_in = up, bytes_out = down,
             copied, secs = started.elapsed().as_secs_f64(), "stream closed");

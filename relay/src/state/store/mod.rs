@@ -215,6 +215,120 @@ pub(crate) fn lease_refusal(lease: Option<&Lease>, now: u64) -> LeaseRefusal {
     }
 }
 
+/// An API token of the admin API, as stored: its SHA-256, never the token itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiTokenRecord {
+    /// e.g. "tok_…": names the token in lists, revocations and the audit trail.
+    pub id: String,
+    /// What the operator called it (`--name`).
+    pub name: Option<String>,
+    /// `admin`, `operator`, `platform` or `customer` ([`crate::admin::auth::Role`]).
+    pub role: String,
+    /// The customer a `customer` token is confined to.
+    pub customer_id: Option<String>,
+    /// SHA-256 of the token, hex; never sent out.
+    #[serde(skip)]
+    pub token_hash: String,
+    pub created_at: u64,
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
+}
+
+/// One record of the audit trail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// e.g. "aud_…"
+    pub id: String,
+    /// When it happened (admin action) or ended (stream), in ms since the epoch.
+    pub at_ms: u64,
+    /// The relay that recorded it.
+    pub relay_id: String,
+    #[serde(flatten)]
+    pub event: AuditEvent,
+}
+
+/// What an audit record is about.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AuditEvent {
+    Admin(AdminActionRecord),
+    Stream(StreamRecord),
+}
+
+/// An admin API request that changed something or was refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdminActionRecord {
+    /// The API token's id (`bootstrap` for the data directory's admin token; `-` when
+    /// the request carried no valid token).
+    pub token_id: String,
+    /// The token's role (`-` without a valid token).
+    pub role: String,
+    /// The customer a `customer` token is confined to.
+    pub customer_id: Option<String>,
+    /// What was asked, e.g. `delete_resource` (or the route when no scope was checked).
+    pub action: String,
+    /// `METHOD /route/{param}` as routed.
+    pub route: String,
+    /// The id acted on (the path's id, or what the request created).
+    pub target: Option<String>,
+    /// The HTTP status answered.
+    pub status: u16,
+    /// The error answered, when the status is not 2xx.
+    pub error: Option<String>,
+    /// The client's address.
+    pub source: String,
+}
+
+/// A stream through a resource port, at its end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamRecord {
+    pub resource_id: String,
+    pub resource_name: String,
+    pub agent_id: String,
+    pub client_addr: String,
+    pub started_at_ms: u64,
+    pub ended_at_ms: u64,
+    /// Bytes client → private service (the relay's counter).
+    pub bytes_in: u64,
+    /// Bytes private service → client.
+    pub bytes_out: u64,
+    /// `clean`, `aborted` or `cancelled`.
+    pub end: String,
+    /// The close reason in words (which side failed, and how).
+    pub end_detail: String,
+    /// The relay side's data path (`userspace`, `ktls_splice`).
+    pub path: String,
+    /// The endpoint lease the stream was admitted under, if any.
+    pub lease_id: Option<String>,
+}
+
+impl AuditRecord {
+    /// The kind stored in its own column: `admin` or `stream`.
+    pub fn kind(&self) -> &'static str {
+        match self.event {
+            AuditEvent::Admin(_) => "admin",
+            AuditEvent::Stream(_) => "stream",
+        }
+    }
+
+    /// (resource id or admin target, resource name): the columns `--resource` matches.
+    pub fn resource_columns(&self) -> (Option<String>, Option<String>) {
+        match &self.event {
+            AuditEvent::Admin(a) => (a.target.clone(), None),
+            AuditEvent::Stream(s) => (Some(s.resource_id.clone()), Some(s.resource_name.clone())),
+        }
+    }
+}
+
+/// Which audit records to read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuditQuery {
+    pub since_ms: u64,
+    /// A resource id or name (or an admin action's target id).
+    pub resource: Option<String>,
+    pub limit: u32,
+}
+
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -343,6 +457,24 @@ pub trait Store: Send + Sync {
     fn set_resource_leased_only(&self, id: &str, leased_only: bool) -> Result<bool, StoreError>;
     /// The ids of the leased-only resources.
     fn leased_only_resources(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Records a new API token (its hash; the token itself is never stored).
+    fn create_api_token(&self, t: &ApiTokenRecord) -> Result<(), StoreError>;
+    /// The API token whose SHA-256 (hex) is `token_hash`, revoked and expired ones too.
+    fn api_token_by_hash(&self, token_hash: &str) -> Result<Option<ApiTokenRecord>, StoreError>;
+    /// Every API token, oldest first.
+    fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>, StoreError>;
+    /// Revokes an API token (keeping the first revocation time when it was revoked
+    /// before); returns its record after, `None` when no token has that id.
+    fn revoke_api_token(&self, id: &str, now: u64) -> Result<Option<ApiTokenRecord>, StoreError>;
+
+    /// Appends one record to the audit trail (never updated afterwards).
+    fn append_audit(&self, r: &AuditRecord) -> Result<(), StoreError>;
+    /// The newest `limit` records at or after `since_ms` (of one resource, by id or
+    /// name, when given), oldest first.
+    fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;
+    /// Deletes the audit records older than `before_ms` (retention); returns how many.
+    fn forget_audit_before(&self, before_ms: u64) -> Result<u64, StoreError>;
 }
 
 /// The schema, one migration per entry, shared by both engines: written in the SQL both
@@ -429,6 +561,26 @@ pub(crate) const MIGRATIONS: &[&str] = &[
      );
      CREATE UNIQUE INDEX leases_active_port ON leases (port) WHERE ended_at IS NULL;
      CREATE INDEX leases_resource ON leases (resource_id);",
+    // scoped API tokens (hashed) and the append-only audit trail (issue #13)
+    "CREATE TABLE api_tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT,
+        role TEXT NOT NULL,
+        customer_id TEXT,
+        token_hash TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        revoked_at INTEGER
+     );
+     CREATE TABLE audit_log (
+        id TEXT PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL,          -- 'admin' or 'stream'
+        resource TEXT,               -- stream: resource id; admin: the target id
+        resource_name TEXT,
+        record TEXT NOT NULL         -- the AuditRecord as JSON
+     );
+     CREATE INDEX audit_log_at ON audit_log (at_ms);",
 ];
 
 /// A migration (or any schema text) in PostgreSQL's dialect: the one difference is the
@@ -536,3 +688,27 @@ pub(crate) fn within_lease_quota(resource_id: &str, active: u64, max: u32) -> Re
 pub(crate) const USE_LEASE: &str = "UPDATE leases SET connections_used = connections_used + 1
      WHERE id = ?1 AND ended_at IS NULL AND expires_at > ?2
        AND (max_connections IS NULL OR connections_used < max_connections)";
+
+pub(crate) const API_TOKEN_COLS: &str = "id, name, role, customer_id, token_hash, created_at, expires_at, revoked_at";
+
+pub(crate) const INSERT_API_TOKEN: &str =
+    "INSERT INTO api_tokens (id, name, role, customer_id, token_hash, created_at, expires_at, revoked_at)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+pub(crate) const INSERT_AUDIT: &str =
+    "INSERT INTO audit_log (id, at_ms, kind, resource, resource_name, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+/// The newest ?3 records since ?1 (of resource ?2, when not NULL), newest first.
+pub(crate) const SELECT_AUDIT: &str = "SELECT record FROM audit_log
+     WHERE at_ms >= ?1 AND (?2 IS NULL OR resource = ?2 OR resource_name = ?2)
+     ORDER BY at_ms DESC, id DESC LIMIT ?3";
+
+/// An audit record as stored (JSON), and back.
+pub(crate) fn audit_json(r: &AuditRecord) -> String {
+    serde_json::to_string(r).expect("an audit record serializes")
+}
+
+pub(crate) fn audit_from_json(s: &str) -> Result<AuditRecord, StoreError> {
+    serde_json::from_str(s)
+        .map_err(|e| StoreError::Unavailable(format!("an audit record in the store is not valid: {e}")))
+}

@@ -849,6 +849,92 @@ impl Store for PgStore {
                 .collect())
         })
     }
+
+    fn create_api_token(&self, t: &ApiTokenRecord) -> Result<(), StoreError> {
+        let t = t.clone();
+        self.with(move |c| {
+            c.execute(
+                &numbered_placeholders(INSERT_API_TOKEN),
+                &[
+                    &t.id,
+                    &t.name,
+                    &t.role,
+                    &t.customer_id,
+                    &t.token_hash,
+                    &(t.created_at as i64),
+                    &t.expires_at.map(|v| v as i64),
+                    &t.revoked_at.map(|v| v as i64),
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn api_token_by_hash(&self, token_hash: &str) -> Result<Option<ApiTokenRecord>, StoreError> {
+        let token_hash = token_hash.to_owned();
+        self.with(move |c| {
+            Ok(c.query_opt(&format!("SELECT {API_TOKEN_COLS} FROM api_tokens WHERE token_hash = $1"), &[&token_hash])?
+                .as_ref()
+                .map(api_token_row))
+        })
+    }
+
+    fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>, StoreError> {
+        self.with(|c| {
+            Ok(c.query(&format!("SELECT {API_TOKEN_COLS} FROM api_tokens ORDER BY created_at, id"), &[])?
+                .iter()
+                .map(api_token_row)
+                .collect())
+        })
+    }
+
+    fn revoke_api_token(&self, id: &str, now: u64) -> Result<Option<ApiTokenRecord>, StoreError> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE api_tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+                &[&id, &(now as i64)],
+            )?;
+            Ok(c.query_opt(&format!("SELECT {API_TOKEN_COLS} FROM api_tokens WHERE id = $1"), &[&id])?
+                .as_ref()
+                .map(api_token_row))
+        })
+    }
+
+    fn append_audit(&self, r: &AuditRecord) -> Result<(), StoreError> {
+        let (resource, resource_name) = r.resource_columns();
+        let (id, at_ms, kind, json) = (r.id.clone(), r.at_ms as i64, r.kind(), audit_json(r));
+        self.with(move |c| {
+            c.execute(&numbered_placeholders(INSERT_AUDIT), &[&id, &at_ms, &kind, &resource, &resource_name, &json])?;
+            Ok(())
+        })
+    }
+
+    fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        let (since, resource, limit) = (q.since_ms as i64, q.resource.clone(), i64::from(q.limit));
+        let rows: Vec<String> = self.with(move |c| {
+            let sql = numbered_placeholders(SELECT_AUDIT).replace("$2", "$2::text");
+            Ok(c.query(&sql, &[&since, &resource, &limit])?.iter().map(|r| r.get(0)).collect())
+        })?;
+        rows.iter().rev().map(|s| audit_from_json(s)).collect()
+    }
+
+    fn forget_audit_before(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.with(move |c| Ok(c.execute("DELETE FROM audit_log WHERE at_ms < $1", &[&(before_ms as i64)])?))
+    }
+}
+
+fn api_token_row(r: &Row) -> ApiTokenRecord {
+    ApiTokenRecord {
+        id: r.get(0),
+        name: r.get(1),
+        role: r.get(2),
+        customer_id: r.get(3),
+        token_hash: r.get(4),
+        created_at: r.get::<_, i64>(5) as u64,
+        expires_at: r.get::<_, Option<i64>>(6).map(|v| v as u64),
+        revoked_at: r.get::<_, Option<i64>>(7).map(|v| v as u64),
+    }
 }
 
 fn lease_row(r: &Row) -> Lease {

@@ -686,6 +686,91 @@ impl Store for SqliteStore {
             Ok(rows)
         })
     }
+
+    fn create_api_token(&self, t: &ApiTokenRecord) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                INSERT_API_TOKEN,
+                params![
+                    t.id,
+                    t.name,
+                    t.role,
+                    t.customer_id,
+                    t.token_hash,
+                    t.created_at as i64,
+                    t.expires_at.map(|v| v as i64),
+                    t.revoked_at.map(|v| v as i64)
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn api_token_by_hash(&self, token_hash: &str) -> Result<Option<ApiTokenRecord>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                &format!("SELECT {API_TOKEN_COLS} FROM api_tokens WHERE token_hash = ?1"),
+                [token_hash],
+                api_token_row,
+            )
+            .optional()?)
+        })
+    }
+
+    fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!("SELECT {API_TOKEN_COLS} FROM api_tokens ORDER BY created_at, id"))?;
+            let rows = st.query_map([], api_token_row)?.collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn revoke_api_token(&self, id: &str, now: u64) -> Result<Option<ApiTokenRecord>, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE api_tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, now as i64],
+            )?;
+            Ok(c.query_row(&format!("SELECT {API_TOKEN_COLS} FROM api_tokens WHERE id = ?1"), [id], api_token_row)
+                .optional()?)
+        })
+    }
+
+    fn append_audit(&self, r: &AuditRecord) -> Result<(), StoreError> {
+        let (resource, resource_name) = r.resource_columns();
+        self.with(|c| {
+            c.execute(INSERT_AUDIT, params![r.id, r.at_ms as i64, r.kind(), resource, resource_name, audit_json(r)])?;
+            Ok(())
+        })
+    }
+
+    fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        let rows: Vec<String> = self.with(|c| {
+            let mut st = c.prepare(SELECT_AUDIT)?;
+            let rows = st
+                .query_map(params![q.since_ms as i64, q.resource, i64::from(q.limit)], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })?;
+        rows.iter().rev().map(|s| audit_from_json(s)).collect()
+    }
+
+    fn forget_audit_before(&self, before_ms: u64) -> Result<u64, StoreError> {
+        self.with(|c| Ok(c.execute("DELETE FROM audit_log WHERE at_ms < ?1", [before_ms as i64])? as u64))
+    }
+}
+
+fn api_token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiTokenRecord> {
+    Ok(ApiTokenRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        role: r.get(2)?,
+        customer_id: r.get(3)?,
+        token_hash: r.get(4)?,
+        created_at: r.get::<_, i64>(5)? as u64,
+        expires_at: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+        revoked_at: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+    })
 }
 
 fn lease_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Lease> {
