@@ -111,6 +111,19 @@ async fn another_source_address_is_refused() {
     assert!(reaches("127.0.0.1", &ep).await, "the holder's address is admitted");
     let shown: Value = serde_json::from_str(&relay.cli_ok(&["leases", "list", "--output", "json"])).unwrap();
     assert_eq!(shown[0]["connections_used"], 1, "the stranger's try did not cost the holder's budget");
+    // The refused attempt is in the audit trail: who tried, on which lease, why refused.
+    let lease_id = lease["id"].as_str().unwrap().to_owned();
+    let record = wait_for(WAIT, "the refusal in the audit trail", || {
+        let all: Value = serde_json::from_str(&relay.cli_ok(&["audit", "--output", "json"])).ok()?;
+        all.as_array()?
+            .iter()
+            .find(|r| r["end"] == "refused" && r["client_addr"].as_str().is_some_and(|a| a.starts_with("127.0.0.2:")))
+            .cloned()
+    })
+    .unwrap();
+    assert_eq!(record["lease_id"], lease_id.as_str(), "{record}");
+    assert!(record["end_detail"].as_str().unwrap().starts_with("source"), "{record}");
+    assert_eq!((record["bytes_in"].as_u64(), record["bytes_out"].as_u64()), (Some(0), Some(0)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

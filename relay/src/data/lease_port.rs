@@ -317,7 +317,18 @@ static REFUSALS: crate::admission::Throttle = crate::admission::Throttle::new(cr
 static ACCEPT_ERRORS: crate::admission::Throttle = crate::admission::Throttle::new(crate::admission::LOG_EVERY);
 
 /// Logs and counts one refused connection, and resets it.
-pub fn refuse(client: &tokio::net::TcpStream, peer: SocketAddr, resource_id: &str, lease: Option<&str>, why: Refusal) {
+///
+/// The refusal goes to the audit trail too (a record of kind `stream` ending
+/// `refused`, no bytes), as often as it is logged: a flood of refused connections makes
+/// one record per log interval, with how many were refused since the last.
+pub fn refuse(
+    relay: &Relay,
+    client: &tokio::net::TcpStream,
+    peer: SocketAddr,
+    (resource_id, resource_name): (&str, &str),
+    lease: Option<&str>,
+    why: Refusal,
+) {
     datapath::reset(client);
     crate::metrics::lease_refused(why.label());
     if let Some(held_back) = REFUSALS.due() {
@@ -333,6 +344,23 @@ pub fn refuse(client: &tokio::net::TcpStream, peer: SocketAddr, resource_id: &st
         };
         info!(client = %peer, resource = %resource_id, lease = lease.unwrap_or("-"), reason = why.label(),
               refused_since_last_line = held_back, "connection refused with a reset: {what}");
+        let now = crate::audit::now_ms();
+        let more =
+            if held_back > 0 { format!(" ({held_back} more refused since the last record)") } else { String::new() };
+        relay.audit.stream(crate::state::store::StreamRecord {
+            resource_id: resource_id.to_owned(),
+            resource_name: resource_name.to_owned(),
+            agent_id: "-".into(),
+            client_addr: peer.to_string(),
+            started_at_ms: now,
+            ended_at_ms: now,
+            bytes_in: 0,
+            bytes_out: 0,
+            end: "refused".into(),
+            end_detail: format!("{}: {what}{more}", why.label()),
+            path: "-".into(),
+            lease_id: lease.map(str::to_owned),
+        });
     }
 }
 
@@ -381,7 +409,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             let _slot = slot;
             if let Err(why) = admit(&relay, &lease, peer).await {
-                refuse(&client, peer, &lease.resource_id, Some(&lease.id), why);
+                refuse(&relay, &client, peer, (&lease.resource_id, &name), Some(&lease.id), why);
                 return;
             }
             open.fetch_add(1, Ordering::Relaxed);

@@ -65,9 +65,10 @@ pub fn start(relay: Arc<Relay>, resource_id: String, resource_name: String, port
                 backoff.succeeded();
                 if task_relay.leases.is_leased_only(&rid) {
                     crate::data::lease_port::refuse(
+                        &task_relay,
                         &client,
                         peer,
-                        &rid,
+                        (&rid, &resource_name),
                         None,
                         crate::data::lease_port::Refusal::LeasedOnly,
                     );
