@@ -280,6 +280,10 @@ pub enum AgentMsg {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// A message type this build does not know (sent by a newer peer): the relay skips it
+    /// instead of ending the session, so one side can be upgraded before the other.
+    #[serde(other)]
+    Unknown,
 }
 
 /// Where a stream's byte counts come from.
@@ -290,6 +294,9 @@ pub enum CounterSource {
     Ebpf,
     /// The agent counted the bytes as it copied them.
     Userspace,
+    /// A source this build does not know (a newer agent's): read, not refused.
+    #[serde(other)]
+    Other,
 }
 
 /// How a stream's bytes moved on one end: reported in [`StreamStat`] and used as the
@@ -308,6 +315,10 @@ pub enum PathKind {
     KtlsThreads,
     /// Kernel TLS; read/write through a user-space buffer (benchmarks).
     KtlsCopy,
+    /// A path this build does not know (a newer agent's): its counts are still taken,
+    /// labelled `other`, instead of the whole stats report being refused.
+    #[serde(other)]
+    Other,
 }
 
 impl PathKind {
@@ -319,6 +330,7 @@ impl PathKind {
             PathKind::KtlsUring => "ktls_uring",
             PathKind::KtlsThreads => "ktls_threads",
             PathKind::KtlsCopy => "ktls_copy",
+            PathKind::Other => "other",
         }
     }
 }
@@ -397,6 +409,10 @@ pub enum RelayMsg {
     Relays {
         relays: Vec<RelayPeer>,
     },
+    /// A message type this build does not know (sent by a newer peer): the agent skips it
+    /// instead of ending the session, so one side can be upgraded before the other.
+    #[serde(other)]
+    Unknown,
 }
 
 // === Data connections ===
@@ -589,5 +605,23 @@ mod tests {
         assert_eq!(back, r);
         assert!(!RejectCode::RevokedToken.is_transient());
         assert!(RejectCode::Unavailable.is_transient());
+    }
+
+    /// A newer agent may report a data path, a counter source or a whole message type
+    /// this relay does not know; the older relay must keep the session and the counts.
+    #[test]
+    fn an_older_peer_reads_what_a_newer_one_adds() {
+        let report = r#"{"type":"stream_stats","streams":[{"stream_id":9,"bytes_in":10,"bytes_out":20,
+            "path":"ktls_sendfile_2030","counter":"sock_ops","closed":true,"new_field":1}]}"#;
+        let msg: AgentMsg = serde_json::from_str(report).unwrap();
+        let AgentMsg::StreamStats { streams } = msg else { panic!("not stats: {msg:?}") };
+        assert_eq!((streams[0].bytes_in, streams[0].bytes_out, streams[0].closed), (10, 20, true));
+        assert_eq!((streams[0].path, streams[0].counter), (PathKind::Other, CounterSource::Other));
+        assert_eq!(streams[0].path.as_str(), "other");
+
+        let from_agent: AgentMsg = serde_json::from_str(r#"{"type":"quic_offer","port":443}"#).unwrap();
+        assert_eq!(from_agent, AgentMsg::Unknown);
+        let from_relay: RelayMsg = serde_json::from_str(r#"{"type":"rebalance","to":"rly_2"}"#).unwrap();
+        assert_eq!(from_relay, RelayMsg::Unknown);
     }
 }

@@ -272,7 +272,7 @@ fn on_relay_msg(
         m @ (RelayMsg::CertificateRenewed { .. } | RelayMsg::RenewalRefused(_)) => {
             let _ = renewals.send(m);
         }
-        RelayMsg::Pong { .. } | RelayMsg::Welcome { .. } | RelayMsg::Relays { .. } => {}
+        RelayMsg::Pong { .. } | RelayMsg::Welcome { .. } | RelayMsg::Relays { .. } | RelayMsg::Unknown => {}
     }
     None
 }

@@ -394,6 +394,7 @@ fn on_agent_msg(relay: &Relay, session: &AgentSession, who: &AgentIdentity, msg:
             *session.service.lock() = ServiceReport { reachable: Some(reachable), error, at: unix_now() };
         }
         AgentMsg::Hello { .. } => return Some("agent sent a second hello".into()),
+        AgentMsg::Unknown => debug!("skipped a control message of a type this relay does not know (newer agent)"),
     }
     None
 }

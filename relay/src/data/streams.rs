@@ -230,6 +230,7 @@ impl LiveStream {
             counter: match report.map(|r| r.counter) {
                 Some(sluice_proto::wire::CounterSource::Ebpf) => "ebpf".into(),
                 Some(sluice_proto::wire::CounterSource::Userspace) => "userspace".into(),
+                Some(sluice_proto::wire::CounterSource::Other) => "other".into(),
                 None => "relay".into(),
             },
         }
