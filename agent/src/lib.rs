@@ -135,6 +135,7 @@ fn start_parts(
     {
         let (service, interval, stop) = (service.clone(), cfg.service_check, shutdown.clone());
         tokio::spawn(async move { service.watch(interval, stop).await });
+        tokio::spawn(sluice_datapath::buffers::trim_periodically(shutdown.clone()));
     }
     info!(
         relay = %cfg.relay_url, service = %target, name = %cfg.name, state_dir = %cfg.state_dir.display(),

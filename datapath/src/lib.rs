@@ -34,6 +34,7 @@
 //! `ktls/`, [`reset`]) and one `ReadBuf` hand-over in `tunnel_socket.rs`, each with a
 //! SAFETY comment.
 
+pub mod buffers;
 pub mod ktls;
 mod tunnel_socket;
 mod userspace;

@@ -1,5 +1,5 @@
 //! The user-space path: rustls encrypts and decrypts, and each direction copies through
-//! a fixed buffer. Used when the kernel has no TLS offload, when offload is switched
+//! a buffer it holds only while bytes flow ([`buffers`]). Used when the kernel has no TLS offload, when offload is switched
 //! off, or when a connection cannot be offloaded.
 
 use std::future::Future;
@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{COPY_BUF, Side, StreamEnd, Transfer, TunnelSocket, close_gracefully_fd, reset};
+use super::{Side, StreamEnd, Transfer, TunnelSocket, buffers, close_gracefully_fd, reset};
 
 /// Moves one stream until both directions end, one side fails, or `cancel` fires; on
 /// anything but a clean end both sockets are reset.
@@ -83,9 +83,10 @@ where
     }
 }
 
-/// One direction of a stream: a fixed buffer and where the copy stands.
+/// One direction of a stream: where the copy stands, and the buffer it borrowed while
+/// bytes flow (none while the direction idles: see [`buffers`]).
 struct Direction {
-    buf: Box<[u8]>,
+    buf: Option<Box<[u8]>>,
     pos: usize,
     filled: usize,
     eof: bool,
@@ -95,13 +96,13 @@ struct Direction {
 
 impl Direction {
     fn new() -> Self {
-        Direction {
-            buf: vec![0u8; COPY_BUF].into_boxed_slice(),
-            pos: 0,
-            filled: 0,
-            eof: false,
-            done: false,
-            need_flush: false,
+        Direction { buf: None, pos: 0, filled: 0, eof: false, done: false, need_flush: false }
+    }
+
+    /// Gives the buffer back; only called with nothing buffered in it.
+    fn release(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            buffers::give_back(buf);
         }
     }
 
@@ -123,13 +124,16 @@ impl Direction {
         }
         loop {
             if self.pos == self.filled && !self.eof {
-                let mut rb = ReadBuf::new(&mut self.buf);
+                let mut rb = ReadBuf::new(self.buf.get_or_insert_with(buffers::take));
                 match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
                     Poll::Pending => {
                         if self.need_flush {
                             ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(|e| (false, e))?;
                             self.need_flush = false;
                         }
+                        // Nothing buffered and nothing to read: lend the buffer back
+                        // until bytes flow again, so an idle stream holds none.
+                        self.release();
                         return Poll::Pending;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err((true, e))),
@@ -145,7 +149,8 @@ impl Direction {
                 }
             }
             while self.pos < self.filled {
-                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.pos..self.filled]))
+                let buf = self.buf.as_deref().expect("bytes are buffered only in a held buffer");
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &buf[self.pos..self.filled]))
                     .map_err(|e| (false, e))?;
                 if n == 0 {
                     return Poll::Ready(Err((false, io::ErrorKind::WriteZero.into())));
@@ -157,9 +162,16 @@ impl Direction {
             if self.eof {
                 ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(|e| (false, e))?;
                 self.done = true;
+                self.release();
                 return Poll::Ready(Ok(()));
             }
         }
+    }
+}
+
+impl Drop for Direction {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -170,6 +182,34 @@ mod tests {
 
     async fn bidi(tunnel: &mut DuplexStream, plain: &mut DuplexStream, t: &Transfer) -> Result<(), (Side, io::Error)> {
         Bidirectional { tunnel, plain, up: Direction::new(), down: Direction::new(), transfer: t }.await
+    }
+
+    /// Polls `d` once; true when it is waiting (pending).
+    async fn poll_once(d: &mut Direction, r: &mut DuplexStream, w: &mut DuplexStream) -> bool {
+        let counter = AtomicU64::new(0);
+        std::future::poll_fn(|cx| Poll::Ready(d.poll_copy(cx, &mut *r, &mut *w, &counter).is_pending())).await
+    }
+
+    /// An idle held-open stream owns no copy buffer: after bytes pass and the reader
+    /// would block, the direction has given its buffer back.
+    #[tokio::test]
+    async fn an_idle_direction_holds_no_buffer() {
+        let (mut from, mut reader) = duplex(4096);
+        let (mut writer, mut to) = duplex(4096);
+        let mut d = Direction::new();
+        assert!(poll_once(&mut d, &mut reader, &mut writer).await);
+        assert!(d.buf.is_none(), "nothing read yet, yet a buffer is held");
+        from.write_all(b"x").await.unwrap();
+        assert!(poll_once(&mut d, &mut reader, &mut writer).await);
+        let mut got = [0u8; 1];
+        to.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"x");
+        assert!(d.buf.is_none(), "the direction kept its buffer while idle");
+        // A writer that cannot take the bytes keeps them buffered: the buffer stays.
+        from.write_all(&[7u8; 3000]).await.unwrap();
+        let (mut tiny_writer, _tiny_peer) = duplex(100);
+        assert!(poll_once(&mut d, &mut reader, &mut tiny_writer).await);
+        assert!(d.buf.is_some() && d.pos < d.filled);
     }
 
     #[tokio::test]

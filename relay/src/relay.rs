@@ -509,6 +509,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         relay.shutdown.clone(),
     ));
     tokio::spawn(relay.streams.clone().run_sampler(relay.shutdown.clone()));
+    tokio::spawn(sluice_datapath::buffers::trim_periodically(relay.shutdown.clone()));
     tokio::spawn(crate::state::store_watch::run(
         relay.store.clone(),
         relay.store_health.clone(),
