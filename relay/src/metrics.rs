@@ -12,6 +12,7 @@
 //! | `sluice_relay_agent_sessions` | gauge | `resource` |
 //! | `sluice_relay_agent_stalls_total` | counter | `resource` (an agent answered neither a stream's open nor a ping in time) |
 //! | `sluice_relay_streams_moved_total` | counter | `resource` (streams moved off a stalled agent before any client byte) |
+//! | `sluice_relay_stream_probes_total` | counter | `resource` (pings sent because an agent had not answered a stream's open within half the deadline) |
 //! | `sluice_relay_handshake_failures_total` | counter | |
 //! | `sluice_relay_enrollments_total` | counter | `outcome` (`enrolled` or a rejection code) |
 //! | `sluice_relay_resource_port_blocked` | gauge | `resource` (1 while an agent is connected but the port cannot be bound) |
@@ -86,6 +87,10 @@ fn describe() {
     describe_counter!(
         "sluice_relay_streams_moved_total",
         "Streams moved from a stalled agent to another agent of the resource before any client byte was read."
+    );
+    describe_counter!(
+        "sluice_relay_stream_probes_total",
+        "Pings sent to an agent slow to answer a stream's open (half the stream-open deadline)."
     );
     describe_counter!("sluice_relay_handshake_failures_total", "Agent TLS handshakes refused or timed out.");
     describe_counter!(
@@ -190,6 +195,12 @@ pub fn stream_failed(resource: &str, reason: &'static str) {
 /// An agent left a stream's open and a ping unanswered: marked stalled, its streams move.
 pub fn agent_stalled(resource: &str) {
     metrics::counter!("sluice_relay_agent_stalls_total", "resource" => resource.to_owned()).increment(1);
+}
+
+/// A ping went to an agent that had not answered a stream's open within half the
+/// stream-open deadline (answered opens send none).
+pub fn stream_probe(resource: &str) {
+    metrics::counter!("sluice_relay_stream_probes_total", "resource" => resource.to_owned()).increment(1);
 }
 
 /// A stream moved from a stalled agent to another before any client byte was read.

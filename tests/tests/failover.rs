@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sluice_e2e::load::{self, echo_server, sink_source_server};
-use sluice_e2e::{Agent, Relay, test_dir, wait_for};
+use sluice_e2e::{Agent, Relay, http_get, test_dir, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -49,6 +49,15 @@ async fn echo_once(ep: &str, msg: &[u8]) -> Result<(), String> {
     if back == msg { Ok(()) } else { Err(format!("echo came back as {} bytes: {back:?}", back.len())) }
 }
 
+/// The relay's `sluice_relay_stream_probes_total`, summed over resources.
+fn stream_probes(relay: &Relay) -> f64 {
+    let (_, body) = http_get(&format!("127.0.0.1:{}", relay.admin_port), "/metrics").unwrap();
+    body.lines()
+        .filter(|l| l.starts_with("sluice_relay_stream_probes_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// How many distinct agents the relay's log shows closing a stream.
 fn serving_agents(log: &str) -> usize {
     let agents: std::collections::HashSet<&str> = log
@@ -85,6 +94,9 @@ async fn a_stopped_agent_loses_its_streams_to_the_live_one_within_seconds() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Streams answered in time cost no control message: no probe went out.
+    assert_eq!(stream_probes(&relay), 0.0, "pings sent for streams the agents answered at once");
+
     let pid = stopped.proc.child.id();
     signal(pid, "-STOP");
     let mut slowest = Duration::ZERO;
@@ -102,6 +114,7 @@ async fn a_stopped_agent_loses_its_streams_to_the_live_one_within_seconds() {
         }
     }
     let stalled_logged = relay.log().contains("answers neither a new stream nor a ping");
+    assert!(stream_probes(&relay) >= 1.0, "the stopped agent was never probed\n{}", relay.log());
     signal(pid, "-CONT");
     eprintln!("8 clients with one of two agents stopped: slowest round trip {slowest:?}");
     assert!(failures.is_empty(), "{failures:?}\n--- relay log ---\n{}", relay.log());

@@ -32,13 +32,13 @@ pub type DataConn = tokio_rustls::server::TlsStream<sluice_datapath::TunnelSocke
 /// Idle data connections a session may park at the relay; more are closed on arrival.
 const MAX_IDLE_PER_SESSION: usize = 64;
 
-/// The `seq` of the pings sent to probe an agent when a stream opens (the heartbeat's
+/// The `seq` of the pings sent to probe an agent slow to answer a stream's open (the heartbeat's
 /// own pings count from 1); the agent's answer counts as any frame does.
 const PROBE_SEQ: u64 = 0;
 
 /// What the relay knows of whether an agent answers, without I/O: when it was last
-/// heard on its control session (any frame), the probe (ping) sent when a stream last
-/// opened, and whether it is marked stalled — it left a stream's open and that probe
+/// heard on its control session (any frame), the probe (ping) sent when a stream's open
+/// last waited half its deadline, and whether it is marked stalled — it left a stream's open and that probe
 /// unanswered past the stream-open deadline.
 #[derive(Debug, Clone)]
 pub struct Liveness {
@@ -177,12 +177,13 @@ impl AgentSession {
         }
     }
 
-    /// Called as a stream's open is sent to this agent: makes sure a ping is on its way
-    /// and returns when it was sent. If the agent has said nothing since
+    /// Called when a stream's open has waited half its deadline for this agent: makes
+    /// sure a ping is on its way and returns when it was sent. If the agent has said nothing since
     /// ([`AgentSession::answered_since`]) when the open's deadline passes, it is stalled.
     pub fn probe(&self) -> Instant {
         let (sent, send_now) = self.liveness.lock().probe(Instant::now());
         if send_now {
+            crate::metrics::stream_probe(&self.resource_id);
             self.send(RelayMsg::Ping { seq: PROBE_SEQ });
         }
         sent

@@ -404,7 +404,7 @@ async fn open_stream(
 }
 
 /// Sends `open` on `conn` and waits for the answer: until `deadline` while the agent
-/// may be stalled, then — if it answered the ping sent with the open (it is alive; its
+/// may be stalled (probed with a ping at half the deadline), then — if it answered the ping sent with the open (it is alive; its
 /// service is slow) or no other agent answers — until `give_up`.
 async fn attempt(
     relay: &Relay,
@@ -414,26 +414,37 @@ async fn attempt(
     deadline: Duration,
     give_up: tokio::time::Instant,
 ) -> Attempt {
-    let probe = session.probe();
     let exchange = async {
         wire::write_frame(&mut *conn, open).await?;
         wire::read_frame::<_, StreamReply>(&mut *conn).await
     };
     tokio::pin!(exchange);
-    let first = (tokio::time::Instant::now() + deadline).min(give_up);
+    // The liveness probe (a ping on the control session) goes out only when the answer
+    // is late, at half the deadline: a live agent answers a ping within milliseconds,
+    // so by the deadline it has been heard from unless it is stalled. Streams answered
+    // in time — nearly all — cost no control message on either end.
+    let now = tokio::time::Instant::now();
+    let first = (now + deadline).min(give_up);
+    let probe_at = (now + deadline / 2).min(first);
     let reply = tokio::select! {
         r = &mut exchange => r,
-        _ = tokio::time::sleep_until(first) => {
-            if !session.answered_since(probe) {
-                session.mark_stalled(deadline);
-                if relay.registry.has_answering_other(&session.resource_id, &session.id) {
-                    return Attempt::Stalled;
-                }
-            }
+        _ = tokio::time::sleep_until(probe_at) => {
+            let probe = session.probe();
             tokio::select! {
                 r = &mut exchange => r,
-                _ = tokio::time::sleep_until(give_up) => return Attempt::TimedOut,
-                _ = session.closed.cancelled() => return Attempt::Broken("the agent's session ended".into()),
+                _ = tokio::time::sleep_until(first) => {
+                    if !session.answered_since(probe) {
+                        session.mark_stalled(deadline);
+                        if relay.registry.has_answering_other(&session.resource_id, &session.id) {
+                            return Attempt::Stalled;
+                        }
+                    }
+                    tokio::select! {
+                        r = &mut exchange => r,
+                        _ = tokio::time::sleep_until(give_up) => return Attempt::TimedOut,
+                        _ = session.closed.cancelled() => return Attempt::Broken("the agent's session ended".into()),
+                    }
+                }
             }
         }
     };
