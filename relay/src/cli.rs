@@ -1075,15 +1075,51 @@ fn ago(t: Option<u64>) -> String {
 }
 
 /// Prints rows as an aligned table. `wanted` (case-insensitive names) overrides `default`.
+/// On a terminal the table is fitted to its width (see [`render_table_within`]); piped
+/// into a script it is printed whole.
 fn print_table(all: &[&str], default: &[&str], rows: Vec<Vec<String>>, wanted: Option<&[String]>) -> Result<()> {
-    print!("{}", render_table(all, default, rows, wanted)?);
+    print!("{}", render_table_within(all, default, rows, wanted, stdout_terminal_width())?);
     Ok(())
 }
 
-/// The table [`print_table`] prints. Cells come from the store and from agents (names,
-/// host names, service errors): control characters in them are escaped, so no cell can
-/// break the table's lines or send escape sequences to the operator's terminal.
+/// The width of the terminal stdout is, or `None` when stdout is not a terminal (a pipe,
+/// a file: scripts get whole lines, never wrapped).
+pub fn stdout_terminal_width() -> Option<u16> {
+    use std::io::IsTerminal;
+    let out = std::io::stdout();
+    if !out.is_terminal() {
+        return None;
+    }
+    terminal_size::terminal_size_of(&out).map(|(terminal_size::Width(w), _)| w)
+}
+
+/// Columns of free text (names, host names, error messages): the ones wrapped when a
+/// table is wider than the terminal. Ids, endpoints, times and counts are never wrapped,
+/// so they can still be copied whole from the screen.
+const FREE_TEXT_COLUMNS: &[&str] =
+    &["Name", "Customer", "Host", "Service error", "Port error", "Last error", "Action", "Target", "Result", "Ended"];
+
+/// The table [`print_table`] prints, unfitted (as for a pipe).
 fn render_table(all: &[&str], default: &[&str], rows: Vec<Vec<String>>, wanted: Option<&[String]>) -> Result<String> {
+    render_table_within(all, default, rows, wanted, None)
+}
+
+/// Renders rows as a table without borders: columns left-aligned by display width (so
+/// "Zürich Straßenbahn AG" or a CJK name lines up), two spaces apart, no trailing
+/// blanks. With `width` (a terminal's), the free-text columns ([`FREE_TEXT_COLUMNS`])
+/// wrap so that the table fits; without it lines are never wrapped.
+///
+/// Cells come from the store and from agents (names, host names, service errors):
+/// control characters in them are escaped, so no cell can break the table's lines or
+/// send escape sequences to the operator's terminal.
+fn render_table_within(
+    all: &[&str],
+    default: &[&str],
+    rows: Vec<Vec<String>>,
+    wanted: Option<&[String]>,
+    width: Option<u16>,
+) -> Result<String> {
+    use comfy_table::{ColumnConstraint, ContentArrangement, Table, TableStyle};
     let rows: Vec<Vec<String>> =
         rows.into_iter().map(|r| r.iter().map(|c| sluice_proto::identity::escape_controls(c)).collect()).collect();
     let pick: Vec<usize> = match wanted {
@@ -1097,22 +1133,25 @@ fn render_table(all: &[&str], default: &[&str], rows: Vec<Vec<String>>, wanted: 
             .collect::<Result<_>>()?,
         None => default.iter().map(|d| all.iter().position(|a| a == d).expect("default column exists")).collect(),
     };
-    let mut widths: Vec<usize> = pick.iter().map(|&i| all[i].chars().count()).collect();
+    let mut table = Table::new();
+    table.load_style(TableStyle::new());
+    table.set_header(pick.iter().map(|&i| all[i]).collect::<Vec<_>>());
     for row in &rows {
-        for (w, &i) in widths.iter_mut().zip(&pick) {
-            *w = (*w).max(row[i].chars().count());
+        table.add_row(pick.iter().map(|&i| row[i].as_str()).collect::<Vec<_>>());
+    }
+    let last = pick.len().saturating_sub(1);
+    for (n, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, if n == last { 0 } else { 2 }));
+        if width.is_some() && !FREE_TEXT_COLUMNS.contains(&all[pick[n]]) {
+            column.set_constraint(ColumnConstraint::ContentWidth);
         }
     }
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(parts.join("  ").trim_end());
-        out.push('\n');
+    match width {
+        Some(w) => table.set_content_arrangement(ContentArrangement::Dynamic).set_width(w),
+        None => table.set_content_arrangement(ContentArrangement::Disabled),
     };
-    line(pick.iter().map(|&i| all[i]).collect());
-    for row in &rows {
-        line(pick.iter().map(|&i| row[i].as_str()).collect());
-    }
+    let mut out = table.trim_fmt();
+    out.push('\n');
     Ok(out)
 }
 
@@ -1127,6 +1166,46 @@ mod tests {
         assert_eq!(out.lines().count(), 2, "{out}");
         assert!(!out.contains('\u{1b}'), "{out:?}");
         assert!(out.contains("db\\u{a}FAKE  ROW"), "{out}");
+    }
+
+    #[test]
+    fn tables_align_by_display_width() {
+        use unicode_width::UnicodeWidthStr;
+        let rows = vec![
+            vec!["Zürich Straßenbahn AG".to_owned(), "res_1".to_owned()],
+            // "ü" as u + combining diaeresis: 2 chars, 1 column.
+            vec!["Zu\u{308}rich".to_owned(), "res_2".to_owned()],
+            vec!["東京電力".to_owned(), "res_3".to_owned()],
+            vec!["Acme".to_owned(), "res_4".to_owned()],
+        ];
+        let out = render_table(&["Name", "Id"], &["Name", "Id"], rows, None).unwrap();
+        let widths: Vec<usize> = out.lines().skip(1).map(UnicodeWidthStr::width).collect();
+        assert_eq!(widths.len(), 4, "{out}");
+        assert!(widths.iter().all(|w| *w == widths[0]), "lines of unequal display width {widths:?}:\n{out}");
+        for line in out.lines() {
+            let id_at = UnicodeWidthStr::width(&line[..line.rfind(['r', 'I']).unwrap()]);
+            assert_eq!(id_at, UnicodeWidthStr::width("Zürich Straßenbahn AG  "), "{out}");
+        }
+    }
+
+    #[test]
+    fn tables_fit_a_narrow_terminal_without_cutting_ids() {
+        use unicode_width::UnicodeWidthStr;
+        let error = "connection refused by 10.0.0.7:1433 (is the database up? check APP_HOST and APP_PORT)";
+        let rows = vec![vec!["res_0123456789abcdef".to_owned(), "Acme MS SQL".to_owned(), error.to_owned()]];
+        let all = ["Id", "Name", "Service error"];
+        let out = render_table_within(&all, &all, rows.clone(), None, Some(50)).unwrap();
+        assert!(out.lines().all(|l| UnicodeWidthStr::width(l) <= 50), "{out}");
+        assert!(out.lines().count() > 2, "the error wraps: {out}");
+        assert!(out.contains("res_0123456789abcdef"), "the id is never cut: {out}");
+        let words: Vec<&str> = out.lines().flat_map(|l| l.split_whitespace()).collect();
+        for word in error.split_whitespace() {
+            assert!(words.contains(&word), "{word:?} lost: {out}");
+        }
+        // Unfitted (stdout piped into a script): one line per row, whatever its length.
+        let piped = render_table_within(&all, &all, rows, None, None).unwrap();
+        assert_eq!(piped.lines().count(), 2, "{piped}");
+        assert!(piped.lines().nth(1).unwrap().ends_with(error), "{piped}");
     }
 
     #[test]
