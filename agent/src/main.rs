@@ -9,6 +9,9 @@ use sluice_agent::config::{AgentConfig, ConfigError};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    if let Some(code) = completion() {
+        return code;
+    }
     let cfg = match AgentConfig::load() {
         Ok(c) => c,
         Err(ConfigError::Clap(e)) => e.exit(),
@@ -39,4 +42,25 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// `sluice-agent completion bash|zsh|fish`: prints a shell completion script for the
+/// agent's flags and subcommands, e.g. `sluice-agent completion bash >
+/// /etc/bash_completion.d/sluice-agent`. `None` when the command line is not that.
+fn completion() -> Option<ExitCode> {
+    use clap::CommandFactory;
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) != Some("completion") {
+        return None;
+    }
+    let completion_cmd = || {
+        clap::Command::new("completion")
+            .about("Print a shell completion script (bash, zsh, fish, …)")
+            .arg(clap::Arg::new("shell").required(true).value_parser(clap::value_parser!(clap_complete::Shell)))
+    };
+    let matches = completion_cmd().bin_name("sluice-agent completion").get_matches_from(&args[1..]);
+    let shell = *matches.get_one::<clap_complete::Shell>("shell").expect("required");
+    let mut cmd = AgentConfig::command().subcommand(completion_cmd());
+    clap_complete::generate(shell, &mut cmd, "sluice-agent", &mut std::io::stdout());
+    Some(ExitCode::SUCCESS)
 }

@@ -70,7 +70,8 @@ pub enum ResourcesCmd {
         /// Agents register org-level resources (no customer).
         #[arg(long)]
         org_only: bool,
-        /// Regenerate the JWT of this existing resource.
+        /// Regenerate the JWT of this existing resource: its id, or its name (with
+        /// --customer-id when several customers have a resource of that name).
         #[arg(long)]
         resource_id: Option<String>,
         /// With --resource-id: revoke every older JWT and agent certificate of the
@@ -105,8 +106,16 @@ pub enum ResourcesCmd {
     },
     /// Delete a resource: its port closes, its agents are disconnected, its JWTs revoked.
     Delete {
-        /// Resource id.
-        id: String,
+        /// Resource id, or its name.
+        name_or_id: String,
+        /// Look the name up among this customer's resources (when several customers have
+        /// a resource of that name).
+        #[arg(long)]
+        customer_id: Option<String>,
+        /// Exit 0 (with a note on stderr) when there is no such resource, for scripts
+        /// that delete idempotently.
+        #[arg(long)]
+        ignore_not_found: bool,
     },
     /// Change a resource: `--access leased` makes its fixed port refuse every connection
     /// (platform jobs then connect through leases: `sluice leases create`); `--access
@@ -152,6 +161,9 @@ pub enum LeasesCmd {
     Delete {
         /// The lease's id (lse_…).
         id: String,
+        /// Exit 0 (with a note on stderr) when there is no such lease.
+        #[arg(long)]
+        ignore_not_found: bool,
     },
 }
 
@@ -208,6 +220,9 @@ pub enum TokensCmd {
     Revoke {
         /// The JWT's id (jti), as `sluice tokens list` shows it.
         jti: String,
+        /// Exit 0 (with a note on stderr) when there is no such JWT.
+        #[arg(long)]
+        ignore_not_found: bool,
     },
 }
 
@@ -242,6 +257,9 @@ pub enum ApiTokensCmd {
     Revoke {
         /// The token's id (tok_…), as `sluice api-tokens list` shows it.
         id: String,
+        /// Exit 0 (with a note on stderr) when there is no such token.
+        #[arg(long)]
+        ignore_not_found: bool,
     },
 }
 
@@ -265,7 +283,10 @@ pub struct StreamsArgs {
     /// Only streams of this resource (name or id).
     #[arg(long)]
     pub resource: Option<String>,
-    /// Refresh in place every second (like top) until Ctrl-C.
+    /// Ask again every second until Ctrl-C: on a terminal the table is redrawn in place
+    /// (like top); piped, tables follow one another separated by a blank line, and with
+    /// `--output json` each refresh is one JSON line `{"at_ms": …, "streams": [...]}`.
+    /// No screen-control code is written when stdout is not a terminal.
     #[arg(long)]
     pub watch: bool,
     /// Show the recently closed streams (last 1,000) with their final counts instead.
@@ -367,12 +388,40 @@ impl AdminClient {
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
                 .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-            bail!("{} ({})", msg, status);
+            return Err(ApiError { status: status.as_u16(), message: format!("{msg} ({status})") }.into());
         }
         if bytes.is_empty() {
             return Ok(serde_json::from_value(Value::Null)?);
         }
         serde_json::from_slice(&bytes).with_context(|| format!("unexpected answer from {url}"))
+    }
+}
+
+/// A non-2xx answer of the admin API: its status and message (the error the CLI shows).
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+/// With `--ignore-not-found`, turns the API's 404 for `what` into `Ok(None)` after a note
+/// on stderr, so that a script deleting something already gone goes on; any other error
+/// (and any 404 without the flag) stays an error.
+fn unless_not_found<T>(result: Result<T>, ignore_not_found: bool, what: &str) -> Result<Option<T>> {
+    match result {
+        Err(e) if ignore_not_found && e.downcast_ref::<ApiError>().is_some_and(|a| a.status == 404) => {
+            eprintln!("note: {what} does not exist (--ignore-not-found): nothing to do. The relay said: {e}");
+            Ok(None)
+        }
+        r => r.map(Some),
     }
 }
 
@@ -480,9 +529,15 @@ pub async fn resources(conn: &AdminConn, cmd: ResourcesCmd) -> Result<()> {
                 Output::Table => println!("{}", r.endpoint),
             }
         }
-        ResourcesCmd::Delete { id } => {
-            let _: Value = api.call("DELETE", &format!("/v1/resources/{}", encode_path(&id)), None).await?;
-            eprintln!("Deleted resource {id}.");
+        ResourcesCmd::Delete { name_or_id, customer_id, ignore_not_found } => {
+            let mut path = format!("/v1/resources/{}", encode_path(&name_or_id));
+            if let Some(c) = &customer_id {
+                path.push_str(&format!("?customer_id={}", encode_path(c)));
+            }
+            let what = format!("resource {name_or_id:?}");
+            if unless_not_found(api.call::<Value>("DELETE", &path, None).await, ignore_not_found, &what)?.is_some() {
+                eprintln!("Deleted resource {name_or_id}.");
+            }
         }
         ResourcesCmd::Update { name_or_id, access } => {
             let r: ResourceView = api
@@ -561,8 +616,12 @@ pub async fn leases(conn: &AdminConn, cmd: LeasesCmd) -> Result<()> {
             }
             print_table(&all, &default, list.iter().map(row).collect(), columns.as_deref())?;
         }
-        LeasesCmd::Delete { id } => {
-            let lease: LeaseView = api.call("DELETE", &format!("/v1/leases/{}", encode_path(&id)), None).await?;
+        LeasesCmd::Delete { id, ignore_not_found } => {
+            let deleted = api.call("DELETE", &format!("/v1/leases/{}", encode_path(&id)), None).await;
+            let Some(lease): Option<LeaseView> = unless_not_found(deleted, ignore_not_found, &format!("lease {id:?}"))?
+            else {
+                return Ok(());
+            };
             match conn.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&lease)?),
                 Output::Table => eprintln!(
@@ -783,9 +842,12 @@ pub async fn tokens(conn: &AdminConn, cmd: TokensCmd) -> Result<()> {
                 .collect();
             print_table(&all, &default, rows, columns.as_deref())?;
         }
-        TokensCmd::Revoke { jti } => {
-            let done: JwtRevoked =
-                api.call("POST", &format!("/v1/registration-jwts/{}/revoke", encode_path(&jti)), None).await?;
+        TokensCmd::Revoke { jti, ignore_not_found } => {
+            let revoked = api.call("POST", &format!("/v1/registration-jwts/{}/revoke", encode_path(&jti)), None).await;
+            let what = format!("registration JWT {jti:?}");
+            let Some(done): Option<JwtRevoked> = unless_not_found(revoked, ignore_not_found, &what)? else {
+                return Ok(());
+            };
             match conn.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&done)?),
                 Output::Table => eprint!("{}", revocation_report(&done)),
@@ -845,9 +907,13 @@ pub async fn api_tokens(conn: &AdminConn, cmd: ApiTokensCmd) -> Result<()> {
                 .collect();
             print_table(&all, &all, rows, columns.as_deref())?;
         }
-        ApiTokensCmd::Revoke { id } => {
-            let t: ApiTokenRecord =
-                api.call("POST", &format!("/v1/api-tokens/{}/revoke", encode_path(&id)), None).await?;
+        ApiTokensCmd::Revoke { id, ignore_not_found } => {
+            let revoked = api.call("POST", &format!("/v1/api-tokens/{}/revoke", encode_path(&id)), None).await;
+            let Some(t): Option<ApiTokenRecord> =
+                unless_not_found(revoked, ignore_not_found, &format!("API token {id:?}"))?
+            else {
+                return Ok(());
+            };
             match conn.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&t)?),
                 Output::Table => eprintln!(
@@ -979,46 +1045,33 @@ fn rotation_report(issued: &JwtIssued) -> String {
 }
 
 /// Runs `sluice streams`.
+///
+/// With `--watch` it asks again every second until Ctrl-C. On a terminal the table is
+/// redrawn in place; piped (stdout not a terminal) no screen-control code is ever
+/// written: tables follow one another separated by a blank line, and `--output json`
+/// prints one JSON line per refresh (see [`WatchSnapshot`]). A reader that goes away
+/// (`| head -1`) ends the watch quietly.
 pub async fn streams(conn: &AdminConn, args: StreamsArgs) -> Result<()> {
+    use std::io::{IsTerminal, Write};
     let api = AdminClient::new(conn)?;
     let mut path = format!("/v1/streams?closed={}", args.closed);
     if let Some(r) = &args.resource {
         path.push_str(&format!("&resource={}", encode_path(r)));
     }
+    let redraw_in_place = args.watch && std::io::stdout().is_terminal();
+    let width = stdout_terminal_width();
+    let mut first = true;
     loop {
         let list: Vec<StreamView> = api.call("GET", &path, None).await?;
-        if args.watch {
-            // Home the cursor and clear the screen, then redraw.
-            print!("\x1b[H\x1b[2J");
+        let at_ms = crate::audit::now_ms();
+        let page = streams_page(&list, conn.output, args.watch, redraw_in_place, first, at_ms, width)?;
+        first = false;
+        let mut out = std::io::stdout().lock();
+        match out.write_all(page.as_bytes()).and_then(|()| out.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            r => r.context("cannot write to stdout")?,
         }
-        if conn.output == Output::Json {
-            println!("{}", serde_json::to_string_pretty(&list)?);
-        } else {
-            let all =
-                ["Resource", "Agent", "Stream", "Client", "Age", "In", "Out", "Rate in", "Rate out", "Path", "Counter"];
-            let rows = list
-                .iter()
-                .map(|s| {
-                    vec![
-                        s.resource_name.clone(),
-                        s.agent_id.clone(),
-                        s.stream_id.to_string(),
-                        s.client_addr.clone(),
-                        format_age(s.age_secs),
-                        format_bytes(s.bytes_in as f64),
-                        format_bytes(s.bytes_out as f64),
-                        format!("{}/s", format_bytes(s.rate_in_bps)),
-                        format!("{}/s", format_bytes(s.rate_out_bps)),
-                        s.path.as_str().to_owned(),
-                        s.counter.clone(),
-                    ]
-                })
-                .collect();
-            if args.watch {
-                println!("sluice streams — {} open (In: client → service; Ctrl-C to stop)\n", list.len());
-            }
-            print_table(&all, &all, rows, None)?;
-        }
+        drop(out);
         if !args.watch {
             return Ok(());
         }
@@ -1027,6 +1080,72 @@ pub async fn streams(conn: &AdminConn, args: StreamsArgs) -> Result<()> {
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
     }
+}
+
+/// One line of `sluice streams --watch --output json`: the streams open (or recently
+/// closed, with `--closed`) at one refresh. One object per refresh, one per line, so a
+/// script reads snapshots with any JSON-lines reader.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct WatchSnapshot {
+    /// When the relay was asked, in ms since the Unix epoch.
+    pub at_ms: u64,
+    pub streams: Vec<StreamView>,
+}
+
+/// What one refresh of `sluice streams` prints. `redraw_in_place` (watching on a
+/// terminal) homes the cursor and clears the screen first; otherwise successive tables
+/// are separated by a blank line and no escape sequence is written.
+fn streams_page(
+    list: &[StreamView],
+    output: Output,
+    watch: bool,
+    redraw_in_place: bool,
+    first: bool,
+    at_ms: u64,
+    width: Option<u16>,
+) -> Result<String> {
+    let mut page = String::new();
+    if output == Output::Json {
+        if watch {
+            let snapshot = WatchSnapshot { at_ms, streams: list.to_vec() };
+            page.push_str(&serde_json::to_string(&snapshot)?);
+        } else {
+            page.push_str(&serde_json::to_string_pretty(list)?);
+        }
+        page.push('\n');
+        return Ok(page);
+    }
+    if redraw_in_place {
+        page.push_str("\x1b[H\x1b[2J");
+    } else if watch && !first {
+        page.push('\n');
+    }
+    let all = ["Resource", "Agent", "Stream", "Client", "Age", "In", "Out", "Rate in", "Rate out", "Path", "Counter"];
+    let rows = list
+        .iter()
+        .map(|s| {
+            vec![
+                s.resource_name.clone(),
+                s.agent_id.clone(),
+                s.stream_id.to_string(),
+                s.client_addr.clone(),
+                format_age(s.age_secs),
+                format_bytes(s.bytes_in as f64),
+                format_bytes(s.bytes_out as f64),
+                format!("{}/s", format_bytes(s.rate_in_bps)),
+                format!("{}/s", format_bytes(s.rate_out_bps)),
+                s.path.as_str().to_owned(),
+                s.counter.clone(),
+            ]
+        })
+        .collect();
+    if watch {
+        let time = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms));
+        let stop = if redraw_in_place { "; Ctrl-C to stop" } else { "" };
+        page.push_str(&format!("sluice streams — {} open at {time} (In: client → service{stop})\n\n", list.len()));
+    }
+    page.push_str(&render_table_within(&all, &all, rows, None, width)?);
+    Ok(page)
 }
 
 /// `1.5 MiB` style sizes.
@@ -1075,15 +1194,52 @@ fn ago(t: Option<u64>) -> String {
 }
 
 /// Prints rows as an aligned table. `wanted` (case-insensitive names) overrides `default`.
+/// On a terminal the table is fitted to its width (see [`render_table_within`]); piped
+/// into a script it is printed whole.
 fn print_table(all: &[&str], default: &[&str], rows: Vec<Vec<String>>, wanted: Option<&[String]>) -> Result<()> {
-    print!("{}", render_table(all, default, rows, wanted)?);
+    print!("{}", render_table_within(all, default, rows, wanted, stdout_terminal_width())?);
     Ok(())
 }
 
-/// The table [`print_table`] prints. Cells come from the store and from agents (names,
-/// host names, service errors): control characters in them are escaped, so no cell can
-/// break the table's lines or send escape sequences to the operator's terminal.
+/// The width of the terminal stdout is, or `None` when stdout is not a terminal (a pipe,
+/// a file: scripts get whole lines, never wrapped).
+pub fn stdout_terminal_width() -> Option<u16> {
+    use std::io::IsTerminal;
+    let out = std::io::stdout();
+    if !out.is_terminal() {
+        return None;
+    }
+    terminal_size::terminal_size_of(&out).map(|(terminal_size::Width(w), _)| w)
+}
+
+/// Columns of free text (names, host names, error messages): the ones wrapped when a
+/// table is wider than the terminal. Ids, endpoints, times and counts are never wrapped,
+/// so they can still be copied whole from the screen.
+const FREE_TEXT_COLUMNS: &[&str] =
+    &["Name", "Customer", "Host", "Service error", "Port error", "Last error", "Action", "Target", "Result", "Ended"];
+
+/// The table [`print_table`] prints, unfitted (as for a pipe).
+#[cfg(test)]
 fn render_table(all: &[&str], default: &[&str], rows: Vec<Vec<String>>, wanted: Option<&[String]>) -> Result<String> {
+    render_table_within(all, default, rows, wanted, None)
+}
+
+/// Renders rows as a table without borders: columns left-aligned by display width (so
+/// "Zürich Straßenbahn AG" or a CJK name lines up), two spaces apart, no trailing
+/// blanks. With `width` (a terminal's), the free-text columns ([`FREE_TEXT_COLUMNS`])
+/// wrap so that the table fits; without it lines are never wrapped.
+///
+/// Cells come from the store and from agents (names, host names, service errors):
+/// control characters in them are escaped, so no cell can break the table's lines or
+/// send escape sequences to the operator's terminal.
+fn render_table_within(
+    all: &[&str],
+    default: &[&str],
+    rows: Vec<Vec<String>>,
+    wanted: Option<&[String]>,
+    width: Option<u16>,
+) -> Result<String> {
+    use comfy_table::{ColumnConstraint, ContentArrangement, Table, TableStyle};
     let rows: Vec<Vec<String>> =
         rows.into_iter().map(|r| r.iter().map(|c| sluice_proto::identity::escape_controls(c)).collect()).collect();
     let pick: Vec<usize> = match wanted {
@@ -1097,22 +1253,25 @@ fn render_table(all: &[&str], default: &[&str], rows: Vec<Vec<String>>, wanted: 
             .collect::<Result<_>>()?,
         None => default.iter().map(|d| all.iter().position(|a| a == d).expect("default column exists")).collect(),
     };
-    let mut widths: Vec<usize> = pick.iter().map(|&i| all[i].chars().count()).collect();
+    let mut table = Table::new();
+    table.load_style(TableStyle::new());
+    table.set_header(pick.iter().map(|&i| all[i]).collect::<Vec<_>>());
     for row in &rows {
-        for (w, &i) in widths.iter_mut().zip(&pick) {
-            *w = (*w).max(row[i].chars().count());
+        table.add_row(pick.iter().map(|&i| row[i].as_str()).collect::<Vec<_>>());
+    }
+    let last = pick.len().saturating_sub(1);
+    for (n, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((0, if n == last { 0 } else { 2 }));
+        if width.is_some() && !FREE_TEXT_COLUMNS.contains(&all[pick[n]]) {
+            column.set_constraint(ColumnConstraint::ContentWidth);
         }
     }
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(parts.join("  ").trim_end());
-        out.push('\n');
+    match width {
+        Some(w) => table.set_content_arrangement(ContentArrangement::Dynamic).set_width(w),
+        None => table.set_content_arrangement(ContentArrangement::Disabled),
     };
-    line(pick.iter().map(|&i| all[i]).collect());
-    for row in &rows {
-        line(pick.iter().map(|&i| row[i].as_str()).collect());
-    }
+    let mut out = table.trim_fmt();
+    out.push('\n');
     Ok(out)
 }
 
@@ -1127,6 +1286,68 @@ mod tests {
         assert_eq!(out.lines().count(), 2, "{out}");
         assert!(!out.contains('\u{1b}'), "{out:?}");
         assert!(out.contains("db\\u{a}FAKE  ROW"), "{out}");
+    }
+
+    #[test]
+    fn tables_align_by_display_width() {
+        use unicode_width::UnicodeWidthStr;
+        let rows = vec![
+            vec!["Zürich Straßenbahn AG".to_owned(), "res_1".to_owned()],
+            // "ü" as u + combining diaeresis: 2 chars, 1 column.
+            vec!["Zu\u{308}rich".to_owned(), "res_2".to_owned()],
+            vec!["東京電力".to_owned(), "res_3".to_owned()],
+            vec!["Acme".to_owned(), "res_4".to_owned()],
+        ];
+        let out = render_table(&["Name", "Id"], &["Name", "Id"], rows, None).unwrap();
+        let widths: Vec<usize> = out.lines().skip(1).map(UnicodeWidthStr::width).collect();
+        assert_eq!(widths.len(), 4, "{out}");
+        assert!(widths.iter().all(|w| *w == widths[0]), "lines of unequal display width {widths:?}:\n{out}");
+        for line in out.lines() {
+            let id_at = UnicodeWidthStr::width(&line[..line.rfind(['r', 'I']).unwrap()]);
+            assert_eq!(id_at, UnicodeWidthStr::width("Zürich Straßenbahn AG  "), "{out}");
+        }
+    }
+
+    #[test]
+    fn tables_fit_a_narrow_terminal_without_cutting_ids() {
+        use unicode_width::UnicodeWidthStr;
+        let error = "connection refused by 10.0.0.7:1433 (is the database up? check APP_HOST and APP_PORT)";
+        let rows = vec![vec!["res_0123456789abcdef".to_owned(), "Acme MS SQL".to_owned(), error.to_owned()]];
+        let all = ["Id", "Name", "Service error"];
+        let out = render_table_within(&all, &all, rows.clone(), None, Some(50)).unwrap();
+        assert!(out.lines().all(|l| UnicodeWidthStr::width(l) <= 50), "{out}");
+        assert!(out.lines().count() > 2, "the error wraps: {out}");
+        assert!(out.contains("res_0123456789abcdef"), "the id is never cut: {out}");
+        let words: Vec<&str> = out.lines().flat_map(|l| l.split_whitespace()).collect();
+        for word in error.split_whitespace() {
+            assert!(words.contains(&word), "{word:?} lost: {out}");
+        }
+        // Unfitted (stdout piped into a script): one line per row, whatever its length.
+        let piped = render_table_within(&all, &all, rows, None, None).unwrap();
+        assert_eq!(piped.lines().count(), 2, "{piped}");
+        assert!(piped.lines().nth(1).unwrap().ends_with(error), "{piped}");
+    }
+
+    #[test]
+    fn piped_watch_pages_carry_no_screen_control_codes() {
+        let view: StreamView = serde_json::from_value(serde_json::json!({
+            "stream_id": 7, "resource_id": "res_1", "resource_name": "Zürich DB", "agent_id": "agt_1",
+            "client_addr": "127.0.0.1:5000", "started_at": 1, "age_secs": 3.0, "bytes_in": 10, "bytes_out": 20,
+            "rate_in_bps": 1.0, "rate_out_bps": 2.0, "path": "userspace", "counter": "userspace", "closed": false
+        }))
+        .unwrap();
+        let list = vec![view];
+        for first in [true, false] {
+            let table = streams_page(&list, Output::Table, true, false, first, 1_000, None).unwrap();
+            assert!(!table.contains('\x1b'), "{table:?}");
+            assert_eq!(table.starts_with('\n'), !first, "a blank line between tables: {table:?}");
+            let json = streams_page(&list, Output::Json, true, false, first, 1_000, None).unwrap();
+            assert_eq!(json.lines().count(), 1, "{json}");
+            let snap: WatchSnapshot = serde_json::from_str(&json).unwrap();
+            assert_eq!((snap.at_ms, snap.streams), (1_000, list.clone()));
+        }
+        let tty = streams_page(&list, Output::Table, true, true, false, 1_000, Some(80)).unwrap();
+        assert!(tty.starts_with("\x1b[H\x1b[2J"), "on a terminal the table is redrawn in place: {tty:?}");
     }
 
     #[test]

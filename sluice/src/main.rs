@@ -104,6 +104,13 @@ enum Cmd {
         #[command(flatten)]
         args: cli::StreamsArgs,
     },
+    /// Print a shell completion script: `sluice completion bash >
+    /// /etc/bash_completion.d/sluice`, `sluice completion zsh > "${fpath[1]}/_sluice"`,
+    /// `sluice completion fish > ~/.config/fish/completions/sluice.fish`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Runs the relay until SIGTERM or Ctrl-C, then drains it (`--drain-timeout`); a second
@@ -156,6 +163,11 @@ fn main() -> ExitCode {
             Cmd::Leases { conn, cmd } => cli::leases(&conn, cmd).await,
             Cmd::ApiTokens { conn, cmd } => cli::api_tokens(&conn, cmd).await,
             Cmd::Audit { conn, args } => cli::audit(&conn, args).await,
+            Cmd::Completion { shell } => {
+                let mut cmd = <Cli as clap::CommandFactory>::command();
+                clap_complete::generate(shell, &mut cmd, "sluice", &mut std::io::stdout());
+                Ok(())
+            }
         }
     });
     match result {

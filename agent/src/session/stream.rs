@@ -177,7 +177,15 @@ pub(super) async fn serve(pool: &Pool, mut tls: Tunnel, tunnel_reg: Option<Regis
     match report.end {
         StreamEnd::Clean => {
             crate::metrics::stream_closed("clean");
-            debug!(path = report.path.as_str(), bytes_in, bytes_out, copied_in, copied_out, counter = ?last.counter, "stream closed")
+            debug!(
+                path = report.path.as_str(),
+                bytes_in,
+                bytes_out,
+                copied_in,
+                copied_out,
+                counter = counter_label(last.counter),
+                "stream closed"
+            )
         }
         end => {
             crate::metrics::stream_closed(if matches!(end, StreamEnd::Cancelled) { "cancelled" } else { "aborted" });
@@ -190,6 +198,14 @@ async fn refuse(mut tls: Tunnel, reason: String) {
     warn!(%reason, "stream refused");
     let _ = wire::write_frame(&mut tls, &StreamReply::Refused { reason }).await;
     let _ = tls.shutdown().await;
+}
+
+/// How a stream's byte counter is named in logs (as on the wire and in the admin API).
+fn counter_label(counter: CounterSource) -> &'static str {
+    match counter {
+        CounterSource::Ebpf => "ebpf",
+        CounterSource::Userspace => "userspace",
+    }
 }
 
 #[cfg(test)]

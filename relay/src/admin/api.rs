@@ -303,6 +303,10 @@ async fn issue_jwt(
 ) -> Result<(Extension<AuditTarget>, Json<crate::admin::ops::JwtIssued>), AdminError> {
     let Json(mut body) = body.map_err(|e| AdminError::bad_request(format!("bad registration JWT request: {e}")))?;
     c.require(if body.rotate { Action::RotateResource } else { Action::IssueJwt })?;
+    if let Some(rid) = body.resource_id.take() {
+        let scope = c.confined_to().map(str::to_owned).or_else(|| body.customer_id.clone());
+        body.resource_id = Some(resource_id_of(&r, &rid, scope.as_deref())?);
+    }
     if let Some(own) = c.confined_to() {
         if body.org_only {
             return Err(AdminError {
@@ -389,12 +393,25 @@ async fn get_resource(
     r.resource_view(&id, q.customer_id.as_deref()).map(Json)
 }
 
+/// The id of the resource `id_or_name` names: an id as it is (callers check whose it
+/// is), else a name looked up like `GET /v1/resources/{name}` does (within
+/// `customer_id` when given; 404 when absent, 409 naming the customers when several
+/// have a resource of that name).
+fn resource_id_of(r: &Relay, id_or_name: &str, customer_id: Option<&str>) -> Result<String, AdminError> {
+    if r.store.resource(id_or_name)?.is_some() {
+        return Ok(id_or_name.to_owned());
+    }
+    Ok(r.resource_view(id_or_name, customer_id)?.id)
+}
+
 async fn delete_resource(
     State(r): State<Arc<Relay>>,
     Extension(c): CallerExt,
     Path(id): Path<String>,
+    Query(q): Query<ResourceQuery>,
 ) -> Result<StatusCode, AdminError> {
     c.require(Action::DeleteResource)?;
+    let id = resource_id_of(&r, &id, c.confined_to().or(q.customer_id.as_deref()))?;
     if c.confined_to().is_some() && !r.store.resource(&id)?.is_some_and(|res| c.sees(res.customer_id.as_deref())) {
         return Err(hidden("resource", &id));
     }

@@ -130,7 +130,7 @@ impl Relay {
             revoked_at: None,
         };
         self.store.create_api_token(&record)?;
-        info!(token_id = %record.id, role = %record.role, customer = ?record.customer_id, "API token created");
+        info!(token_id = %record.id, role = %record.role, customer = record.customer_id.as_deref(), "API token created");
         Ok(ApiTokenCreated { token, record })
     }
 

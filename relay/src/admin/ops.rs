@@ -271,7 +271,7 @@ impl Relay {
             expires_at,
             revoked_at: None,
         })?;
-        info!(%jti, customer = ?customer_id, resource = ?claims.resource_id, "registration JWT issued");
+        info!(%jti, customer = customer_id.as_deref(), resource = claims.resource_id.as_deref(), "registration JWT issued");
         Ok(JwtIssued {
             jwt: self.signer.sign(&claims),
             jti,
@@ -318,8 +318,8 @@ impl Relay {
                     );
                     info!(
                         resource = %rid, generation, disconnected_agents = n,
-                        revoked_resource_jwts = ?revoked.revoked_resource_jwts,
-                        blocked_for_resource_jwts = ?revoked.blocked_for_resource_jwts,
+                        revoked_resource_jwts = %revoked.revoked_resource_jwts.join(","),
+                        blocked_for_resource_jwts = %revoked.blocked_for_resource_jwts.join(","),
                         "resource rotated"
                     );
                     let r =
@@ -396,7 +396,7 @@ impl Relay {
         };
         let agent_resource_ids = self.store.resources_enrolled_with(jti)?;
         if newly_revoked {
-            info!(%jti, agent_resources = ?agent_resource_ids, "registration JWT revoked");
+            info!(%jti, agent_resources = %agent_resource_ids.join(","), "registration JWT revoked");
         }
         Ok(JwtRevoked {
             jti: record.jti,
@@ -577,8 +577,8 @@ impl Relay {
         let n = self.registry.revoke(id, None, &format!("resource {id} was deleted"));
         info!(
             resource = %id, disconnected_agents = n,
-            revoked_resource_jwts = ?revoked.revoked_resource_jwts,
-            blocked_for_resource_jwts = ?revoked.blocked_for_resource_jwts,
+            revoked_resource_jwts = %revoked.revoked_resource_jwts.join(","),
+            blocked_for_resource_jwts = %revoked.blocked_for_resource_jwts.join(","),
             "resource deleted"
         );
         Ok(())
@@ -689,7 +689,7 @@ impl Relay {
             self.config.limits.max_leases_per_resource,
         )?;
         info!(lease = %lease.id, resource = %resource.id, port = lease.port, ttl_secs = req.ttl_secs,
-              max_connections = ?lease.max_connections, source = ?lease.source, "lease created");
+              max_connections = lease.max_connections, source = lease.source.as_deref(), "lease created");
         Ok(self.lease_view(lease))
     }
 

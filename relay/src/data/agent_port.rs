@@ -159,7 +159,7 @@ async fn enroll(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, peer: Socke
         }
         Err(r) => {
             crate::metrics::enrollment(reject_label(r.code));
-            info!(%peer, name = %printable(&req.name), code = ?r.code, reason = %r.message, "enrollment refused");
+            info!(%peer, name = %printable(&req.name), code = reject_label(r.code), reason = %r.message, "enrollment refused");
             EnrollResponse::Rejected(r)
         }
     };

@@ -183,7 +183,7 @@ impl Enroller<'_> {
                                     reject(RejectCode::Unavailable, m)
                                 }
                                 StoreError::Quota(m) => {
-                                    warn!(customer = ?cid, reason = %m, "enrollment refused: resource quota");
+                                    warn!(customer = cid, reason = %m, "enrollment refused: resource quota");
                                     reject(RejectCode::Forbidden, m)
                                 }
                                 StoreError::Conflict(_) => reject(
