@@ -18,8 +18,11 @@
 //! - `cargo xtask sim-agents [--agents N,…] [--streams M] [--pool N] …`: thousands of
 //!   simulated agents against one relay; its RSS, descriptors, CPU and control messages
 //!   per idle agent and per stream (`xtask/src/sim_agents.rs`; docs/scaling.md; not in `test`).
+//! - `cargo xtask dist [--no-build]`: static stripped binaries, debug files, SHA256SUMS
+//!   and one image context per binary in `target/dist/` (`xtask/src/dist.rs`).
 
 mod bench_peers;
+mod dist;
 mod fuzz;
 mod sim_agents;
 mod soak;
@@ -140,6 +143,7 @@ fn main() -> Result<()> {
         Some("vm-test-smoke") => vm::smoke_cli(&workspace_root(), &args[1..]),
         Some("vm-bench") => vm::bench_cli(&workspace_root(), &args[1..]),
         Some("bench-peers") => bench_peers::cli(&workspace_root(), &args[1..]),
+        Some("dist") => dist::cli(&workspace_root(), &args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -148,11 +152,12 @@ fn main() -> Result<()> {
                  --quick skips fmt and clippy\n  \
                  {}\n  \
                  measure         1 GiB throughput and agent memory (idle, 8 and 200 streams)\n  \
-                 bench-peers [--quick] [--no-build] [--no-docs] [--peers LIST]  Sluice vs peer tunnels → docs/benchmarks.md\n{}{}{}",
+                 bench-peers [--quick] [--no-build] [--no-docs] [--peers LIST]  Sluice vs peer tunnels → docs/benchmarks.md\n{}{}{}{}",
                 fuzz::USAGE.trim_start(),
                 soak::USAGE,
                 sim_agents::USAGE,
-                vm::USAGE
+                vm::USAGE,
+                dist::USAGE
             );
             std::process::exit(2);
         }
