@@ -98,9 +98,9 @@ pub fn dist(root: &Path, build: bool) -> Result<()> {
     println!("checksums: {}", out.join("SHA256SUMS").display());
     for image in IMAGES {
         println!(
-            "image context: {} (docker build -t sluice-{}:{} {})",
+            "image context: {} (docker build -t {}:{} {})",
             out.join(format!("image-{}", image.name)).display(),
-            image.name,
+            image.binary,
             env!("CARGO_PKG_VERSION"),
             out.join(format!("image-{}", image.name)).display()
         );
