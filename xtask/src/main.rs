@@ -2,7 +2,8 @@
 //!
 //! - `cargo xtask test`: everything CI runs, from a clean clone: installs the real
 //!   services the tests start (PostgreSQL, OpenSSH) and the eBPF toolchain, checks
-//!   formatting and lints, builds the release binaries, and runs every test against them.
+//!   formatting and lints, builds the release binaries and the dist binaries (`dist`
+//!   below), and runs every test against them.
 //!   Then it runs every fuzz target for a few seconds (`cargo xtask fuzz`, `fuzz/`).
 //!   Last, it boots the kTLS VM and runs the relay and agent end to end over kernel TLS
 //!   (`cargo xtask vm-test`, `vm/`).
@@ -83,6 +84,12 @@ fn test(args: &[String]) -> Result<()> {
         "build release binaries",
         cargo().args(["build", "--release", "--workspace", "--exclude", EBPF_CRATE, "--bins"]),
     )?;
+    // The shipped static binaries and image contexts, fresh: tests/tests/dist.rs runs them
+    // in the images' root file systems (cold: about 8 CPU-minutes; cached: seconds).
+    eprintln!("==> dist binaries and image contexts (cargo xtask dist)");
+    let t = Instant::now();
+    dist::dist(&workspace_root(), true)?;
+    eprintln!("<== dist: ok in {:.1} s", t.elapsed().as_secs_f64());
     run(
         "tests",
         cargo().args(["test", "--release", "--workspace", "--exclude", EBPF_CRATE, "--", "--test-threads", "4"]),
