@@ -14,9 +14,14 @@ command -v sftp >/dev/null 2>&1 || missing+=(openssh-client)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v ethtool >/dev/null 2>&1 || missing+=(ethtool)
+# The compose files are validated against the vendored compose-spec schema (Debian's
+# python3, tests/tests/deploy.rs); systemd-analyze checks the units.
+/usr/bin/python3 -c 'import yaml' >/dev/null 2>&1 || missing+=(python3-yaml)
+/usr/bin/python3 -c 'import jsonschema' >/dev/null 2>&1 || missing+=(python3-jsonschema)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "test dependencies present (postgresql, openssh-server, iproute2, nftables, ethtool)"
+  echo "test dependencies present (postgresql, openssh-server, iproute2, nftables, ethtool, python3-yaml, python3-jsonschema, systemd)"
   exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then

@@ -14,6 +14,7 @@ pub(crate) mod backoff;
 pub mod config;
 pub(crate) mod drain;
 pub(crate) mod enroll;
+pub mod health;
 pub(crate) mod meter;
 pub(crate) mod metrics;
 pub(crate) mod relays;
@@ -127,8 +128,10 @@ fn start_parts(
     crate::metrics::ebpf_enabled(why.is_none());
     let data_path = Arc::new(DataPath::new(cfg.data_path, cfg.ktls_engine));
     info!(path = data_path.default_path().as_str(), "data path: {}", data_path.describe());
-    if let Some(addr) = cfg.metrics_listen {
-        tokio::spawn(crate::metrics::serve(addr, handle));
+    match cfg.metrics_listen {
+        // Ready for systemd once the listener is bound (metrics::serve says so).
+        Some(addr) => drop(tokio::spawn(crate::metrics::serve(addr, handle))),
+        None => crate::metrics::started(),
     }
     let target = format!("{}:{}", cfg.app_host, cfg.app_port);
     let service = Arc::new(crate::service::ServiceHealth::new(target.clone()));

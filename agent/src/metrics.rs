@@ -118,11 +118,31 @@ pub fn session(up: bool) {
         SESSIONS_UP.fetch_sub(1, Ordering::Relaxed).saturating_sub(1)
     };
     metrics::gauge!("sluice_agent_sessions").set(n as f64);
+    systemd(sluice_runtime::sd_notify::status(&match n {
+        0 => "no control session with the relay: reconnecting".to_owned(),
+        n => format!("connected: {n} control session(s) with the relay"),
+    }));
 }
 
 /// Remembers why the relay could not be reached, for `/readyz` to say.
 pub fn relay_unreachable(why: &str) {
     *LAST_FAILURE.lock() = Some(why.to_owned());
+    systemd(sluice_runtime::sd_notify::status(&format!("relay unreachable: {why}; retrying")));
+}
+
+/// Tells systemd (`Type=notify`) the agent is ready: started with a valid configuration
+/// and, when asked for, its metrics and health listener bound. Being connected is not
+/// part of it (the agent keeps retrying on its own; a start timeout would only restart
+/// it): the status line and `/readyz` say whether the relay answers.
+pub fn started() {
+    systemd(sluice_runtime::sd_notify::ready("started: connecting to the relay"));
+}
+
+/// Reports a notification systemd did not get (`$NOTIFY_SOCKET` set but unreachable).
+pub fn systemd(sent: std::io::Result<bool>) {
+    if let Err(e) = sent {
+        warn!(error = %e, "cannot notify systemd ($NOTIFY_SOCKET); with Type=notify it waits until TimeoutStartSec");
+    }
 }
 
 pub fn reconnect() {
@@ -151,10 +171,12 @@ pub async fn serve(addr: SocketAddr, handle: PrometheusHandle) {
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
+            started();
             return warn!(%addr, error = %e, "cannot open the metrics listener (--metrics-listen); metrics and health \
                 checks stay off until the agent restarts with a free address");
         }
     };
+    started();
     info!(%addr, "metrics at http://{addr}/metrics, health at /healthz and /readyz");
     loop {
         let (tcp, peer) = match listener.accept().await {

@@ -4,8 +4,11 @@
 //! never reach a log through `Debug`, the parser of settings that are either blank or a
 //! typed value ([`blank_or`]), and configurations made in code from clap's defaults
 //! ([`ignoring_env`]), and the build's identity ([`LONG_VERSION`] and its parts).
+//! [`sd_notify`] tells systemd (`Type=notify`) when the service is ready and stopping.
 //!
 //! It is its own small crate so that neither binary owns the other's process glue.
+
+pub mod sd_notify;
 
 use std::fmt;
 use std::str::FromStr;

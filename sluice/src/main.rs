@@ -119,11 +119,14 @@ async fn serve(config: RelayConfig) -> anyhow::Result<()> {
     let mut signals = sluice_runtime::ShutdownSignals::new();
     let deadline = config.drain_timeout;
     let running = relay::start(config).await?;
+    // systemd (Type=notify): ready once the listeners are bound and the store is open.
+    notify(sluice_runtime::sd_notify::ready("serving agents, the admin API and resource ports"));
     let asked = running.relay.cluster.drain_requested.clone();
     tokio::select! {
         signal = signals.next() => tracing::info!("{signal}: shutting down"),
         _ = asked.cancelled() => tracing::info!("`sluice relays drain`: draining for an upgrade, then exiting 0"),
     }
+    notify(sluice_runtime::sd_notify::stopping("draining: no new streams, waiting for running ones"));
     tokio::select! {
         _ = running.drain(deadline) => {}
         second = signals.next() => {
@@ -132,6 +135,14 @@ async fn serve(config: RelayConfig) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
+}
+
+/// Reports a failed systemd notification (`$NOTIFY_SOCKET` set but not reachable):
+/// systemd would then wait for readiness until its start timeout.
+fn notify(sent: std::io::Result<bool>) {
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd ($NOTIFY_SOCKET); with Type=notify it waits until TimeoutStartSec");
+    }
 }
 
 fn main() -> ExitCode {

@@ -2,7 +2,8 @@
 //!
 //! - `cargo xtask test`: everything CI runs, from a clean clone: installs the real
 //!   services the tests start (PostgreSQL, OpenSSH) and the eBPF toolchain, checks
-//!   formatting and lints, builds the release binaries, and runs every test against them.
+//!   formatting and lints, builds the release binaries and the dist binaries (`dist`
+//!   below), and runs every test against them.
 //!   Then it runs every fuzz target for a few seconds (`cargo xtask fuzz`, `fuzz/`).
 //!   Last, it boots the kTLS VM and runs the relay and agent end to end over kernel TLS
 //!   (`cargo xtask vm-test`, `vm/`).
@@ -18,8 +19,11 @@
 //! - `cargo xtask sim-agents [--agents N,…] [--streams M] [--pool N] …`: thousands of
 //!   simulated agents against one relay; its RSS, descriptors, CPU and control messages
 //!   per idle agent and per stream (`xtask/src/sim_agents.rs`; docs/scaling.md; not in `test`).
+//! - `cargo xtask dist [--no-build]`: static stripped binaries, debug files, SHA256SUMS
+//!   and one image context per binary in `target/dist/` (`xtask/src/dist.rs`).
 
 mod bench_peers;
+mod dist;
 mod fuzz;
 mod sim_agents;
 mod soak;
@@ -80,6 +84,12 @@ fn test(args: &[String]) -> Result<()> {
         "build release binaries",
         cargo().args(["build", "--release", "--workspace", "--exclude", EBPF_CRATE, "--bins"]),
     )?;
+    // The shipped static binaries and image contexts, fresh: tests/tests/dist.rs runs them
+    // in the images' root file systems (cold: about 8 CPU-minutes; cached: seconds).
+    eprintln!("==> dist binaries and image contexts (cargo xtask dist)");
+    let t = Instant::now();
+    dist::dist(&workspace_root(), true)?;
+    eprintln!("<== dist: ok in {:.1} s", t.elapsed().as_secs_f64());
     run(
         "tests",
         cargo().args(["test", "--release", "--workspace", "--exclude", EBPF_CRATE, "--", "--test-threads", "4"]),
@@ -140,6 +150,7 @@ fn main() -> Result<()> {
         Some("vm-test-smoke") => vm::smoke_cli(&workspace_root(), &args[1..]),
         Some("vm-bench") => vm::bench_cli(&workspace_root(), &args[1..]),
         Some("bench-peers") => bench_peers::cli(&workspace_root(), &args[1..]),
+        Some("dist") => dist::cli(&workspace_root(), &args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <command>\n\n\
@@ -148,11 +159,12 @@ fn main() -> Result<()> {
                  --quick skips fmt and clippy\n  \
                  {}\n  \
                  measure         1 GiB throughput and agent memory (idle, 8 and 200 streams)\n  \
-                 bench-peers [--quick] [--no-build] [--no-docs] [--peers LIST]  Sluice vs peer tunnels → docs/benchmarks.md\n{}{}{}",
+                 bench-peers [--quick] [--no-build] [--no-docs] [--peers LIST]  Sluice vs peer tunnels → docs/benchmarks.md\n{}{}{}{}",
                 fuzz::USAGE.trim_start(),
                 soak::USAGE,
                 sim_agents::USAGE,
-                vm::USAGE
+                vm::USAGE,
+                dist::USAGE
             );
             std::process::exit(2);
         }
