@@ -14,9 +14,11 @@ command -v sftp >/dev/null 2>&1 || missing+=(openssh-client)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v ethtool >/dev/null 2>&1 || missing+=(ethtool)
+# The proxy tests: a real HTTP CONNECT forward proxy.
+command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ] || missing+=(tinyproxy)
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "test dependencies present (postgresql, openssh-server, iproute2, nftables, ethtool)"
+  echo "test dependencies present (postgresql, openssh-server, iproute2, nftables, ethtool, tinyproxy)"
   exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
