@@ -191,10 +191,11 @@ impl Proxy {
     /// What to do about a refusal with `status`.
     fn hint(&self, status: u16) -> String {
         match status {
-            407 if self.credentials.is_some() => {
+            // Some proxies (tinyproxy) answer wrong credentials with 401, not 407.
+            401 | 407 if self.credentials.is_some() => {
                 format!("the proxy did not accept the user name and password in {}: check them", self.source)
             }
-            407 => "the proxy wants credentials: set user:password in SLUICE_PROXY/HTTPS_PROXY, e.g. \
+            401 | 407 => "the proxy wants credentials: set user:password in SLUICE_PROXY/HTTPS_PROXY, e.g. \
                     http://user:password@host:port"
                 .into(),
             403 | 405 => "the proxy's rules forbid this destination: ask its administrators to allow CONNECT to \
