@@ -19,9 +19,11 @@ command -v ethtool >/dev/null 2>&1 || missing+=(ethtool)
 /usr/bin/python3 -c 'import yaml' >/dev/null 2>&1 || missing+=(python3-yaml)
 /usr/bin/python3 -c 'import jsonschema' >/dev/null 2>&1 || missing+=(python3-jsonschema)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+# The proxy tests: a real HTTP CONNECT forward proxy.
+command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ] || missing+=(tinyproxy)
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "test dependencies present (postgresql, openssh-server, iproute2, nftables, ethtool, python3-yaml, python3-jsonschema, systemd)"
+  echo "test dependencies present (postgresql, openssh-server, iproute2, nftables, ethtool, python3-yaml, python3-jsonschema, systemd, tinyproxy)"
   exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then

@@ -14,6 +14,7 @@ use sluice_proto::identity::{RegistrationClaims, unix_now};
 use sluice_proto::relay_url::RelayUrl;
 use sluice_runtime::{LogArgs, Secret, blank_or};
 
+use crate::egress::Proxy;
 use crate::meter::CounterMode;
 
 /// The state directory when none is given.
@@ -95,6 +96,15 @@ pub struct AgentConfig {
     #[arg(long = "drain-timeout-secs", env = "SLUICE_DRAIN_TIMEOUT_SECS", default_value = "30",
           value_parser = parse_drain_timeout)]
     pub drain_timeout: Duration,
+    /// HTTP forward proxy to reach the relay through (HTTP CONNECT; the TLS to the relay
+    /// runs end to end through it): http://[user:password@]host:port. `none` (or blank)
+    /// dials the relay directly even when HTTPS_PROXY is set. Default: https_proxy, else
+    /// HTTPS_PROXY; no_proxy/NO_PROXY lists hosts dialed directly either way.
+    #[arg(long = "proxy", env = "SLUICE_PROXY", hide_env_values = true)]
+    proxy_setting: Option<String>,
+    /// The proxy in use (from `--proxy` and the environment, set by [`AgentConfig::load`]).
+    #[arg(skip)]
+    proxy: std::option::Option<Proxy>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -112,7 +122,7 @@ pub enum ConfigError {
 impl AgentConfig {
     /// Reads the flags and the environment and checks them.
     pub fn load() -> Result<AgentConfig, ConfigError> {
-        Self::load_from(Self::command(), std::env::args_os())
+        Self::load_from(Self::command(), std::env::args_os(), &|var| std::env::var(var).ok())
     }
 
     /// A configuration made in code (the quickstart's agent): every setting but these
@@ -143,22 +153,35 @@ impl AgentConfig {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        Self::load_from(sluice_runtime::ignoring_env(Self::command()), args)
+        Self::load_from(sluice_runtime::ignoring_env(Self::command()), args, &|_| None)
     }
 
-    fn load_from<I, T>(cmd: clap::Command, args: I) -> Result<AgentConfig, ConfigError>
+    /// Parses `args` with `cmd`; `env` looks up the proxy variables clap does not read
+    /// (`HTTPS_PROXY`, `NO_PROXY`, …; see [`crate::egress`]).
+    fn load_from<I, T>(
+        cmd: clap::Command,
+        args: I,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<AgentConfig, ConfigError>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
         let parsed = cmd.try_get_matches_from(args).and_then(|m| Self::from_arg_matches(&m));
-        let cfg = parsed.map_err(|e| match e.kind() {
+        let mut cfg = parsed.map_err(|e| match e.kind() {
             clap::error::ErrorKind::ValueValidation | clap::error::ErrorKind::MissingRequiredArgument => {
                 ConfigError::Invalid(one_line(&e))
             }
             _ => ConfigError::Clap(e),
         })?;
+        cfg.proxy = Proxy::select(cfg.proxy_setting.as_deref(), env).map_err(ConfigError::Invalid)?;
         cfg.validate().map_err(ConfigError::Invalid)
+    }
+
+    /// The HTTP proxy the agent reaches its relays through (`None`: directly). Pass it
+    /// to [`crate::egress::connect_relay`], which also applies its `NO_PROXY` list.
+    pub fn proxy(&self) -> std::option::Option<&Proxy> {
+        self.proxy.as_ref()
     }
 
     /// The registration JWT (a secret: it is never in `Debug` output).
@@ -362,7 +385,7 @@ mod tests {
     /// Parses and validates like `main`, from flags only (the test's environment is not read).
     fn load(f: &[(&'static str, String)]) -> Result<AgentConfig, String> {
         let args = std::iter::once("sluice-agent".to_owned()).chain(f.iter().map(|(k, v)| format!("{k}={v}")));
-        match AgentConfig::load_from(sluice_runtime::ignoring_env(AgentConfig::command()), args) {
+        match AgentConfig::load_from(sluice_runtime::ignoring_env(AgentConfig::command()), args, &|_| None) {
             Ok(c) => Ok(c),
             Err(ConfigError::Invalid(e)) => Err(e),
             Err(ConfigError::Clap(e)) => panic!("clap's own error: {e}"),
@@ -428,6 +451,8 @@ mod tests {
             ("--reconnect-max-secs", Some("soon"), "SLUICE_RECONNECT_MAX_SECS=\"soon\""),
             ("--service-check-secs", Some("-1"), "SLUICE_SERVICE_CHECK_SECS=\"-1\""),
             ("--drain-timeout-secs", Some("7200"), "SLUICE_DRAIN_TIMEOUT_SECS=\"7200\" is not a number of seconds"),
+            ("--proxy", Some("https://proxy:3128"), "SLUICE_PROXY=\"https://proxy:3128\" is not a usable proxy URL"),
+            ("--proxy", Some("http://proxy:port"), "SLUICE_PROXY=\"http://proxy:port\" is not a usable proxy URL"),
         ];
         for (flag, value, want) in cases {
             let mut f = flags(d.path());
@@ -436,6 +461,38 @@ mod tests {
             assert!(err.contains(want), "{flag}={value:?}: {err:?} should contain {want:?}");
             assert!(!err.contains('\n'), "one line: {err:?}");
         }
+    }
+
+    #[test]
+    fn the_proxy_comes_from_the_flag_else_the_standard_variables() {
+        let d = tempfile::tempdir().unwrap();
+        let args = |f: &[(&'static str, String)]| {
+            std::iter::once("sluice-agent".to_owned())
+                .chain(f.iter().map(|(k, v)| format!("{k}={v}")))
+                .collect::<Vec<_>>()
+        };
+        let env = |var: &str| match var {
+            "HTTPS_PROXY" => Some("http://alice:hunter2@proxy.corp:3128".to_owned()),
+            "NO_PROXY" => Some(".internal".to_owned()),
+            _ => None,
+        };
+        let cmd = || sluice_runtime::ignoring_env(AgentConfig::command());
+        let load_env = |f: &[(&'static str, String)]| match AgentConfig::load_from(cmd(), args(f), &env) {
+            Ok(c) => c,
+            Err(_) => panic!("loads"),
+        };
+        let c = load_env(&flags(d.path()));
+        let p = c.proxy().unwrap();
+        assert_eq!((p.describe().as_str(), p.source()), ("http://alice:***@proxy.corp:3128", "HTTPS_PROXY"));
+        assert!(p.bypasses("relay.internal", 443) && !format!("{c:?}").contains("hunter2"));
+        let mut f = flags(d.path());
+        set(&mut f, "--proxy", Some("none"));
+        assert!(load_env(&f).proxy().is_none(), "SLUICE_PROXY=none wins over HTTPS_PROXY");
+        set(&mut f, "--proxy", Some(""));
+        assert!(load_env(&f).proxy().is_none(), "a blank SLUICE_PROXY too");
+        set(&mut f, "--proxy", Some("http://other:8080"));
+        assert_eq!(load_env(&f).proxy().unwrap().to_string(), "http://other:8080");
+        assert!(load(&flags(d.path())).unwrap().proxy().is_none(), "no environment, no proxy");
     }
 
     #[test]

@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 use sluice_proto::identity::unix_now;
 use sluice_proto::tls;
 use sluice_proto::wire::{self, EnrollRequest, EnrollResponse, PROTOCOL_VERSION, Rejection};
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::AgentConfig;
@@ -236,10 +235,9 @@ pub async fn enroll(cfg: &AgentConfig) -> Result<Identity, EnrollError> {
     let server_name = tls::server_name_of(&cfg.relay_url.host).map_err(|e| EnrollError::Trust(e.to_string()))?;
     let authority = cfg.relay_url.authority();
 
-    let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&authority))
+    let tcp = crate::egress::connect_relay(&authority, cfg.proxy())
         .await
-        .map_err(|_| EnrollError::Unreachable(format!("connecting to the relay at {authority} timed out")))?
-        .map_err(|e| EnrollError::Unreachable(format!("cannot connect to the relay at {authority}: {e}")))?;
+        .map_err(|e| EnrollError::Unreachable(e.to_string()))?;
     let mut tls = TlsConnector::from(Arc::new(client_cfg)).connect(server_name, tcp).await.map_err(|e| {
         let msg = e.to_string();
         if msg.contains("pinned") || msg.contains("certificate") {

@@ -13,6 +13,7 @@ pub use sluice_runtime::{BUILD_DATE, GIT_COMMIT, LONG_VERSION, VERSION};
 pub(crate) mod backoff;
 pub mod config;
 pub(crate) mod drain;
+pub mod egress;
 pub(crate) mod enroll;
 pub mod health;
 pub(crate) mod meter;
@@ -144,7 +145,20 @@ fn start_parts(
         relay = %cfg.relay_url, service = %target, name = %cfg.name, state_dir = %cfg.state_dir.display(),
         "sluice-agent starting"
     );
+    log_proxy(cfg);
     (Arc::new(meter), data_path, service)
+}
+
+/// Says once how the agent reaches its relays: which proxy (password redacted), from
+/// which variable, and which hosts `NO_PROXY` sends directly.
+fn log_proxy(cfg: &AgentConfig) {
+    let Some(p) = cfg.proxy() else { return };
+    let (host, port) = (&cfg.relay_url.host, cfg.relay_url.port);
+    info!(proxy = %p.describe(), from = p.source(), no_proxy = p.no_proxy().as_str(),
+          "reaching the relays through an HTTP proxy (CONNECT; TLS end to end through it)");
+    if p.bypasses(host, port) {
+        info!(relay = %cfg.relay_url, no_proxy = p.no_proxy().as_str(), "NO_PROXY covers the relay: dialing it directly");
+    }
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and logs both. Each stream holds

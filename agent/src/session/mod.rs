@@ -102,7 +102,7 @@ pub async fn run(
         service_status: true,
         relays: true,
     };
-    let (tls, welcome, relay, data_cfg) = match connect(relay_url, &id, capabilities).await {
+    let (tls, welcome, relay, data_cfg) = match connect(relay_url, &id, capabilities, cfg.proxy()).await {
         Ok(c) => c,
         Err(end) => return end,
     };
@@ -140,15 +140,17 @@ pub async fn run(
     end
 }
 
-/// Dials the relay's control port with the identity and exchanges hello and welcome.
+/// Dials the relay's control port (through `proxy`, if any) with the identity and
+/// exchanges hello and welcome.
 /// Also returns the relay's address and the TLS configuration data connections use.
 async fn connect(
     relay_url: &RelayUrl,
     id: &Identity,
     capabilities: Capabilities,
+    proxy: Option<&crate::egress::Proxy>,
 ) -> Result<(pool::Tunnel, control::Welcome, RelayTarget, Arc<ClientConfig>), SessionEnd> {
     let relay = match tls::server_name_of(&relay_url.host) {
-        Ok(server_name) => RelayTarget { authority: relay_url.authority(), server_name },
+        Ok(server_name) => RelayTarget { authority: relay_url.authority(), server_name, proxy: proxy.cloned() },
         Err(e) => return Err(SessionEnd::Lost(e.to_string())),
     };
     let (control_cfg, data_cfg) = match (client_config(id, ALPN_CONTROL), client_config(id, ALPN_DATA)) {

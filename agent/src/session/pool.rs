@@ -18,26 +18,27 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span};
 
-use super::stream::{self, ActiveStream, connect_metered};
+use super::stream::{self, ActiveStream};
 use crate::meter::{Meter, Registration};
 use crate::service::ServiceHealth;
 
 /// A TLS connection to the relay (control or data).
 pub type Tunnel = tokio_rustls::client::TlsStream<TunnelSocket>;
 
-/// How long the TCP connect to the relay may take.
-const RELAY_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the TLS handshake with the relay may take.
 const RELAY_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Where the relay is: its `host:port` and the name its certificate must carry.
+/// Where the relay is: its `host:port`, the name its certificate must carry, and the
+/// proxy to reach it through (`NO_PROXY` is checked at each dial).
 #[derive(Debug, Clone)]
 pub struct RelayTarget {
     pub authority: String,
     pub server_name: ServerName<'static>,
+    pub proxy: Option<crate::egress::Proxy>,
 }
 
-/// Dials the relay and completes the TLS handshake with `connector`. With a `meter` the
+/// Dials the relay (through the proxy, if any: [`crate::egress`]) and completes the TLS
+/// handshake with `connector`, end to end with the relay. With a `meter` the
 /// socket is registered before connecting (for a data connection's TLS byte counts); the
 /// registration dies with the connection on every failure path.
 pub async fn dial(
@@ -46,10 +47,9 @@ pub async fn dial(
     meter: Option<&Arc<Meter>>,
 ) -> Result<(Tunnel, Option<Registration>), String> {
     let authority = &relay.authority;
-    let (tcp, registration) = tokio::time::timeout(RELAY_CONNECT_TIMEOUT, connect_metered(authority, meter))
+    let (tcp, registration) = crate::egress::connect_relay_metered(authority, relay.proxy.as_ref(), meter)
         .await
-        .map_err(|_| format!("connecting to the relay at {authority} timed out"))?
-        .map_err(|e| format!("cannot connect to the relay at {authority}: {e}"))?;
+        .map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
     datapath::tune_tunnel_socket(&tcp);
     let tls = tokio::time::timeout(
