@@ -1,7 +1,8 @@
 //! `sluice-agent`: configured by environment variables (or the equivalent flags), see
 //! [`sluice_agent::config::AgentConfig`]. Exit codes: 2 bad configuration, 1 refused for
 //! good by the relay, 0 stopped by SIGTERM/SIGINT (after draining its streams, up to
-//! `SLUICE_DRAIN_TIMEOUT_SECS`; a second signal exits at once).
+//! `SLUICE_DRAIN_TIMEOUT_SECS`; a second signal exits at once). `sluice-agent doctor`
+//! checks the same configuration, the relay and the service instead ([`sluice_agent::doctor`]).
 
 use std::process::ExitCode;
 
@@ -9,6 +10,10 @@ use sluice_agent::config::{AgentConfig, ConfigError};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    // `sluice-agent doctor …` checks the same configuration instead of running with it.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "doctor") {
+        return sluice_agent::doctor::main(std::env::args_os().skip(1).collect());
+    }
     let cfg = match AgentConfig::load() {
         Ok(c) => c,
         Err(ConfigError::Clap(e)) => e.exit(),
