@@ -354,7 +354,10 @@ fn check_jwt(cfg: &AgentConfig, enrolled: bool, now: u64) -> Finding {
         Some(exp) if exp > now => Finding::pass(JWT, format!("{saw}; expires {}", when(exp, now))),
         Some(exp) if enrolled => Finding::pass(
             JWT,
-            format!("{saw}; expired {}, which does not matter: this agent is enrolled (saved identity)", when(exp, now)),
+            format!(
+                "{saw}; expired {}, which does not matter: this agent is enrolled (saved identity)",
+                when(exp, now)
+            ),
         ),
         Some(exp) => Finding::fail(
             JWT,
@@ -611,7 +614,11 @@ fn describe_chain(chain: &[CertificateDer<'_>]) -> String {
 /// Check 7 with a saved identity: a control session, hello → welcome, as the agent opens it.
 async fn check_session(cfg: &AgentConfig, authority: &str, id: &Identity) -> Finding {
     let fail = |saw: String| {
-        Finding::fail(SESSION, saw, "see the lines above; if the relay refuses the certificate, the agent enrolls again on start with REGISTRATION_JWT")
+        Finding::fail(
+            SESSION,
+            saw,
+            "see the lines above; if the relay refuses the certificate, the agent enrolls again on start with REGISTRATION_JWT",
+        )
     };
     let server_name = match tls::server_name_of(&cfg.relay_url.host) {
         Ok(n) => n,
@@ -763,7 +770,7 @@ fn when(ts: u64, now: u64) -> String {
             )
         })
         .unwrap_or_else(|_| format!("at {ts} (seconds since the epoch)"));
-    if ts >= now { format!("{date} (in {})", span(ts - now)) } else { format!("{date} ({} ago)", span(now - ts)) }
+    if ts > now { format!("{date} (in {})", span(ts - now)) } else { format!("{date} ({} ago)", span(now - ts)) }
 }
 
 /// A duration in its two largest units: `3d 2h`, `5m 3s`, `42s`.
@@ -919,6 +926,7 @@ mod tests {
         assert_eq!(span(86_400 + 5), "1d");
         assert_eq!(span(303), "5m 3s");
         assert_eq!(when(0, 60), "1970-01-01 00:00:00 UTC (1m ago)");
+        assert_eq!(when(60, 60), "1970-01-01 00:01:00 UTC (0s ago)", "expired at exp itself");
         assert_eq!(when(1_800_000_000, 1_799_996_400), "2027-01-15 08:00:00 UTC (in 1h)");
     }
 
