@@ -394,7 +394,7 @@ fn check_identity(
             Finding::pass(
                 IDENTITY,
                 format!(
-                    "agent {} of resource {} ({:?}) at {}; certificate valid until {}, renewed from {}; STATE_DIR {dir} \
+                    "agent {} of resource {} ({:?}) at {}; certificate valid until {}, renewal due from {}; STATE_DIR {dir} \
                      writable by uid {uid}",
                     m.agent_id,
                     m.resource_id,
@@ -506,7 +506,8 @@ async fn check_tls(cfg: &AgentConfig, authority: &str) -> Finding {
     let heard = recorded.heard.clone();
     let handshake = TlsConnector::from(pinned).connect(server_name.clone(), recorded);
     let err = match tokio::time::timeout(NETWORK_TIMEOUT, handshake).await {
-        Ok(Ok(tls)) => {
+        Ok(Ok(mut tls)) => {
+            close(&mut tls).await;
             let conn = tls.get_ref().1;
             let version = conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
             let chain = conn.peer_certificates().map(<[CertificateDer]>::to_vec).unwrap_or_default();
@@ -526,10 +527,8 @@ async fn check_tls(cfg: &AgentConfig, authority: &str) -> Finding {
         }
     };
     let heard = heard.lock().clone();
-    let fix_port = format!(
-        "point SLUICE_URL (or the JWT's relay URL) at the relay's agent port; anything between this host and the \
-         relay must pass TLS through untouched (TCP passthrough, no TLS termination)"
-    );
+    let fix_port = "point SLUICE_URL (or the JWT's relay URL) at the relay's agent port; anything between this host \
+                    and the relay must pass TLS through untouched (TCP passthrough, no TLS termination)";
     if heard.starts_with(b"HTTP/") {
         let first_line = String::from_utf8_lossy(&heard);
         let first_line = first_line.lines().next().unwrap_or_default();
@@ -602,6 +601,12 @@ async fn what_the_server_shows(
     Some((version, chain))
 }
 
+/// Ends a TLS connection politely (close_notify), so the relay logs a clean close.
+async fn close(tls: &mut (impl AsyncWrite + Unpin)) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(Duration::from_secs(2), tls.shutdown()).await;
+}
+
 /// "a certificate for SUBJECT issued by ISSUER".
 fn describe_chain(chain: &[CertificateDer<'_>]) -> String {
     let Some(leaf) = chain.first() else { return "no certificate".into() };
@@ -639,7 +644,9 @@ async fn check_session(cfg: &AgentConfig, authority: &str, id: &Identity) -> Fin
         Err(_) => return fail(format!("mutual TLS with {authority} took longer than {NETWORK_TIMEOUT:?}")),
     };
     let hostname = format!("{} (doctor)", crate::hostname());
-    match control::hello(&mut tunnel, hostname, Capabilities::default()).await {
+    let welcome = control::hello(&mut tunnel, hostname, Capabilities::default()).await;
+    close(&mut tunnel).await;
+    match welcome {
         Ok(w) => {
             let relay = if w.relay_id.is_empty() { String::new() } else { format!(" relay {},", w.relay_id) };
             Finding::pass(
