@@ -346,7 +346,7 @@ fn check_jwt(cfg: &AgentConfig, enrolled: bool, now: u64) -> Finding {
         saw.push_str(&format!(", resource {resource}"));
     }
     saw.push_str(&format!(", id {}", c.jti));
-    if cfg.relay_url.to_string() != c.relay_url.trim_end_matches('/') {
+    if sluice_proto::relay_url::RelayUrl::parse(&c.relay_url).ok().as_ref() != Some(&cfg.relay_url) {
         saw.push_str(&format!("; SLUICE_URL makes the agent dial {} instead", cfg.relay_url));
     }
     match c.exp {

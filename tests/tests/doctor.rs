@@ -172,6 +172,7 @@ fn relay_dns_lists_the_addresses_or_says_it_cannot_resolve() {
     let by_name = format!("https://localhost:{}", relay.agent_port);
     let (_, out) = doctor(&with(&env, &[("SLUICE_URL", &by_name)]), &[]);
     assert_line(&out, "relay DNS", "PASS", &["localhost resolves to", "127.0.0.1"]);
+    assert_line(&out, "registration JWT", "PASS", &[&format!("SLUICE_URL makes the agent dial {by_name} instead")]);
 
     let (code, out) = doctor(&with(&env, &[("SLUICE_URL", "https://relay.doctor-test.invalid:443")]), &[]);
     assert_eq!(code, 1, "{out}");
