@@ -26,7 +26,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/sluice-agent";
 /// Typical use (Docker or systemd sets these):
 ///   APP_HOST=db.internal APP_PORT=5432 NAME=orders-db REGISTRATION_JWT=eyJ… sluice-agent
 #[derive(Debug, Clone, Parser)]
-#[command(name = "sluice-agent", version = crate::LONG_VERSION)]
+#[command(name = "sluice-agent", version = crate::LONG_VERSION, after_help = crate::doctor::AGENT_HELP_LINE)]
 pub struct AgentConfig {
     /// Host name or IP of the private service.
     #[arg(long, env = "APP_HOST", value_parser = required("APP_HOST"))]
@@ -192,9 +192,19 @@ impl AgentConfig {
     /// Checks the rules that involve several settings (the JWT names the resource, or
     /// NAME must; an expired JWT is fine only for an agent already enrolled) and that
     /// STATE_DIR is writable, and fills in what follows from the JWT.
-    pub fn validate(mut self) -> Result<AgentConfig, String> {
-        // Expiry is checked below, once we know whether STATE_DIR already holds an
-        // identity: the JWT is for joining only, an enrolled agent restarts without it.
+    pub fn validate(self) -> Result<AgentConfig, String> {
+        let cfg = self.validate_settings()?;
+        check_writable(&cfg.state_dir)?;
+        cfg.check_jwt_expiry()?;
+        Ok(cfg)
+    }
+
+    /// The part of [`validate`](Self::validate) about the settings alone, touching no
+    /// file: the JWT's claims (decoded, expiry not judged), NAME or a resource JWT, the
+    /// relay URL. `sluice-agent doctor` reports STATE_DIR and expiry as checks of their own.
+    pub fn validate_settings(mut self) -> Result<AgentConfig, String> {
+        // Expiry is checked by `check_jwt_expiry`, once we know whether STATE_DIR already
+        // holds an identity: the JWT is for joining only, an enrolled agent restarts without it.
         self.claims = RegistrationClaims::decode_unverified(self.registration_jwt.expose(), 0)
             .map_err(|e| format!("REGISTRATION_JWT is not usable: {e}"))?;
         // A JWT issued for one resource names it; NAME may then be omitted.
@@ -205,11 +215,16 @@ impl AgentConfig {
             Some(url) => url,
             None => RelayUrl::parse(&self.claims.relay_url).map_err(|e| format!("SLUICE_URL: {e}"))?,
         };
-        check_writable(&self.state_dir)?;
+        Ok(self)
+    }
+
+    /// An expired registration JWT is fine only for an agent already enrolled (a usable
+    /// identity in STATE_DIR): the JWT is for joining, the certificate for everything after.
+    pub fn check_jwt_expiry(&self) -> Result<(), String> {
         let now = unix_now();
         if let Some(exp) = self.claims.exp
             && exp <= now
-            && crate::enroll::load(&self).is_err()
+            && crate::enroll::load(self).is_err()
         {
             return Err(format!(
                 "REGISTRATION_JWT is not usable: {}; STATE_DIR {} holds no identity for it, so the agent must \
@@ -218,13 +233,13 @@ impl AgentConfig {
                 self.state_dir.display()
             ));
         }
-        Ok(self)
+        Ok(())
     }
 }
 
 /// A clap error about one setting as the one line the agent prints: our value parsers'
 /// messages already name the variable; a missing required setting is named here.
-fn one_line(e: &clap::Error) -> String {
+pub(crate) fn one_line(e: &clap::Error) -> String {
     use clap::error::{ContextKind, ContextValue};
     if let Some(why) = std::error::Error::source(e) {
         return why.to_string();

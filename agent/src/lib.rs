@@ -12,6 +12,7 @@ pub use sluice_runtime::{BUILD_DATE, GIT_COMMIT, LONG_VERSION, VERSION};
 
 pub(crate) mod backoff;
 pub mod config;
+pub mod doctor;
 pub(crate) mod drain;
 pub mod egress;
 pub(crate) mod enroll;

@@ -6,7 +6,8 @@
 //! [`delay_final_exit`].
 //!
 //! `sluice-agent health [ADDR]` asks a running agent's `/readyz` (the container health
-//! check; [`sluice_agent::health`]).
+//! check; [`sluice_agent::health`]). `sluice-agent doctor` checks the same configuration,
+//! the relay and the service instead ([`sluice_agent::doctor`]).
 
 use std::process::ExitCode;
 
@@ -20,6 +21,10 @@ fn main() -> ExitCode {
     // `sluice-agent health [ADDR]`: the container health check (agent/src/health.rs).
     if std::env::args().nth(1).as_deref() == Some("health") {
         return sluice_agent::health::main(std::env::args().nth(2));
+    }
+    // `sluice-agent doctor …` checks the same configuration instead of running with it.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "doctor") {
+        return sluice_agent::doctor::main(std::env::args_os().skip(1).collect());
     }
     let cfg = match AgentConfig::load() {
         Ok(c) => c,
@@ -82,7 +87,12 @@ fn completion() -> Option<ExitCode> {
     let shell = *matches.get_one::<clap_complete::Shell>("shell").expect("required");
     let mut cmd = AgentConfig::command()
         .subcommand(completion_cmd())
-        .subcommand(clap::Command::new("health").about("Exit 0 when the agent's /readyz answers 200 (container health check)"));
+        .subcommand(
+            clap::Command::new("doctor").about("Check the configuration, the relay and the private service, in order"),
+        )
+        .subcommand(
+            clap::Command::new("health").about("Exit 0 when the agent's /readyz answers 200 (container health check)"),
+        );
     clap_complete::generate(shell, &mut cmd, "sluice-agent", &mut std::io::stdout());
     Some(ExitCode::SUCCESS)
 }

@@ -205,6 +205,7 @@ fn counter_label(counter: CounterSource) -> &'static str {
     match counter {
         CounterSource::Ebpf => "ebpf",
         CounterSource::Userspace => "userspace",
+        CounterSource::Other => "other",
     }
 }
 
