@@ -500,5 +500,8 @@ fn versions(setup: &Setup, results: &[(Peer, PeerResults)]) -> String {
     if ran(Peer::Sluice) {
         v.push(format!("sluice {}", machine::version(&setup.sluice_bins.join("sluice"), &["--version"])));
     }
+    if results.iter().any(|(_, r)| r.values.contains_key(&Metric::PgTps)) {
+        v.push(postgres::versions());
+    }
     v.join(", ")
 }

@@ -65,6 +65,13 @@ fn find_bin() -> Result<PathBuf> {
     bins.pop().context("no /usr/lib/postgresql/*/bin/postgres: install Debian's postgresql")
 }
 
+/// "PostgreSQL 15.18, pgbench 15.18" (what ran), or "?" parts when not found.
+pub fn versions() -> String {
+    let server = find_bin().map(|b| super::machine::version(&b.join("postgres"), &["--version"]));
+    let client = super::machine::version(Path::new("pgbench"), &["--version"]);
+    format!("PostgreSQL {}, pgbench {client}", server.unwrap_or_else(|_| "?".into()))
+}
+
 impl Cluster {
     /// initdb in `dir/pg` and `pgbench -i -s 1`, on a free port, then stops the server.
     pub fn init(dir: &Path) -> Result<Cluster> {

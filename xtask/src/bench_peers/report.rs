@@ -233,6 +233,24 @@ mod tests {
     }
 
     #[test]
+    fn small_message_table_and_ratios_leave_out_failure_counts() {
+        let mut sluice = PeerResults::default();
+        let mut bore = PeerResults::default();
+        for (r, rate, tps) in [(&mut sluice, 2000.0, 12000.0), (&mut bore, 4000.0, 10000.0)] {
+            r.record(Metric::ConnRate, Ok(rate));
+            r.record(Metric::ConnRateP99, Ok(900.0));
+            r.record(Metric::ConnFailed, Ok(0.0));
+            r.record(Metric::PgTps, Ok(tps));
+        }
+        let results = vec![(Peer::Bore, bore), (Peer::Sluice, sluice)];
+        let table = results_table(&results, &Metric::SMALL, 200);
+        assert!(table.contains("| bore | **none: no encryption** | 4000 | 900 | 0 | 10000 |"), "{table}");
+        let ratios = ratio_table(&results, &Metric::SMALL, 200).unwrap();
+        assert!(!ratios.contains("failed"), "{ratios}");
+        assert!(ratios.contains("| bore | 0.50× | 1.00× | 1.20× |"), "{ratios}");
+    }
+
+    #[test]
     fn cells_show_median_and_range() {
         let mut r = PeerResults::default();
         for v in [2.0, 1.0, 3.5] {
