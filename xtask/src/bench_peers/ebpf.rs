@@ -156,7 +156,13 @@ fn attached_programs(cgroup: &Path) -> Result<Vec<u64>> {
 }
 
 /// Sums of `run_time_ns` and `run_cnt` of programs `ids` (`bpftool prog show id N --json`).
+/// Fails when the statistics were switched off meanwhile (the sysctl is global: another
+/// run on the machine may have restored it), as the sums would then be short.
 fn stats(ids: &[u64]) -> Result<ProgStats> {
+    let now = std::fs::read_to_string(STATS_SYSCTL).unwrap_or_default();
+    if now.trim() != "1" {
+        bail!("kernel.bpf_stats_enabled was switched to {:?} by someone else during the measurement", now.trim());
+    }
     let mut sum = ProgStats::default();
     for id in ids {
         let mut cmd = Command::new("bpftool");
