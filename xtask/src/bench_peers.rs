@@ -322,8 +322,9 @@ fn measure_echo(tunnel: &Tunnel, public: SocketAddr, s: &Settings, r: &mut PeerR
 fn measure_conn_rate(public: SocketAddr, s: &Settings, r: &mut PeerResults) {
     match load::connection_rate(public, RATE_CLIENTS, Duration::from_secs(s.rate_secs), RATE_MAX_CYCLES) {
         Ok(rate) => {
-            eprintln!("    new-stream load: {} completed, {} failed, p50 {:.0} µs", rate.ok, rate.failed, rate.p50_us);
+            eprintln!("    new-stream load: {} completed, {} failed", rate.ok, rate.failed);
             put(r, Metric::ConnRate, Ok(rate.per_sec));
+            put(r, Metric::ConnRateP50, Ok(rate.p50_us));
             put(r, Metric::ConnRateP99, Ok(rate.p99_us));
             put(r, Metric::ConnFailed, Ok(rate.failed as f64));
             if let Some(e) = rate.first_error {
@@ -427,8 +428,8 @@ fn render(results: &[(Peer, PeerResults)], f: &RunFacts) -> String {
     out += "\nNew streams and small messages:\n\n";
     out += &report::results_table(results, &Metric::SMALL, s.open_streams);
     if let Some(ratios) = report::ratio_table(results, &Metric::SMALL, s.open_streams) {
-        out += "\nSluice's median divided by each peer's (streams/s, tps: above 1× Sluice is faster; p99: below \
-                1× Sluice is faster):\n\n";
+        out += "\nSluice's median divided by each peer's (streams/s, tps: above 1× Sluice is faster; p50, p99: \
+                below 1× Sluice is faster):\n\n";
         out += &ratios;
     }
     let mut notes = report::notes(results);
@@ -460,7 +461,7 @@ fn method(s: &Settings) -> String {
          TLS server end of stunnel and rathole (what their OpenSSL client ends get by default). \
          **new streams/s**: {clients} client threads for {rate_secs} s (at most {max_cycles} cycles in all), each \
          looping connect, write 1 byte, read it back from the echo backend, close (5 s connect and read \
-         timeouts); completed cycles ÷ the load's wall time, the p99 of those cycles' connect+echo time, and \
+         timeouts); completed cycles ÷ the load's wall time, the p50 and p99 of those cycles' connect+echo time, and \
          the cycles that failed (any error or timeout; the first error is in the notes). **pgbench -S**: a real \
          PostgreSQL ({pg}, fsync off, trust authentication, initialised once per run with `pgbench -i -s 1`) \
          takes the backend port after iperf3, and `pgbench -S -n -c {pg_clients} -T {pg_secs}` (select-only: one \

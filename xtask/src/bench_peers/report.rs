@@ -27,7 +27,8 @@ pub enum Metric {
     RssOpen,
     /// Sustained new streams: completed connect + echo + close cycles per second.
     ConnRate,
-    /// Connect + echo p99 under that load, µs.
+    /// Connect + echo p50 and p99 under that load, µs.
+    ConnRateP50,
     ConnRateP99,
     /// Failed cycles under that load.
     ConnFailed,
@@ -50,7 +51,8 @@ impl Metric {
     ];
 
     /// Many short connections and small messages: the second table.
-    pub const SMALL: [Metric; 4] = [Metric::ConnRate, Metric::ConnRateP99, Metric::ConnFailed, Metric::PgTps];
+    pub const SMALL: [Metric; 5] =
+        [Metric::ConnRate, Metric::ConnRateP50, Metric::ConnRateP99, Metric::ConnFailed, Metric::PgTps];
 
     fn header(self, open_streams: usize) -> String {
         match self {
@@ -64,7 +66,8 @@ impl Metric {
             Metric::RssIdle => "agent RSS idle, MiB".into(),
             Metric::RssOpen => format!("agent RSS {open_streams} streams, MiB"),
             Metric::ConnRate => "new streams/s, 16 clients".into(),
-            Metric::ConnRateP99 => "their connect+echo p99, µs".into(),
+            Metric::ConnRateP50 => "their connect+echo p50, µs".into(),
+            Metric::ConnRateP99 => "p99, µs".into(),
             Metric::ConnFailed => "failed".into(),
             Metric::PgTps => "pgbench -S, 4 clients, tps".into(),
         }
@@ -73,7 +76,9 @@ impl Metric {
     fn format(self, v: f64) -> String {
         match self {
             Metric::LatencyP50 | Metric::LatencyP99 => format!("{v:.0}"),
-            Metric::ConnRate | Metric::ConnRateP99 | Metric::ConnFailed | Metric::PgTps => format!("{v:.0}"),
+            Metric::ConnRate | Metric::ConnRateP50 | Metric::ConnRateP99 | Metric::ConnFailed | Metric::PgTps => {
+                format!("{v:.0}")
+            }
             Metric::RssIdle | Metric::RssOpen => format!("{v:.1}"),
             _ => format!("{v:.2}"),
         }
@@ -238,16 +243,17 @@ mod tests {
         let mut bore = PeerResults::default();
         for (r, rate, tps) in [(&mut sluice, 2000.0, 12000.0), (&mut bore, 4000.0, 10000.0)] {
             r.record(Metric::ConnRate, Ok(rate));
+            r.record(Metric::ConnRateP50, Ok(500.0));
             r.record(Metric::ConnRateP99, Ok(900.0));
             r.record(Metric::ConnFailed, Ok(0.0));
             r.record(Metric::PgTps, Ok(tps));
         }
         let results = vec![(Peer::Bore, bore), (Peer::Sluice, sluice)];
         let table = results_table(&results, &Metric::SMALL, 200);
-        assert!(table.contains("| bore | **none: no encryption** | 4000 | 900 | 0 | 10000 |"), "{table}");
+        assert!(table.contains("| bore | **none: no encryption** | 4000 | 500 | 900 | 0 | 10000 |"), "{table}");
         let ratios = ratio_table(&results, &Metric::SMALL, 200).unwrap();
         assert!(!ratios.contains("failed"), "{ratios}");
-        assert!(ratios.contains("| bore | 0.50× | 1.00× | 1.20× |"), "{ratios}");
+        assert!(ratios.contains("| bore | 0.50× | 1.00× | 1.00× | 1.20× |"), "{ratios}");
     }
 
     #[test]
