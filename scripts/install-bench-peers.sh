@@ -2,6 +2,8 @@
 # Installs the Debian packages `cargo xtask bench-peers` compares Sluice against:
 # iperf3 (load generator and the no-tunnel baseline), socat (plain TCP forwarder) and
 # stunnel4 (TLS tunnel pair). openssl makes the throwaway certificates for stunnel.
+# pgbench (from postgresql-client) drives the small-message figure against Debian's
+# postgresql server; bpftool reads the eBPF counter's run time (kernel BPF statistics).
 # Idempotent: does nothing when they are present. Needs root (apt-get) only when
 # something is missing. Exits non-zero when a package is still missing at the end; the
 # benchmark then reports that peer as not available instead of stopping.
@@ -9,7 +11,8 @@
 set -euo pipefail
 
 # command → Debian package
-declare -A packages=([iperf3]=iperf3 [socat]=socat [stunnel4]=stunnel4 [openssl]=openssl)
+declare -A packages=([iperf3]=iperf3 [socat]=socat [stunnel4]=stunnel4 [openssl]=openssl
+  [pgbench]=postgresql-client [bpftool]=bpftool)
 
 missing_pkgs() {
   local cmd
@@ -20,7 +23,7 @@ missing_pkgs() {
 
 missing=($(missing_pkgs))
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "bench peers present (iperf3, socat, stunnel4, openssl)"
+  echo "bench peers present (iperf3, socat, stunnel4, openssl, pgbench, bpftool)"
   exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then

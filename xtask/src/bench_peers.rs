@@ -8,20 +8,26 @@
 //!
 //! For each tunnel and repetition, one fresh tunnel is started with a tokio echo server
 //! as its backend: the agent's RSS idle, connect + one echoed byte latency over fresh
-//! connections, and the agent's RSS with many streams held open. Then the echo server
-//! makes way for an iperf3 server on the same backend port, and iperf3 measures
-//! throughput with 1 and 8 streams in both directions, while the CPU time of all the
-//! tunnel's processes is counted. Repetitions go round-robin over the tunnels.
+//! connections, the sustained new-stream rate (16 clients connecting, echoing a byte
+//! and closing in a loop), and the agent's RSS with many streams held open. Then the
+//! echo server makes way for an iperf3 server on the same backend port, and iperf3
+//! measures throughput with 1 and 8 streams in both directions, while the CPU time of
+//! all the tunnel's processes is counted. Then a real PostgreSQL server takes the
+//! backend port and `pgbench -S` measures small request/response transactions through
+//! the tunnel. Repetitions go round-robin over the tunnels.
 //!
 //! Pieces: [`install`] gets the peers, [`peers`] and [`sluice`] start tunnels,
-//! [`load`] makes the traffic, [`procs`] runs processes and reads `/proc`, [`report`]
-//! builds the tables and the docs section, [`machine`] describes the machine.
+//! [`load`] makes the traffic, [`postgres`] runs PostgreSQL and pgbench, [`procs`] runs
+//! processes and reads `/proc`, [`report`] builds the tables and the docs section,
+//! [`machine`] describes the machine.
 //! Logs of the last run stay in `<target>/bench-peers/run/`.
 
+mod ebpf;
 mod install;
 mod load;
 mod machine;
 mod peers;
+mod postgres;
 mod procs;
 mod report;
 mod sluice;
@@ -34,6 +40,7 @@ use anyhow::{Context, Result, bail};
 
 use load::{Direction, EchoServer, IperfRun};
 use peers::{Peer, Setup, Tunnel};
+use postgres::Cluster;
 use report::{Metric, PeerResults};
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -42,9 +49,9 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// 15 minutes on 2 cores, even when the machine is busy); skipped ones are noted.
 const MEASURE_BUDGET: Duration = Duration::from_secs(12 * 60);
 
-pub const USAGE: &str = "  bench-peers [--quick] [--no-build] [--no-docs] [--peers a,b,…]\n                  \
+pub const USAGE: &str = "  bench-peers [--quick] [--no-build] [--no-docs] [--no-ebpf] [--peers a,b,…]\n                  \
      Sluice vs iperf3 direct, socat, stunnel, rathole, bore on loopback; writes docs/benchmarks.md\n                  \
-     (--quick: 1 short repetition, docs left alone)";
+     (--quick: 1 short repetition, docs left alone; --no-ebpf: skip the eBPF counter's cost)";
 
 /// How much to measure.
 struct Settings {
@@ -53,27 +60,43 @@ struct Settings {
     secs: u32,
     latency_conns: usize,
     open_streams: usize,
+    /// Length of the sustained new-stream load.
+    rate_secs: u64,
+    /// `pgbench -S -T`.
+    pgbench_secs: u32,
 }
 
-const FULL: Settings = Settings { reps: 3, secs: 5, latency_conns: 2000, open_streams: 200 };
-const QUICK: Settings = Settings { reps: 1, secs: 1, latency_conns: 300, open_streams: 200 };
+const FULL: Settings =
+    Settings { reps: 3, secs: 5, latency_conns: 2000, open_streams: 200, rate_secs: 10, pgbench_secs: 10 };
+const QUICK: Settings =
+    Settings { reps: 1, secs: 1, latency_conns: 300, open_streams: 200, rate_secs: 2, pgbench_secs: 2 };
+
+/// Concurrent clients of the sustained new-stream load.
+const RATE_CLIENTS: usize = 16;
+/// At most this many connect + echo + close cycles per load, whatever its length.
+const RATE_MAX_CYCLES: u64 = 1_000_000;
+/// Clients of `pgbench -S`.
+const PGBENCH_CLIENTS: u32 = 4;
 
 struct Options {
     quick: bool,
     build: bool,
     docs: bool,
+    /// Measure the eBPF counter's own cost (needs root and bpftool; Sluice among the peers).
+    ebpf: bool,
     peers: Vec<Peer>,
 }
 
 impl Options {
     fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { quick: false, build: true, docs: true, peers: Peer::ALL.to_vec() };
+        let mut o = Options { quick: false, build: true, docs: true, ebpf: true, peers: Peer::ALL.to_vec() };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--quick" => o.quick = true,
                 "--no-build" => o.build = false,
                 "--no-docs" => o.docs = false,
+                "--no-ebpf" => o.ebpf = false,
                 "--peers" => {
                     let list = it.next().context("--peers needs a comma-separated list")?;
                     o.peers = list.split(',').map(Peer::from_key).collect::<Result<_>>()?;
@@ -103,9 +126,24 @@ pub fn cli(root: &Path, args: &[String]) -> Result<()> {
     let _ = std::fs::remove_dir_all(&run_dir);
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let (setup, mut results) = prepare(root, &target, &run_dir, &opts.peers)?;
-    let skipped = run_rounds(&setup, &settings, &run_dir, &mut results)?;
+    eprintln!("==> PostgreSQL for pgbench: initdb, pgbench -i -s 1");
+    let pg = Cluster::init(&run_dir).map_err(|e| format!("{e:#}"));
+    if let Err(e) = &pg {
+        eprintln!("    no pgbench figures: {e}");
+    }
+    let skipped = run_rounds(&setup, &settings, &run_dir, pg.as_ref(), &mut results)?;
+    let sluice_ran = results.iter().any(|(p, r)| *p == Peer::Sluice && r.unavailable.is_none());
+    let ebpf = if opts.ebpf && sluice_ran {
+        eprintln!("==> eBPF counting cost (kernel.bpf_stats_enabled=1, 1 GiB each way)");
+        Some(ebpf::section(&setup.sluice_bins, &run_dir.join("ebpf")))
+    } else {
+        None
+    };
     let ctx = RunFacts { root, opts: &opts, settings: &settings, setup: &setup, load_before, started, skipped };
-    let body = render(&results, &ctx);
+    let mut body = render(&results, &ctx);
+    if let Some(section) = ebpf {
+        body += &format!("\n{section}");
+    }
     println!("\n{body}");
     publish(root, &opts, &body)?;
     eprintln!("bench-peers: done in {:.0} s", started.elapsed().as_secs_f64());
@@ -114,7 +152,13 @@ pub fn cli(root: &Path, args: &[String]) -> Result<()> {
 
 /// All repetitions, round-robin over the available tunnels (never all repetitions of
 /// one tunnel back to back); returns how many tunnel repetitions the budget skipped.
-fn run_rounds(setup: &Setup, s: &Settings, run_dir: &Path, results: &mut [(Peer, PeerResults)]) -> Result<usize> {
+fn run_rounds(
+    setup: &Setup,
+    s: &Settings,
+    run_dir: &Path,
+    pg: Result<&Cluster, &String>,
+    results: &mut [(Peer, PeerResults)],
+) -> Result<usize> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let measuring = Instant::now();
     let mut skipped = 0;
@@ -126,7 +170,7 @@ fn run_rounds(setup: &Setup, s: &Settings, run_dir: &Path, results: &mut [(Peer,
             }
             eprintln!("==> {} (repetition {}/{})", peer.label(), rep + 1, s.reps);
             let dir = run_dir.join(format!("{}-{rep}", peer.key()));
-            measure(&rt, *peer, setup, s, &dir, r);
+            measure(&rt, *peer, setup, s, &dir, pg, r);
         }
     }
     Ok(skipped)
@@ -200,7 +244,15 @@ fn prepare(root: &Path, target: &Path, run_dir: &Path, wanted: &[Peer]) -> Resul
 }
 
 /// One repetition for one tunnel: start it, measure everything, stop it.
-fn measure(rt: &tokio::runtime::Runtime, peer: Peer, setup: &Setup, s: &Settings, dir: &Path, r: &mut PeerResults) {
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    peer: Peer,
+    setup: &Setup,
+    s: &Settings,
+    dir: &Path,
+    pg: Result<&Cluster, &String>,
+    r: &mut PeerResults,
+) {
     let started = procs::free_port().and_then(|backend| {
         let echo = EchoServer::start(rt, backend)?;
         let tunnel = peers::start(peer, setup, backend, dir).context("starting the tunnel")?;
@@ -215,8 +267,13 @@ fn measure(rt: &tokio::runtime::Runtime, peer: Peer, setup: &Setup, s: &Settings
         return r.error(format!("the tunnel never echoed: {e:#}"));
     }
     measure_echo(&tunnel, public, s, r);
+    measure_conn_rate(public, s, r);
     drop(echo);
     measure_throughput(&mut tunnel, backend, s, dir, r);
+    match pg {
+        Ok(cluster) => measure_pgbench(cluster, backend, public, s, r),
+        Err(e) => r.record(Metric::PgTps, Err(anyhow::anyhow!("{e}"))),
+    }
     if let (Some(port), None) = (tunnel.tls_port, &r.tls) {
         match peers::tls_probe(setup, port) {
             Ok(tls) => r.tls = Some(tls),
@@ -258,6 +315,34 @@ fn measure_echo(tunnel: &Tunnel, public: SocketAddr, s: &Settings, r: &mut PeerR
         }
         Err(e) => put(r, Metric::RssOpen, Err(e)),
     }
+}
+
+/// The sustained new-stream rate: [`RATE_CLIENTS`] clients each connecting, echoing
+/// one byte and closing in a loop; successes per second, their p99, the failures.
+fn measure_conn_rate(public: SocketAddr, s: &Settings, r: &mut PeerResults) {
+    match load::connection_rate(public, RATE_CLIENTS, Duration::from_secs(s.rate_secs), RATE_MAX_CYCLES) {
+        Ok(rate) => {
+            eprintln!("    new-stream load: {} completed, {} failed", rate.ok, rate.failed);
+            put(r, Metric::ConnRate, Ok(rate.per_sec));
+            put(r, Metric::ConnRateP50, Ok(rate.p50_us));
+            put(r, Metric::ConnRateP99, Ok(rate.p99_us));
+            put(r, Metric::ConnFailed, Ok(rate.failed as f64));
+            if let Some(e) = rate.first_error {
+                r.error(format!("new-stream load: {} of {} failed, first: {e}", rate.failed, rate.ok + rate.failed));
+            }
+        }
+        Err(e) => put(r, Metric::ConnRate, Err(e)),
+    }
+}
+
+/// PostgreSQL on the backend port (iperf3 has freed it) and `pgbench -S` through the tunnel.
+fn measure_pgbench(pg: &Cluster, backend: u16, public: SocketAddr, s: &Settings, r: &mut PeerResults) {
+    let tps = pg.serve(backend).and_then(|server| {
+        let tps = postgres::select_only(public.port(), PGBENCH_CLIENTS, s.pgbench_secs);
+        drop(server);
+        tps
+    });
+    put(r, Metric::PgTps, tps);
 }
 
 /// iperf3 with 1 and 8 streams both ways; CPU-seconds per GiB over the four runs.
@@ -334,10 +419,17 @@ fn render(results: &[(Peer, PeerResults)], f: &RunFacts) -> String {
         );
     }
     out += &method(s);
-    out += &report::results_table(results, s.open_streams);
-    if let Some(ratios) = report::ratio_table(results, s.open_streams) {
+    out += &report::results_table(results, &Metric::BULK, s.open_streams);
+    if let Some(ratios) = report::ratio_table(results, &Metric::BULK, s.open_streams) {
         out += "\nSluice's median divided by each peer's (throughput: above 1× Sluice is faster; CPU, latency, \
                 RSS: below 1× Sluice uses less):\n\n";
+        out += &ratios;
+    }
+    out += "\nNew streams and small messages:\n\n";
+    out += &report::results_table(results, &Metric::SMALL, s.open_streams);
+    if let Some(ratios) = report::ratio_table(results, &Metric::SMALL, s.open_streams) {
+        out += "\nSluice's median divided by each peer's (streams/s, tps: above 1× Sluice is faster; p50, p99: \
+                below 1× Sluice is faster):\n\n";
         out += &ratios;
     }
     let mut notes = report::notes(results);
@@ -366,12 +458,27 @@ fn method(s: &Settings) -> String {
          (stunnel server, rathole client, `bore local`, `sluice-agent`; socat: its whole process tree, one \
          forked process per connection, shared pages counted in each) 1 s after the tunnel first echoed, and \
          with {open} connections held open, each having echoed a byte. **probe**: `openssl s_client` against the \
-         TLS server end of stunnel and rathole (what their OpenSSL client ends get by default). {reps} repetition(s), round-robin over the tunnels; cells are median \
+         TLS server end of stunnel and rathole (what their OpenSSL client ends get by default). \
+         **new streams/s**: {clients} client threads for {rate_secs} s (at most {max_cycles} cycles in all), each \
+         looping connect, write 1 byte, read it back from the echo backend, close (5 s connect and read \
+         timeouts); completed cycles ÷ the load's wall time, the p50 and p99 of those cycles' connect+echo time, and \
+         the cycles that failed (any error or timeout; the first error is in the notes). **pgbench -S**: a real \
+         PostgreSQL ({pg}, fsync off, trust authentication, initialised once per run with `pgbench -i -s 1`) \
+         takes the backend port after iperf3, and `pgbench -S -n -c {pg_clients} -T {pg_secs}` (select-only: one \
+         primary-key SELECT per transaction, a few hundred bytes each way; one pgbench thread; no TLS between \
+         pgbench and PostgreSQL other than the tunnel's own) runs through the tunnel; tps excluding the \
+         connection time. {reps} repetition(s), round-robin over the tunnels; cells are median \
          (min–max). Each peer runs with its defaults (cipher suites included).\n\n",
         secs = s.secs,
         conns = s.latency_conns,
         open = s.open_streams,
         reps = s.reps,
+        clients = RATE_CLIENTS,
+        rate_secs = s.rate_secs,
+        max_cycles = RATE_MAX_CYCLES,
+        pg = "Debian's postgresql",
+        pg_clients = PGBENCH_CLIENTS,
+        pg_secs = s.pgbench_secs,
     )
 }
 
@@ -393,6 +500,9 @@ fn versions(setup: &Setup, results: &[(Peer, PeerResults)]) -> String {
     }
     if ran(Peer::Sluice) {
         v.push(format!("sluice {}", machine::version(&setup.sluice_bins.join("sluice"), &["--version"])));
+    }
+    if results.iter().any(|(_, r)| r.values.contains_key(&Metric::PgTps)) {
+        v.push(postgres::versions());
     }
     v.join(", ")
 }

@@ -1,5 +1,6 @@
 //! The traffic of the benchmark: a tokio echo backend, the latency probe (fresh
-//! connection, one byte echoed, close), streams held open, and iperf3 runs.
+//! connection, one byte echoed, close), the sustained new-stream rate (the same probe
+//! from many threads at once), streams held open, and iperf3 runs.
 //!
 //! Every wait is bounded: sockets have connect and read timeouts, iperf3 is killed when
 //! its run overruns, and the echo backend stops (with all its connections) on drop.
@@ -108,6 +109,73 @@ pub fn connect_echo_latency(addr: SocketAddr, n: usize) -> Result<(f64, f64)> {
     Ok((percentile(&us, 0.50), percentile(&us, 0.99)))
 }
 
+/// What a sustained new-stream load saw (see [`connection_rate`]).
+#[derive(Debug)]
+pub struct ConnRate {
+    /// Completed connect + echo + close cycles.
+    pub ok: u64,
+    /// Cycles that failed (any error or timeout).
+    pub failed: u64,
+    /// The first failure's text, if any.
+    pub first_error: Option<String>,
+    /// Completed cycles per second of the whole run.
+    pub per_sec: f64,
+    /// Connect + echo latency of the completed cycles, µs.
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// A sustained new-stream load: `clients` threads, each looping connect, write 1 byte,
+/// read it back, close, for `length` or until `max_cycles` cycles in all, whichever
+/// comes first (each cycle also bounded by the socket timeouts).
+pub fn connection_rate(addr: SocketAddr, clients: usize, length: Duration, max_cycles: u64) -> Result<ConnRate> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let started = Instant::now();
+    let deadline = started + length;
+    let cycles = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let first_error: Mutex<Option<String>> = Mutex::new(None);
+    let per_client: Vec<Vec<f64>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..clients)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut us = Vec::new();
+                    while Instant::now() < deadline && cycles.fetch_add(1, Ordering::Relaxed) < max_cycles {
+                        let t = Instant::now();
+                        match echo_once(addr) {
+                            Ok(s) => {
+                                us.push(t.elapsed().as_secs_f64() * 1e6);
+                                drop(s);
+                            }
+                            Err(e) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                first_error.lock().unwrap().get_or_insert_with(|| format!("{e:#}"));
+                            }
+                        }
+                    }
+                    us
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or_default()).collect()
+    });
+    let secs = started.elapsed().as_secs_f64();
+    let mut us: Vec<f64> = per_client.into_iter().flatten().collect();
+    if us.is_empty() {
+        bail!("no connection completed: {}", first_error.into_inner().unwrap().unwrap_or_default());
+    }
+    us.sort_by(f64::total_cmp);
+    Ok(ConnRate {
+        ok: us.len() as u64,
+        failed: failed.into_inner(),
+        first_error: first_error.into_inner().unwrap(),
+        per_sec: us.len() as f64 / secs,
+        p50_us: percentile(&us, 0.50),
+        p99_us: percentile(&us, 0.99),
+    })
+}
+
 /// Nearest-rank percentile of sorted values.
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = (p * sorted.len() as f64).ceil() as usize;
@@ -171,7 +239,7 @@ pub fn iperf(run: &IperfRun) -> Result<Iperf> {
 }
 
 /// Reads what the receiving side counted from iperf3's `-J` report.
-fn parse_iperf_json(json: &str) -> Result<Iperf> {
+pub(super) fn parse_iperf_json(json: &str) -> Result<Iperf> {
     let v: serde_json::Value = serde_json::from_str(json).context("iperf3 printed no JSON")?;
     if let Some(err) = v["error"].as_str() {
         bail!("iperf3: {err}");
@@ -193,6 +261,43 @@ mod tests {
         assert_eq!(percentile(&v, 0.50), 50.0);
         assert_eq!(percentile(&v, 0.99), 99.0);
         assert_eq!(percentile(&[7.0], 0.99), 7.0);
+    }
+
+    /// A blocking echo listener on a free port, serving each connection on a thread.
+    fn std_echo() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut b = [0u8; 64];
+                    while let Ok(n @ 1..) = s.read(&mut b) {
+                        if s.write_all(&b[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn connection_rate_is_bounded_by_its_cycle_count() {
+        let addr = std_echo();
+        // A generous length: the cycle bound ends the load, not the clock.
+        let r = connection_rate(addr, 4, Duration::from_secs(120), 40).unwrap();
+        assert_eq!((r.ok, r.failed, r.first_error), (40, 0, None));
+        assert!(r.p50_us <= r.p99_us && r.per_sec > 0.0);
+    }
+
+    #[test]
+    fn connection_rate_counts_failures_with_the_first_error() {
+        // Nothing listens there (a port just freed): every connect is refused.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let err = connection_rate(SocketAddr::from(([127, 0, 0, 1], port)), 2, Duration::from_secs(120), 10);
+        let text = format!("{:#}", err.unwrap_err());
+        assert!(text.contains("no connection completed") && text.contains("refused"), "{text}");
     }
 
     #[test]

@@ -190,20 +190,44 @@ pub fn tree_rss_kib(root: u32) -> Result<u64> {
     Ok(total)
 }
 
-/// A loopback port that was free when checked.
+/// The ports the benchmark listens on: the 8192 below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`). The new-stream load leaves tens of thousands of
+/// client sockets in TIME_WAIT, and a port held by one cannot be bound for a listener
+/// for a minute; no client socket ever takes a port below the ephemeral range.
+fn listen_ports() -> std::ops::Range<u16> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let low = text.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()).unwrap_or(32768);
+    let low = low.max(8192 + 1024);
+    low - 8192..low
+}
+
+/// Where the next port search starts (spread by pid so parallel runs rarely collide).
+static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
+
+/// `n` consecutive loopback ports below the ephemeral range, free when checked.
+fn free_ports(n: u16) -> Result<u16> {
+    let range = listen_ports();
+    let len = u32::from(range.end - range.start);
+    let _ = NEXT_PORT.compare_exchange(0, std::process::id().wrapping_mul(7919) % len + 1, Relaxed, Relaxed);
+    for _ in 0..len {
+        let base = range.start + (NEXT_PORT.fetch_add(u32::from(n), Relaxed) % len) as u16;
+        if base.checked_add(n).is_some_and(|end| end <= range.end)
+            && (base..base + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
+        {
+            return Ok(base);
+        }
+    }
+    bail!("no {n} consecutive free loopback ports in {range:?} (below the ephemeral range)")
+}
+
+/// A loopback port below the ephemeral range that was free when checked.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0").context("binding a loopback port")?.local_addr()?.port())
+    free_ports(1)
 }
 
 /// `n` consecutive loopback ports that were free when checked.
 pub fn free_port_range(n: u16) -> Result<u16> {
-    for _ in 0..200 {
-        let base = free_port()?;
-        if base.checked_add(n).is_some() && (base..base + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return Ok(base);
-        }
-    }
-    bail!("no {n} consecutive free loopback ports")
+    free_ports(n)
 }
 
 /// Whether something listens on 127.0.0.1:`port` (from `/proc/net/tcp`, without connecting).
@@ -227,5 +251,20 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Result<Op
             bail!("timed out after {limit:?} waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_ports_stay_below_the_ephemeral_range() {
+        let range = listen_ports();
+        let base = free_port_range(4).unwrap();
+        assert!(range.contains(&base) && range.contains(&(base + 3)), "{base} outside {range:?}");
+        let one = free_port().unwrap();
+        assert!(range.contains(&one));
+        assert!(TcpListener::bind(("127.0.0.1", one)).is_ok());
     }
 }

@@ -1,5 +1,6 @@
-//! The results of `cargo xtask bench-peers` as Markdown: the machine, one table of
-//! median (min–max) per tunnel, Sluice's ratio to each peer, and the notes; and the
+//! The results of `cargo xtask bench-peers` as Markdown: the machine, two tables of
+//! median (min–max) per tunnel (bulk transfer and memory; new streams and small
+//! messages), Sluice's ratio to each peer, and the notes; and the
 //! section of `docs/benchmarks.md` between the bench-peers markers that holds them.
 
 use std::collections::BTreeMap;
@@ -24,10 +25,20 @@ pub enum Metric {
     LatencyP99,
     RssIdle,
     RssOpen,
+    /// Sustained new streams: completed connect + echo + close cycles per second.
+    ConnRate,
+    /// Connect + echo p50 and p99 under that load, µs.
+    ConnRateP50,
+    ConnRateP99,
+    /// Failed cycles under that load.
+    ConnFailed,
+    /// `pgbench -S` transactions per second against PostgreSQL through the tunnel.
+    PgTps,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 9] = [
+    /// Bulk transfer, CPU, latency and memory: the first table.
+    pub const BULK: [Metric; 9] = [
         Metric::Up1,
         Metric::Down1,
         Metric::Up8,
@@ -38,6 +49,10 @@ impl Metric {
         Metric::RssIdle,
         Metric::RssOpen,
     ];
+
+    /// Many short connections and small messages: the second table.
+    pub const SMALL: [Metric; 5] =
+        [Metric::ConnRate, Metric::ConnRateP50, Metric::ConnRateP99, Metric::ConnFailed, Metric::PgTps];
 
     fn header(self, open_streams: usize) -> String {
         match self {
@@ -50,12 +65,20 @@ impl Metric {
             Metric::LatencyP99 => "p99, µs".into(),
             Metric::RssIdle => "agent RSS idle, MiB".into(),
             Metric::RssOpen => format!("agent RSS {open_streams} streams, MiB"),
+            Metric::ConnRate => "new streams/s, 16 clients".into(),
+            Metric::ConnRateP50 => "their connect+echo p50, µs".into(),
+            Metric::ConnRateP99 => "p99, µs".into(),
+            Metric::ConnFailed => "failed".into(),
+            Metric::PgTps => "pgbench -S, 4 clients, tps".into(),
         }
     }
 
     fn format(self, v: f64) -> String {
         match self {
             Metric::LatencyP50 | Metric::LatencyP99 => format!("{v:.0}"),
+            Metric::ConnRate | Metric::ConnRateP50 | Metric::ConnRateP99 | Metric::ConnFailed | Metric::PgTps => {
+                format!("{v:.0}")
+            }
             Metric::RssIdle | Metric::RssOpen => format!("{v:.1}"),
             _ => format!("{v:.2}"),
         }
@@ -115,22 +138,22 @@ pub fn median(v: &[f64]) -> f64 {
     if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
 }
 
-/// The main table: one row per tunnel.
-pub fn results_table(results: &[(Peer, PeerResults)], open_streams: usize) -> String {
+/// A table of `metrics`: one row per tunnel.
+pub fn results_table(results: &[(Peer, PeerResults)], metrics: &[Metric], open_streams: usize) -> String {
     let mut out = String::from("| tunnel | encryption |");
-    for m in Metric::ALL {
+    for m in metrics {
         out += &format!(" {} |", m.header(open_streams));
     }
-    out += &format!("\n|---|---|{}\n", "---:|".repeat(Metric::ALL.len()));
+    out += &format!("\n|---|---|{}\n", "---:|".repeat(metrics.len()));
     for (peer, r) in results {
         match &r.tls {
             Some(tls) => out += &format!("| {} | {}; probe: {tls} |", peer.label(), peer.security()),
             None => out += &format!("| {} | {} |", peer.label(), peer.security()),
         }
         match &r.unavailable {
-            Some(why) => out += &format!(" not available: {} |{}\n", one_line(why), " |".repeat(Metric::ALL.len() - 1)),
+            Some(why) => out += &format!(" not available: {} |{}\n", one_line(why), " |".repeat(metrics.len() - 1)),
             None => {
-                for m in Metric::ALL {
+                for &m in metrics {
                     out += &format!(" {} |", r.cell(m, *peer));
                 }
                 out.push('\n');
@@ -140,17 +163,18 @@ pub fn results_table(results: &[(Peer, PeerResults)], open_streams: usize) -> St
     out
 }
 
-/// Sluice's median divided by each peer's median, per metric.
-pub fn ratio_table(results: &[(Peer, PeerResults)], open_streams: usize) -> Option<String> {
+/// Sluice's median divided by each peer's median, per metric (not for failure counts).
+pub fn ratio_table(results: &[(Peer, PeerResults)], metrics: &[Metric], open_streams: usize) -> Option<String> {
     let sluice = &results.iter().find(|(p, r)| *p == Peer::Sluice && r.unavailable.is_none())?.1;
+    let metrics: Vec<Metric> = metrics.iter().copied().filter(|m| *m != Metric::ConnFailed).collect();
     let mut out = String::from("| Sluice ÷ |");
-    for m in Metric::ALL {
+    for m in &metrics {
         out += &format!(" {} |", m.header(open_streams));
     }
-    out += &format!("\n|---|{}\n", "---:|".repeat(Metric::ALL.len()));
+    out += &format!("\n|---|{}\n", "---:|".repeat(metrics.len()));
     for (peer, r) in results.iter().filter(|(p, _)| *p != Peer::Sluice) {
         out += &format!("| {} |", peer.label());
-        for m in Metric::ALL {
+        for &m in &metrics {
             let cell = match (sluice.median(m), r.median(m)) {
                 _ if r.unavailable.is_some() => "–".to_owned(),
                 (Some(s), Some(p)) if p > 0.0 => format!("{:.2}×", s / p),
@@ -211,6 +235,25 @@ mod tests {
         assert_eq!(once, format!("# Benchmarks\n\nold text\n\n{BEGIN}\nA\n{END}\n"));
         let twice = splice_section(&once, &format!("{BEGIN}\nB\n{END}"));
         assert_eq!(twice, format!("# Benchmarks\n\nold text\n\n{BEGIN}\nB\n{END}\n"));
+    }
+
+    #[test]
+    fn small_message_table_and_ratios_leave_out_failure_counts() {
+        let mut sluice = PeerResults::default();
+        let mut bore = PeerResults::default();
+        for (r, rate, tps) in [(&mut sluice, 2000.0, 12000.0), (&mut bore, 4000.0, 10000.0)] {
+            r.record(Metric::ConnRate, Ok(rate));
+            r.record(Metric::ConnRateP50, Ok(500.0));
+            r.record(Metric::ConnRateP99, Ok(900.0));
+            r.record(Metric::ConnFailed, Ok(0.0));
+            r.record(Metric::PgTps, Ok(tps));
+        }
+        let results = vec![(Peer::Bore, bore), (Peer::Sluice, sluice)];
+        let table = results_table(&results, &Metric::SMALL, 200);
+        assert!(table.contains("| bore | **none: no encryption** | 4000 | 500 | 900 | 0 | 10000 |"), "{table}");
+        let ratios = ratio_table(&results, &Metric::SMALL, 200).unwrap();
+        assert!(!ratios.contains("failed"), "{ratios}");
+        assert!(ratios.contains("| bore | 0.50× | 1.00× | 1.00× | 1.20× |"), "{ratios}");
     }
 
     #[test]

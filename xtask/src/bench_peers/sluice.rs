@@ -20,6 +20,13 @@ const RESOURCE: &str = "bench";
 
 /// A relay on fresh loopback ports and data directory, and an agent for 127.0.0.1:`backend`.
 pub fn start(bins: &Path, backend: u16, dir: &Path) -> Result<Tunnel> {
+    start_with(bins, backend, dir, None)
+}
+
+/// [`start`], with the agent (logging at info, so its log says which byte counter it
+/// uses) in the cgroup2 directory `agent_cgroup` when given: its eBPF counter then
+/// attaches to that cgroup, which holds nothing else unless the caller puts it there.
+pub fn start_with(bins: &Path, backend: u16, dir: &Path, agent_cgroup: Option<&Path>) -> Result<Tunnel> {
     let data = dir.join("relay-data");
     let (agent_port, admin_port, resource_ports) =
         (procs::free_port()?, procs::free_port()?, procs::free_port_range(4)?);
@@ -44,7 +51,16 @@ pub fn start(bins: &Path, backend: u16, dir: &Path) -> Result<Tunnel> {
     let customer = cli.run(&["customers", "create", "bench"])?;
     let jwt = cli.run(&["resources", "registration-jwt", "--customer-id", &customer])?;
 
-    let mut agent = Command::new(bins.join("sluice-agent"));
+    let mut agent = match agent_cgroup {
+        // The shell joins the cgroup, then becomes the agent (same pid) by exec.
+        Some(cgroup) => {
+            let mut sh = Command::new("/bin/sh");
+            sh.args(["-c", "echo $$ > \"$1/cgroup.procs\" && exec \"$2\"", "sh"]);
+            sh.arg(cgroup).arg(bins.join("sluice-agent"));
+            sh
+        }
+        None => Command::new(bins.join("sluice-agent")),
+    };
     agent
         .env_clear()
         .env("STATE_DIR", dir.join("agent-state"))
@@ -52,7 +68,7 @@ pub fn start(bins: &Path, backend: u16, dir: &Path) -> Result<Tunnel> {
         .env("APP_PORT", backend.to_string())
         .env("NAME", RESOURCE)
         .env("REGISTRATION_JWT", jwt)
-        .env("SLUICE_LOG", "warn");
+        .env("SLUICE_LOG", if agent_cgroup.is_some() { "info" } else { "warn" });
     procs.insert(0, Child::spawn("sluice-agent", agent, &dir.join("agent.log"))?);
     procs::wait_for(Duration::from_secs(30), &format!("resource {RESOURCE} to be AVAILABLE"), || {
         for p in procs.iter_mut() {
