@@ -186,6 +186,9 @@ pub struct Relay {
     pub(crate) leases: crate::data::lease_port::Leases,
     /// The audit trail (store and `--audit-log`).
     pub(crate) audit: crate::audit::Audit,
+    /// The data directory's admin token as this relay holds it (a rotation replaces it
+    /// without a restart: [`crate::admin::admin_token`]).
+    pub(crate) admin_token: parking_lot::RwLock<String>,
     /// Held for the relay's life: no second relay on this data directory.
     _lock: DataDirLock,
 }
@@ -441,12 +444,6 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     names.retain(|n| seen.insert(n.clone()));
     let had_ca = config.data_dir.join(files::CA_CERT).exists();
     let identity = RelayIdentity::load_or_create(&config.data_dir, &names)?;
-    if identity.created {
-        // Shown once, on the terminal of whoever first started the relay; it is also in
-        // the data directory (0600) for the CLI on this host.
-        println!("Admin token (shown once; also stored in {}):", config.data_dir.join(files::ADMIN_TOKEN).display());
-        println!("  {}", identity.admin_token);
-    }
     let store = open_store(&config, had_ca)?;
     let admin_url = format!("http://{admin_addr}");
     crate::state::pki::write_secret(&config.data_dir.join(files::ADMIN_URL), admin_url.as_bytes())?;
@@ -463,7 +460,9 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     });
     cluster.register(&*store)?;
     let audit = crate::audit::Audit::start(store.clone(), &cluster.id, config.audit_log.as_deref())?;
+    let admin_token = parking_lot::RwLock::new(identity.admin_token.clone());
     let relay = Arc::new(Relay {
+        admin_token,
         audit,
         cluster,
         signer: TokenSigner::new(&identity.jwt_key),
@@ -520,7 +519,33 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         accepting.agent_listener_up.store(false, Ordering::Relaxed);
     });
     tokio::spawn(crate::admin::api::serve(relay.clone(), admin_listener));
+    if relay.identity.created {
+        announce_admin_token(&relay.config.data_dir.join(files::ADMIN_TOKEN), &relay.identity.admin_token);
+    }
     Ok(RunningRelay { relay, agent_addr, admin_addr, admin_url })
+}
+
+/// Tells whoever started the relay where its new admin token is, once start-up
+/// succeeded (listeners bound, store open). The token itself is printed only on an
+/// interactive terminal: under a service manager stdout goes to a journal or a log
+/// file, which must not hold it.
+fn announce_admin_token(file: &std::path::Path, token: &str) {
+    use std::io::IsTerminal;
+    println!("{}", admin_token_notice(file, token, std::io::stdout().is_terminal()));
+}
+
+/// The start-up notice of a new admin token: where it is, and the token only when
+/// `on_terminal`.
+fn admin_token_notice(file: &std::path::Path, token: &str, on_terminal: bool) -> String {
+    let file = file.display();
+    if on_terminal {
+        format!("Admin token (stored in {file}, mode 0600; the CLI on this host reads it with --data-dir):\n  {token}")
+    } else {
+        format!(
+            "Admin token created and stored in {file} (mode 0600); not printed because stdout is not a terminal. \
+             The CLI on this host reads it with --data-dir; elsewhere pass it as --admin-token (SLUICE_ADMIN_TOKEN)."
+        )
+    }
 }
 
 #[cfg(test)]
@@ -570,6 +595,15 @@ mod tests {
         assert_eq!(parse_drain_timeout("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_drain_timeout("2h").unwrap_err().contains("at most 1 hour"));
         assert!(parse_drain_timeout("soon").is_err());
+    }
+
+    #[test]
+    fn the_admin_token_is_shown_only_on_a_terminal() {
+        let file = std::path::Path::new("/var/lib/sluice/admin-token");
+        let piped = admin_token_notice(file, "sluice_admin_secret", false);
+        assert!(piped.contains("/var/lib/sluice/admin-token") && !piped.contains("sluice_admin_secret"), "{piped}");
+        let tty = admin_token_notice(file, "sluice_admin_secret", true);
+        assert!(tty.contains("/var/lib/sluice/admin-token") && tty.contains("sluice_admin_secret"), "{tty}");
     }
 
     #[test]

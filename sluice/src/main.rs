@@ -104,6 +104,18 @@ enum Cmd {
         #[command(flatten)]
         args: cli::StreamsArgs,
     },
+    /// The admin token: rotate it without a restart (talks to the admin API).
+    #[command(name = "admin-token")]
+    AdminToken {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[command(subcommand)]
+        cmd: sluice_relay::lifecycle::AdminTokenCmd,
+    },
+    /// Copy the relay's state (store, CA and keys) into a directory while it runs.
+    Backup(sluice_relay::lifecycle::BackupArgs),
+    /// Make a new data directory from a backup (`sluice backup`).
+    Restore(sluice_relay::lifecycle::RestoreArgs),
 }
 
 /// Runs the relay until SIGTERM or Ctrl-C, then drains it (`--drain-timeout`); a second
@@ -140,6 +152,7 @@ fn main() -> ExitCode {
             | Cmd::Leases { .. }
             | Cmd::ApiTokens { .. }
             | Cmd::Audit { .. }
+            | Cmd::AdminToken { .. }
     );
     sluice_runtime::init_logging(if quiet_cli { "warn" } else { &cli.log.log }, cli.log.log_json);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -156,6 +169,9 @@ fn main() -> ExitCode {
             Cmd::Leases { conn, cmd } => cli::leases(&conn, cmd).await,
             Cmd::ApiTokens { conn, cmd } => cli::api_tokens(&conn, cmd).await,
             Cmd::Audit { conn, args } => cli::audit(&conn, args).await,
+            Cmd::AdminToken { conn, cmd } => sluice_relay::lifecycle::admin_token(&conn, cmd).await,
+            Cmd::Backup(args) => sluice_relay::lifecycle::run_backup(&args),
+            Cmd::Restore(args) => sluice_relay::lifecycle::run_restore(&args),
         }
     });
     match result {

@@ -27,6 +27,7 @@
 //! | GET    | /v1/api-tokens                | list API tokens (ids, roles, expiry, revoked; never the tokens) |
 //! | POST   | /v1/api-tokens/{id}/revoke    | revoke an API token (on every relay of the cluster at once) |
 //! | GET    | /v1/audit[?since=MS][&resource=NAME_OR_ID][&limit=N] | audit records, oldest first |
+//! | POST   | /v1/admin-token/rotate        | a new admin token, live on every relay at once; the old one refused ([`crate::admin::admin_token`]) |
 //! | GET    | /metrics                      | Prometheus text (no token: keep the admin listener private) |
 //!
 //! Every route but the health probes and `/metrics` needs a bearer token: the data
@@ -181,6 +182,7 @@ fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/api-tokens", get(list_api_tokens).post(create_api_token))
         .route("/v1/api-tokens/{id}/revoke", post(revoke_api_token))
         .route("/v1/audit", get(read_audit))
+        .route("/v1/admin-token/rotate", post(rotate_admin_token))
         .route_layer(middleware::from_fn_with_state(relay.clone(), require_token));
     Router::new()
         .route("/v1/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
@@ -594,6 +596,15 @@ async fn read_audit(
 ) -> ApiResult<Vec<crate::state::store::AuditRecord>> {
     c.require(Action::ReadAudit)?;
     r.audit_records(q.since, q.resource.as_deref(), q.limit).map(Json)
+}
+
+async fn rotate_admin_token(
+    State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
+) -> Result<(Extension<AuditTarget>, Json<crate::admin::admin_token::AdminTokenRotated>), AdminError> {
+    c.require(Action::RotateAdminToken)?;
+    let rotated = r.rotate_admin_token()?;
+    Ok((Extension(AuditTarget(rotated.id.clone())), Json(rotated)))
 }
 
 async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
