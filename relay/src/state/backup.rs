@@ -121,11 +121,23 @@ pub fn copy_database(source: &Path, dest: &Path) -> Result<BTreeMap<String, u64>
     let _ = fs::remove_file(&tmp);
     {
         let mut dst = Connection::open(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        use rusqlite::backup::StepResult;
         let backup = rusqlite::backup::Backup::new(&src, &mut dst)?;
-        // -1: every page in one step, under one read transaction — one snapshot.
-        backup
-            .run_to_completion(-1, Duration::ZERO, None)
-            .with_context(|| format!("copying {} with SQLite's online backup", source.display()))?;
+        // -1: every page in one step, under one read transaction — one snapshot (in
+        // steps, a write between two of them would restart the copy).
+        let copying = || format!("copying {} with SQLite's online backup", source.display());
+        let started = std::time::Instant::now();
+        loop {
+            match backup.step(-1).with_context(copying)? {
+                StepResult::Done => break,
+                StepResult::More => continue,
+                // Busy/Locked: another connection holds a lock that blocks reading.
+                _ if started.elapsed() > Duration::from_secs(60) => {
+                    bail!("{}: the database stayed locked for 60 s; try again", copying())
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
     }
     private_file(&tmp)?;
     let rows = check_database(&tmp)?;
