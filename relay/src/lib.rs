@@ -21,6 +21,7 @@ pub mod admin;
 pub(crate) mod admission;
 pub mod audit;
 pub mod cli;
+pub mod cli_tls;
 pub mod cluster;
 pub(crate) mod data;
 pub mod lifecycle;

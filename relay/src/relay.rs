@@ -116,6 +116,20 @@ pub struct RelayConfig {
     /// way (`sluice audit`).
     #[arg(long, env = "SLUICE_AUDIT_LOG", value_name = "PATH", value_parser = crate::audit::parse_sink)]
     pub audit_log: Option<PathBuf>,
+    /// Serve the admin API over TLS with a certificate the relay issues from its own CA
+    /// at every start, for localhost, 127.0.0.1, ::1, this host's name, the
+    /// --admin-listen address and the --public-url host. The CLI on this host trusts it
+    /// through the data directory's ca.pem; elsewhere pass that file as --admin-ca.
+    #[arg(long, env = "SLUICE_ADMIN_TLS", value_parser = clap::builder::BoolishValueParser::new(),
+          conflicts_with = "admin_tls_cert")]
+    pub admin_tls: bool,
+    /// Serve the admin API over TLS with this certificate chain (PEM, leaf first), e.g.
+    /// one your PKI issued for the admin host name; needs --admin-tls-key.
+    #[arg(long, env = "SLUICE_ADMIN_TLS_CERT", value_name = "FILE", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// The private key (PEM: PKCS#8, SEC1 or PKCS#1) of --admin-tls-cert.
+    #[arg(long, env = "SLUICE_ADMIN_TLS_KEY", value_name = "FILE", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
     /// Bounds on connections, handshakes, streams and per-customer quotas.
     #[command(flatten)]
     pub limits: crate::limits::Limits,
@@ -444,8 +458,9 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     names.retain(|n| seen.insert(n.clone()));
     let had_ca = config.data_dir.join(files::CA_CERT).exists();
     let identity = RelayIdentity::load_or_create(&config.data_dir, &names)?;
+    let admin_tls = admin_tls_config(&config, &identity, admin_addr, &names)?;
     let store = open_store(&config, had_ca)?;
-    let admin_url = format!("http://{admin_addr}");
+    let admin_url = format!("{}://{admin_addr}", if admin_tls.is_some() { "https" } else { "http" });
     crate::state::pki::write_secret(&config.data_dir.join(files::ADMIN_URL), admin_url.as_bytes())?;
 
     let cluster = crate::cluster::Cluster::new(crate::state::store::RelayRecord {
@@ -518,11 +533,56 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         crate::data::agent_port::serve(accepting.clone(), agent_listener).await;
         accepting.agent_listener_up.store(false, Ordering::Relaxed);
     });
-    tokio::spawn(crate::admin::api::serve(relay.clone(), admin_listener));
+    tokio::spawn(crate::admin::api::serve(relay.clone(), admin_listener, admin_tls));
     if relay.identity.created {
         announce_admin_token(&relay.config.data_dir.join(files::ADMIN_TOKEN), &relay.identity.admin_token);
     }
     Ok(RunningRelay { relay, agent_addr, admin_addr, admin_url })
+}
+
+/// The admin API's TLS configuration: none (plain HTTP), the operator's certificate
+/// and key (`--admin-tls-cert`/`--admin-tls-key`), or a certificate issued from the
+/// relay's CA (`--admin-tls`). TLS 1.2 and 1.3, so reverse proxies and old clients fit.
+fn admin_tls_config(
+    config: &RelayConfig,
+    identity: &RelayIdentity,
+    admin_addr: SocketAddr,
+    names: &[String],
+) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    let (chain, key) = match (&config.admin_tls_cert, &config.admin_tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf, what: &str| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| crate::state::data_dir::io_failure(&format!("read {what}"), p, &e))
+            };
+            let chain = sluice_proto::tls::certs_from_pem(&read(cert, "--admin-tls-cert")?).map_err(|e| {
+                anyhow::anyhow!("--admin-tls-cert {}: {e}; expected PEM certificates, leaf first", cert.display())
+            })?;
+            let key = sluice_proto::tls::key_from_pem(&read(key, "--admin-tls-key")?)
+                .map_err(|e| anyhow::anyhow!("--admin-tls-key {}: {e}; expected a PEM private key", key.display()))?;
+            (chain, key)
+        }
+        _ if config.admin_tls => {
+            let mut names = names.to_vec();
+            if !admin_addr.ip().is_unspecified() {
+                names.push(admin_addr.ip().to_string());
+            }
+            names.push(hostname());
+            let mut seen = std::collections::HashSet::new();
+            names.retain(|n| seen.insert(n.clone()));
+            identity.issue_server_cert(&names)?
+        }
+        _ => return Ok(None),
+    };
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("the admin TLS certificate and key do not fit together (--admin-tls-cert, --admin-tls-key)")?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    info!(admin_tls = if config.admin_tls { "relay CA" } else { "--admin-tls-cert" }, "admin API over TLS");
+    Ok(Some(Arc::new(tls)))
 }
 
 /// Tells whoever started the relay where its new admin token is, once start-up

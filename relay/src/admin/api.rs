@@ -40,6 +40,10 @@
 //!
 //! Errors are `{ "error": "what happened and what to do" }` with a fitting status.
 //!
+//! With `--admin-tls` (a certificate from the relay's CA) or `--admin-tls-cert`/`--admin-tls-key`
+//! the API is served over TLS (the same bounds; the handshake counts against the header
+//! timeout); a plain-HTTP request to it is answered 400 with what to do.
+//!
 //! The listener is bounded ([`crate::limits::Limits`]): at most `--admin-max-connections`
 //! connections at once (more are closed at once), request headers within
 //! `--admin-header-timeout-secs` (also the keep-alive idle time between requests), and
@@ -100,7 +104,8 @@ static ACCEPT_ERRORS: Throttle = Throttle::new(crate::admission::LOG_EVERY);
 /// Serves the admin API until shutdown: accepts within the connection cap, backs off
 /// when accepting fails, and serves each connection with the header-read and idle
 /// timeouts.
-pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
+pub async fn serve(relay: Arc<Relay>, listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let shutdown = relay.shutdown.clone();
     let limits = relay.config.limits.clone();
     let app = router(relay);
@@ -132,27 +137,86 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
             );
             continue;
         };
-        let (io, activity) = Watched::new(tcp);
         let app = app.clone().layer(axum::Extension(Source(peer)));
-        let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
         let (shutdown, idle) = (shutdown.clone(), limits.admin_idle_timeout);
+        let Some(acceptor) = tls.clone() else {
+            let (io, activity) = Watched::new(tcp);
+            let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+            tokio::spawn(async move {
+                let _slot = slot;
+                serve_connection(conn, activity, idle, shutdown).await;
+            });
+            continue;
+        };
+        let (http, handshake_timeout) = (http.clone(), limits.admin_header_timeout);
         tokio::spawn(async move {
             let _slot = slot;
+            // The handshake counts against the header timeout: a silent client holds
+            // its slot no longer than one that sends no request.
+            let Ok(Some(tls)) = tokio::time::timeout(handshake_timeout, accept_tls(&acceptor, tcp, peer)).await else {
+                return;
+            };
+            let (io, activity) = tls;
+            let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
             serve_connection(conn, activity, idle, shutdown).await;
         });
     }
 }
 
-type AdminConnection = hyper::server::conn::http1::Connection<TokioIo<Watched<TcpStream>>, TowerToHyperService<Router>>;
+/// The TLS handshake of one admin connection. A client speaking plain HTTP to the TLS
+/// port (its first byte is not a TLS handshake record's, 0x16) is answered with a
+/// plain-HTTP 400 saying to use https://, instead of a bare reset.
+async fn accept_tls(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<(tokio_rustls::server::TlsStream<Watched<TcpStream>>, Activity)> {
+    let mut first = [0u8; 1];
+    if tcp.peek(&mut first).await.ok()? == 0 {
+        return None;
+    }
+    if first[0] != 0x16 {
+        refuse_plain_http(tcp).await;
+        return None;
+    }
+    let (io, activity) = Watched::new(tcp);
+    match acceptor.accept(io).await {
+        Ok(tls) => Some((tls, activity)),
+        Err(e) => {
+            debug!(%peer, error = %e, "admin TLS handshake failed");
+            None
+        }
+    }
+}
+
+/// What a plain-HTTP client of the TLS admin port is told.
+const PLAIN_HTTP_REFUSAL: &str = "this admin API is served over TLS (the relay runs with --admin-tls or \
+                                  --admin-tls-cert): use an https:// admin URL (--admin-url, SLUICE_ADMIN_URL)";
+
+async fn refuse_plain_http(mut tcp: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = serde_json::json!({ "error": PLAIN_HTTP_REFUSAL }).to_string();
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: \
+         close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tcp.write_all(answer.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+}
+
+type AdminConnection<I> = hyper::server::conn::http1::Connection<TokioIo<I>, TowerToHyperService<Router>>;
 
 /// Serves one connection until it ends, goes idle for `idle`, or the relay shuts down
 /// (then its request in flight may finish for [`SHUTDOWN_GRACE`]).
-async fn serve_connection(
-    conn: AdminConnection,
+async fn serve_connection<I>(
+    conn: AdminConnection<I>,
     activity: Activity,
     idle: Duration,
     shutdown: tokio_util::sync::CancellationToken,
-) {
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut conn = pin!(conn);
     tokio::select! {
         r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "admin connection ended") },

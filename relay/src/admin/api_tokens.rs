@@ -64,9 +64,10 @@ impl Relay {
             && crate::admin::admin_token::is_admin_token_row(&t)
         {
             return Err(refused(format!(
-                "this admin token was replaced by `sluice admin-token rotate` (at {at}): use the new one, which the \
+                "this admin token was replaced by `sluice admin-token rotate` (at {}): use the new one, which the \
                  relay that rotated it wrote into its data directory (admin-token); on another relay's host copy that \
-                 file into its data directory, or pass --admin-token"
+                 file into its data directory, or pass --admin-token",
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(at))
             )));
         }
         if let Some(at) = t.revoked_at {
