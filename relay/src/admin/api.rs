@@ -193,8 +193,20 @@ async fn accept_tls(
 const PLAIN_HTTP_REFUSAL: &str = "this admin API is served over TLS (the relay runs with --admin-tls or \
                                   --admin-tls-cert): use an https:// admin URL (--admin-url, SLUICE_ADMIN_URL)";
 
+/// Answers a plain-HTTP request on the TLS port. The request head is read first and the
+/// client's close awaited after (both bounded by the caller's handshake timeout): closing
+/// with unread bytes would make the kernel reset the connection, and the client might
+/// see the reset instead of the answer.
 async fn refuse_plain_http(mut tcp: TcpStream) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 4096];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_BUF {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
     let body = serde_json::json!({ "error": PLAIN_HTTP_REFUSAL }).to_string();
     let answer = format!(
         "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: \
@@ -203,6 +215,7 @@ async fn refuse_plain_http(mut tcp: TcpStream) {
     );
     let _ = tcp.write_all(answer.as_bytes()).await;
     let _ = tcp.shutdown().await;
+    while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
 }
 
 type AdminConnection<I> = hyper::server::conn::http1::Connection<TokioIo<I>, TowerToHyperService<Router>>;
