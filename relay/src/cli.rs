@@ -8,8 +8,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -35,6 +33,10 @@ pub struct AdminConn {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
+    /// CA certificate (PEM) to trust for an https:// admin URL, besides the system's roots
+    /// and the data directory's ca.pem (which signs the certificate of `--admin-tls`).
+    #[arg(long, env = "SLUICE_ADMIN_CA", value_name = "FILE", global = true)]
+    pub admin_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -320,7 +322,7 @@ pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
 pub struct AdminClient {
     base: String,
     token: String,
-    http: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    http: crate::cli_tls::AdminHttp,
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
@@ -348,16 +350,13 @@ impl AdminClient {
                     )
                 },
             )?;
-        if !base.starts_with("http://") {
+        if !base.starts_with("http://") && !base.starts_with("https://") {
             bail!(
-                "--admin-url {base:?} must start with http:// (the admin API listens on plain HTTP, by default on loopback)"
+                "--admin-url {base:?} must start with http:// or https:// (https: the relay runs with --admin-tls or \
+                 sits behind a TLS reverse proxy)"
             );
         }
-        Ok(AdminClient {
-            base: base.trim_end_matches('/').to_owned(),
-            token,
-            http: Client::builder(TokioExecutor::new()).build_http(),
-        })
+        Ok(AdminClient { base: base.trim_end_matches('/').to_owned(), token, http: crate::cli_tls::admin_http(conn)? })
     }
 
     /// The same client (token) for another relay's admin API.
@@ -378,9 +377,11 @@ impl AdminClient {
             .header("authorization", format!("Bearer {}", self.token))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.map(|b| b.to_string()).unwrap_or_default())))?;
-        let resp = self.http.request(req).await.map_err(|e| {
-            anyhow!("cannot reach the relay's admin API at {}: {e:#}; is `sluice serve` running there?", self.base)
-        })?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| anyhow!("{}", crate::cli_tls::describe_failure(&e, &self.base)))?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         if !status.is_success() {

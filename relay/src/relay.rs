@@ -116,6 +116,20 @@ pub struct RelayConfig {
     /// way (`sluice audit`).
     #[arg(long, env = "SLUICE_AUDIT_LOG", value_name = "PATH", value_parser = crate::audit::parse_sink)]
     pub audit_log: Option<PathBuf>,
+    /// Serve the admin API over TLS with a certificate the relay issues from its own CA
+    /// at every start, for localhost, 127.0.0.1, ::1, this host's name, the
+    /// --admin-listen address and the --public-url host. The CLI on this host trusts it
+    /// through the data directory's ca.pem; elsewhere pass that file as --admin-ca.
+    #[arg(long, env = "SLUICE_ADMIN_TLS", value_parser = clap::builder::BoolishValueParser::new(),
+          conflicts_with = "admin_tls_cert")]
+    pub admin_tls: bool,
+    /// Serve the admin API over TLS with this certificate chain (PEM, leaf first), e.g.
+    /// one your PKI issued for the admin host name; needs --admin-tls-key.
+    #[arg(long, env = "SLUICE_ADMIN_TLS_CERT", value_name = "FILE", requires = "admin_tls_key")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// The private key (PEM: PKCS#8, SEC1 or PKCS#1) of --admin-tls-cert.
+    #[arg(long, env = "SLUICE_ADMIN_TLS_KEY", value_name = "FILE", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<PathBuf>,
     /// Bounds on connections, handshakes, streams and per-customer quotas.
     #[command(flatten)]
     pub limits: crate::limits::Limits,
@@ -186,6 +200,9 @@ pub struct Relay {
     pub(crate) leases: crate::data::lease_port::Leases,
     /// The audit trail (store and `--audit-log`).
     pub(crate) audit: crate::audit::Audit,
+    /// The data directory's admin token as this relay holds it (a rotation replaces it
+    /// without a restart: [`crate::admin::admin_token`]).
+    pub(crate) admin_token: parking_lot::RwLock<String>,
     /// Held for the relay's life: no second relay on this data directory.
     _lock: DataDirLock,
 }
@@ -441,14 +458,9 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     names.retain(|n| seen.insert(n.clone()));
     let had_ca = config.data_dir.join(files::CA_CERT).exists();
     let identity = RelayIdentity::load_or_create(&config.data_dir, &names)?;
-    if identity.created {
-        // Shown once, on the terminal of whoever first started the relay; it is also in
-        // the data directory (0600) for the CLI on this host.
-        println!("Admin token (shown once; also stored in {}):", config.data_dir.join(files::ADMIN_TOKEN).display());
-        println!("  {}", identity.admin_token);
-    }
+    let admin_tls = admin_tls_config(&config, &identity, admin_addr, &names)?;
     let store = open_store(&config, had_ca)?;
-    let admin_url = format!("http://{admin_addr}");
+    let admin_url = format!("{}://{admin_addr}", if admin_tls.is_some() { "https" } else { "http" });
     crate::state::pki::write_secret(&config.data_dir.join(files::ADMIN_URL), admin_url.as_bytes())?;
 
     let cluster = crate::cluster::Cluster::new(crate::state::store::RelayRecord {
@@ -463,7 +475,9 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     });
     cluster.register(&*store)?;
     let audit = crate::audit::Audit::start(store.clone(), &cluster.id, config.audit_log.as_deref())?;
+    let admin_token = parking_lot::RwLock::new(identity.admin_token.clone());
     let relay = Arc::new(Relay {
+        admin_token,
         audit,
         cluster,
         signer: TokenSigner::new(&identity.jwt_key),
@@ -520,8 +534,79 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
         crate::data::agent_port::serve(accepting.clone(), agent_listener).await;
         accepting.agent_listener_up.store(false, Ordering::Relaxed);
     });
-    tokio::spawn(crate::admin::api::serve(relay.clone(), admin_listener));
+    tokio::spawn(crate::admin::api::serve(relay.clone(), admin_listener, admin_tls));
+    if relay.identity.created {
+        announce_admin_token(&relay.config.data_dir.join(files::ADMIN_TOKEN), &relay.identity.admin_token);
+    }
     Ok(RunningRelay { relay, agent_addr, admin_addr, admin_url })
+}
+
+/// The admin API's TLS configuration: none (plain HTTP), the operator's certificate
+/// and key (`--admin-tls-cert`/`--admin-tls-key`), or a certificate issued from the
+/// relay's CA (`--admin-tls`). TLS 1.2 and 1.3, so reverse proxies and old clients fit.
+fn admin_tls_config(
+    config: &RelayConfig,
+    identity: &RelayIdentity,
+    admin_addr: SocketAddr,
+    names: &[String],
+) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    let (chain, key) = match (&config.admin_tls_cert, &config.admin_tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &PathBuf, what: &str| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| crate::state::data_dir::io_failure(&format!("read {what}"), p, &e))
+            };
+            let chain = sluice_proto::tls::certs_from_pem(&read(cert, "--admin-tls-cert")?).map_err(|e| {
+                anyhow::anyhow!("--admin-tls-cert {}: {e}; expected PEM certificates, leaf first", cert.display())
+            })?;
+            let key = sluice_proto::tls::key_from_pem(&read(key, "--admin-tls-key")?)
+                .map_err(|e| anyhow::anyhow!("--admin-tls-key {}: {e}; expected a PEM private key", key.display()))?;
+            (chain, key)
+        }
+        _ if config.admin_tls => {
+            let mut names = names.to_vec();
+            if !admin_addr.ip().is_unspecified() {
+                names.push(admin_addr.ip().to_string());
+            }
+            names.push(hostname());
+            let mut seen = std::collections::HashSet::new();
+            names.retain(|n| seen.insert(n.clone()));
+            identity.issue_server_cert(&names)?
+        }
+        _ => return Ok(None),
+    };
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("the admin TLS certificate and key do not fit together (--admin-tls-cert, --admin-tls-key)")?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    info!(admin_tls = if config.admin_tls { "relay CA" } else { "--admin-tls-cert" }, "admin API over TLS");
+    Ok(Some(Arc::new(tls)))
+}
+
+/// Tells whoever started the relay where its new admin token is, once start-up
+/// succeeded (listeners bound, store open). The token itself is printed only on an
+/// interactive terminal: under a service manager stdout goes to a journal or a log
+/// file, which must not hold it.
+fn announce_admin_token(file: &std::path::Path, token: &str) {
+    use std::io::IsTerminal;
+    println!("{}", admin_token_notice(file, token, std::io::stdout().is_terminal()));
+}
+
+/// The start-up notice of a new admin token: where it is, and the token only when
+/// `on_terminal`.
+fn admin_token_notice(file: &std::path::Path, token: &str, on_terminal: bool) -> String {
+    let file = file.display();
+    if on_terminal {
+        format!("Admin token (stored in {file}, mode 0600; the CLI on this host reads it with --data-dir):\n  {token}")
+    } else {
+        format!(
+            "Admin token created and stored in {file} (mode 0600); not printed because stdout is not a terminal. \
+             The CLI on this host reads it with --data-dir; elsewhere pass it as --admin-token (SLUICE_ADMIN_TOKEN)."
+        )
+    }
 }
 
 #[cfg(test)]
@@ -571,6 +656,15 @@ mod tests {
         assert_eq!(parse_drain_timeout("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_drain_timeout("2h").unwrap_err().contains("at most 1 hour"));
         assert!(parse_drain_timeout("soon").is_err());
+    }
+
+    #[test]
+    fn the_admin_token_is_shown_only_on_a_terminal() {
+        let file = std::path::Path::new("/var/lib/sluice/admin-token");
+        let piped = admin_token_notice(file, "sluice_admin_secret", false);
+        assert!(piped.contains("/var/lib/sluice/admin-token") && !piped.contains("sluice_admin_secret"), "{piped}");
+        let tty = admin_token_notice(file, "sluice_admin_secret", true);
+        assert!(tty.contains("/var/lib/sluice/admin-token") && tty.contains("sluice_admin_secret"), "{tty}");
     }
 
     #[test]

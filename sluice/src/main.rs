@@ -111,6 +111,18 @@ enum Cmd {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// The admin token: rotate it without a restart (talks to the admin API).
+    #[command(name = "admin-token")]
+    AdminToken {
+        #[command(flatten)]
+        conn: AdminConn,
+        #[command(subcommand)]
+        cmd: sluice_relay::lifecycle::AdminTokenCmd,
+    },
+    /// Copy the relay's state (store, CA and keys) into a directory while it runs.
+    Backup(sluice_relay::lifecycle::BackupArgs),
+    /// Make a new data directory from a backup (`sluice backup`).
+    Restore(sluice_relay::lifecycle::RestoreArgs),
 }
 
 /// Runs the relay until SIGTERM or Ctrl-C, then drains it (`--drain-timeout`); a second
@@ -158,6 +170,7 @@ fn main() -> ExitCode {
             | Cmd::Leases { .. }
             | Cmd::ApiTokens { .. }
             | Cmd::Audit { .. }
+            | Cmd::AdminToken { .. }
     );
     sluice_runtime::init_logging(if quiet_cli { "warn" } else { &cli.log.log }, cli.log.log_json);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -179,6 +192,9 @@ fn main() -> ExitCode {
                 clap_complete::generate(shell, &mut cmd, "sluice", &mut std::io::stdout());
                 Ok(())
             }
+            Cmd::AdminToken { conn, cmd } => sluice_relay::lifecycle::admin_token(&conn, cmd).await,
+            Cmd::Backup(args) => sluice_relay::lifecycle::run_backup(&args),
+            Cmd::Restore(args) => sluice_relay::lifecycle::run_restore(&args),
         }
     });
     match result {

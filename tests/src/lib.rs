@@ -214,6 +214,24 @@ impl Relay {
         Self::launch(dir, n, extra_args)
     }
 
+    /// Starts a relay in `dir/relay-data` (which may already hold a data directory, e.g.
+    /// a restored backup) on the given agent port and resource port range: another
+    /// relay taking over where an earlier one served.
+    pub fn start_on(dir: &Path, agent_port: u16, ports: (u16, u16), extra_args: &[&str]) -> Relay {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut r = Relay {
+            dir: dir.to_path_buf(),
+            agent_port,
+            admin_port: free_port(),
+            ports,
+            proc: None,
+            starts: 0,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+        };
+        r.spawn();
+        r
+    }
+
     fn launch(dir: &Path, n: u16, extra_args: &[&str]) -> Relay {
         std::fs::create_dir_all(dir).unwrap();
         let mut r = Relay {

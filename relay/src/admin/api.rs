@@ -27,6 +27,7 @@
 //! | GET    | /v1/api-tokens                | list API tokens (ids, roles, expiry, revoked; never the tokens) |
 //! | POST   | /v1/api-tokens/{id}/revoke    | revoke an API token (on every relay of the cluster at once) |
 //! | GET    | /v1/audit[?since=MS][&resource=NAME_OR_ID][&limit=N] | audit records, oldest first |
+//! | POST   | /v1/admin-token/rotate        | a new admin token, live on every relay at once; the old one refused ([`crate::admin::admin_token`]) |
 //! | GET    | /metrics                      | Prometheus text (no token: keep the admin listener private) |
 //!
 //! Every route but the health probes and `/metrics` needs a bearer token: the data
@@ -38,6 +39,10 @@
 //! client's address.
 //!
 //! Errors are `{ "error": "what happened and what to do" }` with a fitting status.
+//!
+//! With `--admin-tls` (a certificate from the relay's CA) or `--admin-tls-cert`/`--admin-tls-key`
+//! the API is served over TLS (the same bounds; the handshake counts against the header
+//! timeout); a plain-HTTP request to it is answered 400 with what to do.
 //!
 //! The listener is bounded ([`crate::limits::Limits`]): at most `--admin-max-connections`
 //! connections at once (more are closed at once), request headers within
@@ -99,7 +104,8 @@ static ACCEPT_ERRORS: Throttle = Throttle::new(crate::admission::LOG_EVERY);
 /// Serves the admin API until shutdown: accepts within the connection cap, backs off
 /// when accepting fails, and serves each connection with the header-read and idle
 /// timeouts.
-pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
+pub async fn serve(relay: Arc<Relay>, listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let shutdown = relay.shutdown.clone();
     let limits = relay.config.limits.clone();
     let app = router(relay);
@@ -131,27 +137,99 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener) {
             );
             continue;
         };
-        let (io, activity) = Watched::new(tcp);
         let app = app.clone().layer(axum::Extension(Source(peer)));
-        let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
         let (shutdown, idle) = (shutdown.clone(), limits.admin_idle_timeout);
+        let Some(acceptor) = tls.clone() else {
+            let (io, activity) = Watched::new(tcp);
+            let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
+            tokio::spawn(async move {
+                let _slot = slot;
+                serve_connection(conn, activity, idle, shutdown).await;
+            });
+            continue;
+        };
+        let (http, handshake_timeout) = (http.clone(), limits.admin_header_timeout);
         tokio::spawn(async move {
             let _slot = slot;
+            // The handshake counts against the header timeout: a silent client holds
+            // its slot no longer than one that sends no request.
+            let Ok(Some(tls)) = tokio::time::timeout(handshake_timeout, accept_tls(&acceptor, tcp, peer)).await else {
+                return;
+            };
+            let (io, activity) = tls;
+            let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(app));
             serve_connection(conn, activity, idle, shutdown).await;
         });
     }
 }
 
-type AdminConnection = hyper::server::conn::http1::Connection<TokioIo<Watched<TcpStream>>, TowerToHyperService<Router>>;
+/// The TLS handshake of one admin connection. A client speaking plain HTTP to the TLS
+/// port (its first byte is not a TLS handshake record's, 0x16) is answered with a
+/// plain-HTTP 400 saying to use https://, instead of a bare reset.
+async fn accept_tls(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<(tokio_rustls::server::TlsStream<Watched<TcpStream>>, Activity)> {
+    let mut first = [0u8; 1];
+    if tcp.peek(&mut first).await.ok()? == 0 {
+        return None;
+    }
+    if first[0] != 0x16 {
+        refuse_plain_http(tcp).await;
+        return None;
+    }
+    let (io, activity) = Watched::new(tcp);
+    match acceptor.accept(io).await {
+        Ok(tls) => Some((tls, activity)),
+        Err(e) => {
+            debug!(%peer, error = %e, "admin TLS handshake failed");
+            None
+        }
+    }
+}
+
+/// What a plain-HTTP client of the TLS admin port is told.
+const PLAIN_HTTP_REFUSAL: &str = "this admin API is served over TLS (the relay runs with --admin-tls or \
+                                  --admin-tls-cert): use an https:// admin URL (--admin-url, SLUICE_ADMIN_URL)";
+
+/// Answers a plain-HTTP request on the TLS port. The request head is read first and the
+/// client's close awaited after (both bounded by the caller's handshake timeout): closing
+/// with unread bytes would make the kernel reset the connection, and the client might
+/// see the reset instead of the answer.
+async fn refuse_plain_http(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 4096];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_BUF {
+        match tcp.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let body = serde_json::json!({ "error": PLAIN_HTTP_REFUSAL }).to_string();
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: \
+         close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tcp.write_all(answer.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+    while matches!(tcp.read(&mut buf).await, Ok(n) if n > 0) {}
+}
+
+type AdminConnection<I> = hyper::server::conn::http1::Connection<TokioIo<I>, TowerToHyperService<Router>>;
 
 /// Serves one connection until it ends, goes idle for `idle`, or the relay shuts down
 /// (then its request in flight may finish for [`SHUTDOWN_GRACE`]).
-async fn serve_connection(
-    conn: AdminConnection,
+async fn serve_connection<I>(
+    conn: AdminConnection<I>,
     activity: Activity,
     idle: Duration,
     shutdown: tokio_util::sync::CancellationToken,
-) {
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut conn = pin!(conn);
     tokio::select! {
         r = conn.as_mut() => if let Err(e) = r { debug!(error = %e, "admin connection ended") },
@@ -181,6 +259,7 @@ fn router(relay: Arc<Relay>) -> Router {
         .route("/v1/api-tokens", get(list_api_tokens).post(create_api_token))
         .route("/v1/api-tokens/{id}/revoke", post(revoke_api_token))
         .route("/v1/audit", get(read_audit))
+        .route("/v1/admin-token/rotate", post(rotate_admin_token))
         .route_layer(middleware::from_fn_with_state(relay.clone(), require_token));
     Router::new()
         .route("/v1/health", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
@@ -611,6 +690,15 @@ async fn read_audit(
 ) -> ApiResult<Vec<crate::state::store::AuditRecord>> {
     c.require(Action::ReadAudit)?;
     r.audit_records(q.since, q.resource.as_deref(), q.limit).map(Json)
+}
+
+async fn rotate_admin_token(
+    State(r): State<Arc<Relay>>,
+    Extension(c): CallerExt,
+) -> Result<(Extension<AuditTarget>, Json<crate::admin::admin_token::AdminTokenRotated>), AdminError> {
+    c.require(Action::RotateAdminToken)?;
+    let rotated = r.rotate_admin_token()?;
+    Ok((Extension(AuditTarget(rotated.id.clone())), Json(rotated)))
 }
 
 async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {

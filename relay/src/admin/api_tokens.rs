@@ -46,13 +46,13 @@ impl Relay {
     /// Who a bearer token is: the bootstrap admin token, or a live API token. Unknown,
     /// revoked and expired tokens are 401 with what to do.
     pub fn authenticate(&self, given: &str) -> Result<Caller, AdminError> {
-        if same(given.as_bytes(), self.identity.admin_token.as_bytes()) {
-            return Ok(Caller::bootstrap());
-        }
         let hash = token_hash(given);
+        let stored = self.store.api_token_by_hash(&hash);
+        if let Some(decided) = self.check_file_admin_token(given, &stored) {
+            return decided;
+        }
         let refused = |m: String| AdminError { status: 401, message: m };
-        let Some(t) = self.store.api_token_by_hash(&hash)?.filter(|t| same(t.token_hash.as_bytes(), hash.as_bytes()))
-        else {
+        let Some(t) = stored?.filter(|t| same(t.token_hash.as_bytes(), hash.as_bytes())) else {
             return Err(refused(
                 "the admin token is wrong (it is neither this relay's admin token nor an API token it knows): use \
                  the admin token the relay printed on first start (stored in its data directory as admin-token) or an \
@@ -60,6 +60,16 @@ impl Relay {
                     .into(),
             ));
         };
+        if let Some(at) = t.revoked_at
+            && crate::admin::admin_token::is_admin_token_row(&t)
+        {
+            return Err(refused(format!(
+                "this admin token was replaced by `sluice admin-token rotate` (at {}): use the new one, which the \
+                 relay that rotated it wrote into its data directory (admin-token); on another relay's host copy that \
+                 file into its data directory, or pass --admin-token",
+                humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(at))
+            )));
+        }
         if let Some(at) = t.revoked_at {
             return Err(refused(format!(
                 "API token {} was revoked (at {at}): ask an admin for a new one (`sluice api-tokens create`)",

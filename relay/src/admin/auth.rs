@@ -109,6 +109,8 @@ pub enum Action {
     CreateLease,
     ListLeases,
     DeleteLease,
+    /// `POST /v1/admin-token/rotate`: a new admin token, the old one refused everywhere.
+    RotateAdminToken,
 }
 
 impl Action {
@@ -136,6 +138,7 @@ impl Action {
             Action::CreateLease => "create_lease",
             Action::ListLeases => "list_leases",
             Action::DeleteLease => "delete_lease",
+            Action::RotateAdminToken => "rotate_admin_token",
         }
     }
 }

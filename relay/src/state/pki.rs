@@ -142,6 +142,23 @@ impl RelayIdentity {
         })
     }
 
+    /// A further server certificate from the relay's CA for `names` (e.g. the admin API
+    /// over TLS): the chain (leaf, CA) and its key, valid for a year.
+    pub fn issue_server_cert(
+        &self,
+        names: &[String],
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec()).context("server certificate names")?;
+        params.distinguished_name = dn("Sluice relay admin API");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = OffsetDateTime::now_utc() - Duration::hours(1);
+        params.not_after = OffsetDateTime::now_utc() + Duration::days(365);
+        let cert = params.signed_by(&key, &self.ca)?;
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok((vec![cert.der().clone(), self.ca_der.clone()], key))
+    }
+
     /// The server's private key for rustls.
     pub fn server_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key_der.clone()))
