@@ -145,7 +145,9 @@ pub(super) fn spawn_data_conn(pool: &Arc<Pool>) {
                 debug!(stream = open.stream_id, "stream refused: the session is over");
             }
             Ok(open) => {
-                refill(&pool);
+                // The replacement connection is opened once this stream has its answer
+                // (in `stream::serve`): its TLS handshake then does not compete for the
+                // CPU with the service connect the client is waiting for.
                 let span = info_span!("stream", id = open.stream_id, client = %open.client_addr);
                 let _counted = pool.drain.enter();
                 stream::serve(&pool, tls, registration, open).instrument(span).await;

@@ -100,21 +100,25 @@ async fn drained(fd: &OwnedFd) {
 }
 
 /// Connects to the private service for a stream the relay opened, and moves its bytes.
-pub(super) async fn serve(pool: &Pool, mut tls: Tunnel, tunnel_reg: Option<Registration>, open: StreamOpen) {
+/// Once the relay has its answer (accepted or refused), the pool is refilled.
+pub(super) async fn serve(pool: &Arc<Pool>, mut tls: Tunnel, tunnel_reg: Option<Registration>, open: StreamOpen) {
     let target = pool.service.target();
     let connect = tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, connect_metered(target, Some(&pool.meter))).await;
+    let answered = || super::pool::refill(pool);
     let (service, service_reg) = match connect {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             crate::metrics::stream_failed("service_unreachable");
             let why = format!("cannot connect to the private service {target}: {e}");
             pool.service.record_error(why.clone());
+            answered();
             return refuse(tls, why).await;
         }
         Err(_) => {
             crate::metrics::stream_failed("service_unreachable");
             let why = format!("connecting to the private service {target} timed out after {SERVICE_CONNECT_TIMEOUT:?}");
             pool.service.record_error(why.clone());
+            answered();
             return refuse(tls, why).await;
         }
     };
@@ -123,7 +127,9 @@ pub(super) async fn serve(pool: &Pool, mut tls: Tunnel, tunnel_reg: Option<Regis
     // If this process dies mid-stream the service must see a reset, not a FIN that makes
     // a truncated upload look complete; a clean end disarms it (the data path does).
     datapath::reset_on_close(&service);
-    if let Err(e) = wire::write_frame(&mut tls, &StreamReply::Accepted).await {
+    let replied = wire::write_frame(&mut tls, &StreamReply::Accepted).await;
+    answered();
+    if let Err(e) = replied {
         return debug!(error = %e, "the relay went away before the stream started");
     }
     let prepared = match pool.data_path.prepare(TlsStream::Client(tls)) {
