@@ -401,6 +401,21 @@ pub fn tune_tunnel_socket(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
 }
 
+/// True when an idle connection can no longer carry a stream: the peer closed or reset
+/// it, or sent something (on an idle tunnel connection the peer sends nothing until it
+/// is used, so any byte is its TLS close). One non-blocking `MSG_PEEK`; reads nothing.
+pub fn idle_connection_gone(tcp: &TcpStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: recv into a 1-byte buffer we own, on a descriptor the caller keeps open.
+    let n =
+        unsafe { libc::recv(tcp.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return !matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted);
+    }
+    true
+}
+
 /// Makes the next close of `tcp` send RST instead of FIN (SO_LINGER 0).
 pub fn reset(tcp: &TcpStream) {
     reset_fd(tcp.as_raw_fd());

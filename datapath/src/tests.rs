@@ -287,3 +287,24 @@ async fn through_prepared(a: PreparedStream, b: PreparedStream) {
     assert!(got_up == up && got_down == down);
     assert_eq!(ta.copied(), (up.len() + down.len()) as u64, "the user-space path copies every byte");
 }
+
+#[tokio::test]
+async fn an_idle_connection_is_gone_once_its_peer_closes_or_speaks() {
+    let (a, b) = tcp_pair().await;
+    assert!(!idle_connection_gone(&a), "open and silent: usable");
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(idle_connection_gone(&a), "the peer closed it");
+
+    let (a, mut b) = tcp_pair().await;
+    b.write_all(&[21, 3, 3, 0, 2]).await.unwrap(); // the start of a TLS alert record
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !idle_connection_gone(&a) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("a byte on an idle connection marks it gone");
+    let mut peek = [0u8; 5];
+    assert_eq!(a.peek(&mut peek).await.unwrap(), 5, "checking consumed nothing");
+}

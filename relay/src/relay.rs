@@ -81,7 +81,8 @@ pub struct RelayConfig {
     #[arg(long = "heartbeat-secs", env = "SLUICE_HEARTBEAT_SECS", default_value = "10",
           value_parser = clap::value_parser!(u64).range(1..=300).map(Duration::from_secs))]
     pub heartbeat: Duration,
-    /// Idle data connections each agent keeps open for new streams.
+    /// Idle data connections each agent keeps open for new streams at rest. While streams
+    /// arrive faster than an agent refills, it keeps more (up to 64), then falls back.
     #[arg(long, env = "SLUICE_POOL_SIZE", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub pool_size: u32,
     /// How stream bytes move: `auto` hands each tunnel connection's TLS to the kernel

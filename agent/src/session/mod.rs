@@ -2,8 +2,8 @@
 //! the protocol:
 //!
 //! - [`control`]: hello → welcome, certificate renewal, and how a welcome can fail;
-//! - [`pool`]: dialing the relay and keeping `pool_size` idle data connections parked
-//!   there, replacing each one a stream takes;
+//! - [`pool`]: dialing the relay and keeping warm data connections parked there,
+//!   replacing each one a stream takes; [`demand`]: how many to keep;
 //! - [`stream`]: one stream on a data connection — the private service's connect, the
 //!   reply, the bytes, the final counts.
 //!
@@ -12,6 +12,7 @@
 //! [`SessionEnd`] that tells the agent's main loop what to do next.
 
 pub mod control;
+pub mod demand;
 pub mod pool;
 pub mod stream;
 
@@ -119,7 +120,7 @@ pub async fn run(
         service: service.clone(),
         data_path: data_path.clone(),
         session_id: welcome.session_id.clone(),
-        target: welcome.pool_size.max(1),
+        target: Mutex::new(demand::PoolTarget::new(welcome.pool_size, std::time::Instant::now())),
         idle: AtomicU32::new(0),
         connecting: AtomicU32::new(0),
         closed: CancellationToken::new(),
@@ -261,9 +262,9 @@ fn on_relay_msg(
             let _ = out.send(AgentMsg::Pong { seq });
         }
         RelayMsg::OpenData { count } => {
-            for _ in 0..count.min(64) {
-                pool::spawn_data_conn(pool);
-            }
+            // The relay's pool ran dry: a stream is waiting for a handshake. Keep more warm.
+            pool.target.lock().ran_dry(count, std::time::Instant::now());
+            pool::refill(pool);
         }
         RelayMsg::Rejected(r) if r.code == RejectCode::RevokedCertificate => {
             return Some(SessionEnd::Revoked(r.message));

@@ -1,5 +1,6 @@
 //! The session's pool of data connections: idle, handshaken mTLS connections parked at
-//! the relay, each waiting for one [`StreamOpen`]; one taken is replaced at once.
+//! the relay, each waiting for one [`StreamOpen`]; one taken is replaced once its stream
+//! is answered, while the pool is below its [`PoolTarget`] (see [`super::demand`]).
 //!
 //! The pool knows only what it needs: where the relay is ([`RelayTarget`]), the
 //! private service (through [`ServiceHealth`]), the meter and the data path.
@@ -7,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
@@ -18,6 +19,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span};
 
+use super::demand::{PoolTarget, SURPLUS_IDLE};
 use super::stream::{self, ActiveStream};
 use crate::meter::{Meter, Registration};
 use crate::service::ServiceHealth;
@@ -75,7 +77,8 @@ pub(super) struct Pool {
     /// How streams move bytes.
     pub(super) data_path: Arc<DataPath>,
     pub(super) session_id: sluice_proto::identity::SessionId,
-    pub(super) target: u32,
+    /// How many warm connections to keep (grows while the relay's pool runs dry).
+    pub(super) target: Mutex<PoolTarget>,
     pub(super) idle: AtomicU32,
     pub(super) connecting: AtomicU32,
     /// Cancelled when the session ends: idle connections close; streams continue.
@@ -100,12 +103,24 @@ impl Pool {
     pub(super) fn idle(&self) -> u32 {
         self.idle.load(Ordering::Relaxed)
     }
+
+    fn target(&self) -> u32 {
+        self.target.lock().current(Instant::now())
+    }
+
+    /// Counts one idle connection out if the pool holds more than its target; true if
+    /// the caller's connection is the one to close.
+    fn leave_if_surplus(&self) -> bool {
+        let target = self.target();
+        self.idle.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| (i > target).then(|| i - 1)).is_ok()
+    }
 }
 
 /// Opens data connections until idle + connecting reaches the pool target.
 pub(super) fn refill(pool: &Arc<Pool>) {
+    let target = pool.target();
     while !pool.closed.is_cancelled()
-        && pool.idle.load(Ordering::Relaxed) + pool.connecting.load(Ordering::Relaxed) < pool.target
+        && pool.idle.load(Ordering::Relaxed) + pool.connecting.load(Ordering::Relaxed) < target
     {
         spawn_data_conn(pool);
     }
@@ -129,11 +144,25 @@ pub(super) fn spawn_data_conn(pool: &Arc<Pool>) {
             return;
         };
         pool.idle.fetch_add(1, Ordering::Relaxed);
-        let open = tokio::select! {
-            o = wire::read_frame::<_, StreamOpen>(&mut tls) => o,
-            _ = pool.closed.cancelled() => {
-                pool.idle.fetch_sub(1, Ordering::Relaxed);
-                return;
+        let open = {
+            let read = wire::read_frame::<_, StreamOpen>(&mut tls);
+            tokio::pin!(read);
+            loop {
+                tokio::select! {
+                    o = &mut read => break o,
+                    _ = pool.closed.cancelled() => {
+                        pool.idle.fetch_sub(1, Ordering::Relaxed);
+                        return;
+                    }
+                    // Left over from a burst: close it (the relay drops closed idle
+                    // connections before handing one out).
+                    _ = tokio::time::sleep(SURPLUS_IDLE) => {
+                        if pool.leave_if_surplus() {
+                            debug!("surplus idle data connection closed");
+                            return;
+                        }
+                    }
+                }
             }
         };
         pool.idle.fetch_sub(1, Ordering::Relaxed);

@@ -24,7 +24,7 @@ use sluice_proto::wire::{RejectCode, Rejection, RelayMsg};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// A data connection from an agent, handshaken and bound to its session, waiting for a stream.
 pub type DataConn = tokio_rustls::server::TlsStream<sluice_datapath::TunnelSocket>;
@@ -224,8 +224,17 @@ impl AgentSession {
         true
     }
 
+    /// The oldest idle connection still open; ones the agent closed while they waited
+    /// (it trims its surplus after a burst) are dropped on the way.
     fn take(&self) -> Option<DataConn> {
-        self.pool.lock().pop_front()
+        let mut pool = self.pool.lock();
+        while let Some(conn) = pool.pop_front() {
+            if !sluice_datapath::idle_connection_gone(conn.get_ref().0.tcp()) {
+                return Some(conn);
+            }
+            debug!(session = %self.id, "an idle data connection was closed by the agent; dropped");
+        }
+        None
     }
 
     /// Sends a control message; false if the session's writer is gone.
