@@ -1,8 +1,19 @@
 //! TLS configurations for both ends of the tunnel, in one place so both agree.
 //!
 //! Every configuration is TLS 1.3 only, prefers AES-128-GCM (the cheapest AEAD with
-//! AES-NI, and one the kernel's TLS offload supports), sends no session tickets and
-//! allows secret extraction — the last two are what kernel TLS offload needs.
+//! AES-NI, and one the kernel's TLS offload supports) and allows secret extraction
+//! (what kernel TLS offload needs).
+//!
+//! Resumption, for data connections only: the relay hands out TLS 1.3 session tickets
+//! (stateless, encrypted under a key that lives only in its memory and rotates every
+//! 6 hours) on mutually authenticated connections, and the agent's data configuration
+//! ([`ALPN_DATA`]) resumes with them. A resumed handshake skips both certificate
+//! signatures and chain checks — two thirds of a handshake's public-key work — but
+//! still runs a fresh (EC)DHE exchange (rustls resumes with `psk_dhe_ke` only), so each
+//! data connection keeps forward secrecy, and never sends 0-RTT data. The relay still
+//! learns the agent's certificate from the ticket, and a data connection is accepted
+//! only for a live control session of that same agent and key generation — control
+//! sessions always run a full handshake — so revocation and renewal work as before.
 //!
 //! Trust: the relay runs its own CA. Agents trust exactly that CA: on first contact by
 //! its SHA-256 pin from the registration JWT ([`agent_enroll_config`]), afterwards by
@@ -59,6 +70,12 @@ fn tune_server(mut c: ServerConfig, alpn: &[&[u8]]) -> ServerConfig {
     c
 }
 
+/// Session tickets a relay sends after each agent handshake: one for the data
+/// connection that replaces this one, one spare for a burst.
+pub const TICKETS_PER_HANDSHAKE: usize = 2;
+/// Tickets an agent keeps (rustls keeps at most 8 per relay name).
+const AGENT_TICKET_CACHE: usize = 64;
+
 /// The relay's configuration for enrollment connections: server-authenticated only.
 pub fn relay_enroll_config(
     chain: Vec<CertificateDer<'static>>,
@@ -82,7 +99,10 @@ pub fn relay_agent_config(
         .build()
         .map_err(|e| Error::General(format!("client verifier: {e}")))?;
     let c = server_base(p)?.with_client_cert_verifier(verifier).with_single_cert(chain, key)?;
-    Ok(tune_server(c, &[ALPN_CONTROL, ALPN_DATA]))
+    let mut c = tune_server(c, &[ALPN_CONTROL, ALPN_DATA]);
+    c.ticketer = aws_lc_rs::Ticketer::new()?;
+    c.send_tls13_tickets = TICKETS_PER_HANDSHAKE;
+    Ok(c)
 }
 
 fn tune_client(mut c: ClientConfig, alpn: &[u8]) -> ClientConfig {
@@ -119,7 +139,11 @@ pub fn agent_session_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)?;
-    Ok(tune_client(c, alpn))
+    let mut c = tune_client(c, alpn);
+    if alpn == ALPN_DATA {
+        c.resumption = Resumption::in_memory_sessions(AGENT_TICKET_CACHE);
+    }
+    Ok(c)
 }
 
 /// Verifies a relay's certificate against the CA pinned in a registration JWT.

@@ -14,6 +14,7 @@
 //! | `sluice_relay_streams_moved_total` | counter | `resource` (streams moved off a stalled agent before any client byte) |
 //! | `sluice_relay_stream_probes_total` | counter | `resource` (pings sent because an agent had not answered a stream's open within half the deadline) |
 //! | `sluice_relay_handshake_failures_total` | counter | |
+//! | `sluice_relay_data_handshakes_total` | counter | `kind` (`full`, `resumed`: a data connection resumed with a session ticket) |
 //! | `sluice_relay_enrollments_total` | counter | `outcome` (`enrolled` or a rejection code) |
 //! | `sluice_relay_resource_port_blocked` | gauge | `resource` (1 while an agent is connected but the port cannot be bound) |
 //! | `sluice_relay_resource_port_bind_failures_total` | counter | `resource` |
@@ -93,6 +94,10 @@ fn describe() {
         "Pings sent to an agent slow to answer a stream's open (half the stream-open deadline)."
     );
     describe_counter!("sluice_relay_handshake_failures_total", "Agent TLS handshakes refused or timed out.");
+    describe_counter!(
+        "sluice_relay_data_handshakes_total",
+        "Data connection TLS handshakes, by kind (full, or resumed from a session ticket)."
+    );
     describe_counter!(
         "sluice_relay_enrollments_total",
         "Agent enrollments, by outcome (enrolled or a rejection code)."
@@ -210,6 +215,11 @@ pub fn stream_moved(resource: &str) {
 
 pub fn agent_sessions(resource: &str, delta: f64) {
     metrics::gauge!("sluice_relay_agent_sessions", "resource" => resource.to_owned()).increment(delta);
+}
+
+/// A data connection completed its TLS handshake, in full or resumed from a ticket.
+pub fn data_handshake(kind: &'static str) {
+    metrics::counter!("sluice_relay_data_handshakes_total", "kind" => kind).increment(1);
 }
 
 pub fn handshake_failed() {

@@ -1,6 +1,7 @@
-//! The agent's pool of warm data connections follows demand: a burst of concurrent
+//! The agent's warm data connections: the pool follows demand (a burst of concurrent
 //! streams that ran the relay's pool dry leaves enough warm connections behind for the
-//! next burst, so its streams do not wait for TLS handshakes.
+//! next burst, so its streams do not wait for TLS handshakes), and replacement
+//! connections resume the TLS session from a ticket instead of a full handshake.
 
 use std::time::Duration;
 
@@ -73,4 +74,48 @@ async fn a_burst_that_ran_the_pool_dry_leaves_more_warm_connections() {
         wait_for(Duration::from_secs(15), "a larger warm pool after the burst", || idle().filter(|&i| i >= 14.0))
             .unwrap_or_else(|e| panic!("{e} (idle now {:?})\n{}", idle(), agent.proc.log_text()));
     eprintln!("warm data connections after a burst of 16: {warm}");
+}
+
+/// The relay's counter of data handshakes of `kind` (`full`, `resumed`).
+fn data_handshakes(relay: &Relay, kind: &str) -> f64 {
+    let body = metrics(&format!("127.0.0.1:{}", relay.admin_port)).unwrap_or_default();
+    let series = format!("sluice_relay_data_handshakes_total{{kind=\"{kind}\"}}");
+    gauge(&body, &series).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacement_data_connections_resume_their_tls_session() {
+    let dir = test_dir("pool-resume");
+    let echo = echo_server().await;
+    let relay = Relay::start(dir.path());
+    let cid = relay.create_customer("acme");
+    let agent = Agent::start(
+        dir.path(),
+        "resume",
+        &[
+            ("APP_HOST", "127.0.0.1"),
+            ("APP_PORT", &echo.port().to_string()),
+            ("NAME", "resume"),
+            ("REGISTRATION_JWT", &relay.customer_jwt(&cid)),
+        ],
+    );
+    relay.wait_status("resume", "AVAILABLE", Some(&agent));
+    let ep = relay.endpoint("resume");
+    // One stream at a time: each takes a warm connection (whose session tickets the
+    // agent reads with the stream's first frame) and is replaced by a new one.
+    for i in 0..40u8 {
+        let mut s = TcpStream::connect(&ep).await.unwrap();
+        s.write_all(&[i; 100]).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, [i; 100], "a stream on a resumed connection carries its bytes");
+    }
+    let (resumed, full) = wait_for(Duration::from_secs(20), "replacement connections to be counted", || {
+        let (r, f) = (data_handshakes(&relay, "resumed"), data_handshakes(&relay, "full"));
+        (r + f >= 40.0).then_some((r, f))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
+    eprintln!("data handshakes after 40 streams: {resumed} resumed, {full} full");
+    assert!(resumed >= 30.0, "replacements resume from tickets: {resumed} resumed, {full} full");
 }

@@ -47,7 +47,7 @@ pub fn classify(record_type: u8, payload: &[u8]) -> Received {
             _ => Received::Fatal(format!("malformed TLS alert record ({} bytes)", payload.len())),
         },
         HANDSHAKE => match payload.first() {
-            // Tickets are useless here (no resumption) and harmless to drop.
+            // A ticket that arrives after offload is only a spare for resumption: drop it.
             Some(&HANDSHAKE_NEW_SESSION_TICKET) => Received::Ignore("session ticket"),
             Some(&HANDSHAKE_KEY_UPDATE) => Received::Fatal(
                 "the peer updated its TLS keys (KeyUpdate), which kernel TLS cannot follow on this kernel; \

@@ -425,6 +425,8 @@ fn renew(relay: &Relay, who: &AgentIdentity, csr_pem: &str) -> RelayMsg {
 // === Data connections ===
 
 async fn data(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: AgentIdentity, peer: SocketAddr) {
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    crate::metrics::data_handshake(if resumed { "resumed" } else { "full" });
     let hello: DataHello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame(&mut tls)).await {
         Ok(Ok(h)) => h,
         _ => return debug!(%peer, "data connection closed before its hello"),
