@@ -29,6 +29,7 @@ mod machine;
 mod peers;
 mod postgres;
 mod procs;
+pub mod profile;
 mod report;
 mod sluice;
 

@@ -143,6 +143,7 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("measure") => measure(),
+        Some("profile-streams") => bench_peers::profile::cli(&workspace_root(), &args[1..]),
         Some("fuzz") => fuzz::cli(&workspace_root(), &args[1..]),
         Some("soak") => soak::cli(&args[1..]),
         Some("sim-agents") => sim_agents::cli(&args[1..]),
@@ -159,8 +160,9 @@ fn main() -> Result<()> {
                  --quick skips fmt and clippy\n  \
                  {}\n  \
                  measure         1 GiB throughput and agent memory (idle, 8 and 200 streams)\n  \
-                 bench-peers [--quick] [--no-build] [--no-docs] [--peers LIST]  Sluice vs peer tunnels → docs/benchmarks.md\n{}{}{}{}",
+                 bench-peers [--quick] [--no-build] [--no-docs] [--peers LIST]  Sluice vs peer tunnels → docs/benchmarks.md\n{}\n{}{}{}{}",
                 fuzz::USAGE.trim_start(),
+                bench_peers::profile::USAGE,
                 soak::USAGE,
                 sim_agents::USAGE,
                 vm::USAGE,
