@@ -238,7 +238,18 @@ pub async fn enroll(cfg: &AgentConfig) -> Result<Identity, EnrollError> {
     let tcp = crate::egress::connect_relay(&authority, cfg.proxy())
         .await
         .map_err(|e| EnrollError::Unreachable(e.to_string()))?;
-    let mut tls = TlsConnector::from(Arc::new(client_cfg)).connect(server_name, tcp).await.map_err(|e| {
+    let handshake = TlsConnector::from(Arc::new(client_cfg)).connect(server_name, tcp);
+    let limit = crate::session::pool::RELAY_HANDSHAKE_TIMEOUT;
+    let handshake = tokio::time::timeout(limit, handshake).await.map_err(|_| {
+        EnrollError::Unreachable(format!(
+            "the TLS handshake with the relay at {authority} timed out after {} s: something accepted the \
+             connection but does not speak TLS to us (a proxy or firewall that holds connections open, or \
+             another service on that port); check SLUICE_URL or the registration JWT's relay address, and \
+             any proxy in between (`sluice-agent doctor` tests each step)",
+            limit.as_secs()
+        ))
+    })?;
+    let mut tls = handshake.map_err(|e| {
         let msg = e.to_string();
         if msg.contains("pinned") || msg.contains("certificate") {
             EnrollError::Trust(format!("the relay at {authority} is not trusted: {msg}"))

@@ -204,3 +204,39 @@ fn unreachable_relay_is_retried_and_logged() {
     assert!(agent.proc.log_text().contains("Connection refused"), "says why: {}", agent.proc.log_text());
     assert!(agent.proc.is_running(), "an unreachable relay is not fatal");
 }
+
+/// Something at the relay's address accepts TCP but never answers TLS (a proxy or
+/// firewall holding connections, a wrong service): enrollment gives up after the
+/// handshake timeout with a line that says so, instead of waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_against_a_silent_endpoint_times_out_with_a_reason() {
+    let dir = test_dir("silent-relay");
+    let relay = Relay::start(dir.path());
+    let cid = relay.create_customer("acme");
+    // Accepts connections and holds them, reading nothing and sending nothing.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming() {
+            held.push(c);
+        }
+    });
+    let agent = Agent::start(
+        dir.path(),
+        "silent",
+        &[
+            ("APP_HOST", "127.0.0.1"),
+            ("APP_PORT", "9"),
+            ("NAME", "silent"),
+            ("REGISTRATION_JWT", &relay.customer_jwt(&cid)),
+            ("SLUICE_URL", &format!("https://127.0.0.1:{port}")),
+        ],
+    );
+    // The handshake timeout is 15 s; allow for a machine at half speed.
+    let line = wait_for(Duration::from_secs(60), "the enrollment to time out", || {
+        agent.proc.log_text().lines().find(|l| l.contains("timed out after")).map(str::to_owned)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.proc.log_text()));
+    assert!(line.contains(&format!("127.0.0.1:{port}")) && line.contains("TLS handshake"), "{line}");
+}

@@ -27,8 +27,8 @@ use crate::service::ServiceHealth;
 /// A TLS connection to the relay (control or data).
 pub type Tunnel = tokio_rustls::client::TlsStream<TunnelSocket>;
 
-/// How long the TLS handshake with the relay may take.
-const RELAY_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the TLS handshake with the relay may take (enrollment's too).
+pub(crate) const RELAY_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Where the relay is: its `host:port`, the name its certificate must carry, and the
 /// proxy to reach it through (`NO_PROXY` is checked at each dial).
