@@ -21,6 +21,22 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Version of this protocol. A relay refuses an agent whose version it does not speak.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Why a relay refuses an agent speaking protocol `agent_version`, and which side to
+/// upgrade: relays are upgraded first (docs/operations.md), so an agent newer than its
+/// relay means the relay is behind.
+pub fn version_refusal(agent_version: u32) -> String {
+    let what =
+        format!("agent protocol version {agent_version} is not supported by this relay (it speaks {PROTOCOL_VERSION})");
+    if agent_version > PROTOCOL_VERSION {
+        format!(
+            "{what}: the agent is newer than the relay; upgrade the relay first (relays before agents), \
+             or run an agent release that speaks protocol {PROTOCOL_VERSION}"
+        )
+    } else {
+        format!("{what}: the agent is older than the relay; upgrade the agent")
+    }
+}
 /// ALPN of an enrollment connection (server-authenticated TLS, no client certificate).
 pub const ALPN_ENROLL: &[u8] = b"sluice-enroll/1";
 /// ALPN of an agent's control session (mutual TLS).
@@ -609,6 +625,14 @@ mod tests {
 
     /// A newer agent may report a data path, a counter source or a whole message type
     /// this relay does not know; the older relay must keep the session and the counts.
+    #[test]
+    fn a_version_refusal_names_the_side_to_upgrade() {
+        let newer = version_refusal(PROTOCOL_VERSION + 1);
+        assert!(newer.contains("upgrade the relay first"), "{newer}");
+        let older = version_refusal(PROTOCOL_VERSION - 1);
+        assert!(older.contains("upgrade the agent") && !older.contains("relay first"), "{older}");
+    }
+
     #[test]
     fn an_older_peer_reads_what_a_newer_one_adds() {
         let report = r#"{"type":"stream_stats","streams":[{"stream_id":9,"bytes_in":10,"bytes_out":20,

@@ -253,10 +253,7 @@ async fn admit_session(
     }
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, wire::read_frame::<_, AgentMsg>(tls)).await {
         Ok(Ok(AgentMsg::Hello { version, .. })) if version != PROTOCOL_VERSION => {
-            let r = reject(
-                RejectCode::UnsupportedVersion,
-                format!("agent protocol version {version} is not supported (relay speaks {PROTOCOL_VERSION})"),
-            );
+            let r = reject(RejectCode::UnsupportedVersion, wire::version_refusal(version));
             refuse(tls, r).await;
             None
         }

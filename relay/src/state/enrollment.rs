@@ -70,13 +70,7 @@ impl Enroller<'_> {
     /// revoked) and its customer (still there).
     fn admit(&self, req: &EnrollRequest) -> Result<RegistrationClaims, Rejection> {
         if req.version != PROTOCOL_VERSION {
-            return Err(reject(
-                RejectCode::UnsupportedVersion,
-                format!(
-                    "agent protocol version {} is not supported by this relay (it speaks {PROTOCOL_VERSION}); upgrade the agent",
-                    req.version
-                ),
-            ));
+            return Err(reject(RejectCode::UnsupportedVersion, sluice_proto::wire::version_refusal(req.version)));
         }
         let claims: RegistrationClaims = self.signer.verify(&req.jwt)?;
         let record = self.store.token(&claims.jti).map_err(internal)?.ok_or_else(|| {
@@ -437,7 +431,7 @@ mod tests {
                 "protocol version",
                 EnrollRequest { version: 99, ..request(customer_jwt.clone(), "x") },
                 RejectCode::UnsupportedVersion,
-                "upgrade the agent",
+                "upgrade the relay first",
             ),
             ("signed by another relay", request(forged, "x"), RejectCode::InvalidToken, "signature"),
             ("never issued here", request(unknown, "x"), RejectCode::InvalidToken, "not known"),
