@@ -414,9 +414,13 @@ mod contract {
             stream_record("aud_3", 3_000, "res_2", "sftp"),
             admin_record("aud_4", 4_000, "cus_1"),
         ];
-        for r in &records {
-            s.append_audit(r).unwrap();
-        }
+        // One by one (admin actions) and in a batch (how the writer stores streams).
+        s.append_audit(&records[0]).unwrap();
+        s.append_audits(&records[1..3]).unwrap();
+        s.append_audit(&records[3]).unwrap();
+        // A batch is all or none: a duplicate id fails it, and its other record is not kept.
+        let bad = [stream_record("aud_5", 5_000, "res_1", "db"), records[0].clone()];
+        assert!(s.append_audits(&bad).is_err(), "a duplicate id fails the batch");
         let q = |since_ms, resource: Option<&str>, limit| {
             s.audit(&AuditQuery { since_ms, resource: resource.map(Into::into), limit }).unwrap()
         };

@@ -470,6 +470,8 @@ pub trait Store: Send + Sync {
 
     /// Appends one record to the audit trail (never updated afterwards).
     fn append_audit(&self, r: &AuditRecord) -> Result<(), StoreError>;
+    /// Appends records to the audit trail in one transaction: all or none.
+    fn append_audits(&self, rs: &[AuditRecord]) -> Result<(), StoreError>;
     /// The newest `limit` records at or after `since_ms` (of one resource, by id or
     /// name, when given), oldest first.
     fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError>;

@@ -910,6 +910,25 @@ impl Store for PgStore {
         })
     }
 
+    fn append_audits(&self, rs: &[AuditRecord]) -> Result<(), StoreError> {
+        let rows: Vec<_> = rs
+            .iter()
+            .map(|r| {
+                let (resource, resource_name) = r.resource_columns();
+                (r.id.clone(), r.at_ms as i64, r.kind(), resource, resource_name, audit_json(r))
+            })
+            .collect();
+        self.with(move |c| {
+            let mut tx = c.transaction()?;
+            let st = tx.prepare(&numbered_placeholders(INSERT_AUDIT))?;
+            for (id, at_ms, kind, resource, resource_name, json) in &rows {
+                tx.execute(&st, &[id, at_ms, kind, resource, resource_name, json])?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
     fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         let (since, resource, limit) = (q.since_ms as i64, q.resource.clone(), i64::from(q.limit));
         let rows: Vec<String> = self.with(move |c| {

@@ -744,6 +744,21 @@ impl Store for SqliteStore {
         })
     }
 
+    fn append_audits(&self, rs: &[AuditRecord]) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(INSERT_AUDIT)?;
+                for r in rs {
+                    let (resource, resource_name) = r.resource_columns();
+                    st.execute(params![r.id, r.at_ms as i64, r.kind(), resource, resource_name, audit_json(r)])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
     fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         let rows: Vec<String> = self.with(|c| {
             let mut st = c.prepare(SELECT_AUDIT)?;
