@@ -22,6 +22,7 @@
 //! | `sluice_agent_ebpf_enabled` | gauge | 1 when stream bytes are counted by eBPF |
 //! | `sluice_agent_ebpf_map_entries` | gauge | sockets registered with the eBPF program |
 //! | `sluice_agent_idle_data_connections` | gauge | warm data connections waiting for a stream |
+//! | `sluice_agent_data_pool_target` | gauge | warm data connections the agent keeps now (the relay's pool size at rest, more while streams arrive faster than it refills) |
 //! | `sluice_agent_build_info` | gauge | `version`, `commit` (always 1) |
 
 use std::convert::Infallible;
@@ -77,6 +78,10 @@ fn describe() {
     describe_gauge!("sluice_agent_ebpf_enabled", "1 when stream bytes are counted by the eBPF program.");
     describe_gauge!("sluice_agent_ebpf_map_entries", "Sockets registered with the eBPF program.");
     describe_gauge!("sluice_agent_idle_data_connections", "Warm data connections waiting for a stream.");
+    describe_gauge!(
+        "sluice_agent_data_pool_target",
+        "Warm data connections the agent keeps now: the relay's pool size at rest, more while the relay's pool runs dry."
+    );
     describe_gauge!("sluice_agent_build_info", "The running agent's version and git commit (always 1).");
 }
 
@@ -161,9 +166,10 @@ pub fn ebpf_enabled(on: bool) {
     metrics::gauge!("sluice_agent_ebpf_enabled").set(if on { 1.0 } else { 0.0 });
 }
 
-pub fn pool(ebpf_map_entries: usize, idle_data_connections: u32) {
+pub fn pool(ebpf_map_entries: usize, idle_data_connections: u32, target: u32) {
     metrics::gauge!("sluice_agent_ebpf_map_entries").set(ebpf_map_entries as f64);
     metrics::gauge!("sluice_agent_idle_data_connections").set(idle_data_connections as f64);
+    metrics::gauge!("sluice_agent_data_pool_target").set(target as f64);
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` with hyper (HTTP/1.1).

@@ -74,6 +74,8 @@ async fn a_burst_that_ran_the_pool_dry_leaves_more_warm_connections() {
         wait_for(Duration::from_secs(15), "a larger warm pool after the burst", || idle().filter(|&i| i >= 14.0))
             .unwrap_or_else(|e| panic!("{e} (idle now {:?})\n{}", idle(), agent.proc.log_text()));
     eprintln!("warm data connections after a burst of 16: {warm}");
+    let target = metrics(&metrics_at).and_then(|b| gauge(&b, "sluice_agent_data_pool_target"));
+    assert!(target.is_some_and(|t| t >= 14.0), "the pool's target is exported: {target:?}");
 }
 
 /// The relay's counter of data handshakes of `kind` (`full`, `resumed`).

@@ -227,7 +227,7 @@ async fn drive(
                     AgentMsg::ServiceStatus { reachable, error: s.error }
                 }
                 _ = stats_tick.tick() => {
-                    crate::metrics::pool(pool.meter.entries(), pool.idle());
+                    crate::metrics::pool(pool.meter.entries(), pool.idle(), pool.target());
                     let streams = pool.stats();
                     if streams.is_empty() { continue }
                     AgentMsg::StreamStats { streams }

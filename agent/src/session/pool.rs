@@ -104,7 +104,8 @@ impl Pool {
         self.idle.load(Ordering::Relaxed)
     }
 
-    fn target(&self) -> u32 {
+    /// How many warm connections the pool keeps now.
+    pub(super) fn target(&self) -> u32 {
         self.target.lock().current(Instant::now())
     }
 
