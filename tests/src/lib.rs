@@ -453,6 +453,21 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     Ok((code, body.to_owned()))
 }
 
+/// The Prometheus text page at `http://addr/metrics`, if it answers 200.
+pub fn metrics_page(addr: &str) -> Option<String> {
+    match http_get(addr, "/metrics") {
+        Ok((200, body)) => Some(body),
+        _ => None,
+    }
+}
+
+/// The value of one series on a metrics page: `series` is the name with its labels as
+/// the page writes them (`sluice_relay_data_handshakes_total{kind="full"}`).
+pub fn metric_value(page: &str, series: &str) -> Option<f64> {
+    let line = page.lines().find(|l| l.split_whitespace().next() == Some(series))?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
 /// Splits `host:port`.
 pub fn split_endpoint(ep: &str) -> (String, u16) {
     let (h, p) = ep.rsplit_once(':').unwrap();

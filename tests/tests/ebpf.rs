@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sluice_e2e::load::{self, echo_server};
-use sluice_e2e::{Agent, Relay, free_port, test_dir, wait_for};
+use sluice_e2e::{Agent, Relay, free_port, metric_value, metrics_page, test_dir, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -209,15 +209,10 @@ async fn no_map_entry_outlives_its_stream() {
         }
     }
     // Once every stream has ended, only the idle pool's tunnel sockets stay registered.
-    let gauge = |body: &str, name: &str| -> Option<f64> {
-        body.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().last()?.parse().ok())
-    };
     let (entries, idle) = wait_for(Duration::from_secs(20), "the map to shrink to the idle pool", || {
-        let body =
-            std::process::Command::new("curl").args(["-sf", &format!("http://{metrics}/metrics")]).output().ok()?;
-        let body = String::from_utf8(body.stdout).ok()?;
-        let entries = gauge(&body, "sluice_agent_ebpf_map_entries")?;
-        let idle = gauge(&body, "sluice_agent_idle_data_connections")?;
+        let page = metrics_page(&metrics)?;
+        let entries = metric_value(&page, "sluice_agent_ebpf_map_entries")?;
+        let idle = metric_value(&page, "sluice_agent_idle_data_connections")?;
         (entries <= idle && idle > 0.0).then_some((entries, idle))
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.proc.log_text()));

@@ -6,19 +6,9 @@
 use std::time::Duration;
 
 use sluice_e2e::load::echo_server;
-use sluice_e2e::{Agent, Relay, free_port, test_dir, wait_for};
+use sluice_e2e::{Agent, Relay, free_port, metric_value, metrics_page, test_dir, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// One gauge's value from a Prometheus text page.
-fn gauge(body: &str, name: &str) -> Option<f64> {
-    body.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().last()?.parse().ok())
-}
-
-fn metrics(addr: &str) -> Option<String> {
-    let out = std::process::Command::new("curl").args(["-sf", &format!("http://{addr}/metrics")]).output().ok()?;
-    String::from_utf8(out.stdout).ok()
-}
 
 /// Opens `n` streams at once, each echoing one byte, and holds them all open until
 /// every one has echoed; then closes them.
@@ -62,7 +52,7 @@ async fn a_burst_that_ran_the_pool_dry_leaves_more_warm_connections() {
         ],
     );
     relay.wait_status("burst", "AVAILABLE", Some(&agent));
-    let idle = || metrics(&metrics_at).and_then(|b| gauge(&b, "sluice_agent_idle_data_connections"));
+    let idle = || metrics_page(&metrics_at).and_then(|p| metric_value(&p, "sluice_agent_idle_data_connections"));
     let rest = wait_for(Duration::from_secs(20), "the resting pool", || idle().filter(|&i| i >= 4.0))
         .unwrap_or_else(|e| panic!("{e}\n{}", agent.proc.log_text()));
     assert_eq!(rest, 4.0, "at rest the agent keeps the relay's pool size");
@@ -74,15 +64,14 @@ async fn a_burst_that_ran_the_pool_dry_leaves_more_warm_connections() {
         wait_for(Duration::from_secs(15), "a larger warm pool after the burst", || idle().filter(|&i| i >= 14.0))
             .unwrap_or_else(|e| panic!("{e} (idle now {:?})\n{}", idle(), agent.proc.log_text()));
     eprintln!("warm data connections after a burst of 16: {warm}");
-    let target = metrics(&metrics_at).and_then(|b| gauge(&b, "sluice_agent_data_pool_target"));
+    let target = metrics_page(&metrics_at).and_then(|p| metric_value(&p, "sluice_agent_data_pool_target"));
     assert!(target.is_some_and(|t| t >= 14.0), "the pool's target is exported: {target:?}");
 }
 
 /// The relay's counter of data handshakes of `kind` (`full`, `resumed`).
 fn data_handshakes(relay: &Relay, kind: &str) -> f64 {
-    let body = metrics(&format!("127.0.0.1:{}", relay.admin_port)).unwrap_or_default();
-    let series = format!("sluice_relay_data_handshakes_total{{kind=\"{kind}\"}}");
-    gauge(&body, &series).unwrap_or(0.0)
+    let page = metrics_page(&format!("127.0.0.1:{}", relay.admin_port)).unwrap_or_default();
+    metric_value(&page, &format!("sluice_relay_data_handshakes_total{{kind=\"{kind}\"}}")).unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
