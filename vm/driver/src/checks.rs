@@ -142,10 +142,54 @@ enum Done {
 /// stream, SHA-256 compared at both ends, with CPU time and metrics around it.
 pub fn bulk(stack: &Stack, backend: &mut Backend, ids: &mut Ids, mib: u64) -> Result<Bulk> {
     let n = mib * MIB;
-    let id = ids.next();
-    let header = Header { id, mode: Mode::Bulk, up: n, down: n, seed: id };
     let (r0, a0) = (stack.relay_metrics()?, stack.agent_metrics()?);
     let cpu0 = stack.cpu_seconds()?;
+    let t = transfer(stack, ids, mib)?;
+    let cpu1 = stack.cpu_seconds()?;
+    let report = backend.report(t.id, Duration::from_secs(60))?;
+    let sent = t
+        .sent
+        .with_context(|| format!("sending failed after {:.1} MiB\n{}", t.up as f64 / MIB as f64, stack.log_tails()))?;
+    check_received("client → backend", &report.received, n, &sent)?;
+    let (_, backend_sent) = report
+        .sent
+        .with_context(|| format!("the backend's sending failed: {}", report.send_error.clone().unwrap_or_default()))?;
+    check_received("backend → client", &t.got, n, &backend_sent)?;
+
+    let (r1, a1) = (stack.relay_metrics()?, stack.agent_metrics()?);
+    Ok(Bulk {
+        mib,
+        secs: t.secs,
+        cpu_relay: cpu1.0 - cpu0.0,
+        cpu_agent: cpu1.1 - cpu0.1,
+        copied_relay: sub(r0.sum(RELAY_COPIED), r1.sum(RELAY_COPIED)),
+        copied_agent: sub(a0.sum(AGENT_COPIED), a1.sum(AGENT_COPIED)),
+        paths_relay: delta(&r0.by_label(RELAY_OPENED, "path"), &r1.by_label(RELAY_OPENED, "path")),
+        paths_agent: delta(&a0.by_label(AGENT_OPENED, "path"), &a1.by_label(AGENT_OPENED, "path")),
+        rss: stack.peak_rss_mib(),
+    })
+}
+
+/// What the client of one bulk-mode stream saw.
+struct Transfer {
+    /// The connection id (the backend's report is found by it).
+    id: u64,
+    secs: f64,
+    /// The client's sending: the SHA-256 of what it wrote, or the error that stopped it.
+    sent: std::io::Result<[u8; 32]>,
+    /// Bytes the client's writer got through.
+    up: u64,
+    /// What the client's reader got and how its stream ended.
+    got: Received,
+}
+
+/// `mib` MiB each way on one bulk-mode stream, the client's two directions on their own
+/// threads; returns what the client saw, judging nothing. Fails only if the transfer is
+/// not over within the deadline (60 s + 1 s per MiB).
+fn transfer(stack: &Stack, ids: &mut Ids, mib: u64) -> Result<Transfer> {
+    let n = mib * MIB;
+    let id = ids.next();
+    let header = Header { id, mode: Mode::Bulk, up: n, down: n, seed: id };
     let start = Instant::now();
 
     let s = connect(&stack.endpoint)?;
@@ -182,30 +226,12 @@ pub fn bulk(stack: &Stack, backend: &mut Backend, ids: &mut Ids, mib: u64) -> Re
             }
         }
     }
-    let secs = start.elapsed().as_secs_f64();
-    let cpu1 = stack.cpu_seconds()?;
-    let (sent, got) = (sent.expect("set"), got.expect("set"));
-    let report = backend.report(id, Duration::from_secs(60))?;
-    let sent = sent.with_context(|| {
-        format!("sending failed after {:.1} MiB\n{}", up.load(Ordering::Relaxed) as f64 / MIB as f64, stack.log_tails())
-    })?;
-    check_received("client → backend", &report.received, n, &sent)?;
-    let (_, backend_sent) = report
-        .sent
-        .with_context(|| format!("the backend's sending failed: {}", report.send_error.clone().unwrap_or_default()))?;
-    check_received("backend → client", &got, n, &backend_sent)?;
-
-    let (r1, a1) = (stack.relay_metrics()?, stack.agent_metrics()?);
-    Ok(Bulk {
-        mib,
-        secs,
-        cpu_relay: cpu1.0 - cpu0.0,
-        cpu_agent: cpu1.1 - cpu0.1,
-        copied_relay: sub(r0.sum(RELAY_COPIED), r1.sum(RELAY_COPIED)),
-        copied_agent: sub(a0.sum(AGENT_COPIED), a1.sum(AGENT_COPIED)),
-        paths_relay: delta(&r0.by_label(RELAY_OPENED, "path"), &r1.by_label(RELAY_OPENED, "path")),
-        paths_agent: delta(&a0.by_label(AGENT_OPENED, "path"), &a1.by_label(AGENT_OPENED, "path")),
-        rss: stack.peak_rss_mib(),
+    Ok(Transfer {
+        id,
+        secs: start.elapsed().as_secs_f64(),
+        sent: sent.expect("set"),
+        up: up.load(Ordering::Relaxed),
+        got: got.expect("set"),
     })
 }
 
@@ -387,15 +413,26 @@ impl Want<'_> {
 /// Every stream counted in `relay`/`agent` (streams opened, by `path`) went through a
 /// path `want` accepts, on both sides, and at least one stream was counted on each.
 pub fn check_paths(relay: &BTreeMap<String, f64>, agent: &BTreeMap<String, f64>, want: Want) -> Result<()> {
-    let bad = |m: &BTreeMap<String, f64>| m.iter().any(|(p, n)| *n > 0.0 && !want.accepts(p));
+    check_paths_each(relay, want, agent, want)
+}
+
+/// [`check_paths`] with a different expectation per side (the `rekey` checks run one
+/// end on user space and the other on kTLS).
+pub fn check_paths_each(
+    relay: &BTreeMap<String, f64>,
+    want_relay: Want,
+    agent: &BTreeMap<String, f64>,
+    want_agent: Want,
+) -> Result<()> {
+    let bad = |m: &BTreeMap<String, f64>, want: Want| m.iter().any(|(p, n)| *n > 0.0 && !want.accepts(p));
     let count = |m: &BTreeMap<String, f64>| m.values().sum::<f64>();
-    if count(relay) == 0.0 || count(agent) == 0.0 || bad(relay) || bad(agent) {
-        bail!(
-            "streams by path: relay {}, agent {}; want every stream on {} on both sides",
-            paths(relay),
-            paths(agent),
-            want.describe()
-        );
+    if count(relay) == 0.0 || count(agent) == 0.0 || bad(relay, want_relay) || bad(agent, want_agent) {
+        let want = if want_relay.describe() == want_agent.describe() {
+            format!("{} on both sides", want_relay.describe())
+        } else {
+            format!("{} on the relay and {} on the agent", want_relay.describe(), want_agent.describe())
+        };
+        bail!("streams by path: relay {}, agent {}; want every stream on {want}", paths(relay), paths(agent));
     }
     Ok(())
 }
@@ -431,4 +468,210 @@ pub fn path(relay: &Metrics, agent: &Metrics, want: Want) -> Result<String> {
         bytes(rc),
         bytes(ac)
     ))
+}
+
+/// Key updates the kernel-TLS path followed and sent, by `direction`, on each side.
+pub const RELAY_KEY_UPDATES: &str = "sluice_relay_tls_key_updates_total";
+pub const AGENT_KEY_UPDATES: &str = "sluice_agent_tls_key_updates_total";
+
+/// Which end of the tunnel runs kTLS while the other runs rustls with a lowered
+/// KeyUpdate interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KtlsEnd {
+    Relay,
+    Agent,
+}
+
+impl KtlsEnd {
+    pub fn name(self) -> &'static str {
+        match self {
+            KtlsEnd::Relay => "relay",
+            KtlsEnd::Agent => "agent",
+        }
+    }
+
+    fn metric(self) -> &'static str {
+        match self {
+            KtlsEnd::Relay => RELAY_KEY_UPDATES,
+            KtlsEnd::Agent => AGENT_KEY_UPDATES,
+        }
+    }
+}
+
+/// `received` and `sent` of a key-update counter (`None`: the metric is not exported).
+pub fn key_updates(m: &Metrics, metric: &str) -> Option<(f64, f64)> {
+    m.sum(metric)?;
+    let by = m.by_label(metric, "direction");
+    Some((by.get("received").copied().unwrap_or(0.0), by.get("sent").copied().unwrap_or(0.0)))
+}
+
+/// The `rekey_*` checks on a kernel that takes new kTLS keys (>= 6.14): the stack runs
+/// `ktls_end` on kTLS and the other end on rustls sending a KeyUpdate every few hundred
+/// records. A bulk transfer both ways must arrive exactly, every stream of `ktls_end`
+/// must be on kTLS (the other end's on user space), and `ktls_end`'s key-update counter
+/// must show at least `min_received` KeyUpdates followed and `min_sent` sent in answer.
+pub fn rekey_followed(
+    stack: &Stack,
+    backend: &mut Backend,
+    ids: &mut Ids,
+    mib: u64,
+    ktls_end: KtlsEnd,
+    min_received: f64,
+    min_sent: f64,
+) -> Result<String> {
+    let b = bulk(stack, backend, ids, mib)?;
+    let (want_relay, want_agent) = match ktls_end {
+        KtlsEnd::Relay => (Want::AnyKtls, Want::Exactly("userspace")),
+        KtlsEnd::Agent => (Want::Exactly("userspace"), Want::AnyKtls),
+    };
+    check_paths_each(&b.paths_relay, want_relay, &b.paths_agent, want_agent).with_context(|| {
+        format!(
+            "the {} must follow the KeyUpdates on kTLS while its peer runs rustls; {}",
+            ktls_end.name(),
+            b.summary()
+        )
+    })?;
+    let m = match ktls_end {
+        KtlsEnd::Relay => stack.relay_metrics()?,
+        KtlsEnd::Agent => stack.agent_metrics()?,
+    };
+    let metric = ktls_end.metric();
+    let (received, sent) = key_updates(&m, metric).with_context(|| {
+        format!(
+            "the {} does not export {metric} (binaries without the KeyUpdate support?); transfer: {}",
+            ktls_end.name(),
+            b.summary()
+        )
+    })?;
+    ensure!(
+        received >= min_received && sent >= min_sent,
+        "{metric}: received {received}, sent {sent}; want received >= {min_received} (KeyUpdates from the rustls \
+         peer followed on kTLS) and sent >= {min_sent} (answered with the {}'s own KeyUpdate)\n{}",
+        ktls_end.name(),
+        stack.log_tails()
+    );
+    Ok(format!("{metric}{{direction=received}} {received}, {{direction=sent}} {sent}; {}", b.summary()))
+}
+
+/// How the client's side of a transfer that had to be aborted ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AbortSeen {
+    /// An error (reset) reached the client's reader or writer: the abort is visible.
+    Error,
+    /// Everything arrived and ended cleanly: nothing was aborted.
+    Completed,
+    /// The reader got a clean EOF before all bytes and the writer no error: silent
+    /// truncation.
+    Truncated,
+    /// The reader timed out.
+    Stalled,
+}
+
+/// Judges a transfer whose stream must be aborted. A socket reports a received reset
+/// once, to whichever call sees it first, so an error at the reader *or* the writer
+/// counts; a short clean EOF with a writer that saw no error is truncation.
+pub fn judge_abort(reader: &End, reader_bytes: u64, writer_failed: bool, len: u64) -> AbortSeen {
+    match reader {
+        End::Error(_) => AbortSeen::Error,
+        End::Stalled => AbortSeen::Stalled,
+        End::Eof if writer_failed => AbortSeen::Error,
+        End::Eof if reader_bytes >= len => AbortSeen::Completed,
+        End::Eof => AbortSeen::Truncated,
+    }
+}
+
+/// `rekey_unsupported`, on a kernel whose kTLS cannot follow a KeyUpdate (< 6.14): the
+/// relay runs rustls with a KeyUpdate every few hundred records, the agent kTLS. The
+/// stream must abort — an error (reset) at the client, never a clean shorter EOF — and
+/// the agent's log must say why (a line containing `KeyUpdate`).
+pub fn rekey_unsupported(stack: &Stack, backend: &mut Backend, ids: &mut Ids, mib: u64) -> Result<String> {
+    let n = mib * MIB;
+    let t = transfer(stack, ids, mib)?;
+    let writer_error = t.sent.as_ref().err().map(|e| format!("{:?} ({e})", e.kind()));
+    // The backend's view, for the report only (it may see a reset or an EOF).
+    let backend_view = backend
+        .report(t.id, Duration::from_secs(30))
+        .map(|r| {
+            format!("backend read {:.1} MiB, then {}", r.received.bytes as f64 / MIB as f64, r.received.end.describe())
+        })
+        .unwrap_or_else(|e| format!("no backend report ({e:#})"));
+    let client_view = format!(
+        "client sent {:.1} of {mib} MiB ({}), received {:.1} of {mib} MiB, then {}",
+        t.up as f64 / MIB as f64,
+        writer_error.as_deref().unwrap_or("no error"),
+        t.got.bytes as f64 / MIB as f64,
+        t.got.end.describe()
+    );
+    match judge_abort(&t.got.end, t.got.bytes, writer_error.is_some(), n) {
+        AbortSeen::Error => {}
+        AbortSeen::Completed => bail!(
+            "the transfer completed although the relay sent KeyUpdates to a kTLS agent on a kernel that cannot \
+             follow them: {client_view}; {backend_view}\n{}",
+            stack.log_tails()
+        ),
+        AbortSeen::Truncated => bail!(
+            "silent truncation: the client got a clean EOF before all bytes and no error: {client_view}; \
+             {backend_view}\n{}",
+            stack.log_tails()
+        ),
+        AbortSeen::Stalled => {
+            bail!("the client's stream stalled: {client_view}; {backend_view}\n{}", stack.log_tails())
+        }
+    }
+    // The abort is logged when the agent's data path sees the KeyUpdate; give the log a
+    // moment to reach the file.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let text = std::fs::read_to_string(&stack.agent_log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("KeyUpdate")) {
+            break l.trim().to_string();
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the stream aborted ({client_view}; {backend_view}) but no line of the agent's log {} contains \
+                 \"KeyUpdate\"\n{}",
+                stack.agent_log.display(),
+                stack.log_tails()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    Ok(format!("aborted as it must on this kernel: {client_view}; {backend_view}; agent log: {line}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn abort_judgement() {
+        let err = || End::Error(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert_eq!(judge_abort(&err(), 10, false, 100), AbortSeen::Error);
+        assert_eq!(judge_abort(&End::Eof, 10, true, 100), AbortSeen::Error, "the writer took the reset");
+        assert_eq!(judge_abort(&End::Eof, 10, false, 100), AbortSeen::Truncated);
+        assert_eq!(judge_abort(&End::Eof, 100, false, 100), AbortSeen::Completed);
+        assert_eq!(judge_abort(&End::Stalled, 10, false, 100), AbortSeen::Stalled);
+    }
+
+    #[test]
+    fn key_update_counters() {
+        let m = crate::metrics::parse(
+            "sluice_agent_tls_key_updates_total{direction=\"received\"} 4\n\
+             sluice_agent_tls_key_updates_total{direction=\"sent\"} 1\n",
+        );
+        assert_eq!(key_updates(&m, AGENT_KEY_UPDATES), Some((4.0, 1.0)));
+        assert_eq!(key_updates(&m, RELAY_KEY_UPDATES), None);
+        let only_received = crate::metrics::parse("sluice_relay_tls_key_updates_total{direction=\"received\"} 2\n");
+        assert_eq!(key_updates(&only_received, RELAY_KEY_UPDATES), Some((2.0, 0.0)));
+    }
+
+    #[test]
+    fn paths_per_side() {
+        let m = |p: &str| BTreeMap::from([(p.to_string(), 1.0)]);
+        check_paths_each(&m("userspace"), Want::Exactly("userspace"), &m("ktls_splice"), Want::AnyKtls).unwrap();
+        let e =
+            check_paths_each(&m("userspace"), Want::Exactly("userspace"), &m("userspace"), Want::AnyKtls).unwrap_err();
+        assert!(e.to_string().contains("path userspace on the relay and a ktls_* path on the agent"), "{e}");
+        check_paths(&m("ktls_splice"), &m("ktls_splice"), Want::AnyKtls).unwrap();
+    }
 }

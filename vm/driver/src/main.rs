@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! sluice-vm-driver e2e   [--mib N] [--compare-mib N]
+//! sluice-vm-driver rekey [--mib N]
 //! sluice-vm-driver bench [--mib N] [--engines splice,uring,threads,copy,userspace]
 //! ```
 //!
@@ -18,9 +19,20 @@
 //! control session lived through the bulk transfer), `half_close`, `abort_backend`,
 //! `abort_client`, `path` (every stream on kernel TLS on both binaries, no payload copied
 //! through user space), `latency` (a smaller transfer with netem delaying `lo` by 100 ms,
-//! a 200 ms round trip), and `compare` (relay + agent restarted with
+//! a 200 ms round trip), `compare` (relay + agent restarted with
 //! `SLUICE_DATA_PATH=userspace`, the same transfer at `--compare-mib`, CPU per GiB side
-//! by side). `bench` runs the bulk transfer once per engine and prints a table. Warnings,
+//! by side), and `rekey_unsupported` (the relay on rustls sending a TLS KeyUpdate every
+//! 256 records, `SLUICE_TLS_KEY_UPDATE_RECORDS`, to an agent on kTLS: on a kernel before
+//! 6.14 the stream must abort with an error at the client, never a clean short EOF, and
+//! the agent must log why, a line containing `KeyUpdate`; skipped with an `INFO` line on
+//! a newer kernel).
+//!
+//! `rekey`, for a kernel >= 6.14 (kTLS takes new keys on a live socket), runs
+//! `rekey_agent_ktls` (relay on rustls sending a KeyUpdate every 256 records, agent on
+//! kTLS) and `rekey_relay_ktls` (mirrored): `--mib` MiB each way (default 16) must
+//! arrive exactly, the kTLS end's streams must be on kTLS, and its
+//! `*_tls_key_updates_total` must count at least 2 KeyUpdates received (followed) and 1
+//! sent (its answer). `bench` runs the bulk transfer once per engine and prints a table. Warnings,
 //! errors and session changes from the relay's and agent's logs are printed (`INFO log`)
 //! after a failed check and at the end.
 
@@ -56,7 +68,16 @@ pub const LATENCY_MIB: u64 = 4;
 /// Engines `bench` knows: `SLUICE_KTLS_ENGINE` values, plus `userspace` (no kTLS).
 const ENGINES: &[&str] = &["splice", "uring", "threads", "copy", "userspace"];
 
+/// The rustls end's KeyUpdate interval in the `rekey*` checks (records it sends per key).
+const KEY_UPDATE_RECORDS: &str = "256";
+/// MiB each way of `rekey_unsupported`: 512 full records per direction, so the first
+/// KeyUpdate comes mid-stream.
+const REKEY_UNSUPPORTED_MIB: u64 = 8;
+/// Default MiB each way of each `rekey` check (about four KeyUpdates per direction).
+const REKEY_MIB: u64 = 16;
+
 const USAGE: &str = "usage: sluice-vm-driver e2e [--mib N] [--compare-mib N]
+       sluice-vm-driver rekey [--mib N]
        sluice-vm-driver bench [--mib N] [--engines splice,uring,threads,copy,userspace]";
 
 /// Counts results and prints them in the harness's format.
@@ -143,9 +164,24 @@ fn run(args: &[String]) -> Result<u32> {
             let mib = mib.unwrap_or(256);
             e2e(mib, compare_mib.unwrap_or(mib.min(32)))
         }
+        "rekey" => rekey(mib.unwrap_or(REKEY_MIB)),
         "bench" => bench(mib.unwrap_or(64), &engines),
         other => bail!("unknown command {other:?}\n{USAGE}"),
     }
+}
+
+/// The guest kernel's release, e.g. `6.1.0-57-cloud-amd64`.
+fn os_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string()
+}
+
+/// Whether a kernel release takes new kTLS keys on a live socket (a KeyUpdate): 6.14 and
+/// later. `None` if the release does not start with `major.minor`.
+fn kernel_rekeys(release: &str) -> Option<bool> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    let major: u64 = it.next()?.parse().ok()?;
+    let minor: u64 = it.next()?.parse().ok()?;
+    Some((major, minor) >= (6, 14))
 }
 
 fn meminfo_mib(key: &str) -> u64 {
@@ -273,6 +309,29 @@ fn e2e(mib: u64, compare_mib: u64) -> Result<u32> {
         }
     }
     logs_after_failure(&res, &mut failed_before, &mut stack);
+
+    let release = os_release();
+    if kernel_rekeys(&release) == Some(true) {
+        info(format!(
+            "rekey_unsupported: skipped: kernel {release} (>= 6.14) follows KeyUpdates on kTLS; `sluice-vm-driver \
+             rekey` tests that"
+        ));
+    } else {
+        let t = Instant::now();
+        let relay_env = [("SLUICE_DATA_PATH", "userspace"), ("SLUICE_TLS_KEY_UPDATE_RECORDS", KEY_UPDATE_RECORDS)];
+        let agent_env = [("SLUICE_DATA_PATH", "auto")];
+        let r = stack.restart_with(&relay_env, &agent_env).and_then(|()| {
+            info(format!(
+                "rekey_unsupported: kernel {release}; relay {}, agent {}; {REKEY_UNSUPPORTED_MIB} MiB each way must \
+                 abort",
+                env_line(&relay_env),
+                env_line(&agent_env)
+            ));
+            checks::rekey_unsupported(&stack, &mut backend, &mut ids, REKEY_UNSUPPORTED_MIB)
+        });
+        res.record("rekey_unsupported", t, r, String::clone);
+        logs_after_failure(&res, &mut failed_before, &mut stack);
+    }
     info(format!(
         "guest memory: {} MiB available of {} MiB after the checks",
         meminfo_mib("MemAvailable:"),
@@ -280,6 +339,55 @@ fn e2e(mib: u64, compare_mib: u64) -> Result<u32> {
     ));
     stack.stop();
     log_summary(&mut stack);
+    Ok(res.failed)
+}
+
+/// `rekey`: on a kernel whose kTLS takes new keys (>= 6.14), a rustls end sending a
+/// KeyUpdate every [`KEY_UPDATE_RECORDS`] records to a kTLS agent, then to a kTLS relay.
+fn rekey(mib: u64) -> Result<u32> {
+    let mut res = Results::default();
+    let release = os_release();
+    if kernel_rekeys(&release) != Some(true) {
+        info(format!("rekey: kernel {release} is older than 6.14: its kTLS cannot follow a KeyUpdate; expect FAILs"));
+    }
+    let mut backend = Backend::start(BACKEND_PORT)?;
+    let mut ids = Ids::new();
+    let knob = ("SLUICE_TLS_KEY_UPDATE_RECORDS", KEY_UPDATE_RECORDS);
+    let user = [("SLUICE_DATA_PATH", "userspace"), knob];
+    let ktls = [("SLUICE_DATA_PATH", "auto")];
+    info(format!(
+        "rekey: {mib} MiB each way per check, KeyUpdate every {KEY_UPDATE_RECORDS} records from the rustls end"
+    ));
+    let mut stack: Option<Stack> = None;
+    let mut failed_before = 0;
+    for (name, ktls_end) in [("rekey_agent_ktls", checks::KtlsEnd::Agent), ("rekey_relay_ktls", checks::KtlsEnd::Relay)]
+    {
+        let (relay_env, agent_env) = match ktls_end {
+            checks::KtlsEnd::Agent => (&user[..], &ktls[..]),
+            checks::KtlsEnd::Relay => (&ktls[..], &user[..]),
+        };
+        let t = Instant::now();
+        let started = match stack.as_mut() {
+            Some(s) => s.restart_with(relay_env, agent_env),
+            None => Stack::start_with(BACKEND_PORT, relay_env, agent_env, E2E_HEARTBEAT_SECS).map(|s| {
+                stack = Some(s);
+            }),
+        };
+        let r = started.and_then(|()| {
+            let s = stack.as_ref().expect("started");
+            info(format!("{name}: relay {}, agent {}", env_line(relay_env), env_line(agent_env)));
+            info(s.data_path_log_lines().join("\n"));
+            checks::rekey_followed(s, &mut backend, &mut ids, mib, ktls_end, 2.0, 1.0)
+        });
+        res.record(name, t, r, String::clone);
+        if let Some(s) = stack.as_mut() {
+            logs_after_failure(&res, &mut failed_before, s);
+        }
+    }
+    if let Some(mut s) = stack {
+        s.stop();
+        log_summary(&mut s);
+    }
     Ok(res.failed)
 }
 
@@ -350,4 +458,19 @@ fn bench(mib: u64, engines: &[String]) -> Result<u32> {
         println!("{r}");
     }
     Ok(res.failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_releases() {
+        assert_eq!(kernel_rekeys("6.1.0-57-cloud-amd64"), Some(false));
+        assert_eq!(kernel_rekeys("6.13.12"), Some(false));
+        assert_eq!(kernel_rekeys("6.14.0"), Some(true));
+        assert_eq!(kernel_rekeys("6.18.15+deb13-cloud-amd64"), Some(true));
+        assert_eq!(kernel_rekeys("7.3.4+deb13-cloud-amd64"), Some(true));
+        assert_eq!(kernel_rekeys(""), None);
+    }
 }

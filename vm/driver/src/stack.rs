@@ -6,8 +6,11 @@
 //! the guest has no `/etc/hosts` anyway.
 //!
 //! Data-path selection goes through the environment (`SLUICE_DATA_PATH`,
-//! `SLUICE_KTLS_ENGINE`) on both binaries, which also works with binaries that predate
-//! the `--data-path` flag (clap ignores unknown variables, not unknown flags).
+//! `SLUICE_KTLS_ENGINE`, `SLUICE_TLS_KEY_UPDATE_RECORDS`), which also works with
+//! binaries that predate the `--data-path` flag (clap ignores unknown variables, not
+//! unknown flags). Usually both binaries get the same environment; the `rekey` checks
+//! give the relay and the agent different ones ([`Stack::start_with`],
+//! [`Stack::restart_with`]).
 
 use std::fs::File;
 use std::io::Read;
@@ -63,8 +66,10 @@ pub struct Stack {
     starts: u32,
     /// The resource's `host:port` on the relay.
     pub endpoint: String,
-    /// The environment both binaries got (data path, engine).
-    pub env: Vec<(String, String)>,
+    /// The environment the relay got (data path, engine, key-update knob).
+    pub relay_env: Vec<(String, String)>,
+    /// The environment the agent got.
+    pub agent_env: Vec<(String, String)>,
     /// The relay's `--heartbeat-secs` (the agent takes it from the welcome).
     pub heartbeat_secs: u64,
 }
@@ -73,6 +78,16 @@ impl Stack {
     /// Starts a fresh relay, creates a customer and its registration JWT, starts the agent
     /// and waits until the resource is AVAILABLE.
     pub fn start(backend_port: u16, env: &[(&str, &str)], heartbeat_secs: u64) -> Result<Stack> {
+        Stack::start_with(backend_port, env, env, heartbeat_secs)
+    }
+
+    /// [`Stack::start`] with a different environment for the relay and the agent.
+    pub fn start_with(
+        backend_port: u16,
+        relay_env: &[(&str, &str)],
+        agent_env: &[(&str, &str)],
+        heartbeat_secs: u64,
+    ) -> Result<Stack> {
         let _ = std::fs::remove_dir_all(relay_dir());
         let _ = std::fs::remove_dir_all(agent_state());
         let mut s = Stack {
@@ -85,7 +100,8 @@ impl Stack {
             jwt: String::new(),
             starts: 0,
             endpoint: String::new(),
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            relay_env: owned(relay_env),
+            agent_env: owned(agent_env),
             heartbeat_secs,
         };
         s.start_relay()?;
@@ -98,8 +114,14 @@ impl Stack {
 
     /// Stops both processes and starts them again (same data, same ports) with `env`.
     pub fn restart(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        self.restart_with(env, env)
+    }
+
+    /// [`Stack::restart`] with a different environment for the relay and the agent.
+    pub fn restart_with(&mut self, relay_env: &[(&str, &str)], agent_env: &[(&str, &str)]) -> Result<()> {
         self.stop();
-        self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.relay_env = owned(relay_env);
+        self.agent_env = owned(agent_env);
         self.start_relay()?;
         self.start_agent()?;
         self.wait_available()
@@ -119,7 +141,7 @@ impl Stack {
             .args(["--agent-listen", AGENT_LISTEN, "--admin-listen", ADMIN_LISTEN])
             .args(["--public-url", &format!("https://{AGENT_LISTEN}"), "--resource-ports", RESOURCE_PORTS])
             .args(["--heartbeat-secs", &self.heartbeat_secs.to_string()]);
-        for (k, v) in &self.env {
+        for (k, v) in &self.relay_env {
             cmd.env(k, v);
         }
         self.relay = Some(spawn(cmd, &self.relay_log)?);
@@ -155,7 +177,7 @@ impl Stack {
             .env("SLUICE_RECONNECT_MAX_SECS", "1")
             .env("SLUICE_METRICS_LISTEN", AGENT_METRICS)
             .env("SLUICE_LOG", "info");
-        for (k, v) in &self.env {
+        for (k, v) in &self.agent_env {
             cmd.env(k, v);
         }
         self.agent = Some(spawn(cmd, &self.agent_log)?);
@@ -324,6 +346,10 @@ impl Drop for Stack {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+fn owned(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 /// The absolute path of `name` on this process's `PATH` (the children get a cleared
