@@ -6,11 +6,13 @@
 //!   below), and runs every test against them.
 //!   Then it runs every fuzz target for a few seconds (`cargo xtask fuzz`, `fuzz/`).
 //!   Last, it boots the kTLS VM and runs the relay and agent end to end over kernel TLS
-//!   (`cargo xtask vm-test`, `vm/`).
+//!   (`cargo xtask vm-test`, `vm/`), on the stable guest kernel (6.1) and on the rekey
+//!   kernel (>= 6.14, TLS KeyUpdate followed by kTLS).
 //! - `cargo xtask fuzz [--secs N] [TARGET…]`: the fuzz targets, each for N seconds
 //!   (`xtask/src/fuzz.rs`).
 //! - `cargo xtask vm-test`, `cargo xtask vm-test-smoke`: the kTLS VM harness (`xtask/src/vm.rs`);
-//!   `vm-test` with no arguments tests the real relay and agent end to end in the VM.
+//!   `vm-test` with no arguments tests the real relay and agent end to end in the VM, on
+//!   both guest kernels (`--kernel stable|rekey|both`).
 //! - `cargo xtask vm-bench`: the data-path engines compared in the VM (MiB/s, CPU per GiB).
 //! - `cargo xtask measure`: throughput of a 1 GiB transfer and the agent's memory, idle
 //!   and with open streams (the numbers quoted in docs/benchmarks.md).
@@ -106,7 +108,8 @@ fn test(args: &[String]) -> Result<()> {
     // committed seed corpus (about two minutes with the build cached).
     fuzz::run(&workspace_root(), fuzz::DEFAULT_SECS, &fuzz::TARGETS.map(String::from))?;
     // Real kernel TLS in a VM (this kernel has none): the static relay and agent move
-    // 256 MiB each way over kTLS + splice, half-close, resets, path counters.
+    // 256 MiB each way over kTLS + splice, half-close, resets, path counters (stable
+    // kernel 6.1), then follow TLS KeyUpdates on kTLS (rekey kernel, >= 6.14).
     eprintln!("==> kTLS end-to-end test in the VM (cargo xtask vm-test)");
     let t = Instant::now();
     vm::e2e_cli(&workspace_root(), &[])?;

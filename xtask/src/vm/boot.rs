@@ -34,13 +34,23 @@ pub struct VmReport {
     pub boot: Duration,
     /// First line of `/init` to `VM-DONE` (or to QEMU exiting).
     pub tests: Duration,
+    /// Which kernel ran, e.g. `stable kernel 6.1.0-57-cloud-amd64` (set by the caller).
+    pub kernel: String,
 }
 
 impl VmReport {
-    /// Prints the timings, then, as the very last line, `vm-test: N passed, M failed`.
+    /// Prints the timings, then, as the very last line, `vm-test: N passed, M failed
+    /// (<kernel>)`.
     pub fn print_summary(&self) {
+        self.print_details();
+        println!("vm-test: {} passed, {} failed ({})", self.passed.len(), self.failed.len(), self.kernel);
+    }
+
+    /// The timings and the failed checks, each line naming the kernel.
+    pub fn print_details(&self) {
         println!(
-            "vm-test: set-up {:.1} s, boot {:.1} s, tests {:.1} s, rc {}; log {}",
+            "vm-test: {}: set-up {:.1} s, boot {:.1} s, tests {:.1} s, rc {}; log {}",
+            self.kernel,
             self.setup.as_secs_f64(),
             self.boot.as_secs_f64(),
             self.tests.as_secs_f64(),
@@ -48,9 +58,8 @@ impl VmReport {
             self.log_path.display()
         );
         for f in &self.failed {
-            println!("vm-test: FAILED {f}");
+            println!("vm-test: FAILED {f} ({})", self.kernel);
         }
-        println!("vm-test: {} passed, {} failed", self.passed.len(), self.failed.len());
     }
 }
 
@@ -231,6 +240,7 @@ pub fn boot(
         setup,
         boot: init_at - start,
         tests: done_at.unwrap_or(end).saturating_duration_since(init_at),
+        kernel: String::new(),
     })
 }
 

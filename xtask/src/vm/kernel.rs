@@ -25,7 +25,9 @@ const META_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// Modules to load, in any order (dependencies are resolved): `(name, required)`.
 /// `tls` is kTLS itself; `aesni_intel` provides `gcm(aes)` (QEMU's `-cpu max` has
-/// AES-NI); the ChaCha20-Poly1305 ones are optional because only that suite needs them.
+/// AES-NI); the ChaCha20-Poly1305 ones are optional because only that suite needs them
+/// (6.1 has `chacha_x86_64` and `poly1305_x86_64`; in the 6.18+ kernels the x86 code is in the
+/// `libchacha`/`libpoly1305` library modules and `chacha` registers the algorithm).
 /// Without `modprobe` in the guest the kernel cannot load algorithm modules on demand,
 /// so every algorithm kTLS may ask for must be loaded up front. `sch_netem` (optional)
 /// is the delay queueing discipline of the driver's `latency` check.
@@ -33,6 +35,7 @@ const KTLS_MODULES: &[(&str, bool)] = &[
     ("aesni_intel", true),
     ("tls", true),
     ("chacha20poly1305", false),
+    ("chacha", false),
     ("chacha_x86_64", false),
     ("poly1305_x86_64", false),
     ("sch_netem", false),
@@ -87,7 +90,7 @@ fn newest_unpacked(dir: &Path) -> Result<Option<String>> {
 }
 
 /// Compares names so that `6.1.0-9` < `6.1.0-56` (digit runs compare as numbers).
-fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+pub(super) fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     let key = |s: &str| -> Vec<(u64, String)> {
         let mut out = Vec::new();
         let mut num = String::new();
@@ -160,19 +163,30 @@ fn download_and_unpack(dir: &Path, package: &str) -> Result<()> {
     Ok(())
 }
 
-fn open(unpacked: &Path) -> Result<Kernel> {
-    let modules_root = unpacked.join("lib/modules");
+/// Opens an unpacked kernel: modules under `lib/modules/<release>/` (Debian 12) or
+/// `usr/lib/modules/<release>/` (Debian 13, merged /usr); the kernel at
+/// `boot/vmlinuz-<release>` or, in the split packages from 6.19 on
+/// (`linux-binary-*`), at `usr/lib/modules/<release>/vmlinuz`.
+pub(super) fn open(unpacked: &Path) -> Result<Kernel> {
+    let modules_root = ["lib/modules", "usr/lib/modules"]
+        .iter()
+        .map(|d| unpacked.join(d))
+        .find(|d| d.is_dir())
+        .with_context(|| format!("{} has no lib/modules or usr/lib/modules", unpacked.display()))?;
     let version = std::fs::read_dir(&modules_root)
-        .with_context(|| format!("{} has no lib/modules", unpacked.display()))?
+        .with_context(|| format!("reading {}", modules_root.display()))?
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
         .next()
         .with_context(|| format!("{} is empty", modules_root.display()))?;
-    let vmlinuz = unpacked.join("boot").join(format!("vmlinuz-{version}"));
-    if !vmlinuz.is_file() {
-        bail!("{} is missing", vmlinuz.display());
-    }
-    Ok(Kernel { modules: modules_root.join(&version), version, vmlinuz })
+    let modules = modules_root.join(&version);
+    let vmlinuz = [unpacked.join("boot").join(format!("vmlinuz-{version}")), modules.join("vmlinuz")]
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!("{} has neither boot/vmlinuz-{version} nor {}/vmlinuz", unpacked.display(), modules.display())
+        })?;
+    Ok(Kernel { modules, version, vmlinuz })
 }
 
 /// Module name as the kernel spells it: file name without `.ko*`, `-` → `_`.

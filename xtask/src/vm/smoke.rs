@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::{VmReport, VmRun};
+use super::{GuestKernel, VmReport, VmRun};
 
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
@@ -23,7 +23,7 @@ pub fn smoke(ws_root: &Path, mib: usize, timeout: Duration) -> Result<VmReport> 
         "echo \"smoke: ktls-probe, {mib} MiB each way per check\"\n\
          ktls-probe --mib {mib}\n"
     );
-    super::run(ws_root, &VmRun { binaries: vec![probe], driver_script, timeout })
+    super::run(ws_root, &VmRun { binaries: vec![probe], driver_script, timeout, kernel: GuestKernel::Stable })
 }
 
 /// `cargo build --release` of vm/ktls-probe as a static binary; returns its path.
