@@ -249,6 +249,7 @@ fn fetch(dir: &Path, pin: Option<&str>) -> Result<String> {
             dir.display()
         )
     };
+    remove_stale_tmp(dir);
     eprintln!("vm-test: fetching the backports package index {INDEX_URL}");
     let index_xz = dir.join(format!("Packages.xz.tmp-{}", std::process::id()));
     download(INDEX_URL, &index_xz).with_context(offline_hint)?;
@@ -292,6 +293,20 @@ fn fetch(dir: &Path, pin: Option<&str>) -> Result<String> {
     // Renaming last makes a half-fetched kernel impossible to mistake for a good one.
     std::fs::rename(&tmp, dir.join(&plan.package)).with_context(|| format!("renaming {} into place", tmp.display()))?;
     Ok(plan.package)
+}
+
+/// Removes `….tmp-<pid>` files and directories left by fetches that were killed (their
+/// pid is gone).
+fn remove_stale_tmp(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((_, pid)) = name.rsplit_once(".tmp-") else { continue };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let p = e.path();
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+    }
 }
 
 /// `curl` (or `wget`) of `url` into `dest`, failing on HTTP errors.
