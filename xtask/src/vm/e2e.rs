@@ -174,7 +174,9 @@ pub fn e2e(ws_root: &Path, opts: &E2eOptions) -> Result<()> {
         match super::run_report(ws_root, &run) {
             Ok(r) => {
                 r.print_details();
-                println!("vm-test: {} passed, {} failed ({})", r.passed.len(), r.failed.len(), r.kernel);
+                if opts.kernels.boots().len() > 1 {
+                    println!("vm-test: {} passed, {} failed ({})", r.passed.len(), r.failed.len(), r.kernel);
+                }
                 reports.push(r);
             }
             Err(e) => {
