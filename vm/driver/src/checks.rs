@@ -582,19 +582,22 @@ pub fn judge_abort(reader: &End, reader_bytes: u64, writer_failed: bool, len: u6
 
 /// `rekey_unsupported`, on a kernel whose kTLS cannot follow a KeyUpdate (< 6.14): the
 /// relay runs rustls with a KeyUpdate every few hundred records, the agent kTLS. The
-/// stream must abort — an error (reset) at the client, never a clean shorter EOF — and
-/// the agent's log must say why (a line containing `KeyUpdate`).
+/// stream must abort — an error (reset) at the client and at the backend, never a clean
+/// shorter EOF — and the agent's log must say why (a line containing `KeyUpdate`).
 pub fn rekey_unsupported(stack: &Stack, backend: &mut Backend, ids: &mut Ids, mib: u64) -> Result<String> {
     let n = mib * MIB;
     let t = transfer(stack, ids, mib)?;
     let writer_error = t.sent.as_ref().err().map(|e| format!("{:?} ({e})", e.kind()));
-    // The backend's view, for the report only (it may see a reset or an EOF).
-    let backend_view = backend
-        .report(t.id, Duration::from_secs(30))
-        .map(|r| {
-            format!("backend read {:.1} MiB, then {}", r.received.bytes as f64 / MIB as f64, r.received.end.describe())
-        })
-        .unwrap_or_else(|e| format!("no backend report ({e:#})"));
+    let report = backend.report(t.id, Duration::from_secs(30));
+    let backend_view = match &report {
+        Ok(r) => format!(
+            "backend sent {} and read {:.1} of {mib} MiB, then {}",
+            r.send_error.as_deref().map_or("without error".to_string(), |e| format!("until {e}")),
+            r.received.bytes as f64 / MIB as f64,
+            r.received.end.describe()
+        ),
+        Err(e) => format!("no backend report ({e:#})"),
+    };
     let client_view = format!(
         "client sent {:.1} of {mib} MiB ({}), received {:.1} of {mib} MiB, then {}",
         t.up as f64 / MIB as f64,
@@ -602,20 +605,32 @@ pub fn rekey_unsupported(stack: &Stack, backend: &mut Backend, ids: &mut Ids, mi
         t.got.bytes as f64 / MIB as f64,
         t.got.end.describe()
     );
-    match judge_abort(&t.got.end, t.got.bytes, writer_error.is_some(), n) {
-        AbortSeen::Error => {}
-        AbortSeen::Completed => bail!(
-            "the transfer completed although the relay sent KeyUpdates to a kTLS agent on a kernel that cannot \
-             follow them: {client_view}; {backend_view}\n{}",
-            stack.log_tails()
+    let views = format!("{client_view}; {backend_view}");
+    // Both ends of the tunnel must see the abort: the client, and the backend behind
+    // the agent (an abort resets both sockets; a clean short EOF is truncation).
+    let judged = [
+        ("client", judge_abort(&t.got.end, t.got.bytes, writer_error.is_some(), n)),
+        (
+            "backend",
+            match &report {
+                Ok(r) => judge_abort(&r.received.end, r.received.bytes, r.send_error.is_some(), n),
+                Err(_) => AbortSeen::Stalled,
+            },
         ),
-        AbortSeen::Truncated => bail!(
-            "silent truncation: the client got a clean EOF before all bytes and no error: {client_view}; \
-             {backend_view}\n{}",
-            stack.log_tails()
-        ),
-        AbortSeen::Stalled => {
-            bail!("the client's stream stalled: {client_view}; {backend_view}\n{}", stack.log_tails())
+    ];
+    for (who, seen) in judged {
+        match seen {
+            AbortSeen::Error => {}
+            AbortSeen::Completed => bail!(
+                "the {who}'s side completed although the relay sent KeyUpdates to a kTLS agent on a kernel that \
+                 cannot follow them: {views}\n{}",
+                stack.log_tails()
+            ),
+            AbortSeen::Truncated => bail!(
+                "silent truncation: the {who} got a clean EOF before all bytes and no error: {views}\n{}",
+                stack.log_tails()
+            ),
+            AbortSeen::Stalled => bail!("the {who}'s side stalled: {views}\n{}", stack.log_tails()),
         }
     }
     // The abort is logged when the agent's data path sees the KeyUpdate; give the log a
@@ -628,7 +643,7 @@ pub fn rekey_unsupported(stack: &Stack, backend: &mut Backend, ids: &mut Ids, mi
         }
         if Instant::now() > deadline {
             bail!(
-                "the stream aborted ({client_view}; {backend_view}) but no line of the agent's log {} contains \
+                "the stream aborted ({views}) but no line of the agent's log {} contains \
                  \"KeyUpdate\"\n{}",
                 stack.agent_log.display(),
                 stack.log_tails()
@@ -636,7 +651,7 @@ pub fn rekey_unsupported(stack: &Stack, backend: &mut Backend, ids: &mut Ids, mi
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    Ok(format!("aborted as it must on this kernel: {client_view}; {backend_view}; agent log: {line}"))
+    Ok(format!("aborted as it must on this kernel: {views}; agent log: {line}"))
 }
 
 #[cfg(test)]
