@@ -144,7 +144,7 @@ pub fn bulk(stack: &Stack, backend: &mut Backend, ids: &mut Ids, mib: u64) -> Re
     let n = mib * MIB;
     let (r0, a0) = (stack.relay_metrics()?, stack.agent_metrics()?);
     let cpu0 = stack.cpu_seconds()?;
-    let t = transfer(stack, ids, mib)?;
+    let t = transfer(stack, ids, mib, Mode::Bulk)?;
     let cpu1 = stack.cpu_seconds()?;
     let report = backend.report(t.id, Duration::from_secs(60))?;
     let sent = t
@@ -183,13 +183,15 @@ struct Transfer {
     got: Received,
 }
 
-/// `mib` MiB each way on one bulk-mode stream, the client's two directions on their own
-/// threads; returns what the client saw, judging nothing. Fails only if the transfer is
-/// not over within the deadline (60 s + 1 s per MiB).
-fn transfer(stack: &Stack, ids: &mut Ids, mib: u64) -> Result<Transfer> {
+/// `mib` MiB each way on one stream, the client's two directions on their own threads
+/// (the writer half-closes when done); returns what the client saw, judging nothing.
+/// With [`Mode::Bulk`] the backend sends while it reads, with [`Mode::HalfClose`] only
+/// after it read the whole request and its EOF. Fails only if the transfer is not over
+/// within the deadline (60 s + 1 s per MiB).
+fn transfer(stack: &Stack, ids: &mut Ids, mib: u64, mode: Mode) -> Result<Transfer> {
     let n = mib * MIB;
     let id = ids.next();
-    let header = Header { id, mode: Mode::Bulk, up: n, down: n, seed: id };
+    let header = Header { id, mode, up: n, down: n, seed: id };
     let start = Instant::now();
 
     let s = connect(&stack.endpoint)?;
@@ -582,19 +584,24 @@ pub fn judge_abort(reader: &End, reader_bytes: u64, writer_failed: bool, len: u6
 
 /// `rekey_unsupported`, on a kernel whose kTLS cannot follow a KeyUpdate (< 6.14): the
 /// relay runs rustls with a KeyUpdate every few hundred records, the agent kTLS. The
-/// stream must abort — an error (reset) at the client and at the backend, never a clean
-/// shorter EOF — and the agent's log must say why (a line containing `KeyUpdate`).
+/// client sends a `mib` MiB request and half-closes; the backend would send its `mib`
+/// MiB reply only after the whole request (half-close mode), so the client is still
+/// waiting for it when the KeyUpdate in the request aborts the stream. (With both
+/// directions at once, the reply could be complete and the client done before the
+/// abort, leaving it nothing to observe.) The stream must abort — an error (reset) at
+/// the client and at the backend, never a clean shorter EOF — and the agent's log must
+/// say why (a line containing `KeyUpdate`).
 pub fn rekey_unsupported(stack: &Stack, backend: &mut Backend, ids: &mut Ids, mib: u64) -> Result<String> {
     let n = mib * MIB;
-    let t = transfer(stack, ids, mib)?;
+    let t = transfer(stack, ids, mib, Mode::HalfClose)?;
     let writer_error = t.sent.as_ref().err().map(|e| format!("{:?} ({e})", e.kind()));
     let report = backend.report(t.id, Duration::from_secs(30));
     let backend_view = match &report {
         Ok(r) => format!(
-            "backend sent {} and read {:.1} of {mib} MiB, then {}",
-            r.send_error.as_deref().map_or("without error".to_string(), |e| format!("until {e}")),
+            "backend read {:.1} of {mib} MiB, then {}; its sending: {}",
             r.received.bytes as f64 / MIB as f64,
-            r.received.end.describe()
+            r.received.end.describe(),
+            r.send_error.as_deref().unwrap_or("no error")
         ),
         Err(e) => format!("no backend report ({e:#})"),
     };

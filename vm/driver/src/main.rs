@@ -22,10 +22,11 @@
 //! a 200 ms round trip), `compare` (relay + agent restarted with
 //! `SLUICE_DATA_PATH=userspace`, the same transfer at `--compare-mib`, CPU per GiB side
 //! by side), and `rekey_unsupported` (the relay on rustls sending a TLS KeyUpdate every
-//! 256 records, `SLUICE_TLS_KEY_UPDATE_RECORDS`, to an agent on kTLS: on a kernel before
-//! 6.14 the stream must abort with an error at the client, never a clean short EOF, and
-//! the agent must log why, a line containing `KeyUpdate`; skipped with an `INFO` line on
-//! a newer kernel).
+//! 256 records, `SLUICE_TLS_KEY_UPDATE_RECORDS`, to an agent on kTLS; an 8 MiB request
+//! and FIN whose reply the backend sends only after the whole request: on a kernel before
+//! 6.14 the stream must abort with an error at the client and the backend, never a clean
+//! short EOF, and the agent must log why, a line containing `KeyUpdate`; skipped with an
+//! `INFO` line on a newer kernel).
 //!
 //! `rekey`, for a kernel >= 6.14 (kTLS takes new keys on a live socket), runs
 //! `rekey_agent_ktls` (relay on rustls sending a KeyUpdate every 256 records, agent on
@@ -70,8 +71,8 @@ const ENGINES: &[&str] = &["splice", "uring", "threads", "copy", "userspace"];
 
 /// The rustls end's KeyUpdate interval in the `rekey*` checks (records it sends per key).
 const KEY_UPDATE_RECORDS: &str = "256";
-/// MiB each way of `rekey_unsupported`: 512 full records per direction, so the first
-/// KeyUpdate comes mid-stream.
+/// MiB of `rekey_unsupported`'s request (and of the reply that never comes): 512 full
+/// records, so the first KeyUpdate comes mid-request.
 const REKEY_UNSUPPORTED_MIB: u64 = 8;
 /// Default MiB each way of each `rekey` check (about four KeyUpdates per direction).
 const REKEY_MIB: u64 = 16;
@@ -322,8 +323,8 @@ fn e2e(mib: u64, compare_mib: u64) -> Result<u32> {
         let agent_env = [("SLUICE_DATA_PATH", "auto")];
         let r = stack.restart_with(&relay_env, &agent_env).and_then(|()| {
             info(format!(
-                "rekey_unsupported: kernel {release}; relay {}, agent {}; {REKEY_UNSUPPORTED_MIB} MiB each way must \
-                 abort",
+                "rekey_unsupported: kernel {release}; relay {}, agent {}; {REKEY_UNSUPPORTED_MIB} MiB request + FIN \
+                 (the reply after it) must abort",
                 env_line(&relay_env),
                 env_line(&agent_env)
             ));
