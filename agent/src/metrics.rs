@@ -23,6 +23,7 @@
 //! | `sluice_agent_ebpf_map_entries` | gauge | sockets registered with the eBPF program |
 //! | `sluice_agent_idle_data_connections` | gauge | warm data connections waiting for a stream |
 //! | `sluice_agent_data_pool_target` | gauge | warm data connections the agent keeps now (the relay's pool size at rest, more while streams arrive faster than it refills) |
+//! | `sluice_agent_tls_key_updates_total` | counter | `direction` (`received`: a peer's TLS KeyUpdate followed by a kernel-TLS stream; `sent`: this end's answer) |
 //! | `sluice_agent_build_info` | gauge | `version`, `commit` (always 1) |
 
 use std::convert::Infallible;
@@ -81,6 +82,10 @@ fn describe() {
     describe_gauge!(
         "sluice_agent_data_pool_target",
         "Warm data connections the agent keeps now: the relay's pool size at rest, more while the relay's pool runs dry."
+    );
+    describe_counter!(
+        "sluice_agent_tls_key_updates_total",
+        "TLS key updates followed by kernel-TLS streams: received from the relay, sent in answer."
     );
     describe_gauge!("sluice_agent_build_info", "The running agent's version and git commit (always 1).");
 }
@@ -172,6 +177,13 @@ pub fn pool(ebpf_map_entries: usize, idle_data_connections: u32, target: u32) {
     metrics::gauge!("sluice_agent_data_pool_target").set(target as f64);
 }
 
+/// Copies the data path's key-update counts into their counters (before each scrape).
+fn key_updates() {
+    let (received, sent) = sluice_datapath::key_updates();
+    metrics::counter!("sluice_agent_tls_key_updates_total", "direction" => "received").absolute(received);
+    metrics::counter!("sluice_agent_tls_key_updates_total", "direction" => "sent").absolute(sent);
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` with hyper (HTTP/1.1).
 pub async fn serve(addr: SocketAddr, handle: PrometheusHandle) {
     let listener = match TcpListener::bind(addr).await {
@@ -214,7 +226,10 @@ fn answer(req: &Request<Incoming>, handle: &PrometheusHandle) -> Response<Full<B
     const TEXT: &str = "text/plain; version=0.0.4";
     const JSON: &str = "application/json";
     let (status, kind, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (StatusCode::OK, TEXT, handle.render()),
+        (&Method::GET, "/metrics") => {
+            key_updates();
+            (StatusCode::OK, TEXT, handle.render())
+        }
         (&Method::GET, "/healthz") => (StatusCode::OK, JSON, r#"{"status":"ok"}"#.to_owned()),
         (&Method::GET, "/readyz") => {
             let (status, body) = readiness(SESSIONS_UP.load(Ordering::Relaxed) > 0, LAST_FAILURE.lock().as_deref());

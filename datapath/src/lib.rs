@@ -50,6 +50,7 @@ use tokio_rustls::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 pub use ktls::KtlsSupport;
+pub use ktls::key_update::{TrafficSecrets, key_updates};
 pub use sluice_proto::wire::PathKind;
 pub use tunnel_socket::TunnelSocket;
 
@@ -274,10 +275,17 @@ impl DataPath {
             (DataPathMode::Userspace, _) => "user-space rustls (forced by SLUICE_DATA_PATH=userspace)".into(),
             (DataPathMode::Auto, Some(why)) => format!("user-space rustls: {why}"),
             (DataPathMode::Auto, None) => format!(
-                "kernel TLS, engine {} ({}; offloadable: {:?})",
+                "kernel TLS, engine {} ({}; offloadable: {:?}; {})",
                 self.engine.path().as_str(),
                 if self.engine.zero_copy() { "zero-copy splice" } else { "payload copied through user space" },
-                self.support.ciphers
+                self.support.ciphers,
+                if self.support.follows_key_updates {
+                    "follows TLS key updates"
+                } else {
+                    "this kernel cannot follow TLS key updates (Linux < 6.14): a stream whose peer runs \
+                     user-space TLS ends when that peer updates its keys, after 2^24 records \
+                     (docs/ktls.md, \"Key updates\")"
+                }
             ),
         }
     }
@@ -290,7 +298,9 @@ impl DataPath {
             return Ok(PreparedStream { inner: Prepared::Userspace(Box::new(tunnel)), path: PathKind::Userspace });
         }
         Ok(match ktls::offload(tunnel, &self.support)? {
-            Offload::Kernel(o) => PreparedStream { inner: Prepared::Kernel(o, self.engine), path: self.engine.path() },
+            Offload::Kernel(o) => {
+                PreparedStream { inner: Prepared::Kernel(Box::new(o), self.engine), path: self.engine.path() }
+            }
             Offload::Userspace { tls, reason } => {
                 if self.support.unavailable.is_none() {
                     tracing::debug!(%reason, "stream stays on user-space rustls");
@@ -311,7 +321,7 @@ pub struct PreparedStream {
 #[derive(Debug)]
 enum Prepared {
     Userspace(Box<Tunnel>),
-    Kernel(Offloaded, KtlsEngine),
+    Kernel(Box<Offloaded>, KtlsEngine),
 }
 
 impl PreparedStream {
@@ -336,7 +346,7 @@ impl PreparedStream {
         let end = match self.inner {
             Prepared::Userspace(tls) => userspace::run(*tls, plain, transfer, cancel).await,
             Prepared::Kernel(o, engine) => {
-                let pending = Pending { bytes: o.pending, peer_closed: o.peer_closed };
+                let pending = Pending { bytes: o.pending, peer_closed: o.peer_closed, key_schedule: o.key_schedule };
                 run_engine(engine, o.tcp, plain, pending, TunnelTls::Kernel, transfer, cancel).await
             }
         };
@@ -486,7 +496,7 @@ pub mod engines_without_tls {
         cancel: &CancellationToken,
     ) -> StreamEnd {
         let tls = if kernel_tls { TunnelTls::Kernel } else { TunnelTls::Plain };
-        let pending = Pending { bytes: pending, peer_closed: false };
+        let pending = Pending { bytes: pending, ..Pending::default() };
         run_engine(engine, tunnel, plain, pending, tls, transfer, cancel).await
     }
 }

@@ -57,12 +57,16 @@ pub(crate) struct TlsPair {
     pub server: Tunnel,
 }
 
-pub(crate) async fn tls_pair() -> TlsPair {
+/// A server and a client configuration for "tunnel.test" (self-signed), TLS 1.3 with
+/// `provider`'s suites and secret extraction on.
+pub(crate) fn tls_configs(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> (rustls::ServerConfig, rustls::ClientConfig) {
     let cert = rcgen::generate_simple_self_signed(vec!["tunnel.test".into()]).unwrap();
     let der = cert.cert.der().clone();
     let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
     let versions = &[&rustls::version::TLS13];
-    let mut server = rustls::ServerConfig::builder_with_provider(sluice_proto::tls::provider())
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
         .unwrap()
         .with_no_client_auth()
@@ -72,12 +76,17 @@ pub(crate) async fn tls_pair() -> TlsPair {
     server.enable_secret_extraction = true;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der).unwrap();
-    let mut client = rustls::ClientConfig::builder_with_provider(sluice_proto::tls::provider())
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
     client.enable_secret_extraction = true;
+    (server, client)
+}
+
+pub(crate) async fn tls_pair() -> TlsPair {
+    let (server, client) = tls_configs(sluice_proto::tls::provider());
     let (c, s) = tcp_pair().await;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));

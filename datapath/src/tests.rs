@@ -20,7 +20,7 @@ use super::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_engine_moves_bytes_and_propagates_half_close() {
     for &engine in KtlsEngine::ALL {
-        let pending = Pending { bytes: b"early".to_vec(), peer_closed: false };
+        let pending = Pending { bytes: b"early".to_vec(), ..Pending::default() };
         let EngineStream { mut client, mut far, transfer, run, .. } =
             EngineStream::start(engine, pending, TunnelTls::Plain).await;
         let request = pattern(3 << 20, 1);
@@ -170,7 +170,7 @@ async fn pending_close_notify_half_closes_at_once() {
     let (plain, mut client) = tcp_pair().await;
     let t = Transfer::default();
     let cancel = CancellationToken::new();
-    let pending = Pending { bytes: b"last words".to_vec(), peer_closed: true };
+    let pending = Pending { bytes: b"last words".to_vec(), peer_closed: true, ..Pending::default() };
     let pump = run_pump_with(tunnel, plain, pending, Mover::Splice, TunnelTls::Plain, &t, &cancel);
     let read = async {
         let (got, err) = read_until_end(&mut client).await;

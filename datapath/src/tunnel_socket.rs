@@ -13,10 +13,13 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::ktls::key_update::TrafficSecrets;
 
 /// TLS record header: content type (1), legacy version (2), length (2).
 const HEADER_LEN: usize = 5;
@@ -36,12 +39,27 @@ enum ReadState {
 pub struct TunnelSocket {
     tcp: TcpStream,
     state: ReadState,
+    /// The connection's traffic secrets, caught during its handshake, for following key
+    /// updates after a kernel-TLS offload (data connections only).
+    secrets: Option<Arc<TrafficSecrets>>,
 }
 
 impl TunnelSocket {
     /// Wraps a freshly connected socket (before the TLS handshake).
     pub fn new(tcp: TcpStream) -> Self {
-        TunnelSocket { tcp, state: ReadState::Header { header: [0; HEADER_LEN], have: 0 } }
+        TunnelSocket { tcp, state: ReadState::Header { header: [0; HEADER_LEN], have: 0 }, secrets: None }
+    }
+
+    /// Wraps a socket whose handshake will record its traffic secrets into `secrets` (the
+    /// `key_log` of this connection's TLS configuration): a kernel-TLS stream on it can
+    /// then follow the peer's key updates ([`crate::ktls::key_update`]).
+    pub fn with_traffic_secrets(tcp: TcpStream, secrets: Arc<TrafficSecrets>) -> Self {
+        TunnelSocket { secrets: Some(secrets), ..TunnelSocket::new(tcp) }
+    }
+
+    /// The secrets recorded by the handshake, if this connection records them.
+    pub fn traffic_secrets(&self) -> Option<&TrafficSecrets> {
+        self.secrets.as_deref()
     }
 
     /// The socket.

@@ -21,7 +21,7 @@
 //! control and data connections only with a client certificate issued by its CA
 //! ([`relay_agent_config`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{Resumption, WebPkiServerVerifier};
@@ -29,17 +29,61 @@ use rustls::crypto::{CryptoProvider, aws_lc_rs};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, DigitallySignedStruct, Error, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    CipherSuiteCommon, ClientConfig, DigitallySignedStruct, Error, RootCertStore, ServerConfig, SignatureScheme,
+    SupportedCipherSuite, Tls13CipherSuite,
+};
 
 use crate::identity::ca_pin;
 use crate::wire::{ALPN_CONTROL, ALPN_DATA, ALPN_ENROLL};
 
 /// The crypto provider: aws-lc-rs with TLS 1.3 suites, AES-128-GCM first.
+///
+/// With [`KEY_UPDATE_RECORDS_ENV`] set, the suites' confidentiality limits are lowered
+/// to its value (see there).
 pub fn provider() -> Arc<CryptoProvider> {
-    use aws_lc_rs::cipher_suite::*;
     let mut p = aws_lc_rs::default_provider();
-    p.cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256];
+    p.cipher_suites = suites().to_vec();
     Arc::new(p)
+}
+
+/// Testing knob: `SLUICE_TLS_KEY_UPDATE_RECORDS=N` makes this process's user-space TLS
+/// send a KeyUpdate (asking the peer for one back) after every N records it sends on one
+/// key, instead of at the cipher's confidentiality limit (2^24 records for AES-GCM:
+/// 256 GiB in full records). It lets the key-update path of kernel TLS
+/// (docs/ktls.md, "Key updates") be exercised with megabytes. Not for production.
+pub const KEY_UPDATE_RECORDS_ENV: &str = "SLUICE_TLS_KEY_UPDATE_RECORDS";
+
+/// The lowered record limit from [`KEY_UPDATE_RECORDS_ENV`], if set to a positive number.
+pub fn key_update_records() -> Option<u64> {
+    std::env::var(KEY_UPDATE_RECORDS_ENV).ok()?.trim().parse().ok().filter(|n| *n > 0)
+}
+
+/// The TLS 1.3 suites in preference order, with limits lowered by the testing knob
+/// (decided once per process: the suites must live for the whole run).
+fn suites() -> &'static [SupportedCipherSuite] {
+    use aws_lc_rs::cipher_suite::*;
+    static SUITES: OnceLock<Vec<SupportedCipherSuite>> = OnceLock::new();
+    SUITES.get_or_init(|| {
+        let stock = [TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256];
+        match key_update_records() {
+            None => stock.to_vec(),
+            Some(limit) => stock.iter().map(|s| with_record_limit(*s, limit)).collect(),
+        }
+    })
+}
+
+/// `suite` with its confidentiality limit lowered to `limit` records (never raised).
+fn with_record_limit(suite: SupportedCipherSuite, limit: u64) -> SupportedCipherSuite {
+    match suite {
+        SupportedCipherSuite::Tls13(s) => {
+            let common =
+                CipherSuiteCommon { confidentiality_limit: limit.min(s.common.confidentiality_limit), ..s.common };
+            // Leaked once per suite and process (see `suites`).
+            SupportedCipherSuite::Tls13(Box::leak(Box::new(Tls13CipherSuite { common, ..*s })))
+        }
+        other => other,
+    }
 }
 
 /// Parses every certificate in a PEM text.
@@ -203,4 +247,20 @@ impl ServerCertVerifier for PinnedCaVerifier {
 /// The host name a URL like `https://host:port` names, as a TLS server name.
 pub fn server_name_of(host: &str) -> Result<ServerName<'static>, Error> {
     ServerName::try_from(host.to_owned()).map_err(|_| Error::General(format!("{host:?} is not a valid host name")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_limit_is_lowered_never_raised() {
+        let stock = aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256;
+        let limit = |s: SupportedCipherSuite| s.tls13().unwrap().common.confidentiality_limit;
+        assert_eq!(limit(stock), 1 << 24);
+        let lowered = with_record_limit(stock, 256);
+        assert_eq!(limit(lowered), 256);
+        assert_eq!(lowered.suite(), stock.suite(), "same suite, only the limit differs");
+        assert_eq!(limit(with_record_limit(stock, u64::MAX)), 1 << 24);
+    }
 }

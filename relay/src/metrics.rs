@@ -15,6 +15,7 @@
 //! | `sluice_relay_stream_probes_total` | counter | `resource` (pings sent because an agent had not answered a stream's open within half the deadline) |
 //! | `sluice_relay_handshake_failures_total` | counter | |
 //! | `sluice_relay_data_handshakes_total` | counter | `kind` (`full`, `resumed`: a data connection resumed with a session ticket) |
+//! | `sluice_relay_tls_key_updates_total` | counter | `direction` (`received`: an agent's TLS KeyUpdate followed by a kernel-TLS stream; `sent`: the relay's answer) |
 //! | `sluice_relay_enrollments_total` | counter | `outcome` (`enrolled` or a rejection code) |
 //! | `sluice_relay_resource_port_blocked` | gauge | `resource` (1 while an agent is connected but the port cannot be bound) |
 //! | `sluice_relay_resource_port_bind_failures_total` | counter | `resource` |
@@ -97,6 +98,10 @@ fn describe() {
     describe_counter!(
         "sluice_relay_data_handshakes_total",
         "Data connection TLS handshakes, by kind (full, or resumed from a session ticket)."
+    );
+    describe_counter!(
+        "sluice_relay_tls_key_updates_total",
+        "TLS key updates followed by kernel-TLS streams: received from agents, sent in answer."
     );
     describe_counter!(
         "sluice_relay_enrollments_total",
@@ -215,6 +220,13 @@ pub fn stream_moved(resource: &str) {
 
 pub fn agent_sessions(resource: &str, delta: f64) {
     metrics::gauge!("sluice_relay_agent_sessions", "resource" => resource.to_owned()).increment(delta);
+}
+
+/// Copies the data path's key-update counts into their counters (before each scrape).
+pub fn key_updates() {
+    let (received, sent) = sluice_datapath::key_updates();
+    metrics::counter!("sluice_relay_tls_key_updates_total", "direction" => "received").absolute(received);
+    metrics::counter!("sluice_relay_tls_key_updates_total", "direction" => "sent").absolute(sent);
 }
 
 /// A data connection completed its TLS handshake, in full or resumed from a ticket.

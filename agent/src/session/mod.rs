@@ -158,7 +158,8 @@ async fn connect(
         (Ok(c), Ok(d)) => (c, d),
         (Err(e), _) | (_, Err(e)) => return Err(SessionEnd::Revoked(e)),
     };
-    let (mut tls, _) = pool::dial(&relay, &TlsConnector::from(control_cfg), None).await.map_err(SessionEnd::Lost)?;
+    let (mut tls, _) =
+        pool::dial(&relay, &TlsConnector::from(control_cfg), None, None).await.map_err(SessionEnd::Lost)?;
     let welcome = control::hello(&mut tls, crate::hostname(), capabilities).await?;
     Ok((tls, welcome, relay, data_cfg))
 }

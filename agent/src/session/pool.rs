@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
-use sluice_datapath::{self as datapath, DataPath, TunnelSocket};
+use sluice_datapath::{self as datapath, DataPath, TrafficSecrets, TunnelSocket};
 use sluice_proto::wire::{self, AgentMsg, DataHello, PROTOCOL_VERSION, StreamOpen, StreamStat};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
@@ -47,6 +47,7 @@ pub async fn dial(
     relay: &RelayTarget,
     connector: &TlsConnector,
     meter: Option<&Arc<Meter>>,
+    secrets: Option<Arc<TrafficSecrets>>,
 ) -> Result<(Tunnel, Option<Registration>), String> {
     let authority = &relay.authority;
     let (tcp, registration) = crate::egress::connect_relay_metered(authority, relay.proxy.as_ref(), meter)
@@ -56,7 +57,13 @@ pub async fn dial(
     datapath::tune_tunnel_socket(&tcp);
     let tls = tokio::time::timeout(
         RELAY_HANDSHAKE_TIMEOUT,
-        connector.connect(relay.server_name.clone(), TunnelSocket::new(tcp)),
+        connector.connect(
+            relay.server_name.clone(),
+            match secrets {
+                Some(s) => TunnelSocket::with_traffic_secrets(tcp, s),
+                None => TunnelSocket::new(tcp),
+            },
+        ),
     )
     .await
     .map_err(|_| format!("TLS handshake with the relay at {authority} timed out"))?
@@ -196,8 +203,15 @@ pub(super) fn spawn_data_conn(pool: &Arc<Pool>) {
 }
 
 async fn data_conn(pool: &Pool) -> Result<(Tunnel, Option<Registration>), String> {
-    let connector = pool.connector.lock().clone();
-    let (mut tls, registration) = dial(&pool.relay, &connector, Some(&pool.meter)).await?;
+    // A copy of the configuration per connection, whose `key_log` records this
+    // connection's traffic secrets: a kernel-TLS stream needs them to follow key updates.
+    let secrets = Arc::new(TrafficSecrets::default());
+    let connector = {
+        let mut config = (**pool.connector.lock().config()).clone();
+        config.key_log = secrets.clone();
+        TlsConnector::from(Arc::new(config))
+    };
+    let (mut tls, registration) = dial(&pool.relay, &connector, Some(&pool.meter), Some(secrets)).await?;
     let hello = DataHello { version: PROTOCOL_VERSION, session_id: pool.session_id.clone() };
     wire::write_frame(&mut tls, &hello).await.map_err(|e| format!("sending the data hello: {e}"))?;
     Ok((tls, registration))

@@ -168,6 +168,11 @@ impl Shared {
                         Received::CloseNotify => return sys::shutdown_write(pfd).map_err(plain_err),
                         Received::Ignore(_) => {}
                         Received::Fatal(why) => return Err((Side::Tunnel, io::Error::other(why))),
+                        // The benchmark engines do not follow key updates (the splice
+                        // engine of production builds does).
+                        Received::KeyUpdate { .. } => {
+                            return Err((Side::Tunnel, io::Error::other("KeyUpdate: not followed by this engine")));
+                        }
                     }
                 }
                 Err(e) => return Err((Side::Tunnel, e)),

@@ -9,6 +9,7 @@
 //!   [`super::TunnelSocket`]), drains plaintext rustls already decrypted, extracts the
 //!   keys and sequence numbers and installs them with `setsockopt(SOL_TLS, TLS_TX/RX)`.
 //!   If the kernel refuses before the keys left rustls, the stream stays on rustls.
+//! - [`key_update`] follows the peer's TLS key updates after offload (Linux ≥ 6.14);
 //! - [`records`] decides what non-data records mean; [`sys`] wraps the system calls;
 //!   [`pump`] runs the readiness-driven engines (splice, and with `bench-engines`
 //!   read/write copy) on tokio; `blocking` (`bench-engines` only) runs the
@@ -16,6 +17,7 @@
 
 #[cfg(feature = "bench-engines")]
 pub(crate) mod blocking;
+pub mod key_update;
 pub(crate) mod pump;
 pub mod records;
 pub(crate) mod sys;
@@ -28,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsStream;
 
 use super::TunnelSocket;
+use key_update::KeySchedule;
 
 /// The TLS 1.3 cipher suites the kernel may take over, in the relay's preference order.
 pub const OFFLOADABLE: [CipherSuite; 3] = [
@@ -43,6 +46,9 @@ pub struct KtlsSupport {
     pub ciphers: Vec<CipherSuite>,
     /// Why kernel TLS cannot be used at all, if so.
     pub unavailable: Option<String>,
+    /// The kernel takes a second key on a running connection (Linux ≥ 6.14), so streams
+    /// follow the peer's TLS key updates ([`key_update`]).
+    pub follows_key_updates: bool,
 }
 
 impl KtlsSupport {
@@ -50,17 +56,23 @@ impl KtlsSupport {
     /// installs zero keys for both directions. Takes about a millisecond; sends nothing.
     pub fn probe() -> KtlsSupport {
         match probe_ciphers() {
-            Ok(ciphers) if ciphers.is_empty() => {
-                KtlsSupport { ciphers, unavailable: Some("the kernel refused every TLS 1.3 cipher for offload".into()) }
-            }
-            Ok(ciphers) => KtlsSupport { ciphers, unavailable: None },
-            Err(e) => KtlsSupport { ciphers: Vec::new(), unavailable: Some(explain_ulp_error(&e)) },
+            Ok((ciphers, _)) if ciphers.is_empty() => KtlsSupport {
+                ciphers,
+                unavailable: Some("the kernel refused every TLS 1.3 cipher for offload".into()),
+                follows_key_updates: false,
+            },
+            Ok((ciphers, follows_key_updates)) => KtlsSupport { ciphers, unavailable: None, follows_key_updates },
+            Err(e) => KtlsSupport {
+                ciphers: Vec::new(),
+                unavailable: Some(explain_ulp_error(&e)),
+                follows_key_updates: false,
+            },
         }
     }
 
     /// Support that the tests can dictate.
     pub fn with(ciphers: Vec<CipherSuite>, unavailable: Option<String>) -> KtlsSupport {
-        KtlsSupport { ciphers, unavailable }
+        KtlsSupport { ciphers, unavailable, follows_key_updates: false }
     }
 
     /// True if streams negotiating `suite` can be offloaded.
@@ -82,10 +94,14 @@ pub fn explain_ulp_error(e: &io::Error) -> String {
     }
 }
 
-fn probe_ciphers() -> io::Result<Vec<CipherSuite>> {
+/// The suites the kernel takes in both directions, and whether it takes a second send
+/// key on a running connection (what following key updates needs: Linux ≥ 6.14; older
+/// kernels answer `EBUSY`).
+fn probe_ciphers() -> io::Result<(Vec<CipherSuite>, bool)> {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     let addr = listener.local_addr()?;
     let mut ok = Vec::new();
+    let mut rekey = false;
     for suite in OFFLOADABLE {
         let client = std::net::TcpStream::connect(addr)?;
         let (_server, _) = listener.accept()?;
@@ -93,10 +109,11 @@ fn probe_ciphers() -> io::Result<Vec<CipherSuite>> {
         let info = CryptoInfo::zeroed(suite).expect("every offloadable suite has a crypto_info");
         let fd = client.as_raw_fd();
         if sys::set_crypto(fd, libc::TLS_TX, &info).is_ok() && sys::set_crypto(fd, libc::TLS_RX, &info).is_ok() {
+            rekey |= ok.is_empty() && sys::set_crypto(fd, libc::TLS_TX, &info).is_ok();
             ok.push(suite);
         }
     }
-    Ok(ok)
+    Ok((ok, rekey))
 }
 
 /// The key material of one direction in the kernel's `tls12_crypto_info_*` layout.
@@ -195,6 +212,8 @@ pub struct Offloaded {
     pub pending: Vec<u8>,
     /// rustls had already seen the peer's close_notify.
     pub peer_closed: bool,
+    /// The traffic secrets after the ones installed, or why this connection has none.
+    pub key_schedule: Result<KeySchedule, String>,
 }
 
 /// The outcome of [`offload`].
@@ -214,10 +233,11 @@ pub enum Offload {
 pub fn offload(tls: TlsStream<TunnelSocket>, support: &KtlsSupport) -> io::Result<Offload> {
     let keep = |tls, reason: String| Ok(Offload::Userspace { tls: Box::new(tls), reason });
     let (sock, state) = tls.get_ref();
-    let suite = match state.negotiated_cipher_suite() {
-        Some(s) => s.suite(),
+    let (suite, tls13) = match state.negotiated_cipher_suite() {
+        Some(s) => (s.suite(), s.tls13()),
         None => return keep(tls, "no negotiated cipher suite".into()),
     };
+    let is_client = matches!(tls, TlsStream::Client(_));
     if let Some(why) = &support.unavailable {
         return keep(tls, why.clone());
     }
@@ -247,6 +267,11 @@ pub fn offload(tls: TlsStream<TunnelSocket>, support: &KtlsSupport) -> io::Resul
     let secrets = conn
         .dangerous_extract_secrets()
         .map_err(|e| io::Error::other(format!("cannot extract TLS secrets for kernel TLS: {e}")))?;
+    let key_schedule = match (tls13, sock.traffic_secrets()) {
+        (Some(tls13), Some(captured)) => KeySchedule::new(tls13, is_client, captured, &secrets.tx.1, &secrets.rx.1),
+        (None, _) => Err("not TLS 1.3".into()),
+        (_, None) => Err("its traffic secrets were not recorded".into()),
+    };
     let unsupported = || io::Error::other(format!("no kernel crypto_info for {suite:?}"));
     let tx = CryptoInfo::from_rustls(secrets.tx.0, &secrets.tx.1).ok_or_else(unsupported)?;
     let rx = CryptoInfo::from_rustls(secrets.rx.0, &secrets.rx.1).ok_or_else(unsupported)?;
@@ -261,7 +286,7 @@ pub fn offload(tls: TlsStream<TunnelSocket>, support: &KtlsSupport) -> io::Resul
         super::reset_fd(fd);
         return Err(e);
     }
-    Ok(Offload::Kernel(Offloaded { tcp: sock.into_tcp(), pending, peer_closed }))
+    Ok(Offload::Kernel(Offloaded { tcp: sock.into_tcp(), pending, peer_closed, key_schedule }))
 }
 
 /// Takes the plaintext rustls decrypted but nobody read yet; reports a close_notify

@@ -27,6 +27,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use super::key_update::{self, KeySchedule, Rekeying};
 use super::records::{self, Received};
 use super::sys;
 #[cfg(feature = "bench-engines")]
@@ -50,11 +51,23 @@ pub(crate) enum TunnelTls {
     Plain,
 }
 
-/// Plaintext rustls decrypted before offload, and whether it had seen close_notify.
-#[derive(Debug, Default)]
+/// What an offload hands to the engine: plaintext rustls decrypted before offload,
+/// whether it had seen close_notify, and the key schedule for following key updates.
+#[derive(Debug)]
 pub(crate) struct Pending {
     pub bytes: Vec<u8>,
     pub peer_closed: bool,
+    pub key_schedule: Result<KeySchedule, String>,
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Pending {
+            bytes: Vec::new(),
+            peer_closed: false,
+            key_schedule: Err("no traffic secrets were handed over".into()),
+        }
+    }
 }
 
 type Failure = (Side, io::Error);
@@ -94,9 +107,29 @@ pub(crate) async fn run(
     tls: TunnelTls,
     transfer: &Transfer,
 ) -> Result<(), Failure> {
-    let up = up(plain, tunnel, mover, tls, transfer);
-    let down = down(tunnel, plain, pending, mover, tls, &transfer.tunnel_to_plain, &transfer.copied);
+    let Pending { bytes, peer_closed, key_schedule } = pending;
+    let rekeying = Rekeying::new(key_schedule);
+    let up = up(plain, tunnel, mover, tls, transfer, &rekeying);
+    let down = down(tunnel, plain, (bytes, peer_closed), mover, tls, transfer, &rekeying);
     tokio::try_join!(up, down).map(|_| ())
+}
+
+/// Sends the KeyUpdate this end owes the peer, if any, then switches to the next send
+/// key: called before each write of application data to the tunnel (RFC 8446 §4.6.3:
+/// the answer goes out before the next application data record).
+async fn answer_key_update(tunnel: &TcpStream, rekeying: &Rekeying) -> io::Result<()> {
+    if !rekeying.take_owed() {
+        return Ok(());
+    }
+    let fd = tunnel.as_raw_fd();
+    let msg = &key_update::KEY_UPDATE_NOT_REQUESTED;
+    let n = when_ready(tunnel, Interest::WRITABLE, || sys::send_record(fd, records::HANDSHAKE, msg, true)).await?;
+    if n != msg.len() {
+        return Err(io::Error::other(format!("kernel TLS took {n} of the KeyUpdate's {} bytes", msg.len())));
+    }
+    rekeying.next_send_key(fd)?;
+    debug!("answered the peer's TLS key update; sending under the next key");
+    Ok(())
 }
 
 /// Retries `f` whenever the socket is not ready, waiting for readiness in between.
@@ -158,6 +191,7 @@ async fn up(
     mover: Mover,
     tls: TunnelTls,
     transfer: &Transfer,
+    rekeying: &Rekeying,
 ) -> Result<(), Failure> {
     let pfd = plain.as_raw_fd();
     let counter = &transfer.plain_to_tunnel;
@@ -175,6 +209,7 @@ async fn up(
                 if n == 0 {
                     return finish_tunnel(tunnel, tls).await.map_err(tunnel_err);
                 }
+                answer_key_update(tunnel, rekeying).await.map_err(tunnel_err)?;
                 drain_pipe(&pipe, tunnel, n, counter, &mut turn).await.map_err(tunnel_err)?;
             }
         }
@@ -188,6 +223,7 @@ async fn up(
                 if n == 0 {
                     return finish_tunnel(tunnel, tls).await.map_err(tunnel_err);
                 }
+                answer_key_update(tunnel, rekeying).await.map_err(tunnel_err)?;
                 write_all(tunnel, &buf[..n], &mut turn).await.map_err(tunnel_err)?;
                 counter.fetch_add(n as u64, Ordering::Relaxed);
                 transfer.copied.fetch_add(n as u64, Ordering::Relaxed);
@@ -202,14 +238,17 @@ enum Next {
     Done,
 }
 
-/// Acts on one record read with `recvmsg`: payload goes to `plain`.
+/// Acts on one record read with `recvmsg` from `tunnel`: payload goes to `plain`.
+#[allow(clippy::too_many_arguments)]
 async fn on_record(
     record_type: u8,
     data: &[u8],
+    tunnel: &TcpStream,
     plain: &TcpStream,
     counter: &AtomicU64,
     copied: &AtomicU64,
     turn: &mut Turn,
+    rekeying: &Rekeying,
 ) -> Result<Next, Failure> {
     match records::classify(record_type, data) {
         Received::Data => {
@@ -224,6 +263,11 @@ async fn on_record(
         }
         Received::Ignore(what) => {
             debug!(what, "ignoring a TLS record after kernel offload");
+            Ok(Next::Continue)
+        }
+        Received::KeyUpdate { update_requested } => {
+            rekeying.follow(tunnel.as_raw_fd(), update_requested).map_err(|e| (Side::Tunnel, e))?;
+            debug!(update_requested, "followed the peer's TLS key update");
             Ok(Next::Continue)
         }
         Received::Fatal(why) => Err((Side::Tunnel, io::Error::other(why))),
@@ -249,20 +293,21 @@ pub(crate) fn truncated() -> io::Error {
 async fn down(
     tunnel: &TcpStream,
     plain: &TcpStream,
-    pending: Pending,
+    (pending, peer_closed): (Vec<u8>, bool),
     mover: Mover,
     tls: TunnelTls,
-    counter: &AtomicU64,
-    copied: &AtomicU64,
+    transfer: &Transfer,
+    rekeying: &Rekeying,
 ) -> Result<(), Failure> {
+    let (counter, copied) = (&transfer.tunnel_to_plain, &transfer.copied);
     let tfd = tunnel.as_raw_fd();
     let mut turn = Turn::new();
-    if !pending.bytes.is_empty() {
-        write_all(plain, &pending.bytes, &mut turn).await.map_err(|e| (Side::Plain, e))?;
-        counter.fetch_add(pending.bytes.len() as u64, Ordering::Relaxed);
-        copied.fetch_add(pending.bytes.len() as u64, Ordering::Relaxed);
+    if !pending.is_empty() {
+        write_all(plain, &pending, &mut turn).await.map_err(|e| (Side::Plain, e))?;
+        counter.fetch_add(pending.len() as u64, Ordering::Relaxed);
+        copied.fetch_add(pending.len() as u64, Ordering::Relaxed);
     }
-    if pending.peer_closed {
+    if peer_closed {
         return sys::shutdown_write(plain.as_raw_fd()).map_err(|e| (Side::Plain, e));
     }
     match mover {
@@ -286,7 +331,9 @@ async fn down(
                         if n == 0 {
                             return tunnel_eof(plain, tls);
                         }
-                        if let Next::Done = on_record(ty, &record[..n], plain, counter, copied, &mut turn).await? {
+                        if let Next::Done =
+                            on_record(ty, &record[..n], tunnel, plain, counter, copied, &mut turn, rekeying).await?
+                        {
                             return Ok(());
                         }
                     }
@@ -304,7 +351,9 @@ async fn down(
                 if n == 0 {
                     return tunnel_eof(plain, tls);
                 }
-                if let Next::Done = on_record(ty, &buf[..n], plain, counter, copied, &mut turn).await? {
+                if let Next::Done =
+                    on_record(ty, &buf[..n], tunnel, plain, counter, copied, &mut turn, rekeying).await?
+                {
                     return Ok(());
                 }
             }

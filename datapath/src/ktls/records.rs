@@ -29,6 +29,9 @@ pub enum Received {
     CloseNotify,
     /// Harmless; read on.
     Ignore(&'static str),
+    /// The peer moved to its next send key (RFC 8446 §4.6.3): install the next receive
+    /// key before reading on; if it asks, answer before the next data this end sends.
+    KeyUpdate { update_requested: bool },
     /// The stream cannot continue: abort it, with this reason.
     Fatal(String),
 }
@@ -49,11 +52,13 @@ pub fn classify(record_type: u8, payload: &[u8]) -> Received {
         HANDSHAKE => match payload.first() {
             // A ticket that arrives after offload is only a spare for resumption: drop it.
             Some(&HANDSHAKE_NEW_SESSION_TICKET) => Received::Ignore("session ticket"),
-            Some(&HANDSHAKE_KEY_UPDATE) => Received::Fatal(
-                "the peer updated its TLS keys (KeyUpdate), which kernel TLS cannot follow on this kernel; \
-                 run that end with SLUICE_DATA_PATH=userspace if this repeats"
-                    .into(),
-            ),
+            Some(&HANDSHAKE_KEY_UPDATE) => match payload {
+                [_, 0, 0, 1, 0] => Received::KeyUpdate { update_requested: false },
+                [_, 0, 0, 1, 1] => Received::KeyUpdate { update_requested: true },
+                // One message per record (rustls sends it so); anything else is refused
+                // rather than half understood.
+                _ => Received::Fatal(format!("malformed TLS KeyUpdate record ({} bytes)", payload.len())),
+            },
             Some(t) => Received::Fatal(format!("unexpected TLS handshake message {t} after the handshake")),
             None => Received::Fatal("empty TLS handshake record".into()),
         },
@@ -87,9 +92,13 @@ mod tests {
     #[test]
     fn handshake_messages_after_offload() {
         assert_eq!(classify(HANDSHAKE, &[4, 0, 0, 1, 0]), Received::Ignore("session ticket"));
-        match classify(HANDSHAKE, &[24, 0, 0, 1, 0]) {
-            Received::Fatal(why) => assert!(why.contains("KeyUpdate"), "{why}"),
-            r => panic!("{r:?}"),
+        assert_eq!(classify(HANDSHAKE, &[24, 0, 0, 1, 0]), Received::KeyUpdate { update_requested: false });
+        assert_eq!(classify(HANDSHAKE, &[24, 0, 0, 1, 1]), Received::KeyUpdate { update_requested: true });
+        for bad in [&[24, 0, 0, 1, 2][..], &[24, 0, 0, 1], &[24, 0, 0, 2, 0, 0], &[24, 0, 0, 1, 0, 4, 0, 0, 0]] {
+            match classify(HANDSHAKE, bad) {
+                Received::Fatal(why) => assert!(why.contains("KeyUpdate"), "{why}"),
+                r => panic!("{bad:?}: {r:?}"),
+            }
         }
         assert!(matches!(classify(HANDSHAKE, &[]), Received::Fatal(_)));
         assert!(matches!(classify(HANDSHAKE, &[1]), Received::Fatal(_)));

@@ -703,6 +703,7 @@ async fn rotate_admin_token(
 
 async fn metrics(State(r): State<Arc<Relay>>) -> impl IntoResponse {
     r.streams.sample_rates();
+    crate::metrics::key_updates();
     let mut text = r.metrics.render();
     match r.store.resources() {
         Ok(resources) => text.push_str(&crate::metrics::resource_info(&resources)),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rustls::ServerConfig;
 use rustls::server::Acceptor;
-use sluice_datapath::TunnelSocket;
+use sluice_datapath::{TrafficSecrets, TunnelSocket};
 use sluice_proto::heartbeat::Heartbeat;
 use sluice_proto::identity::{AgentIdentity, printable, unix_now};
 use sluice_proto::wire::{
@@ -110,9 +110,22 @@ async fn handshake(
     enroll_cfg: Arc<ServerConfig>,
     agent_cfg: Arc<ServerConfig>,
 ) -> std::io::Result<TlsStream<TunnelSocket>> {
-    let start = LazyConfigAcceptor::new(Acceptor::default(), TunnelSocket::new(tcp)).await?;
-    let wants_enroll = start.client_hello().alpn().is_some_and(|mut protos| protos.any(|p| p == ALPN_ENROLL));
-    start.into_stream(if wants_enroll { enroll_cfg } else { agent_cfg }).await
+    // Every connection records its traffic secrets; only a data connection's
+    // configuration hands them over (`key_log`), for kernel TLS to follow key updates.
+    let secrets = Arc::new(TrafficSecrets::default());
+    let start =
+        LazyConfigAcceptor::new(Acceptor::default(), TunnelSocket::with_traffic_secrets(tcp, secrets.clone())).await?;
+    let offers = |alpn: &[u8]| start.client_hello().alpn().is_some_and(|mut protos| protos.any(|p| p == alpn));
+    let config = if offers(ALPN_ENROLL) {
+        enroll_cfg
+    } else if offers(ALPN_DATA) {
+        let mut config = (*agent_cfg).clone();
+        config.key_log = secrets;
+        Arc::new(config)
+    } else {
+        agent_cfg
+    };
+    start.into_stream(config).await
 }
 
 async fn dispatch(relay: Arc<Relay>, tls: TlsStream<TunnelSocket>, peer: SocketAddr) {
