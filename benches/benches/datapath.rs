@@ -98,8 +98,10 @@ fn rustls_path(c: &mut Criterion) {
                 let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg.clone());
                 let (ca, sa) =
                     tokio::join!(connector.connect(name, TunnelSocket::new(a)), acceptor.accept(TunnelSocket::new(b2)));
-                let (near, far) =
-                    (path.prepare(ca.unwrap().into()).unwrap(), path.prepare(sa.unwrap().into()).unwrap());
+                let (near, far) = (
+                    path.prepare(ca.unwrap().into(), false).unwrap(),
+                    path.prepare(sa.unwrap().into(), false).unwrap(),
+                );
                 let (client, plain_near) = tcp_pair().await;
                 let (plain_far, service) = tcp_pair().await;
                 let (t1, t2, cancel) = (Transfer::default(), Transfer::default(), CancellationToken::new());

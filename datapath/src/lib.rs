@@ -259,6 +259,15 @@ impl DataPath {
         DataPath { mode, engine, support }
     }
 
+    /// True when this end's streams follow a peer's TLS key update: on user-space TLS
+    /// always, on kernel TLS where the kernel takes new keys (what [`Capabilities`]
+    /// announces as `key_updates`).
+    ///
+    /// [`Capabilities`]: sluice_proto::wire::Capabilities
+    pub fn follows_key_updates(&self) -> bool {
+        !self.kernel_tls() || self.support.follows_key_updates
+    }
+
     /// True when streams will be offered to the kernel.
     pub fn kernel_tls(&self) -> bool {
         self.mode == DataPathMode::Auto && self.support.unavailable.is_none()
@@ -291,14 +300,19 @@ impl DataPath {
     }
 
     /// Chooses the path of one stream whose control frames are done, handing the
-    /// connection's TLS to the kernel when possible. An error means the keys had left
-    /// rustls when the kernel refused them: the tunnel connection was reset.
-    pub fn prepare(&self, tunnel: Tunnel) -> io::Result<PreparedStream> {
+    /// connection's TLS to the kernel when possible. `peer_follows_key_updates`: the
+    /// other end announced `key_updates`, so a kernel-TLS send direction may update its
+    /// key ([`ktls::key_update`]). An error means the keys had left rustls when the
+    /// kernel refused them: the tunnel connection was reset.
+    pub fn prepare(&self, tunnel: Tunnel, peer_follows_key_updates: bool) -> io::Result<PreparedStream> {
         if self.mode == DataPathMode::Userspace {
             return Ok(PreparedStream { inner: Prepared::Userspace(Box::new(tunnel)), path: PathKind::Userspace });
         }
         Ok(match ktls::offload(tunnel, &self.support)? {
-            Offload::Kernel(o) => {
+            Offload::Kernel(mut o) => {
+                if self.support.follows_key_updates && peer_follows_key_updates {
+                    o.send_records_per_key = Some(ktls::key_update::send_records_per_key());
+                }
                 PreparedStream { inner: Prepared::Kernel(Box::new(o), self.engine), path: self.engine.path() }
             }
             Offload::Userspace { tls, reason } => {
@@ -346,7 +360,12 @@ impl PreparedStream {
         let end = match self.inner {
             Prepared::Userspace(tls) => userspace::run(*tls, plain, transfer, cancel).await,
             Prepared::Kernel(o, engine) => {
-                let pending = Pending { bytes: o.pending, peer_closed: o.peer_closed, key_schedule: o.key_schedule };
+                let pending = Pending {
+                    bytes: o.pending,
+                    peer_closed: o.peer_closed,
+                    key_schedule: o.key_schedule,
+                    send_records_per_key: o.send_records_per_key,
+                };
                 run_engine(engine, o.tcp, plain, pending, TunnelTls::Kernel, transfer, cancel).await
             }
         };

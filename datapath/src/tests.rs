@@ -193,7 +193,7 @@ fn kernel_claims_everything() -> KtlsSupport {
 async fn forced_userspace_never_touches_the_kernel() {
     let pair = tls_pair().await;
     let path = DataPath::with_support(DataPathMode::Userspace, KtlsEngine::Splice, kernel_claims_everything());
-    let p = path.prepare(pair.client).unwrap();
+    let p = path.prepare(pair.client, false).unwrap();
     assert_eq!(p.path(), PathKind::Userspace);
     assert!(path.describe().contains("forced"));
 }
@@ -230,8 +230,8 @@ async fn a_kernel_without_tls_keeps_the_stream_on_rustls_and_it_still_works() {
     }
     let path = DataPath::with_support(DataPathMode::Auto, KtlsEngine::Splice, support);
     assert!(path.describe().starts_with("user-space rustls: "), "{}", path.describe());
-    let a = path.prepare(pair.client).unwrap();
-    let b = path.prepare(pair.server).unwrap();
+    let a = path.prepare(pair.client, false).unwrap();
+    let b = path.prepare(pair.server, false).unwrap();
     assert_eq!((a.path(), b.path()), (PathKind::Userspace, PathKind::Userspace));
     through_prepared(a, b).await;
 }
@@ -246,8 +246,8 @@ async fn a_refused_ulp_falls_back_per_connection() {
         return; // a kernel with TLS would accept the ULP; the VM test covers that case
     }
     let path = DataPath::with_support(DataPathMode::Auto, KtlsEngine::Splice, kernel_claims_everything());
-    let a = path.prepare(pair.client).unwrap();
-    let b = path.prepare(pair.server).unwrap();
+    let a = path.prepare(pair.client, false).unwrap();
+    let b = path.prepare(pair.server, false).unwrap();
     assert_eq!((a.path(), b.path()), (PathKind::Userspace, PathKind::Userspace));
     through_prepared(a, b).await;
 }
@@ -258,7 +258,7 @@ async fn an_unoffloadable_cipher_stays_on_rustls() {
     let only_256 = KtlsSupport::with(vec![CipherSuite::TLS13_AES_256_GCM_SHA384], None);
     let path = DataPath::with_support(DataPathMode::Auto, KtlsEngine::Splice, only_256);
     // The pair negotiates AES-128-GCM (our preference), which this "kernel" refuses.
-    assert_eq!(path.prepare(pair.client).unwrap().path(), PathKind::Userspace);
+    assert_eq!(path.prepare(pair.client, false).unwrap().path(), PathKind::Userspace);
 }
 
 /// Runs a stream through two prepared tunnel ends and checks bytes both ways.

@@ -52,7 +52,7 @@ fn main() {
         version: PROTOCOL_VERSION,
         agent_version: "0.1.0".into(),
         hostname: "db-host-1".into(),
-        capabilities: Capabilities { ktls: true, ebpf: true, renew: true, service_status: true },
+        capabilities: Capabilities { ktls: true, ebpf: true, renew: true, service_status: true, ..Default::default() },
     };
     let agent_msgs = vec![
         ("hello", hello),

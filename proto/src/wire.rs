@@ -253,6 +253,12 @@ pub struct Capabilities {
     /// sends `Relays` only to agents that announced this.
     #[serde(default)]
     pub relays: bool,
+    /// This end's data connections follow the peer's TLS 1.3 KeyUpdate: always on the
+    /// user-space path, on kernel TLS where the kernel takes new keys (Linux ≥ 6.14). A
+    /// kernel-TLS sender updates its own key only toward a peer that announced this
+    /// (docs/ktls.md, "Key updates").
+    #[serde(default)]
+    pub key_updates: bool,
 }
 
 /// One active relay of the cluster, as agents learn it: they keep a control session

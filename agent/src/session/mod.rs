@@ -102,6 +102,7 @@ pub async fn run(
         renew: true,
         service_status: true,
         relays: true,
+        key_updates: data_path.follows_key_updates(),
     };
     let (tls, welcome, relay, data_cfg) = match connect(relay_url, &id, capabilities, cfg.proxy()).await {
         Ok(c) => c,
@@ -119,6 +120,7 @@ pub async fn run(
         connector: Mutex::new(TlsConnector::from(data_cfg)),
         service: service.clone(),
         data_path: data_path.clone(),
+        relay_follows_key_updates: welcome.relay.key_updates,
         session_id: welcome.session_id.clone(),
         target: Mutex::new(demand::PoolTarget::new(welcome.pool_size, std::time::Instant::now())),
         idle: AtomicU32::new(0),

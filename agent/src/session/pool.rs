@@ -83,6 +83,8 @@ pub(super) struct Pool {
     pub(super) service: Arc<ServiceHealth>,
     /// How streams move bytes.
     pub(super) data_path: Arc<DataPath>,
+    /// The relay announced that its data connections follow TLS key updates.
+    pub(super) relay_follows_key_updates: bool,
     pub(super) session_id: sluice_proto::identity::SessionId,
     /// How many warm connections to keep (grows while the relay's pool runs dry).
     pub(super) target: Mutex<PoolTarget>,

@@ -132,7 +132,7 @@ pub(super) async fn serve(pool: &Arc<Pool>, mut tls: Tunnel, tunnel_reg: Option<
     if let Err(e) = replied {
         return debug!(error = %e, "the relay went away before the stream started");
     }
-    let prepared = match pool.data_path.prepare(TlsStream::Client(tls)) {
+    let prepared = match pool.data_path.prepare(TlsStream::Client(tls), pool.relay_follows_key_updates) {
         Ok(p) => p,
         Err(e) => {
             crate::metrics::stream_failed("ktls");

@@ -15,7 +15,10 @@
 //!   reads on ([`Rekeying::follow`]); if the peer asked for an update, an answer is owed.
 //! - The owed answer goes out before this end's next application data record (§4.6.3):
 //!   a KeyUpdate record under the old key, then the next send key
-//!   ([`Rekeying::take_owed`], [`Rekeying::next_send_key`]).
+//!   ([`Rekeying::take_send_key_update`], [`Rekeying::next_send_key`]).
+//! - A kernel-TLS sender updates its own key after [`SEND_RECORDS_PER_KEY`] records
+//!   when its kernel takes new keys and the peer announced that it follows key updates
+//!   (`Capabilities::key_updates`); otherwise it keeps its key, as the kernel does.
 //! - A kernel older than 6.14 refuses the second key: the stream is aborted with that
 //!   reason (no byte is delivered under a wrong key: the kernel would fail to decrypt).
 
@@ -188,17 +191,40 @@ fn expand_label<T>(label: &[u8], len: usize, f: impl FnOnce(&[&[u8]]) -> T) -> T
     f(&[&out_len, &label_len, PREFIX, label, &[0]])
 }
 
+/// Records a kernel-TLS send direction puts under one key before it moves to the next,
+/// when the kernel and the peer both follow key updates: half of rustls's AES-GCM limit
+/// (2^24), since the count is a lower bound (one record per 16 KiB of each write). The
+/// testing knob `SLUICE_TLS_KEY_UPDATE_RECORDS` lowers it, as it lowers rustls's.
+pub const SEND_RECORDS_PER_KEY: u64 = 1 << 23;
+
+/// [`SEND_RECORDS_PER_KEY`], or the testing knob's value.
+pub fn send_records_per_key() -> u64 {
+    sluice_proto::tls::key_update_records().unwrap_or(SEND_RECORDS_PER_KEY).min(SEND_RECORDS_PER_KEY)
+}
+
 /// A stream's key-update state, shared by its two directions.
 #[derive(Debug)]
 pub(crate) struct Rekeying {
     /// `Err`: why this connection cannot follow a key update.
     schedule: Mutex<Result<KeySchedule, String>>,
+    /// The peer asked for an update this end has not sent yet.
     owed: AtomicBool,
+    /// Records sent under the current send key (counted by the send direction only).
+    sent: AtomicU64,
+    /// Move to the next send key after this many records; `None`: never (the kernel or
+    /// the peer cannot follow).
+    per_key: Option<u64>,
 }
 
 impl Rekeying {
-    pub(crate) fn new(schedule: Result<KeySchedule, String>) -> Rekeying {
-        Rekeying { schedule: Mutex::new(schedule), owed: AtomicBool::new(false) }
+    pub(crate) fn new(schedule: Result<KeySchedule, String>, per_key: Option<u64>) -> Rekeying {
+        let per_key = per_key.filter(|_| schedule.is_ok());
+        Rekeying { schedule: Mutex::new(schedule), owed: AtomicBool::new(false), sent: AtomicU64::new(0), per_key }
+    }
+
+    /// Counts records the send direction wrote under the current key.
+    pub(crate) fn sent_records(&self, n: u64) {
+        self.sent.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Follows the peer's KeyUpdate on the receive side of `fd`: installs the next
@@ -228,11 +254,18 @@ impl Rekeying {
         Ok(())
     }
 
-    /// True once per answer owed to the peer: the caller sends
-    /// [`KEY_UPDATE_NOT_REQUESTED`] under the current key, then installs
-    /// [`Self::next_send_key`], before any more application data.
-    pub(crate) fn take_owed(&self) -> bool {
-        self.owed.load(Ordering::Acquire) && self.owed.swap(false, Ordering::AcqRel)
+    /// True when the send direction must update its key before its next application
+    /// data: an answer is owed to the peer, or the current key's record budget is spent
+    /// (both are cleared: a request that arrives later is answered by a later update).
+    /// The caller sends [`KEY_UPDATE_NOT_REQUESTED`] under the current key, then
+    /// installs [`Self::next_send_key`].
+    pub(crate) fn take_send_key_update(&self) -> bool {
+        let owed = self.owed.load(Ordering::Acquire) && self.owed.swap(false, Ordering::AcqRel);
+        let spent = self.per_key.is_some_and(|n| self.sent.load(Ordering::Relaxed) >= n);
+        if spent {
+            self.sent.store(0, Ordering::Relaxed);
+        }
+        owed || spent
     }
 
     /// Installs the next send key on `fd` after this end's KeyUpdate went out.
@@ -369,6 +402,39 @@ mod tests {
             assert!(KeySchedule::new(tls13, false, &server_secrets, &keys.tx.1, &keys.rx.1).is_ok());
             assert!(KeySchedule::new(tls13, true, &server_secrets, &keys.tx.1, &keys.rx.1).is_err(), "sides swapped");
         }
+    }
+
+    fn schedule() -> KeySchedule {
+        let suite = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256.tls13().unwrap();
+        KeySchedule { suite, send: OkmBlock::new(&[1; 32]), receive: OkmBlock::new(&[2; 32]) }
+    }
+
+    #[test]
+    fn the_send_key_moves_on_when_its_budget_is_spent_or_an_answer_is_owed() {
+        let r = Rekeying::new(Ok(schedule()), Some(10));
+        assert!(!r.take_send_key_update());
+        r.sent_records(9);
+        assert!(!r.take_send_key_update());
+        r.sent_records(1);
+        assert!(r.take_send_key_update(), "10 of 10 records");
+        assert!(!r.take_send_key_update(), "the count starts again");
+        r.owed.store(true, Ordering::Release);
+        assert!(r.take_send_key_update(), "an owed answer");
+        assert!(!r.take_send_key_update(), "answered once");
+
+        // No budget (peer or kernel cannot follow), or no schedule: only owed answers.
+        let r = Rekeying::new(Ok(schedule()), None);
+        r.sent_records(u64::MAX / 2);
+        assert!(!r.take_send_key_update());
+        let r = Rekeying::new(Err("none".into()), Some(1));
+        r.sent_records(5);
+        assert!(!r.take_send_key_update());
+    }
+
+    #[test]
+    fn the_knob_only_lowers_the_send_budget() {
+        assert_eq!(SEND_RECORDS_PER_KEY, 1 << 23);
+        assert!(send_records_per_key() <= SEND_RECORDS_PER_KEY);
     }
 
     #[test]

@@ -214,6 +214,9 @@ pub struct Offloaded {
     pub peer_closed: bool,
     /// The traffic secrets after the ones installed, or why this connection has none.
     pub key_schedule: Result<KeySchedule, String>,
+    /// `Some(n)`: the send direction moves to its next key after about `n` records (the
+    /// kernel and the peer both follow key updates); `None`: it keeps its key.
+    pub send_records_per_key: Option<u64>,
 }
 
 /// The outcome of [`offload`].
@@ -286,7 +289,13 @@ pub fn offload(tls: TlsStream<TunnelSocket>, support: &KtlsSupport) -> io::Resul
         super::reset_fd(fd);
         return Err(e);
     }
-    Ok(Offload::Kernel(Offloaded { tcp: sock.into_tcp(), pending, peer_closed, key_schedule }))
+    Ok(Offload::Kernel(Offloaded {
+        tcp: sock.into_tcp(),
+        pending,
+        peer_closed,
+        key_schedule,
+        send_records_per_key: None,
+    }))
 }
 
 /// Takes the plaintext rustls decrypted but nobody read yet; reports a close_notify

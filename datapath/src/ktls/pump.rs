@@ -58,6 +58,8 @@ pub(crate) struct Pending {
     pub bytes: Vec<u8>,
     pub peer_closed: bool,
     pub key_schedule: Result<KeySchedule, String>,
+    /// See [`super::Offloaded::send_records_per_key`].
+    pub send_records_per_key: Option<u64>,
 }
 
 impl Default for Pending {
@@ -66,6 +68,7 @@ impl Default for Pending {
             bytes: Vec::new(),
             peer_closed: false,
             key_schedule: Err("no traffic secrets were handed over".into()),
+            send_records_per_key: None,
         }
     }
 }
@@ -107,18 +110,19 @@ pub(crate) async fn run(
     tls: TunnelTls,
     transfer: &Transfer,
 ) -> Result<(), Failure> {
-    let Pending { bytes, peer_closed, key_schedule } = pending;
-    let rekeying = Rekeying::new(key_schedule);
+    let Pending { bytes, peer_closed, key_schedule, send_records_per_key } = pending;
+    let rekeying = Rekeying::new(key_schedule, send_records_per_key);
     let up = up(plain, tunnel, mover, tls, transfer, &rekeying);
     let down = down(tunnel, plain, (bytes, peer_closed), mover, tls, transfer, &rekeying);
     tokio::try_join!(up, down).map(|_| ())
 }
 
-/// Sends the KeyUpdate this end owes the peer, if any, then switches to the next send
-/// key: called before each write of application data to the tunnel (RFC 8446 §4.6.3:
-/// the answer goes out before the next application data record).
-async fn answer_key_update(tunnel: &TcpStream, rekeying: &Rekeying) -> io::Result<()> {
-    if !rekeying.take_owed() {
+/// Sends a KeyUpdate and switches to the next send key when one is due: the answer
+/// this end owes the peer (RFC 8446 §4.6.3: before its next application data record),
+/// or its own key's record budget is spent. Called before each write of application
+/// data to the tunnel.
+async fn update_send_key(tunnel: &TcpStream, rekeying: &Rekeying) -> io::Result<()> {
+    if !rekeying.take_send_key_update() {
         return Ok(());
     }
     let fd = tunnel.as_raw_fd();
@@ -128,7 +132,7 @@ async fn answer_key_update(tunnel: &TcpStream, rekeying: &Rekeying) -> io::Resul
         return Err(io::Error::other(format!("kernel TLS took {n} of the KeyUpdate's {} bytes", msg.len())));
     }
     rekeying.next_send_key(fd)?;
-    debug!("answered the peer's TLS key update; sending under the next key");
+    debug!("sent a TLS key update; sending under the next key");
     Ok(())
 }
 
@@ -153,14 +157,19 @@ async fn write_all(s: &TcpStream, mut data: &[u8], turn: &mut Turn) -> io::Resul
     Ok(())
 }
 
-/// Writes the `n` bytes in `pipe` to `dst`.
+/// Plaintext bytes in a full TLS record.
+const MAX_RECORD: usize = 16 * 1024;
+
+/// Writes the `n` bytes in `pipe` to `dst`. Returns how many TLS records kernel TLS
+/// makes of them at least (each call ends a record; a record holds 16 KiB at most).
 async fn drain_pipe(
     pipe: &sys::Pipe,
     dst: &TcpStream,
     mut n: usize,
     counter: &AtomicU64,
     turn: &mut Turn,
-) -> io::Result<()> {
+) -> io::Result<u64> {
+    let mut records = 0;
     while n > 0 {
         let m = when_ready(dst, Interest::WRITABLE, || sys::splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), n, true))
             .await?;
@@ -168,10 +177,11 @@ async fn drain_pipe(
             return Err(io::ErrorKind::WriteZero.into());
         }
         n -= m;
+        records += m.div_ceil(MAX_RECORD) as u64;
         counter.fetch_add(m as u64, Ordering::Relaxed);
         turn.moved().await;
     }
-    Ok(())
+    Ok(records)
 }
 
 /// Ends the tunnel's sending direction cleanly: close_notify, then FIN.
@@ -209,8 +219,9 @@ async fn up(
                 if n == 0 {
                     return finish_tunnel(tunnel, tls).await.map_err(tunnel_err);
                 }
-                answer_key_update(tunnel, rekeying).await.map_err(tunnel_err)?;
-                drain_pipe(&pipe, tunnel, n, counter, &mut turn).await.map_err(tunnel_err)?;
+                update_send_key(tunnel, rekeying).await.map_err(tunnel_err)?;
+                let records = drain_pipe(&pipe, tunnel, n, counter, &mut turn).await.map_err(tunnel_err)?;
+                rekeying.sent_records(records);
             }
         }
         #[cfg(feature = "bench-engines")]
@@ -223,8 +234,9 @@ async fn up(
                 if n == 0 {
                     return finish_tunnel(tunnel, tls).await.map_err(tunnel_err);
                 }
-                answer_key_update(tunnel, rekeying).await.map_err(tunnel_err)?;
+                update_send_key(tunnel, rekeying).await.map_err(tunnel_err)?;
                 write_all(tunnel, &buf[..n], &mut turn).await.map_err(tunnel_err)?;
+                rekeying.sent_records(n.div_ceil(MAX_RECORD) as u64);
                 counter.fetch_add(n as u64, Ordering::Relaxed);
                 transfer.copied.fetch_add(n as u64, Ordering::Relaxed);
             }
@@ -321,7 +333,9 @@ async fn down(
                 .await;
                 match r {
                     Ok(0) => return tunnel_eof(plain, tls),
-                    Ok(n) => drain_pipe(&pipe, plain, n, counter, &mut turn).await.map_err(|e| (Side::Plain, e))?,
+                    Ok(n) => {
+                        drain_pipe(&pipe, plain, n, counter, &mut turn).await.map_err(|e| (Side::Plain, e))?;
+                    }
                     Err(e) if tls == TunnelTls::Kernel && sys::is_control_record_next(&e) => {
                         record.resize(RECORD_BUF, 0);
                         let (n, ty) =

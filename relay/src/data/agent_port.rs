@@ -214,7 +214,13 @@ async fn control(relay: Arc<Relay>, mut tls: TlsStream<TunnelSocket>, who: Agent
         resource_name: resource.name.clone(),
         heartbeat_secs: relay.config.heartbeat.as_secs().max(1),
         pool_size: relay.config.pool_size,
-        capabilities: Capabilities { renew: true, service_status: true, relays: true, ..Default::default() },
+        capabilities: Capabilities {
+            renew: true,
+            service_status: true,
+            relays: true,
+            key_updates: relay.data_path.follows_key_updates(),
+            ..Default::default()
+        },
         relay_id: relay.cluster.id.clone(),
         relays: relay.cluster.peers(),
     };

@@ -261,7 +261,7 @@ pub(crate) async fn forward(
             return;
         }
     };
-    let prepared = match relay.data_path.prepare(TlsStream::Server(conn)) {
+    let prepared = match relay.data_path.prepare(TlsStream::Server(conn), session.info.capabilities.key_updates) {
         Ok(p) => p,
         Err(e) => {
             crate::metrics::stream_failed(&resource_id, "ktls");

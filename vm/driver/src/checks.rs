@@ -555,6 +555,36 @@ pub fn rekey_followed(
     Ok(format!("{metric}{{direction=received}} {received}, {{direction=sent}} {sent}; {}", b.summary()))
 }
 
+/// The `rekey_both_ktls` check on a kernel that takes new kTLS keys: relay and agent both
+/// on kTLS with a lowered record budget per key, so each kernel-TLS send direction
+/// updates its own key (both ends announced that they follow key updates) and each
+/// receive side follows the other's. A bulk transfer both ways must arrive exactly, on
+/// kTLS at both ends, and each end's counter must show at least `min` updates sent and
+/// `min` received.
+pub fn rekey_both_ktls(stack: &Stack, backend: &mut Backend, ids: &mut Ids, mib: u64, min: f64) -> Result<String> {
+    let b = bulk(stack, backend, ids, mib)?;
+    check_paths_each(&b.paths_relay, Want::AnyKtls, &b.paths_agent, Want::AnyKtls)
+        .with_context(|| format!("relay and agent must both run kTLS; {}", b.summary()))?;
+    let mut seen = Vec::new();
+    for end in [KtlsEnd::Relay, KtlsEnd::Agent] {
+        let m = match end {
+            KtlsEnd::Relay => stack.relay_metrics()?,
+            KtlsEnd::Agent => stack.agent_metrics()?,
+        };
+        let metric = end.metric();
+        let (received, sent) =
+            key_updates(&m, metric).with_context(|| format!("the {} does not export {metric}", end.name()))?;
+        ensure!(
+            received >= min && sent >= min,
+            "{metric}: received {received}, sent {sent}; want both >= {min} (each kTLS sender updates its own key \
+             after the lowered record budget, each receiver follows)\n{}",
+            stack.log_tails()
+        );
+        seen.push(format!("{metric}{{direction=received}} {received}, {{direction=sent}} {sent}"));
+    }
+    Ok(format!("{}; {}", seen.join("; "), b.summary()))
+}
+
 /// How the client's side of a transfer that had to be aborted ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AbortSeen {

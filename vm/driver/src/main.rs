@@ -385,6 +385,25 @@ fn rekey(mib: u64) -> Result<u32> {
             logs_after_failure(&res, &mut failed_before, s);
         }
     }
+    // Both ends on kTLS: each send direction updates its own key after the lowered
+    // budget (no rustls end is left to start one).
+    let both = [("SLUICE_DATA_PATH", "auto"), knob];
+    let t = Instant::now();
+    let started = match stack.as_mut() {
+        Some(s) => s.restart_with(&both, &both),
+        None => Stack::start_with(BACKEND_PORT, &both, &both, E2E_HEARTBEAT_SECS).map(|s| {
+            stack = Some(s);
+        }),
+    };
+    let r = started.and_then(|()| {
+        let s = stack.as_ref().expect("started");
+        info(format!("rekey_both_ktls: relay and agent {}", env_line(&both)));
+        checks::rekey_both_ktls(s, &mut backend, &mut ids, mib, 2.0)
+    });
+    res.record("rekey_both_ktls", t, r, String::clone);
+    if let Some(s) = stack.as_mut() {
+        logs_after_failure(&res, &mut failed_before, s);
+    }
     if let Some(mut s) = stack {
         s.stop();
         log_summary(&mut s);

@@ -22,7 +22,8 @@
 //! aborts), then `sluice-vm-driver rekey` on the rekey kernel (>= 6.14, fetched from
 //! trixie-backports by [`super::backports`]): a user-space peer sending KeyUpdates every
 //! 256 records to a kTLS agent (`rekey_agent_ktls`) and to a kTLS relay
-//! (`rekey_relay_ktls`), which must follow them. The binaries are built once for both
+//! (`rekey_relay_ktls`), which must follow them, and both ends on kTLS updating their own
+//! send keys after a lowered budget (`rekey_both_ktls`). The binaries are built once for both
 //! boots; a failed first boot does not skip the second, and the last line counts both,
 //! naming each kernel.
 
