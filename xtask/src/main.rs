@@ -143,6 +143,10 @@ fn measure() -> Result<()> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h" || a == "help") {
+        println!("{}", usage());
+        return Ok(());
+    }
     match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("measure") => measure(),
@@ -156,22 +160,28 @@ fn main() -> Result<()> {
         Some("bench-peers") => bench_peers::cli(&workspace_root(), &args[1..]),
         Some("dist") => dist::cli(&workspace_root(), &args[1..]),
         _ => {
-            eprintln!(
-                "usage: cargo xtask <command>\n\n\
-                 commands:\n  \
-                 test [--quick]  install test services, check fmt + clippy, build, run every test (what CI runs);\n                  \
-                 --quick skips fmt and clippy\n  \
-                 {}\n  \
-                 measure         1 GiB throughput and agent memory (idle, 8 and 200 streams)\n  \
-                 bench-peers [--quick] [--no-build] [--no-docs] [--peers LIST]  Sluice vs peer tunnels → docs/benchmarks.md\n{}\n{}{}{}{}",
-                fuzz::USAGE.trim_start(),
-                bench_peers::profile::USAGE,
-                soak::USAGE,
-                sim_agents::USAGE,
-                vm::USAGE,
-                dist::USAGE
-            );
+            eprintln!("{}", usage());
             std::process::exit(2);
         }
     }
+}
+
+/// Every command with its options (`cargo xtask --help`, or any command with `--help`).
+fn usage() -> String {
+    format!(
+        "usage: cargo xtask <command>\n\n\
+         commands:\n  \
+         test [--quick]  install test services, check fmt + clippy, build, run every test (what CI runs);\n                  \
+         --quick skips fmt and clippy\n  \
+         {}\n  \
+         measure         1 GiB throughput and agent memory (idle, 8 and 200 streams)\n  \
+         bench-peers [--quick] [--no-build] [--no-docs] [--no-ebpf] [--peers LIST]  Sluice vs peer tunnels → \
+         docs/benchmarks.md\n{}\n{}{}{}{}",
+        fuzz::USAGE.trim_start(),
+        bench_peers::profile::USAGE,
+        soak::USAGE,
+        sim_agents::USAGE,
+        vm::USAGE,
+        dist::USAGE
+    )
 }
