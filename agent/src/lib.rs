@@ -130,6 +130,9 @@ fn start_parts(
     crate::metrics::ebpf_enabled(why.is_none());
     let data_path = Arc::new(DataPath::new(cfg.data_path, cfg.ktls_engine));
     info!(path = data_path.default_path().as_str(), "data path: {}", data_path.describe());
+    if let Some(w) = data_path.testing_knob_warning() {
+        warn!("{w}");
+    }
     match cfg.metrics_listen {
         // Ready for systemd once the listener is bound (metrics::serve says so).
         Some(addr) => drop(tokio::spawn(crate::metrics::serve(addr, handle))),

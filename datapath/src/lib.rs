@@ -268,6 +268,17 @@ impl DataPath {
         !self.kernel_tls() || self.support.follows_key_updates
     }
 
+    /// A warning for the start-up log when a testing knob changes how TLS behaves.
+    pub fn testing_knob_warning(&self) -> Option<String> {
+        sluice_proto::tls::key_update_records().map(|n| {
+            format!(
+                "{}={n} is set: TLS keys are updated every {n} records instead of every 2^24 (a testing knob; \
+                 unset it in production)",
+                sluice_proto::tls::KEY_UPDATE_RECORDS_ENV
+            )
+        })
+    }
+
     /// True when streams will be offered to the kernel.
     pub fn kernel_tls(&self) -> bool {
         self.mode == DataPathMode::Auto && self.support.unavailable.is_none()

@@ -499,6 +499,9 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     });
 
     info!(path = relay.data_path.default_path().as_str(), "data path: {}", relay.data_path.describe());
+    if let Some(w) = relay.data_path.testing_knob_warning() {
+        warn!("{w}");
+    }
     let resources = relay.store.resources()?;
     let n_resources = resources.len();
     warn_about_port_ranges(&relay.config.resource_ports, &resources);
