@@ -240,3 +240,46 @@ async fn enrollment_against_a_silent_endpoint_times_out_with_a_reason() {
     .unwrap_or_else(|e| panic!("{e}\n{}", agent.proc.log_text()));
     assert!(line.contains(&format!("127.0.0.1:{port}")) && line.contains("TLS handshake"), "{line}");
 }
+
+/// A stream survives many TLS key updates on the user-space path: the agent's TLS
+/// updates its keys every 16 records (`SLUICE_TLS_KEY_UPDATE_RECORDS`, the testing knob
+/// of docs/ktls.md "Key updates"), about 256 times during 4 MiB each way, and the relay
+/// follows each one; the agent warns that the knob is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_survives_many_tls_key_updates() {
+    const MIB4: u64 = 4 << 20;
+    let dir = test_dir("keyupdate");
+    let (backend, mut reports) = sink_source_server(MIB4, 3).await;
+    let relay = Relay::start(dir.path());
+    let customer = relay.create_customer("acme");
+    let jwt = relay.customer_jwt(&customer);
+    let port = backend.port().to_string();
+    let agent = Agent::start(
+        dir.path(),
+        "keyupdate",
+        &[
+            ("APP_HOST", "127.0.0.1"),
+            ("APP_PORT", &port),
+            ("NAME", "keyupdate"),
+            ("REGISTRATION_JWT", &jwt),
+            ("SLUICE_TLS_KEY_UPDATE_RECORDS", "16"),
+        ],
+    );
+    relay.wait_status("keyupdate", "AVAILABLE", Some(&agent));
+    let ep = relay.endpoint("keyupdate");
+
+    let s = TcpStream::connect(&ep).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let (sent, got) = tokio::join!(load::send(&mut w, MIB4, 3), load::receive(&mut r));
+    let sent = sent.unwrap();
+    let (got_len, got_digest) = got.unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(30), reports.recv()).await.unwrap().unwrap();
+    assert_eq!((report.received, report.received_digest), (MIB4, sent), "client → service bytes");
+    assert_eq!((got_len, got_digest), (MIB4, report.sent_digest), "service → client bytes");
+    let log = agent.proc.log_text();
+    assert!(
+        log.contains("SLUICE_TLS_KEY_UPDATE_RECORDS=16 is set"),
+        "the agent must warn that the testing knob is set:\n{log}"
+    );
+    drop((relay, agent));
+}
