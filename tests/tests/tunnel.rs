@@ -243,8 +243,8 @@ async fn enrollment_against_a_silent_endpoint_times_out_with_a_reason() {
 
 /// A stream survives many TLS key updates on the user-space path: the agent's TLS
 /// updates its keys every 16 records (`SLUICE_TLS_KEY_UPDATE_RECORDS`, the testing knob
-/// of docs/ktls.md "Key updates"), about 256 times during 4 MiB each way, and the relay
-/// follows each one; the agent warns that the knob is set.
+/// of docs/ktls.md "Key updates"), about 16 times for the 4 MiB it sends (256 full
+/// records), and the relay follows each one; the agent warns that the knob is set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_survives_many_tls_key_updates() {
     const MIB4: u64 = 4 << 20;
