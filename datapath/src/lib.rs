@@ -317,6 +317,7 @@ impl DataPath {
     /// kernel refused them: the tunnel connection was reset.
     pub fn prepare(&self, tunnel: Tunnel, peer_follows_key_updates: bool) -> io::Result<PreparedStream> {
         if self.mode == DataPathMode::Userspace {
+            forget_secrets(&tunnel);
             return Ok(PreparedStream { inner: Prepared::Userspace(Box::new(tunnel)), path: PathKind::Userspace });
         }
         Ok(match ktls::offload(tunnel, &self.support)? {
@@ -327,12 +328,21 @@ impl DataPath {
                 PreparedStream { inner: Prepared::Kernel(Box::new(o), self.engine), path: self.engine.path() }
             }
             Offload::Userspace { tls, reason } => {
+                forget_secrets(&tls);
                 if self.support.unavailable.is_none() {
                     tracing::debug!(%reason, "stream stays on user-space rustls");
                 }
                 PreparedStream { inner: Prepared::Userspace(tls), path: PathKind::Userspace }
             }
         })
+    }
+}
+
+/// A stream that stays on user-space TLS never follows a key update by hand (rustls
+/// does): the traffic secrets its handshake recorded go now, not when it closes.
+fn forget_secrets(tunnel: &Tunnel) {
+    if let Some(s) = tunnel.get_ref().0.traffic_secrets() {
+        s.forget();
     }
 }
 

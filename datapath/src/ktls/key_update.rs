@@ -73,6 +73,14 @@ impl fmt::Debug for TrafficSecrets {
     }
 }
 
+impl TrafficSecrets {
+    /// Drops (and zeroes) what was recorded: for a connection whose stream stays on
+    /// user-space TLS, which never needs it.
+    pub fn forget(&self) {
+        *self.captured.lock().unwrap_or_else(|e| e.into_inner()) = Captured::default();
+    }
+}
+
 impl KeyLog for TrafficSecrets {
     fn will_log(&self, label: &str) -> bool {
         label == CLIENT_SECRET || label == SERVER_SECRET
@@ -444,6 +452,13 @@ mod tests {
         let k = ConnectionTrafficSecrets::Aes128Gcm { key: [0u8; 32].into(), iv: [0u8; 12].into() };
         let err = KeySchedule::new(suite, true, &empty, &k, &k).unwrap_err();
         assert!(err.contains("did not reveal"), "{err}");
+        // Forgotten secrets are gone.
+        let (mut client, mut server, client_secrets, _) =
+            pair(rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256);
+        exchange(&mut client, &mut server);
+        assert!(format!("{client_secrets:?}").contains("client: true"));
+        client_secrets.forget();
+        assert!(format!("{client_secrets:?}").contains("client: false"), "{client_secrets:?}");
         assert!(!format!("{empty:?}").contains("0x"), "Debug must not print secrets");
     }
 }
