@@ -222,6 +222,7 @@ fn main() {
         ("alert_short", &[21, 1]),
         ("session_ticket", &[22, 4, 0, 0, 1, 0]),
         ("key_update", &[22, 24, 0, 0, 1, 0]),
+        ("key_update_requested", &[22, 24, 0, 0, 1, 1]),
         ("handshake_empty", &[22]),
         ("application_data", &[23, b'h', b'i']),
         ("change_cipher_spec", &[20, 1]),

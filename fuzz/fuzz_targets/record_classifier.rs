@@ -3,8 +3,9 @@
 //! The input is the content type byte followed by the record's plaintext.
 //!
 //! Checks: every record is decided without a panic; only application data is payload;
-//! only a two-byte alert with description 0 is a clean close; a fatal reason is one
-//! printable line that never repeats the peer's bytes.
+//! only a two-byte alert with description 0 is a clean close; only the exact five-byte
+//! KeyUpdate message (type 24, length 1, request 0 or 1) is a key update; a fatal reason
+//! is one printable line that never repeats the peer's bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -24,6 +25,10 @@ fuzz_target!(|data: &[u8]| {
         Received::Fatal(why) => {
             assert_printable_line("a fatal reason", &why);
             assert!(why.len() <= 256, "a reason of {} bytes", why.len());
+        }
+        Received::KeyUpdate { update_requested } => {
+            assert_eq!(record_type, HANDSHAKE);
+            assert_eq!(payload, [24, 0, 0, 1, u8::from(update_requested)], "only a well-formed KeyUpdate");
         }
         Received::Data | Received::CloseNotify => {}
     }
