@@ -54,9 +54,11 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// (docs/ktls.md, "Key updates") be exercised with megabytes. Not for production.
 pub const KEY_UPDATE_RECORDS_ENV: &str = "SLUICE_TLS_KEY_UPDATE_RECORDS";
 
-/// The lowered record limit from [`KEY_UPDATE_RECORDS_ENV`], if set to a positive number.
+/// The lowered record limit from [`KEY_UPDATE_RECORDS_ENV`], if set to a positive number
+/// (read once per process: streams ask for it as they start).
 pub fn key_update_records() -> Option<u64> {
-    std::env::var(KEY_UPDATE_RECORDS_ENV).ok()?.trim().parse().ok().filter(|n| *n > 0)
+    static RECORDS: OnceLock<Option<u64>> = OnceLock::new();
+    *RECORDS.get_or_init(|| std::env::var(KEY_UPDATE_RECORDS_ENV).ok()?.trim().parse().ok().filter(|n| *n > 0))
 }
 
 /// The TLS 1.3 suites in preference order, with limits lowered by the testing knob

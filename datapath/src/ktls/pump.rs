@@ -251,17 +251,16 @@ enum Next {
 }
 
 /// Acts on one record read with `recvmsg` from `tunnel`: payload goes to `plain`.
-#[allow(clippy::too_many_arguments)]
 async fn on_record(
     record_type: u8,
     data: &[u8],
     tunnel: &TcpStream,
     plain: &TcpStream,
-    counter: &AtomicU64,
-    copied: &AtomicU64,
+    transfer: &Transfer,
     turn: &mut Turn,
     rekeying: &Rekeying,
 ) -> Result<Next, Failure> {
+    let (counter, copied) = (&transfer.tunnel_to_plain, &transfer.copied);
     match records::classify(record_type, data) {
         Received::Data => {
             write_all(plain, data, turn).await.map_err(|e| (Side::Plain, e))?;
@@ -346,7 +345,7 @@ async fn down(
                             return tunnel_eof(plain, tls);
                         }
                         if let Next::Done =
-                            on_record(ty, &record[..n], tunnel, plain, counter, copied, &mut turn, rekeying).await?
+                            on_record(ty, &record[..n], tunnel, plain, transfer, &mut turn, rekeying).await?
                         {
                             return Ok(());
                         }
@@ -365,9 +364,7 @@ async fn down(
                 if n == 0 {
                     return tunnel_eof(plain, tls);
                 }
-                if let Next::Done =
-                    on_record(ty, &buf[..n], tunnel, plain, counter, copied, &mut turn, rekeying).await?
-                {
+                if let Next::Done = on_record(ty, &buf[..n], tunnel, plain, transfer, &mut turn, rekeying).await? {
                     return Ok(());
                 }
             }
