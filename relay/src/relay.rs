@@ -462,7 +462,6 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     let admin_tls = admin_tls_config(&config, &identity, admin_addr, &names)?;
     let store = open_store(&config, had_ca)?;
     let admin_url = format!("{}://{admin_addr}", if admin_tls.is_some() { "https" } else { "http" });
-    crate::state::pki::write_secret(&config.data_dir.join(files::ADMIN_URL), admin_url.as_bytes())?;
 
     let cluster = crate::cluster::Cluster::new(crate::state::store::RelayRecord {
         id: crate::cluster::Cluster::new_id(),
@@ -542,6 +541,9 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     if relay.identity.created {
         announce_admin_token(&relay.config.data_dir.join(files::ADMIN_TOKEN), &relay.identity.admin_token);
     }
+    // Last: the CLI (and whoever waits for the relay) takes this file as "ready", so it
+    // appears only once everything above, the token's notice included, is done.
+    crate::state::pki::write_secret(&relay.config.data_dir.join(files::ADMIN_URL), admin_url.as_bytes())?;
     Ok(RunningRelay { relay, agent_addr, admin_addr, admin_url })
 }
 
