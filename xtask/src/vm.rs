@@ -284,7 +284,8 @@ pub const USAGE: &str = "  vm-test [--mib N] [--compare-mib N] [--rekey-mib N] [
                   PASS/FAIL lines are the results
   vm-test-smoke [--mib N] [--timeout SECS]   (also: vm-test --smoke)
                   build vm/ktls-probe statically and run it in the VM: real kTLS with
-                  AES-GCM, ChaCha20-Poly1305, splice and close_notify, N MiB each way";
+                  AES-GCM, ChaCha20-Poly1305, splice and close_notify, N MiB each way
+";
 
 fn parse_mib(flag: &str, v: Option<&String>) -> Result<u64> {
     let v = v.with_context(|| format!("{flag} needs a number of MiB"))?;
