@@ -32,7 +32,8 @@ pub const LONG_VERSION: &str = concat!(
 /// Log options shared by both binaries (`--log`/`SLUICE_LOG`, `--log-json`/`SLUICE_LOG_JSON`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogArgs {
-    /// Log filter (error, warn, info, debug, trace, or per-module directives).
+    /// Log filter: a level (error, warn, info, debug, trace, off), optionally with
+    /// per-module levels, e.g. `info,sluice_agent::session=debug`.
     #[arg(long, env = "SLUICE_LOG", default_value = "info", global = true)]
     pub log: String,
     /// Log as JSON lines instead of text.
@@ -40,24 +41,53 @@ pub struct LogArgs {
     pub log_json: bool,
 }
 
-/// Starts logging to stderr. `filter` is an env-filter directive such as `info` or
-/// `sluice_relay=debug` (an invalid one is reported and replaced by `info`); `json`
-/// switches to one JSON object per line.
+/// Starts logging to stderr. `filter` is a list of directives such as `info` or
+/// `info,sluice_relay=debug` (see [`parse_log_filter`]; an invalid one is reported and
+/// replaced by `info`); `json` switches to one JSON object per line.
 pub fn init_logging(filter: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("warning: log filter {filter:?} is invalid ({e}); using \"info\"");
-        tracing_subscriber::EnvFilter::new("info")
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = parse_log_filter(filter).unwrap_or_else(|e| {
+        eprintln!("warning: {e}; using \"info\"");
+        parse_log_filter("info").expect("a level is a filter")
     });
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     if json {
-        builder.json().init();
+        registry.with(fmt.json()).init();
     } else {
-        builder.init();
+        registry.with(fmt).init();
     }
+}
+
+/// Parses a log filter: comma-separated directives, each a level (`error`, `warn`,
+/// `info`, `debug`, `trace`, `off`) for everything, or `TARGET=LEVEL` for one module
+/// and its children (`sluice_agent::session=trace`). Matching is by target prefix only (no regular expressions, no span fields),
+/// which keeps a regex engine out of both binaries.
+pub fn parse_log_filter(filter: &str) -> Result<tracing_subscriber::filter::Targets, String> {
+    let invalid = |why: String| {
+        format!(
+            "log filter {filter:?} is invalid ({why}): use a level (error, warn, info, debug, trace, off) or \
+             TARGET=LEVEL directives separated by commas, e.g. info,sluice_agent=debug"
+        )
+    };
+    if filter.trim().is_empty() {
+        return parse_log_filter("info");
+    }
+    if filter.contains(['[', '{', '/']) {
+        return Err(invalid("span and field filters are not supported".into()));
+    }
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    if let Some(d) = filter
+        .split(',')
+        .map(str::trim)
+        .find(|d| !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str()))
+    {
+        return Err(invalid(format!("{d:?} is not a level; a module needs one, as in {d}=debug")));
+    }
+    let targets: tracing_subscriber::filter::Targets = filter.parse().map_err(|e| invalid(format!("{e}")))?;
+    Ok(targets)
 }
 
 /// Waits for Ctrl-C (SIGINT) or SIGTERM, the two ways operators and supervisors
@@ -170,6 +200,25 @@ mod tests {
         assert_eq!(parse("  "), Ok(Level(0)));
         assert_eq!(parse(" 7 "), Ok(Level(7)));
         assert_eq!(parse("x"), Err("LEVEL: \"x\" is not a level".into()));
+    }
+
+    #[test]
+    fn log_filters_are_levels_and_target_directives() {
+        use tracing::Level;
+        use tracing::level_filters::LevelFilter;
+        let f = parse_log_filter("info,sluice_relay=debug").unwrap();
+        assert!(f.would_enable("sluice_relay::data", &Level::DEBUG));
+        assert!(!f.would_enable("sluice_relay::data", &Level::TRACE));
+        assert!(f.would_enable("hyper", &Level::INFO) && !f.would_enable("hyper", &Level::DEBUG));
+        let only = parse_log_filter("sluice_agent::session=trace").unwrap();
+        assert!(only.would_enable("sluice_agent::session::pool", &Level::TRACE));
+        assert!(!only.would_enable("sluice_agent", &Level::ERROR), "nothing else is on");
+        assert_eq!(parse_log_filter("  ").unwrap().default_level(), Some(LevelFilter::INFO));
+        assert_eq!(parse_log_filter("off").unwrap().default_level(), Some(LevelFilter::OFF));
+        for bad in ["loud", "sluice_agent=loud", "[span]=debug", "x{a=1}=info"] {
+            let e = parse_log_filter(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")) && e.contains("e.g. info,sluice_agent=debug"), "{e}");
+        }
     }
 
     #[test]
