@@ -50,9 +50,10 @@ const GIB: f64 = (1u64 << 30) as f64;
 /// 15 minutes on 2 cores, even when the machine is busy); skipped ones are noted.
 const MEASURE_BUDGET: Duration = Duration::from_secs(12 * 60);
 
-pub const USAGE: &str = "  bench-peers [--quick] [--no-build] [--no-docs] [--no-ebpf] [--peers a,b,…]\n                  \
+pub const USAGE: &str = "  bench-peers [--quick] [--no-build] [--release] [--no-docs] [--no-ebpf] [--peers a,b,…]\n                  \
      Sluice vs iperf3 direct, socat, stunnel, rathole, bore on loopback; writes docs/benchmarks.md\n                  \
-     (--quick: 1 short repetition, docs left alone; --no-ebpf: skip the eBPF counter's cost)";
+     (--quick: 1 short repetition, docs left alone; --no-ebpf: skip the eBPF counter's cost;\n                  \
+     Sluice's binaries are the shipped ones, `cargo xtask dist`, unless --release: target/release)";
 
 /// How much to measure.
 struct Settings {
@@ -82,6 +83,9 @@ const PGBENCH_CLIENTS: u32 = 4;
 struct Options {
     quick: bool,
     build: bool,
+    /// Measure `target/release/` (a quick A/B of a change) instead of the shipped
+    /// binaries in `target/dist/` (static, fat LTO).
+    release: bool,
     docs: bool,
     /// Measure the eBPF counter's own cost (needs root and bpftool; Sluice among the peers).
     ebpf: bool,
@@ -90,12 +94,14 @@ struct Options {
 
 impl Options {
     fn parse(args: &[String]) -> Result<Options> {
-        let mut o = Options { quick: false, build: true, docs: true, ebpf: true, peers: Peer::ALL.to_vec() };
+        let mut o =
+            Options { quick: false, build: true, release: false, docs: true, ebpf: true, peers: Peer::ALL.to_vec() };
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
                 "--quick" => o.quick = true,
                 "--no-build" => o.build = false,
+                "--release" => o.release = true,
                 "--no-docs" => o.docs = false,
                 "--no-ebpf" => o.ebpf = false,
                 "--peers" => {
@@ -117,16 +123,18 @@ pub fn cli(root: &Path, args: &[String]) -> Result<()> {
     let started = Instant::now();
     let load_before = machine::load_average();
     let target = target_dir(root);
-    if opts.build {
+    if opts.build && opts.release {
         crate::run(
             "build release binaries",
             crate::cargo().args(["build", "--release", "--workspace", "--exclude", crate::EBPF_CRATE, "--bins"]),
         )?;
+    } else if opts.build {
+        crate::dist::dist(root, true).context("building the shipped binaries (cargo xtask dist)")?;
     }
     let run_dir = target.join("bench-peers").join("run");
     let _ = std::fs::remove_dir_all(&run_dir);
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let (setup, mut results) = prepare(root, &target, &run_dir, &opts.peers)?;
+    let (setup, mut results) = prepare(root, &target, &run_dir, &opts)?;
     eprintln!("==> PostgreSQL for pgbench: initdb, pgbench -i -s 1");
     let pg = Cluster::init(&run_dir).map_err(|e| format!("{e:#}"));
     if let Err(e) = &pg {
@@ -198,7 +206,8 @@ fn target_dir(root: &Path) -> PathBuf {
 }
 
 /// Installs the peers, makes the certificates, and finds out which peers can run.
-fn prepare(root: &Path, target: &Path, run_dir: &Path, wanted: &[Peer]) -> Result<(Setup, Vec<(Peer, PeerResults)>)> {
+fn prepare(root: &Path, target: &Path, run_dir: &Path, opts: &Options) -> Result<(Setup, Vec<(Peer, PeerResults)>)> {
+    let wanted = &opts.peers[..];
     let apt_error = install::debian_packages(root);
     if !install::on_path("iperf3") {
         bail!("iperf3 is missing and it generates the load: {}", apt_error.unwrap_or_default());
@@ -221,9 +230,13 @@ fn prepare(root: &Path, target: &Path, run_dir: &Path, wanted: &[Peer]) -> Resul
     } else {
         Err(apt_why("openssl"))
     };
-    let sluice_bins = target.join("release");
+    let (sluice_bins, how) = if opts.release {
+        (target.join("release"), "cargo build --release --bins")
+    } else {
+        (target.join("dist"), "cargo xtask dist")
+    };
     let sluice_ok = match ["sluice", "sluice-agent"].iter().find(|b| !sluice_bins.join(b).is_file()) {
-        Some(b) => Err(format!("{} is missing (build: cargo build --release --bins)", sluice_bins.join(b).display())),
+        Some(b) => Err(format!("{} is missing (build: {how})", sluice_bins.join(b).display())),
         None => Ok(()),
     };
     let mut results = Vec::new();
@@ -402,6 +415,9 @@ fn render(results: &[(Peer, PeerResults)], f: &RunFacts) -> String {
     if !f.opts.build {
         flags += " --no-build";
     }
+    if f.opts.release {
+        flags += " --release";
+    }
     let mut out =
         format!("## `cargo xtask bench-peers{flags}` ({}, commit {})\n\n", machine::now_utc(), machine::commit(f.root));
     out += &format!(
@@ -419,6 +435,15 @@ fn render(results: &[(Peer, PeerResults)], f: &RunFacts) -> String {
             f.setup.sluice_bins.display()
         );
     }
+    out += &format!(
+        "Sluice's binaries: {} ({}).\n\n",
+        f.setup.sluice_bins.display(),
+        if f.opts.release {
+            "a release build, `--release`"
+        } else {
+            "the shipped ones from `cargo xtask dist`: static, fat LTO, stripped"
+        }
+    );
     out += &method(s);
     out += &report::results_table(results, &Metric::BULK, s.open_streams);
     if let Some(ratios) = report::ratio_table(results, &Metric::BULK, s.open_streams) {

@@ -2,7 +2,9 @@
 //!
 //! - `sluice` and `sluice-agent` for x86_64, fully static (glibc with `+crt-static`: the
 //!   kernel-TLS path needs glibc, the `ktls` crate does not build for musl), built in
-//!   `target/dist-build/` so the normal `target/release/` the tests use stays cached.
+//!   `target/dist-build/` so the normal `target/release/` the tests use stays cached,
+//!   with the `dist` profile ([`PROFILE`]: fat LTO, one codegen unit), which makes the
+//!   agent's code a third smaller than a release build's.
 //! - Debug info split off: `NAME` is stripped (`objcopy --strip-all` plus a
 //!   `.gnu_debuglink` to `NAME.debug`), `NAME.debug` keeps the debug sections and symbols
 //!   for `gdb`/`addr2line` on a crash report.
@@ -51,6 +53,10 @@ pub const IMAGES: &[Image] = &[
 ];
 
 /// The binaries `dist` ships.
+/// The Cargo profile of the shipped binaries (Cargo.toml: release plus fat LTO and one
+/// codegen unit).
+pub const PROFILE: &str = "dist";
+
 const BINARIES: &[&str] = &["sluice", "sluice-agent"];
 
 pub const USAGE: &str = "  dist [--no-build]  static stripped x86_64 binaries, debug files, SHA256SUMS and image contexts in target/dist/\n";
@@ -68,7 +74,7 @@ pub fn cli(root: &Path, args: &[String]) -> Result<()> {
 /// everything into `target/dist/`.
 pub fn dist(root: &Path, build: bool) -> Result<()> {
     let build_dir = root.join("target").join("dist-build");
-    let release = build_dir.join(TARGET).join("release");
+    let release = build_dir.join(TARGET).join(PROFILE);
     if build {
         let t = Instant::now();
         cargo_build(root, &build_dir, TARGET, &[])?;
@@ -118,7 +124,7 @@ pub fn dist(root: &Path, build: bool) -> Result<()> {
             let dir = out.join("aarch64");
             std::fs::create_dir_all(&dir)?;
             for name in BINARIES {
-                std::fs::copy(build_dir.join(AARCH64).join("release").join(name), dir.join(name))?;
+                std::fs::copy(build_dir.join(AARCH64).join(PROFILE).join(name), dir.join(name))?;
             }
             println!("aarch64: built in {:.1} s into {} (unstripped)", t.elapsed().as_secs_f64(), dir.display());
         }
@@ -126,11 +132,23 @@ pub fn dist(root: &Path, build: bool) -> Result<()> {
     Ok(())
 }
 
-/// `cargo build --release` of both binaries for `target`, static, into `build_dir`.
+/// `cargo build --profile dist` of both binaries for `target`, static, into `build_dir`.
 fn cargo_build(root: &Path, build_dir: &Path, target: &str, env: &[(&str, &str)]) -> Result<()> {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(root)
-        .args(["build", "--release", "--locked", "--target", target, "-p", "sluice", "-p", "sluice-agent", "--bins"])
+        .args([
+            "build",
+            "--profile",
+            PROFILE,
+            "--locked",
+            "--target",
+            target,
+            "-p",
+            "sluice",
+            "-p",
+            "sluice-agent",
+            "--bins",
+        ])
         .env("CARGO_TARGET_DIR", build_dir)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .env_remove("CARGO_ENCODED_RUSTFLAGS");
