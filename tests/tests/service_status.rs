@@ -102,5 +102,9 @@ fn two_live_sessions_of_one_identity_are_called_out() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success());
     assert!(err.contains("warning") && err.contains("STATE_DIR"), "{err}");
-    assert!(relay.log().contains("two live sessions share one agent identity"), "{}", relay.log());
+    // The registry shows the twin a moment before the relay's line is written.
+    wait_for(Duration::from_secs(10), "the relay's warning about a shared identity", || {
+        relay.log().contains("two live sessions share one agent identity").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
 }

@@ -123,7 +123,10 @@ async fn refusing_backend_closes_the_client_promptly() {
     let closed = matches!(r, Ok(Ok(0)) | Ok(Err(_)));
     assert!(closed, "client connection should be closed, got {r:?}");
     eprintln!("client closed {:?} after connecting to a refusing backend", started.elapsed());
-    assert!(relay.log().contains("refused"), "relay logs why:\n{}", relay.log());
+    wait_for(Duration::from_secs(10), "the relay's log line saying why", || {
+        relay.log().contains("refused").then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -329,7 +329,7 @@ pub fn refuse(
     lease: Option<&str>,
     why: Refusal,
 ) {
-    datapath::reset(client);
+    // Counted and logged before the reset: whoever sees the reset finds both.
     crate::metrics::lease_refused(why.label());
     if let Some(held_back) = REFUSALS.due() {
         let what = match why {
@@ -362,6 +362,7 @@ pub fn refuse(
             lease_id: lease.map(str::to_owned),
         });
     }
+    datapath::reset(client);
 }
 
 /// Decides one connection on a lease port: source first (no store call for strangers),

@@ -144,14 +144,15 @@ async fn bind_until_free(relay: &Relay, resource_id: &str, addr: SocketAddr) -> 
             relay.registry.set_port_state(resource_id, PortState::Blocked(reason));
         }
         BindEvent::Listening { failures } => {
-            relay.registry.set_port_state(resource_id, PortState::Listening);
-            crate::metrics::port_blocked(resource_id, false);
+            // Logged and counted before the state that the admin API shows changes.
             if failures == 0 {
                 info!(%addr, "resource port listening");
             } else {
                 info!(%addr, failed_attempts = failures, blocked_for = ?blocked_since.elapsed(),
                     "resource port listening at last: platform jobs can connect again");
             }
+            crate::metrics::port_blocked(resource_id, false);
+            relay.registry.set_port_state(resource_id, PortState::Listening);
         }
     })
     .await

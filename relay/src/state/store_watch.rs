@@ -96,11 +96,16 @@ pub async fn run(store: Arc<dyn Store>, health: Arc<StoreHealth>, shutdown: Canc
             let store = store.clone();
             tokio::task::spawn_blocking(move || store.check()).await.unwrap_or_else(|e| Err(e.to_string()))
         };
-        *health.fault.lock() = check.as_ref().err().cloned();
-        crate::metrics::store_fault(check.is_err());
-        match watch.observe(check, Instant::now()) {
-            Verdict::Quiet => {}
-            Verdict::Recovered => info!(store = %store.location(), "the database answers again"),
+        let fault = check.as_ref().err().cloned();
+        let verdict = watch.observe(check, Instant::now());
+        // A recovery is logged before /readyz turns 200, so whoever sees it finds the line.
+        if verdict == Verdict::Recovered {
+            info!(store = %store.location(), "the database answers again");
+        }
+        crate::metrics::store_fault(fault.is_some());
+        *health.fault.lock() = fault;
+        match verdict {
+            Verdict::Quiet | Verdict::Recovered => {}
             Verdict::Fault { message, first } => {
                 let mut saved = if first {
                     let store = store.clone();
