@@ -63,8 +63,9 @@ pub fn init_logging(filter: &str, json: bool) {
 
 /// Parses a log filter: comma-separated directives, each a level (`error`, `warn`,
 /// `info`, `debug`, `trace`, `off`) for everything, or `TARGET=LEVEL` for one module
-/// and its children (`sluice_agent::session=trace`). Matching is by target prefix only (no regular expressions, no span fields),
-/// which keeps a regex engine out of both binaries.
+/// and its children (`sluice_agent::session=trace`). Matching is by target prefix only
+/// (no regular expressions, no span fields), which keeps a regex engine out of both
+/// binaries.
 pub fn parse_log_filter(filter: &str) -> Result<tracing_subscriber::filter::Targets, String> {
     let invalid = |why: String| {
         format!(
@@ -86,8 +87,7 @@ pub fn parse_log_filter(filter: &str) -> Result<tracing_subscriber::filter::Targ
     {
         return Err(invalid(format!("{d:?} is not a level; a module needs one, as in {d}=debug")));
     }
-    let targets: tracing_subscriber::filter::Targets = filter.parse().map_err(|e| invalid(format!("{e}")))?;
-    Ok(targets)
+    filter.parse().map_err(|e| invalid(format!("{e}")))
 }
 
 /// Waits for Ctrl-C (SIGINT) or SIGTERM, the two ways operators and supervisors

@@ -429,20 +429,15 @@ fn render(results: &[(Peer, PeerResults)], f: &RunFacts) -> String {
         f.started.elapsed().as_secs_f64() / 60.0,
         versions(f.setup, results)
     );
-    if !f.opts.build {
-        out += &format!(
-            "The Sluice binaries in {} were used as found, not rebuilt by this run (`--no-build`).\n\n",
-            f.setup.sluice_bins.display()
-        );
-    }
     out += &format!(
-        "Sluice's binaries: {} ({}).\n\n",
+        "Sluice's binaries: {} ({}){}.\n\n",
         f.setup.sluice_bins.display(),
         if f.opts.release {
             "a release build, `--release`"
         } else {
             "the shipped ones from `cargo xtask dist`: static, fat LTO, stripped"
-        }
+        },
+        if f.opts.build { "" } else { ", used as found, not rebuilt by this run (`--no-build`)" }
     );
     out += &method(s);
     out += &report::results_table(results, &Metric::BULK, s.open_streams);
