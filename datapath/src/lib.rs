@@ -20,8 +20,11 @@
 //!
 //! Semantics, identical on every path:
 //! - A clean end of one direction (EOF on the plain socket, TLS `close_notify` on the
-//!   tunnel) is propagated as a half-close: the other side is shut down for writing
-//!   (TCP FIN, or `close_notify` + FIN), and the opposite direction keeps flowing.
+//!   tunnel, or the empty chunk of a framed stream) is propagated as a half-close: the
+//!   other side is shut down for writing (TCP FIN, `close_notify` + FIN, or the empty
+//!   chunk), and the opposite direction keeps flowing. A framed stream
+//!   ([`DataPath::prepare_framed`], user space only) that ends cleanly hands its tunnel
+//!   connection back for the next stream.
 //! - Anything else (a reset, a TLS error or alert, a TCP FIN without `close_notify`) is
 //!   an abort: both sockets are reset (RST) at once, so neither peer mistakes a
 //!   truncated stream for a complete one.
@@ -233,6 +236,9 @@ impl StreamEnd {
 pub struct StreamReport {
     pub path: PathKind,
     pub end: StreamEnd,
+    /// A framed stream that ended cleanly gives its tunnel connection back, ready for
+    /// the next stream's `StreamOpen` ([`DataPath::prepare_framed`]).
+    pub reusable: Option<Tunnel>,
 }
 
 /// One end's data path choice, made once at start.
@@ -317,8 +323,7 @@ impl DataPath {
     /// kernel refused them: the tunnel connection was reset.
     pub fn prepare(&self, tunnel: Tunnel, peer_follows_key_updates: bool) -> io::Result<PreparedStream> {
         if self.mode == DataPathMode::Userspace {
-            forget_secrets(&tunnel);
-            return Ok(PreparedStream { inner: Prepared::Userspace(Box::new(tunnel)), path: PathKind::Userspace });
+            return Ok(Self::prepare_framed_or_raw(tunnel, false));
         }
         Ok(match ktls::offload(tunnel, &self.support)? {
             Offload::Kernel(mut o) => {
@@ -328,13 +333,25 @@ impl DataPath {
                 PreparedStream { inner: Prepared::Kernel(Box::new(o), self.engine), path: self.engine.path() }
             }
             Offload::Userspace { tls, reason } => {
-                forget_secrets(&tls);
                 if self.support.unavailable.is_none() {
                     tracing::debug!(%reason, "stream stays on user-space rustls");
                 }
-                PreparedStream { inner: Prepared::Userspace(tls), path: PathKind::Userspace }
+                Self::prepare_framed_or_raw(*tls, false)
             }
         })
+    }
+
+    /// Prepares a framed stream (`StreamOpen::framed`): always user-space rustls, whose
+    /// connection goes back to its pool after a clean end ([`StreamReport::reusable`]).
+    /// Only ends whose streams run on user-space TLS agree to frame (the agent's
+    /// `reuse` capability; the relay frames only when its own path is user-space).
+    pub fn prepare_framed(&self, tunnel: Tunnel) -> PreparedStream {
+        Self::prepare_framed_or_raw(tunnel, true)
+    }
+
+    fn prepare_framed_or_raw(tunnel: Tunnel, framed: bool) -> PreparedStream {
+        forget_secrets(&tunnel);
+        PreparedStream { inner: Prepared::Userspace(Box::new(tunnel), framed), path: PathKind::Userspace }
     }
 }
 
@@ -355,7 +372,8 @@ pub struct PreparedStream {
 
 #[derive(Debug)]
 enum Prepared {
-    Userspace(Box<Tunnel>),
+    /// The tunnel, and whether the stream is framed.
+    Userspace(Box<Tunnel>, bool),
     Kernel(Box<Offloaded>, KtlsEngine),
 }
 
@@ -368,7 +386,7 @@ impl PreparedStream {
     /// The tunnel's TCP socket.
     pub fn tunnel_tcp(&self) -> &TcpStream {
         match &self.inner {
-            Prepared::Userspace(tls) => tls.get_ref().0.tcp(),
+            Prepared::Userspace(tls, _) => tls.get_ref().0.tcp(),
             Prepared::Kernel(o, _) => &o.tcp,
         }
     }
@@ -376,10 +394,11 @@ impl PreparedStream {
     /// Moves the stream's bytes between the tunnel and `plain` until both directions
     /// end, then closes both. On abort, or when `cancel` fires (credentials revoked,
     /// shutdown), both TCP sockets are reset. On a clean end `plain` closes gracefully
-    /// (its queued bytes drain, then FIN) even if it was armed with [`reset_on_close`].
+    /// (its queued bytes drain, then FIN) even if it was armed with [`reset_on_close`];
+    /// a framed stream's tunnel then comes back in [`StreamReport::reusable`].
     pub async fn run(self, plain: TcpStream, transfer: &Transfer, cancel: &CancellationToken) -> StreamReport {
-        let end = match self.inner {
-            Prepared::Userspace(tls) => userspace::run(*tls, plain, transfer, cancel).await,
+        let (end, reusable) = match self.inner {
+            Prepared::Userspace(tls, framed) => userspace::run(*tls, plain, framed, transfer, cancel).await,
             Prepared::Kernel(o, engine) => {
                 let pending = Pending {
                     bytes: o.pending,
@@ -387,10 +406,10 @@ impl PreparedStream {
                     key_schedule: o.key_schedule,
                     send_records_per_key: o.send_records_per_key,
                 };
-                run_engine(engine, o.tcp, plain, pending, TunnelTls::Kernel, transfer, cancel).await
+                (run_engine(engine, o.tcp, plain, pending, TunnelTls::Kernel, transfer, cancel).await, None)
             }
         };
-        StreamReport { path: self.path, end }
+        StreamReport { path: self.path, end, reusable }
     }
 }
 

@@ -1,6 +1,11 @@
 //! The user-space path: rustls encrypts and decrypts, and each direction copies through
-//! a buffer it holds only while bytes flow ([`buffers`]). Used when the kernel has no TLS offload, when offload is switched
-//! off, or when a connection cannot be offloaded.
+//! a buffer it holds only while bytes flow ([`buffers`]). Used when the kernel has no TLS
+//! offload, when offload is switched off, or when a connection cannot be offloaded.
+//!
+//! A stream is raw (its end is the TLS `close_notify`, which ends the connection) or
+//! framed (chunks behind a 4-byte length, an empty chunk ending each direction:
+//! [`sluice_proto::wire::frame_header`]); a framed stream that ends cleanly hands its
+//! tunnel connection back for the next stream.
 
 use std::future::Future;
 use std::io;
@@ -9,6 +14,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
+use sluice_proto::wire::{FRAME_HEADER_LEN, frame_header};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsStream;
@@ -17,21 +23,22 @@ use tokio_util::sync::CancellationToken;
 use super::{Side, StreamEnd, Transfer, TunnelSocket, buffers, close_gracefully_fd, reset};
 
 /// Moves one stream until both directions end, one side fails, or `cancel` fires; on
-/// anything but a clean end both sockets are reset.
+/// anything but a clean end both sockets are reset. A `framed` stream that ends cleanly
+/// returns its tunnel connection, at the position where the next stream's frames start.
 pub(crate) async fn run(
     mut tunnel: TlsStream<TunnelSocket>,
     mut plain: TcpStream,
+    framed: bool,
     transfer: &Transfer,
     cancel: &CancellationToken,
-) -> StreamEnd {
+) -> (StreamEnd, Option<TlsStream<TunnelSocket>>) {
     tunnel.get_mut().0.unbound();
-    let copy = Bidirectional {
-        tunnel: &mut tunnel,
-        plain: &mut plain,
-        up: Direction::new(),
-        down: Direction::new(),
-        transfer,
+    let (up, down) = if framed {
+        (Direction::new(Framing::Encode { end_sent: 0 }), Direction::new(Framing::decode()))
+    } else {
+        (Direction::new(Framing::Raw), Direction::new(Framing::Raw))
     };
+    let copy = Bidirectional { tunnel: &mut tunnel, plain: &mut plain, up, down, transfer };
     let end = tokio::select! {
         r = copy => match r {
             Ok(()) => StreamEnd::Clean,
@@ -43,11 +50,11 @@ pub(crate) async fn run(
     transfer.copied.store(up + down, Ordering::Relaxed);
     if matches!(end, StreamEnd::Clean) {
         close_gracefully_fd(plain.as_raw_fd());
-    } else {
-        reset(tunnel.get_ref().0.tcp());
-        reset(&plain);
+        return (end, framed.then_some(tunnel));
     }
-    end
+    reset(tunnel.get_ref().0.tcp());
+    reset(&plain);
+    (end, None)
 }
 
 /// Copies both directions of a stream in one task, without splitting either stream
@@ -83,20 +90,45 @@ where
     }
 }
 
+/// How a direction's bytes are laid out on its writer's side.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    /// As read; the end is the reader's EOF, passed on by shutting the writer down.
+    Raw,
+    /// plain → tunnel of a framed stream: each read goes out as one chunk behind its
+    /// header, EOF as the empty chunk (`end_sent` of its header bytes written so far);
+    /// the tunnel stays open.
+    Encode { end_sent: usize },
+    /// tunnel → plain of a framed stream: headers are read exactly (`have` of 4 so far)
+    /// and at most `left` bytes of the current chunk, so the read never passes the
+    /// empty chunk into what follows the stream on the connection.
+    Decode { header: [u8; FRAME_HEADER_LEN], have: usize, left: usize },
+}
+
+impl Framing {
+    fn decode() -> Framing {
+        Framing::Decode { header: [0; FRAME_HEADER_LEN], have: 0, left: 0 }
+    }
+}
+
 /// One direction of a stream: where the copy stands, and the buffer it borrowed while
 /// bytes flow (none while the direction idles: see [`buffers`]).
 struct Direction {
+    framing: Framing,
     buf: Option<Box<[u8]>>,
+    /// Buffered bytes `pos..filled` are still to be written; the first `header` of the
+    /// buffer are a chunk header, not payload (not counted).
     pos: usize,
     filled: usize,
+    header: usize,
     eof: bool,
     done: bool,
     need_flush: bool,
 }
 
 impl Direction {
-    fn new() -> Self {
-        Direction { buf: None, pos: 0, filled: 0, eof: false, done: false, need_flush: false }
+    fn new(framing: Framing) -> Self {
+        Direction { framing, buf: None, pos: 0, filled: 0, header: 0, eof: false, done: false, need_flush: false }
     }
 
     /// Gives the buffer back; only called with nothing buffered in it.
@@ -106,8 +138,66 @@ impl Direction {
         }
     }
 
+    /// Reads what comes next into the buffer (or, framed, a chunk header), setting
+    /// `pos..filled` to the bytes to write, or `eof` at the direction's end.
+    fn poll_fill<R: AsyncRead + Unpin>(&mut self, cx: &mut Context<'_>, reader: &mut R) -> Poll<io::Result<()>> {
+        let buf = self.buf.get_or_insert_with(buffers::take);
+        match &mut self.framing {
+            Framing::Raw => {
+                let mut rb = ReadBuf::new(buf);
+                ready!(Pin::new(&mut *reader).poll_read(cx, &mut rb))?;
+                let n = rb.filled().len();
+                (self.pos, self.filled, self.header, self.eof) = (0, n, 0, n == 0);
+            }
+            Framing::Encode { .. } => {
+                let mut rb = ReadBuf::new(&mut buf[FRAME_HEADER_LEN..]);
+                ready!(Pin::new(&mut *reader).poll_read(cx, &mut rb))?;
+                let n = rb.filled().len();
+                if n == 0 {
+                    self.eof = true;
+                } else {
+                    buf[..FRAME_HEADER_LEN].copy_from_slice(&frame_header(n as u32));
+                    (self.pos, self.filled, self.header) = (0, FRAME_HEADER_LEN + n, FRAME_HEADER_LEN);
+                }
+            }
+            Framing::Decode { header, have, left } => {
+                while *left == 0 {
+                    let mut rb = ReadBuf::new(&mut header[*have..]);
+                    ready!(Pin::new(&mut *reader).poll_read(cx, &mut rb))?;
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        return Poll::Ready(Err(ended_inside_the_stream()));
+                    }
+                    *have += n;
+                    if *have < FRAME_HEADER_LEN {
+                        continue;
+                    }
+                    *have = 0;
+                    match u32::from_be_bytes(*header) as usize {
+                        0 => {
+                            self.eof = true;
+                            return Poll::Ready(Ok(()));
+                        }
+                        len => *left = len,
+                    }
+                }
+                let want = (*left).min(buf.len());
+                let mut rb = ReadBuf::new(&mut buf[..want]);
+                ready!(Pin::new(&mut *reader).poll_read(cx, &mut rb))?;
+                let n = rb.filled().len();
+                if n == 0 {
+                    return Poll::Ready(Err(ended_inside_the_stream()));
+                }
+                *left -= n;
+                (self.pos, self.filled, self.header) = (0, n, 0);
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
     /// Copies until the reader would block, or to the end (EOF propagated as a
-    /// shutdown of the writer). Errors say whether reading (`true`) or writing failed.
+    /// shutdown of the writer, or as the empty chunk when encoding). Errors say whether
+    /// reading (`true`) or writing failed.
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -124,8 +214,7 @@ impl Direction {
         }
         loop {
             if self.pos == self.filled && !self.eof {
-                let mut rb = ReadBuf::new(self.buf.get_or_insert_with(buffers::take));
-                match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+                match self.poll_fill(cx, reader) {
                     Poll::Pending => {
                         if self.need_flush {
                             ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(|e| (false, e))?;
@@ -137,15 +226,7 @@ impl Direction {
                         return Poll::Pending;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err((true, e))),
-                    Poll::Ready(Ok(())) => {
-                        let n = rb.filled().len();
-                        if n == 0 {
-                            self.eof = true;
-                        } else {
-                            self.pos = 0;
-                            self.filled = n;
-                        }
-                    }
+                    Poll::Ready(Ok(())) => {}
                 }
             }
             while self.pos < self.filled {
@@ -155,18 +236,38 @@ impl Direction {
                 if n == 0 {
                     return Poll::Ready(Err((false, io::ErrorKind::WriteZero.into())));
                 }
+                let payload = (self.pos + n).max(self.header) - self.pos.max(self.header);
                 self.pos += n;
                 self.need_flush = true;
-                counter.fetch_add(n as u64, Ordering::Relaxed);
+                counter.fetch_add(payload as u64, Ordering::Relaxed);
             }
             if self.eof {
-                ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(|e| (false, e))?;
+                if let Framing::Encode { end_sent } = &mut self.framing {
+                    let end = frame_header(0);
+                    while *end_sent < end.len() {
+                        let n =
+                            ready!(Pin::new(&mut *writer).poll_write(cx, &end[*end_sent..])).map_err(|e| (false, e))?;
+                        if n == 0 {
+                            return Poll::Ready(Err((false, io::ErrorKind::WriteZero.into())));
+                        }
+                        *end_sent += n;
+                    }
+                    ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(|e| (false, e))?;
+                } else {
+                    ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(|e| (false, e))?;
+                }
                 self.done = true;
                 self.release();
                 return Poll::Ready(Ok(()));
             }
         }
     }
+}
+
+/// A framed stream's tunnel ended (a TLS close or a bare FIN) before the empty chunk
+/// that ends the direction: the stream is truncated, so it is an abort.
+fn ended_inside_the_stream() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "the tunnel connection ended inside a framed stream, before its end")
 }
 
 impl Drop for Direction {
@@ -181,7 +282,14 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
     async fn bidi(tunnel: &mut DuplexStream, plain: &mut DuplexStream, t: &Transfer) -> Result<(), (Side, io::Error)> {
-        Bidirectional { tunnel, plain, up: Direction::new(), down: Direction::new(), transfer: t }.await
+        Bidirectional {
+            tunnel,
+            plain,
+            up: Direction::new(Framing::Raw),
+            down: Direction::new(Framing::Raw),
+            transfer: t,
+        }
+        .await
     }
 
     /// Polls `d` once; true when it is waiting (pending).
@@ -196,7 +304,7 @@ mod tests {
     async fn an_idle_direction_holds_no_buffer() {
         let (mut from, mut reader) = duplex(4096);
         let (mut writer, mut to) = duplex(4096);
-        let mut d = Direction::new();
+        let mut d = Direction::new(Framing::Raw);
         assert!(poll_once(&mut d, &mut reader, &mut writer).await);
         assert!(d.buf.is_none(), "nothing read yet, yet a buffer is held");
         from.write_all(b"x").await.unwrap();
@@ -273,8 +381,8 @@ mod tests {
         let err = Bidirectional {
             tunnel: &mut tunnel,
             plain: &mut plain,
-            up: Direction::new(),
-            down: Direction::new(),
+            up: Direction::new(Framing::Raw),
+            down: Direction::new(Framing::Raw),
             transfer: &t,
         }
         .await
@@ -303,5 +411,104 @@ mod tests {
         let (res, (), got) = tokio::join!(bidi(&mut tunnel, &mut plain, &t), send, recv);
         res.unwrap();
         assert!(got == data);
+    }
+
+    /// One framed stream between a relay end and an agent end joined by a tunnel
+    /// (`tunnel_a`, `tunnel_b`): client and service each send their bytes and
+    /// half-close at once; returns what the service and the client received.
+    async fn framed_stream(
+        tunnel_a: &mut DuplexStream,
+        tunnel_b: &mut DuplexStream,
+        up: &[u8],
+        down: &[u8],
+        plain_capacity: usize,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let (mut relay_plain, client) = duplex(plain_capacity);
+        let (mut agent_plain, service) = duplex(plain_capacity);
+        let (ta, tb) = (Transfer::default(), Transfer::default());
+        let framed = || (Direction::new(Framing::Encode { end_sent: 0 }), Direction::new(Framing::decode()));
+        let (a_up, a_down) = framed();
+        let relay_end =
+            Bidirectional { tunnel: tunnel_a, plain: &mut relay_plain, up: a_up, down: a_down, transfer: &ta };
+        let (b_up, b_down) = framed();
+        let agent_end =
+            Bidirectional { tunnel: tunnel_b, plain: &mut agent_plain, up: b_up, down: b_down, transfer: &tb };
+        let peer = |sock: DuplexStream, send: Vec<u8>| async move {
+            let (mut r, mut w) = tokio::io::split(sock);
+            let write = async {
+                w.write_all(&send).await.unwrap();
+                w.shutdown().await.unwrap();
+            };
+            let read = async {
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).await.unwrap();
+                got
+            };
+            tokio::join!(write, read).1
+        };
+        let (a, b, at_client, at_service) =
+            tokio::join!(relay_end, agent_end, peer(client, up.to_vec()), peer(service, down.to_vec()));
+        a.unwrap();
+        b.unwrap();
+        assert_eq!(ta.get(), (up.len() as u64, down.len() as u64), "relay end's payload counts");
+        assert_eq!(tb.get(), (down.len() as u64, up.len() as u64), "agent end's payload counts");
+        (at_service, at_client)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Whatever the sizes and however small the pipes (so reads and writes split
+        /// headers and chunks anywhere), framed streams in a row on one tunnel deliver
+        /// every byte once and in order both ways, end cleanly, and leave the tunnel
+        /// exactly at the next frame: the decoder never reads past an end marker.
+        #[test]
+        fn framed_streams_in_a_row_deliver_every_byte_and_stop_at_their_end(
+            sizes in proptest::collection::vec((0usize..150_000, 0usize..150_000), 1..4),
+            tunnel_capacity in 1usize..5000,
+            plain_capacity in 1usize..5000,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let (mut tunnel_a, mut tunnel_b) = duplex(tunnel_capacity);
+                for (i, &(up_len, down_len)) in sizes.iter().enumerate() {
+                    let (up, down) = (pattern(up_len, i as u8), pattern(down_len, 100 + i as u8));
+                    let (at_service, at_client) =
+                        framed_stream(&mut tunnel_a, &mut tunnel_b, &up, &down, plain_capacity).await;
+                    assert!(at_service == up, "stream {i}: {} of {up_len} bytes reached the service", at_service.len());
+                    assert!(at_client == down, "stream {i}: {} of {down_len} bytes reached the client", at_client.len());
+                }
+                // The next control frame on the same tunnel arrives intact, both ways.
+                let open = sluice_proto::wire::StreamOpen { stream_id: 9, client_addr: "c".into(), framed: true };
+                let (sent, got) = tokio::join!(
+                    sluice_proto::wire::write_frame(&mut tunnel_a, &open),
+                    sluice_proto::wire::read_frame::<_, sluice_proto::wire::StreamOpen>(&mut tunnel_b),
+                );
+                sent.unwrap();
+                assert_eq!(got.unwrap(), open);
+            });
+        }
+    }
+
+    /// A framed direction whose tunnel ends before the empty chunk (inside a header or
+    /// a chunk) is truncated: an error of the tunnel side, never a clean end.
+    #[tokio::test]
+    async fn a_framed_stream_cut_before_its_end_marker_is_an_error() {
+        for wire in [vec![0u8, 0], [&frame_header(10)[..], &[1u8; 5][..]].concat(), frame_header(3).to_vec()] {
+            let (mut tunnel, mut agent_end) = duplex(4096);
+            let (mut plain, _client) = duplex(4096);
+            agent_end.write_all(&wire).await.unwrap();
+            drop(agent_end);
+            let mut down = Direction::new(Framing::decode());
+            let counter = AtomicU64::new(0);
+            let r = std::future::poll_fn(|cx| down.poll_copy(cx, &mut tunnel, &mut plain, &counter)).await;
+            let (reading, e) = r.expect_err("a cut framed stream must fail");
+            assert!(reading, "the tunnel side (the reader) failed");
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{wire:?}");
+        }
     }
 }

@@ -158,7 +158,7 @@ fn main() {
     for (name, m) in &enroll_requests {
         write("frame", &format!("enroll_{name}"), frame(m));
     }
-    let mut open = frame(&StreamOpen { stream_id: 9, client_addr: "10.0.0.7:51000".into() });
+    let mut open = frame(&StreamOpen { stream_id: 9, client_addr: "10.0.0.7:51000".into(), framed: false });
     open.extend_from_slice(b"raw stream bytes after the frame");
     write("frame", "stream_open_then_raw", open);
     write("frame", "data_hello", frame(&DataHello { version: PROTOCOL_VERSION, session_id: "ses_abc".into() }));
@@ -177,7 +177,7 @@ fn main() {
     }
     let data_hello = DataHello { version: PROTOCOL_VERSION, session_id: "ses_abc".into() };
     write("control_messages", "data_hello", serde_json::to_vec(&data_hello).unwrap());
-    let open = StreamOpen { stream_id: 9, client_addr: "[::1]:51000".into() };
+    let open = StreamOpen { stream_id: 9, client_addr: "[::1]:51000".into(), framed: false };
     write("control_messages", "stream_open", serde_json::to_vec(&open).unwrap());
     write("control_messages", "stream_accepted", serde_json::to_vec(&StreamReply::Accepted).unwrap());
     let refused = StreamReply::Refused { reason: "connection refused".into() };

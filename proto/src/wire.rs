@@ -259,6 +259,11 @@ pub struct Capabilities {
     /// (docs/ktls.md, "Key updates").
     #[serde(default)]
     pub key_updates: bool,
+    /// From the agent: its streams run on user-space TLS and it takes framed streams
+    /// ([`StreamOpen::framed`]), handing a data connection back to its pool after a
+    /// clean end instead of closing it (docs/protocol.md, "Reusing a data connection").
+    #[serde(default)]
+    pub reuse: bool,
 }
 
 /// One active relay of the cluster, as agents learn it: they keep a control session
@@ -452,6 +457,25 @@ pub struct StreamOpen {
     pub stream_id: u64,
     /// The platform client's address, for the agent's logs.
     pub client_addr: String,
+    /// The stream's payload is framed ([`frame_header`]) and ends with an empty chunk in
+    /// each direction; after a clean end both ends keep the connection for the next
+    /// `StreamOpen`. Sent only to an agent that announced [`Capabilities::reuse`], and
+    /// left out when false, so agents that predate it read the frame as before.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub framed: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Bytes of a framed stream's chunk header: the chunk's length, `u32` big-endian.
+pub const FRAME_HEADER_LEN: usize = 4;
+
+/// The header of a framed stream's chunk of `len` bytes; a chunk of length 0 ends its
+/// direction of the stream cleanly (what a TLS `close_notify` does on an unframed one).
+pub fn frame_header(len: u32) -> [u8; FRAME_HEADER_LEN] {
+    len.to_be_bytes()
 }
 
 /// The agent's answer to [`StreamOpen`] once it has tried the private service.
@@ -471,7 +495,7 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_and_stop_at_frame_boundary() {
         let (mut a, mut b) = tokio::io::duplex(1024);
-        let open = StreamOpen { stream_id: 7, client_addr: "127.0.0.1:5".into() };
+        let open = StreamOpen { stream_id: 7, client_addr: "127.0.0.1:5".into(), framed: false };
         write_frame(&mut a, &open).await.unwrap();
         a.write_all(b"raw").await.unwrap();
         let got: StreamOpen = read_frame(&mut b).await.unwrap();
@@ -479,6 +503,21 @@ mod tests {
         let mut raw = [0u8; 3];
         b.read_exact(&mut raw).await.unwrap();
         assert_eq!(&raw, b"raw");
+    }
+
+    /// `framed` is left out of an unframed open (an agent that predates it reads the
+    /// same JSON as before) and defaults to false when a relay that predates it omits it.
+    #[test]
+    fn stream_open_says_framed_only_when_it_is() {
+        let plain = StreamOpen { stream_id: 1, client_addr: "c".into(), framed: false };
+        assert_eq!(serde_json::to_string(&plain).unwrap(), r#"{"stream_id":1,"client_addr":"c"}"#);
+        let old: StreamOpen = serde_json::from_str(r#"{"stream_id":1,"client_addr":"c"}"#).unwrap();
+        assert_eq!(old, plain);
+        let framed = StreamOpen { framed: true, ..plain };
+        let back: StreamOpen = serde_json::from_str(&serde_json::to_string(&framed).unwrap()).unwrap();
+        assert!(back.framed);
+        assert_eq!(frame_header(0), [0; FRAME_HEADER_LEN]);
+        assert_eq!(frame_header(65_532), [0, 0, 0xff, 0xfc]);
     }
 
     #[tokio::test]
@@ -599,7 +638,7 @@ mod tests {
             sizes in proptest::collection::vec(1usize..17, 1..6),
         ) {
             let msgs: Vec<StreamOpen> =
-                msgs.into_iter().map(|(stream_id, client_addr)| StreamOpen { stream_id, client_addr }).collect();
+                msgs.into_iter().map(|(stream_id, client_addr)| StreamOpen { stream_id, client_addr, framed: false }).collect();
             block_on(async {
                 let mut data = Vec::new();
                 for m in &msgs {

@@ -15,6 +15,7 @@
 //! | `sluice_relay_stream_probes_total` | counter | `resource` (pings sent because an agent had not answered a stream's open within half the deadline) |
 //! | `sluice_relay_handshake_failures_total` | counter | |
 //! | `sluice_relay_data_handshakes_total` | counter | `kind` (`full`, `resumed`: a data connection resumed with a session ticket) |
+//! | `sluice_relay_data_reused_total` | counter | `resource` (data connections parked again after a framed stream's clean end, for the next stream) |
 //! | `sluice_relay_tls_key_updates_total` | counter | `direction` (`received`: an agent's TLS KeyUpdate followed by a kernel-TLS stream; `sent`: the relay's answer) |
 //! | `sluice_relay_enrollments_total` | counter | `outcome` (`enrolled` or a rejection code) |
 //! | `sluice_relay_resource_port_blocked` | gauge | `resource` (1 while an agent is connected but the port cannot be bound) |
@@ -98,6 +99,10 @@ fn describe() {
     describe_counter!(
         "sluice_relay_data_handshakes_total",
         "Data connection TLS handshakes, by kind (full, or resumed from a session ticket)."
+    );
+    describe_counter!(
+        "sluice_relay_data_reused_total",
+        "Data connections kept for the next stream after a framed stream ended cleanly (no new handshake)."
     );
     describe_counter!(
         "sluice_relay_tls_key_updates_total",
@@ -232,6 +237,11 @@ pub fn key_updates() {
 /// A data connection completed its TLS handshake, in full or resumed from a ticket.
 pub fn data_handshake(kind: &'static str) {
     metrics::counter!("sluice_relay_data_handshakes_total", "kind" => kind).increment(1);
+}
+
+/// A framed stream's data connection went back to its session's pool.
+pub fn data_reused(resource: &str) {
+    metrics::counter!("sluice_relay_data_reused_total", "resource" => resource.to_owned()).increment(1);
 }
 
 pub fn handshake_failed() {

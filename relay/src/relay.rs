@@ -90,6 +90,13 @@ pub struct RelayConfig {
     /// user-space rustls otherwise; `userspace` always uses rustls.
     #[arg(long, env = "SLUICE_DATA_PATH", default_value = "auto", value_parser = blank_or::<DataPathMode>("SLUICE_DATA_PATH"))]
     pub data_path: DataPathMode,
+    /// Reuse a data connection for the next stream after a clean end, when both this
+    /// relay's and the agent's streams run on user-space TLS (the agent announces it):
+    /// new streams then skip the TCP + TLS handshake. `off` closes every data
+    /// connection after its stream, as relays before it did (docs/protocol.md).
+    #[arg(long, env = "SLUICE_DATA_REUSE", default_value = "on", value_name = "on|off", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub data_reuse: bool,
     /// Kernel-TLS engine: splice (the default, fastest measured). Builds with the cargo
     /// feature bench-engines also take uring, threads and copy, for benchmarks.
     #[arg(long, env = "SLUICE_KTLS_ENGINE", default_value = "splice", hide_short_help = true,
@@ -209,6 +216,24 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// True when streams to an agent with these capabilities are framed, so their data
+    /// connections are reused: reuse is on, this relay's streams run on user-space TLS,
+    /// and the agent's do too (it announced `reuse`).
+    pub(crate) fn frames_streams_for(&self, agent: &sluice_proto::wire::Capabilities) -> bool {
+        self.config.data_reuse && !self.data_path.kernel_tls() && agent.reuse
+    }
+
+    /// One line for the start-up log: whether data connections are reused, and why not.
+    fn describe_reuse(&self) -> &'static str {
+        if !self.config.data_reuse {
+            "closed after each stream (SLUICE_DATA_REUSE=off)"
+        } else if self.data_path.kernel_tls() {
+            "closed after each stream: they are handed to kernel TLS, and reuse needs user-space TLS at both ends"
+        } else {
+            "reused for the next stream after a clean end, with agents whose streams run on user-space TLS"
+        }
+    }
+
     /// The enrollment decisions, with what they need of this relay.
     pub(crate) fn enroller(&self) -> crate::state::enrollment::Enroller<'_> {
         crate::state::enrollment::Enroller {
@@ -501,6 +526,7 @@ pub async fn start(config: RelayConfig) -> Result<RunningRelay> {
     if let Some(w) = relay.data_path.testing_knob_warning() {
         warn!("{w}");
     }
+    info!("data connections: {}", relay.describe_reuse());
     let resources = relay.store.resources()?;
     let n_resources = resources.len();
     warn_about_port_ranges(&relay.config.resource_ports, &resources);

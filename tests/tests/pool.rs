@@ -1,7 +1,8 @@
 //! The agent's warm data connections: the pool follows demand (a burst of concurrent
 //! streams that ran the relay's pool dry leaves enough warm connections behind for the
 //! next burst, so its streams do not wait for TLS handshakes), and replacement
-//! connections resume the TLS session from a ticket instead of a full handshake.
+//! connections (without reuse) resume the TLS session from a ticket instead of a full
+//! handshake.
 
 use std::time::Duration;
 
@@ -78,7 +79,9 @@ fn data_handshakes(relay: &Relay, kind: &str) -> f64 {
 async fn replacement_data_connections_resume_their_tls_session() {
     let dir = test_dir("pool-resume");
     let echo = echo_server().await;
-    let relay = Relay::start(dir.path());
+    // Without reuse, as with kernel TLS at either end: one data connection per stream
+    // (tests/reuse.rs covers the reuse that makes most replacements unnecessary).
+    let relay = Relay::start_with(dir.path(), &["--data-reuse", "off"]);
     let cid = relay.create_customer("acme");
     let agent = Agent::start(
         dir.path(),
@@ -109,4 +112,7 @@ async fn replacement_data_connections_resume_their_tls_session() {
     .unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
     eprintln!("data handshakes after 40 streams: {resumed} resumed, {full} full");
     assert!(resumed >= 30.0, "replacements resume from tickets: {resumed} resumed, {full} full");
+    let page = metrics_page(&format!("127.0.0.1:{}", relay.admin_port)).unwrap_or_default();
+    assert!(!page.contains("sluice_relay_data_reused_total{"), "--data-reuse off reused a connection");
+    assert!(relay.log().contains("closed after each stream (SLUICE_DATA_REUSE=off)"), "{}", relay.log());
 }

@@ -103,6 +103,7 @@ pub async fn run(
         service_status: true,
         relays: true,
         key_updates: data_path.follows_key_updates(),
+        reuse: !data_path.kernel_tls(),
     };
     let (tls, welcome, relay, data_cfg) = match connect(relay_url, &id, capabilities, cfg.proxy()).await {
         Ok(c) => c,

@@ -137,7 +137,8 @@ pub(super) fn refill(pool: &Arc<Pool>) {
 }
 
 /// Opens one data connection in the background; it waits idle for a stream, serves it,
-/// and is replaced as soon as it is taken.
+/// and is replaced as soon as it is taken. A framed stream that ends cleanly hands the
+/// connection back, and it waits for the next stream (no new handshake).
 pub(super) fn spawn_data_conn(pool: &Arc<Pool>) {
     pool.connecting.fetch_add(1, Ordering::Relaxed);
     let pool = pool.clone();
@@ -153,51 +154,58 @@ pub(super) fn spawn_data_conn(pool: &Arc<Pool>) {
             }
             return;
         };
-        pool.idle.fetch_add(1, Ordering::Relaxed);
-        let open = {
-            let read = wire::read_frame::<_, StreamOpen>(&mut tls);
-            tokio::pin!(read);
-            loop {
-                tokio::select! {
-                    o = &mut read => break o,
-                    _ = pool.closed.cancelled() => {
-                        pool.idle.fetch_sub(1, Ordering::Relaxed);
-                        return;
-                    }
-                    // Left over from a burst: close it (the relay drops closed idle
-                    // connections before handing one out).
-                    _ = tokio::time::sleep(SURPLUS_IDLE) => {
-                        if pool.leave_if_surplus() {
-                            debug!("surplus idle data connection closed");
+        let registration = registration.map(Arc::new);
+        loop {
+            pool.idle.fetch_add(1, Ordering::Relaxed);
+            let open = {
+                let read = wire::read_frame::<_, StreamOpen>(&mut tls);
+                tokio::pin!(read);
+                loop {
+                    tokio::select! {
+                        o = &mut read => break o,
+                        _ = pool.closed.cancelled() => {
+                            pool.idle.fetch_sub(1, Ordering::Relaxed);
                             return;
+                        }
+                        // Left over from a burst: close it (the relay drops closed idle
+                        // connections before handing one out).
+                        _ = tokio::time::sleep(SURPLUS_IDLE) => {
+                            if pool.leave_if_surplus() {
+                                debug!("surplus idle data connection closed");
+                                return;
+                            }
                         }
                     }
                 }
-            }
-        };
-        pool.idle.fetch_sub(1, Ordering::Relaxed);
-        match open {
-            Ok(open) if pool.closed.is_cancelled() => {
-                // The session ended (a drain, a lost relay) as the stream arrived: no new
-                // streams now. Closing without a reply lets the relay, which has read no
-                // client byte yet, try another agent.
-                debug!(stream = open.stream_id, "stream refused: the session is over");
-            }
-            Ok(open) => {
-                // The replacement connection is opened once this stream has its answer
-                // (in `stream::serve`): its TLS handshake then does not compete for the
-                // CPU with the service connect the client is waiting for.
-                let span = info_span!("stream", id = open.stream_id, client = %open.client_addr);
-                let _counted = pool.drain.enter();
-                stream::serve(&pool, tls, registration, open).instrument(span).await;
-            }
-            Err(e) => {
-                // The relay closed an idle connection (its pool was full, or it restarted).
-                debug!(error = %e, "idle data connection closed by the relay");
-                drop(registration);
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => refill(&pool),
-                    _ = pool.closed.cancelled() => {}
+            };
+            pool.idle.fetch_sub(1, Ordering::Relaxed);
+            match open {
+                Ok(open) if pool.closed.is_cancelled() => {
+                    // The session ended (a drain, a lost relay) as the stream arrived: no
+                    // new streams now. Closing without a reply lets the relay, which has
+                    // read no client byte yet, try another agent.
+                    return debug!(stream = open.stream_id, "stream refused: the session is over");
+                }
+                Ok(open) => {
+                    // The replacement connection is opened once this stream has its answer
+                    // (in `stream::serve`): its TLS handshake then does not compete for the
+                    // CPU with the service connect the client is waiting for.
+                    let span = info_span!("stream", id = open.stream_id, client = %open.client_addr);
+                    let _counted = pool.drain.enter();
+                    match stream::serve(&pool, tls, registration.clone(), open).instrument(span).await {
+                        Some(reused) => tls = reused,
+                        None => return,
+                    }
+                }
+                Err(e) => {
+                    // The relay closed an idle connection (its pool was full, or it restarted).
+                    debug!(error = %e, "idle data connection closed by the relay");
+                    drop(registration);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => refill(&pool),
+                        _ = pool.closed.cancelled() => {}
+                    }
+                    return;
                 }
             }
         }

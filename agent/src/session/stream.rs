@@ -24,6 +24,12 @@ use crate::meter::{Meter, Registration};
 /// How long the agent waits for the private service to accept a connection.
 pub const SERVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A framed stream's connection comes back to the pool when the stream ends, so it is
+/// replaced only if the stream is still running after this long: short streams (a
+/// connect, a query, a close) then cost no handshake, long ones still leave the pool
+/// full for the next.
+pub const REFILL_AFTER: Duration = Duration::from_millis(50);
+
 /// A running stream's counts: from the eBPF program for its registered sockets, else
 /// from the copy loop.
 pub(super) struct ActiveStream {
@@ -32,8 +38,10 @@ pub(super) struct ActiveStream {
     path: PathKind,
     /// The private-service socket (payload bytes of the stream).
     service: Option<Registration>,
-    /// The tunnel socket (TLS bytes).
-    tunnel: Option<Registration>,
+    /// The tunnel socket (TLS bytes), registered for the connection's life (which may
+    /// carry several streams), and its counts when this stream started.
+    tunnel: Option<Arc<Registration>>,
+    tunnel_base: (u64, u64),
     /// Bytes already added to the Prometheus counters.
     metered: Mutex<(u64, u64)>,
 }
@@ -64,8 +72,13 @@ impl ActiveStream {
 
     /// Live stats (and their bytes into the metrics).
     pub(super) fn stat(&self, stream_id: u64) -> StreamStat {
-        let tunnel = self.tunnel.as_ref().and_then(Registration::counts).map(|c| (c.rx_bytes, c.tx_bytes));
+        let tunnel = self.tunnel.as_ref().and_then(|r| r.counts()).map(|c| self.since_start(c));
         self.stat_from(stream_id, false, self.counts(), tunnel)
+    }
+
+    /// Tunnel (received, sent) bytes since this stream started.
+    fn since_start(&self, c: sluice_agent_ebpf_common::SockCounts) -> (u64, u64) {
+        (c.rx_bytes.saturating_sub(self.tunnel_base.0), c.tx_bytes.saturating_sub(self.tunnel_base.1))
     }
 }
 
@@ -100,8 +113,15 @@ async fn drained(fd: &OwnedFd) {
 }
 
 /// Connects to the private service for a stream the relay opened, and moves its bytes.
-/// Once the relay has its answer (accepted or refused), the pool is refilled.
-pub(super) async fn serve(pool: &Arc<Pool>, mut tls: Tunnel, tunnel_reg: Option<Registration>, open: StreamOpen) {
+/// Once the relay has its answer (accepted or refused), the pool is refilled; for a
+/// framed stream only if it still runs after [`REFILL_AFTER`], since its connection
+/// comes back: the return value, after a clean end.
+pub(super) async fn serve(
+    pool: &Arc<Pool>,
+    mut tls: Tunnel,
+    tunnel_reg: Option<Arc<Registration>>,
+    open: StreamOpen,
+) -> Option<Tunnel> {
     let target = pool.service.target();
     let connect = tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, connect_metered(target, Some(&pool.meter))).await;
     let answered = || super::pool::refill(pool);
@@ -128,34 +148,56 @@ pub(super) async fn serve(pool: &Arc<Pool>, mut tls: Tunnel, tunnel_reg: Option<
     // a truncated upload look complete; a clean end disarms it (the data path does).
     datapath::reset_on_close(&service);
     let replied = wire::write_frame(&mut tls, &StreamReply::Accepted).await;
-    answered();
-    if let Err(e) = replied {
-        return debug!(error = %e, "the relay went away before the stream started");
+    if !open.framed || replied.is_err() {
+        answered();
     }
-    let prepared = match pool.data_path.prepare(TlsStream::Client(tls), pool.relay_follows_key_updates) {
+    if let Err(e) = replied {
+        debug!(error = %e, "the relay went away before the stream started");
+        return None;
+    }
+    let prepared = match open.framed {
+        true => Ok(pool.data_path.prepare_framed(TlsStream::Client(tls))),
+        false => pool.data_path.prepare(TlsStream::Client(tls), pool.relay_follows_key_updates),
+    };
+    let prepared = match prepared {
         Ok(p) => p,
         Err(e) => {
             crate::metrics::stream_failed("ktls");
             datapath::reset(&service);
-            return warn!(stream = open.stream_id, error = %e, "stream failed: the kernel refused the connection's TLS keys");
+            warn!(stream = open.stream_id, error = %e, "stream failed: the kernel refused the connection's TLS keys");
+            return None;
         }
     };
     debug!(stream = open.stream_id, path = prepared.path().as_str(), "stream open");
     // Keep the sockets open past the copy loop until the kernel has sent everything, so
     // the final eBPF counts include the last bytes (closing them here, not in the loop).
-    let keep = |fd: BorrowedFd<'_>, r: &Option<Registration>| r.as_ref().and_then(|_| fd.try_clone_to_owned().ok());
-    let service_fd = keep(service.as_fd(), &service_reg);
-    let tunnel_fd = keep(prepared.tunnel_tcp().as_fd(), &tunnel_reg);
+    let keep = |fd: BorrowedFd<'_>, registered: bool| registered.then(|| fd.try_clone_to_owned().ok()).flatten();
+    let service_fd = keep(service.as_fd(), service_reg.is_some());
+    let tunnel_fd = keep(prepared.tunnel_tcp().as_fd(), tunnel_reg.is_some());
+    let tunnel_base = tunnel_reg.as_ref().and_then(|r| r.counts()).map_or((0, 0), |c| (c.rx_bytes, c.tx_bytes));
     let stream = Arc::new(ActiveStream {
         transfer: Transfer::default(),
         path: prepared.path(),
         service: service_reg,
         tunnel: tunnel_reg,
+        tunnel_base,
         metered: Mutex::new((0, 0)),
     });
     pool.active.lock().insert(open.stream_id, stream.clone());
     crate::metrics::stream_opened(prepared.path().as_str());
-    let report = prepared.run(service, &stream.transfer, &pool.stop_streams).await;
+    let run = prepared.run(service, &stream.transfer, &pool.stop_streams);
+    let report = if open.framed {
+        tokio::pin!(run);
+        tokio::select! {
+            r = &mut run => r,
+            _ = tokio::time::sleep(REFILL_AFTER) => {
+                answered();
+                run.await
+            }
+        }
+    } else {
+        run.await
+    };
     crate::metrics::userspace_copy(stream.transfer.copied());
     pool.active.lock().remove(&open.stream_id);
     if matches!(report.end, StreamEnd::Clean) {
@@ -167,7 +209,12 @@ pub(super) async fn serve(pool: &Arc<Pool>, mut tls: Tunnel, tunnel_reg: Option<
         }
     }
     let service_final = stream.service.as_ref().and_then(Registration::finish);
-    let tunnel_final = stream.tunnel.as_ref().and_then(Registration::finish).map(|c| (c.rx_bytes, c.tx_bytes));
+    // A connection that carries the next stream stays registered.
+    let tunnel_final = stream
+        .tunnel
+        .as_ref()
+        .and_then(|r| if report.reusable.is_some() { r.counts() } else { r.finish() })
+        .map(|c| stream.since_start(c));
     drop((service_fd, tunnel_fd));
     let counts = match service_final {
         Some(c) => (c.tx_bytes, c.rx_bytes, CounterSource::Ebpf),
@@ -198,12 +245,17 @@ pub(super) async fn serve(pool: &Arc<Pool>, mut tls: Tunnel, tunnel_reg: Option<
             info!(path = report.path.as_str(), bytes_in, bytes_out, end = %end.describe(), "stream ended abnormally")
         }
     }
+    match report.reusable {
+        Some(TlsStream::Client(tls)) if !pool.closed.is_cancelled() => Some(tls),
+        _ => None,
+    }
 }
 
-async fn refuse(mut tls: Tunnel, reason: String) {
+async fn refuse(mut tls: Tunnel, reason: String) -> Option<Tunnel> {
     warn!(%reason, "stream refused");
     let _ = wire::write_frame(&mut tls, &StreamReply::Refused { reason }).await;
     let _ = tls.shutdown().await;
+    None
 }
 
 /// How a stream's byte counter is named in logs (as on the wire and in the admin API).

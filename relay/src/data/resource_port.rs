@@ -248,8 +248,7 @@ pub(crate) async fn forward(
     // its stream with a FIN that would make a truncated download look complete; the
     // data path disarms this on a clean end.
     datapath::reset_on_close(&client);
-    let open = StreamOpen { stream_id, client_addr: peer.to_string() };
-    let (session, conn) = match open_stream(&relay, &resource_id, &open).await {
+    let (session, conn, framed) = match open_stream(&relay, &resource_id, stream_id, &peer.to_string()).await {
         Ok(x) => x,
         Err(failed) => {
             crate::metrics::stream_failed(&resource_id, failed.reason);
@@ -262,7 +261,11 @@ pub(crate) async fn forward(
             return;
         }
     };
-    let prepared = match relay.data_path.prepare(TlsStream::Server(conn), session.info.capabilities.key_updates) {
+    let prepared = match framed {
+        true => Ok(relay.data_path.prepare_framed(TlsStream::Server(conn))),
+        false => relay.data_path.prepare(TlsStream::Server(conn), session.info.capabilities.key_updates),
+    };
+    let prepared = match prepared {
         Ok(p) => p,
         Err(e) => {
             crate::metrics::stream_failed(&resource_id, "ktls");
@@ -289,6 +292,14 @@ pub(crate) async fn forward(
         w.abort();
     }
     session.active_streams.fetch_sub(1, Ordering::Relaxed);
+    // Both ends saw the other's end of a framed stream: its connection waits for the
+    // next one, unless the stream was cut or the session's pool is full or closed.
+    if let Some(TlsStream::Server(conn)) = report.reusable
+        && !stop.is_cancelled()
+        && session.park(conn)
+    {
+        crate::metrics::data_reused(&resource_id);
+    }
     relay.streams.close(stream_id);
     let (up, down) = live.transfer.get();
     let copied = live.transfer.copied();
@@ -348,11 +359,13 @@ enum Attempt {
 /// read yet, so nothing reached the private service, and dropping the connection
 /// cancels the stalled agent's attempt should it wake. [`OPEN_TIMEOUT`] bounds the
 /// whole, from the first `StreamOpen` sent.
+/// Returns the agent, the connection, and whether the stream is framed (reusable).
 async fn open_stream(
     relay: &Relay,
     resource_id: &str,
-    open: &StreamOpen,
-) -> Result<(Arc<AgentSession>, DataConn), OpenFailed> {
+    stream_id: u64,
+    client_addr: &str,
+) -> Result<(Arc<AgentSession>, DataConn, bool), OpenFailed> {
     let deadline = relay.config.limits.stream_open_deadline;
     let mut give_up: Option<tokio::time::Instant> = None;
     let mut avoid: Option<SessionId> = None;
@@ -375,8 +388,10 @@ async fn open_stream(
                 }
             })?;
         let until = *give_up.get_or_insert_with(|| tokio::time::Instant::now() + OPEN_TIMEOUT);
-        match attempt(relay, &session, &mut conn, open, deadline, until).await {
-            Attempt::Accepted => return Ok((session, conn)),
+        let framed = relay.frames_streams_for(&session.info.capabilities);
+        let open = StreamOpen { stream_id, client_addr: client_addr.to_owned(), framed };
+        match attempt(relay, &session, &mut conn, &open, deadline, until).await {
+            Attempt::Accepted => return Ok((session, conn, framed)),
             Attempt::Refused(reason) => return Err(OpenFailed { reason: "refused", why: reason }),
             Attempt::TimedOut => {
                 return Err(OpenFailed {
