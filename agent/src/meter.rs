@@ -140,6 +140,15 @@ pub fn unacked_bytes(fd: BorrowedFd<'_>) -> Option<i32> {
     (rc == 0).then_some(n)
 }
 
+/// Bytes written to a socket that the kernel has not sent yet (`SIOCOUTQNSD`): the
+/// eBPF program counts them when they leave.
+pub fn unsent_bytes(fd: BorrowedFd<'_>) -> Option<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: valid fd; SIOCOUTQNSD writes one int.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCOUTQNSD as _, &mut n) };
+    (rc == 0).then_some(n.max(0) as u64)
+}
+
 /// This process's cgroup directory under the cgroup2 mount (looked up, never assumed).
 #[cfg_attr(not(sluice_ebpf), allow(dead_code))]
 pub fn own_cgroup() -> Result<PathBuf, String> {

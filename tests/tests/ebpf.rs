@@ -48,26 +48,39 @@ const STREAMS: [(u64, u64); 6] =
 
 /// Runs the streams concurrently; returns each stream's client address.
 async fn run_streams(ep: &str) -> Vec<(String, u64, u64)> {
-    let mut tasks = Vec::new();
-    for (i, (up, down)) in STREAMS.into_iter().enumerate() {
-        let ep = ep.to_owned();
-        tasks.push(tokio::spawn(async move {
-            let s = TcpStream::connect(&ep).await.unwrap();
-            let local = s.local_addr().unwrap().to_string();
-            let (mut r, mut w) = s.into_split();
-            w.write_u64(down).await.unwrap();
-            let (sent, got) = tokio::join!(load::send(&mut w, up, i as u64), load::receive(&mut r));
-            sent.unwrap();
-            assert_eq!(got.unwrap().0, down);
-            // What the application moved: the 8-byte header counts too.
-            (local, up + 8, down)
-        }));
-    }
+    let tasks: Vec<_> = STREAMS
+        .into_iter()
+        .enumerate()
+        .map(|(i, (up, down))| tokio::spawn(one_stream(ep.to_owned(), i as u64, up, down)))
+        .collect();
     let mut out = Vec::new();
     for t in tasks {
         out.push(t.await.unwrap());
     }
     out
+}
+
+/// Runs the streams one after another: each then runs on the data connection the one
+/// before it used, and its tunnel bytes start where that one's ended.
+async fn run_streams_in_turn(ep: &str) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    for (i, (up, down)) in STREAMS.into_iter().enumerate() {
+        out.push(one_stream(ep.to_owned(), i as u64, up, down).await);
+    }
+    out
+}
+
+/// One stream: asks for `down` bytes, sends `up`; returns the client's address and
+/// what the application moved each way (the 8-byte request counts too).
+async fn one_stream(ep: String, seed: u64, up: u64, down: u64) -> (String, u64, u64) {
+    let s = TcpStream::connect(&ep).await.unwrap();
+    let local = s.local_addr().unwrap().to_string();
+    let (mut r, mut w) = s.into_split();
+    w.write_u64(down).await.unwrap();
+    let (sent, got) = tokio::join!(load::send(&mut w, up, seed), load::receive(&mut r));
+    sent.unwrap();
+    assert_eq!(got.unwrap().0, down);
+    (local, up + 8, down)
 }
 
 /// Waits for the agent's final counts of every stream and checks them exactly.
@@ -158,6 +171,8 @@ async fn ebpf_counts_equal_application_counts_and_userspace_agrees() {
         ebpf_agent.proc.log_text()
     );
     let moved = run_streams(&relay.endpoint("counted-ebpf")).await;
+    check_final_counts(&relay, "counted-ebpf", &moved, "ebpf");
+    let moved = run_streams_in_turn(&relay.endpoint("counted-ebpf")).await;
     check_final_counts(&relay, "counted-ebpf", &moved, "ebpf");
 
     let user_agent = start("counted-user", "userspace");

@@ -155,6 +155,7 @@ pub(super) fn spawn_data_conn(pool: &Arc<Pool>) {
             return;
         };
         let registration = registration.map(Arc::new);
+        let mut tunnel_from = stream::TunnelBytes::Now;
         loop {
             pool.idle.fetch_add(1, Ordering::Relaxed);
             let open = {
@@ -192,8 +193,8 @@ pub(super) fn spawn_data_conn(pool: &Arc<Pool>) {
                     // CPU with the service connect the client is waiting for.
                     let span = info_span!("stream", id = open.stream_id, client = %open.client_addr);
                     let _counted = pool.drain.enter();
-                    match stream::serve(&pool, tls, registration.clone(), open).instrument(span).await {
-                        Some(reused) => tls = reused,
+                    match stream::serve(&pool, tls, registration.clone(), tunnel_from, open).instrument(span).await {
+                        Some(reused) => (tls, tunnel_from) = reused,
                         None => return,
                     }
                 }

@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use sluice_datapath::{self as datapath, PathKind, StreamEnd, Transfer};
+use sluice_datapath::{self as datapath, PathKind, StreamEnd, StreamReport, Transfer};
 use sluice_proto::wire::{self, AgentMsg, CounterSource, StreamOpen, StreamReply, StreamStat};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsStream;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::pool::{Pool, Tunnel};
 use crate::meter::{Meter, Registration};
@@ -78,7 +78,11 @@ impl ActiveStream {
 
     /// Tunnel (received, sent) bytes since this stream started.
     fn since_start(&self, c: sluice_agent_ebpf_common::SockCounts) -> (u64, u64) {
-        (c.rx_bytes.saturating_sub(self.tunnel_base.0), c.tx_bytes.saturating_sub(self.tunnel_base.1))
+        self.since_start_of((c.rx_bytes, c.tx_bytes))
+    }
+
+    fn since_start_of(&self, (rx, tx): (u64, u64)) -> (u64, u64) {
+        (rx.saturating_sub(self.tunnel_base.0), tx.saturating_sub(self.tunnel_base.1))
     }
 }
 
@@ -115,13 +119,15 @@ async fn drained(fd: &OwnedFd) {
 /// Connects to the private service for a stream the relay opened, and moves its bytes.
 /// Once the relay has its answer (accepted or refused), the pool is refilled; for a
 /// framed stream only if it still runs after [`REFILL_AFTER`], since its connection
-/// comes back: the return value, after a clean end.
+/// comes back: the return value, after a clean end, with where the next stream's
+/// count of the tunnel's TLS bytes starts.
 pub(super) async fn serve(
     pool: &Arc<Pool>,
     mut tls: Tunnel,
     tunnel_reg: Option<Arc<Registration>>,
+    tunnel_from: TunnelBytes,
     open: StreamOpen,
-) -> Option<Tunnel> {
+) -> Option<(Tunnel, TunnelBytes)> {
     let target = pool.service.target();
     let connect = tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, connect_metered(target, Some(&pool.meter))).await;
     let answered = || super::pool::refill(pool);
@@ -174,7 +180,10 @@ pub(super) async fn serve(
     let keep = |fd: BorrowedFd<'_>, registered: bool| registered.then(|| fd.try_clone_to_owned().ok()).flatten();
     let service_fd = keep(service.as_fd(), service_reg.is_some());
     let tunnel_fd = keep(prepared.tunnel_tcp().as_fd(), tunnel_reg.is_some());
-    let tunnel_base = tunnel_reg.as_ref().and_then(|r| r.counts()).map_or((0, 0), |c| (c.rx_bytes, c.tx_bytes));
+    let tunnel_base = match tunnel_from {
+        TunnelBytes::Since(base) => base,
+        TunnelBytes::Now => tunnel_reg.as_ref().and_then(|r| r.counts()).map_or((0, 0), |c| (c.rx_bytes, c.tx_bytes)),
+    };
     let stream = Arc::new(ActiveStream {
         transfer: Transfer::default(),
         path: prepared.path(),
@@ -200,22 +209,77 @@ pub(super) async fn serve(
     };
     crate::metrics::userspace_copy(stream.transfer.copied());
     pool.active.lock().remove(&open.stream_id);
-    if matches!(report.end, StreamEnd::Clean) {
+    let StreamReport { path, end, reusable } = report;
+    match reusable {
+        Some(TlsStream::Client(tls)) if !pool.closed.is_cancelled() => {
+            // The connection carries the next stream at once; the final counts follow
+            // beside it (the service's last bytes may still await their ACK). Its TLS
+            // bytes until now are this stream's: those counted, and those written but
+            // not sent yet, which the eBPF program counts when they leave.
+            let unsent = tunnel_fd.as_ref().and_then(|fd| crate::meter::unsent_bytes(fd.as_fd())).unwrap_or(0);
+            let at_end = stream.tunnel.as_ref().and_then(|r| r.counts()).map(|c| (c.rx_bytes, c.tx_bytes + unsent));
+            let tunnel = at_end.map(|e| stream.since_start_of(e));
+            let next = at_end.map_or(TunnelBytes::Now, TunnelBytes::Since);
+            let (pool, counted) = (pool.clone(), pool.drain.enter());
+            let id = open.stream_id;
+            tokio::spawn(
+                async move {
+                    finish(&pool, &stream, id, path, end, service_fd, TunnelEnd::Reused(tunnel)).await;
+                    drop(counted);
+                }
+                .in_current_span(),
+            );
+            Some((tls, next))
+        }
+        _ => {
+            finish(pool, &stream, open.stream_id, path, end, service_fd, TunnelEnd::Closing(tunnel_fd)).await;
+            None
+        }
+    }
+}
+
+/// Where a stream's count of its tunnel's TLS bytes starts: the connection's counts now,
+/// or (on a reused connection) where the previous stream's ended, so bytes the previous
+/// stream wrote and the kernel sent later are not counted twice.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum TunnelBytes {
+    Now,
+    Since((u64, u64)),
+}
+
+/// A stream's tunnel connection at its end: kept for the next stream (with this
+/// stream's TLS byte counts, taken at its end), or closing (its descriptor held until
+/// the kernel has sent everything, for the final eBPF counts).
+enum TunnelEnd {
+    Reused(Option<(u64, u64)>),
+    Closing(Option<OwnedFd>),
+}
+
+/// Takes a finished stream's final counts (once its sockets have sent everything),
+/// reports them to the relay, and logs how it ended.
+async fn finish(
+    pool: &Pool,
+    stream: &ActiveStream,
+    stream_id: u64,
+    path: PathKind,
+    end: StreamEnd,
+    service_fd: Option<OwnedFd>,
+    tunnel: TunnelEnd,
+) {
+    if matches!(end, StreamEnd::Clean) {
         if let Some(fd) = &service_fd {
             drained(fd).await;
         }
-        if let Some(fd) = &tunnel_fd {
+        if let TunnelEnd::Closing(Some(fd)) = &tunnel {
             drained(fd).await;
         }
     }
     let service_final = stream.service.as_ref().and_then(Registration::finish);
-    // A connection that carries the next stream stays registered.
-    let tunnel_final = stream
-        .tunnel
-        .as_ref()
-        .and_then(|r| if report.reusable.is_some() { r.counts() } else { r.finish() })
-        .map(|c| stream.since_start(c));
-    drop((service_fd, tunnel_fd));
+    let tunnel_final = match tunnel {
+        TunnelEnd::Reused(counts) => counts,
+        TunnelEnd::Closing(_) => stream.tunnel.as_ref().and_then(|r| r.finish()).map(|c| stream.since_start(c)),
+    };
+    drop(service_fd);
     let counts = match service_final {
         Some(c) => (c.tx_bytes, c.rx_bytes, CounterSource::Ebpf),
         None => {
@@ -223,15 +287,15 @@ pub(super) async fn serve(
             (tunnel_to_plain, plain_to_tunnel, CounterSource::Userspace)
         }
     };
-    let last = stream.stat_from(open.stream_id, true, counts, tunnel_final);
+    let last = stream.stat_from(stream_id, true, counts, tunnel_final);
     let _ = pool.control.send(AgentMsg::StreamStats { streams: vec![last.clone()] });
     let (bytes_in, bytes_out) = (last.bytes_in, last.bytes_out);
     let (copied_out, copied_in) = stream.transfer.get();
-    match report.end {
+    match end {
         StreamEnd::Clean => {
             crate::metrics::stream_closed("clean");
             debug!(
-                path = report.path.as_str(),
+                path = path.as_str(),
                 bytes_in,
                 bytes_out,
                 copied_in,
@@ -242,16 +306,12 @@ pub(super) async fn serve(
         }
         end => {
             crate::metrics::stream_closed(if matches!(end, StreamEnd::Cancelled) { "cancelled" } else { "aborted" });
-            info!(path = report.path.as_str(), bytes_in, bytes_out, end = %end.describe(), "stream ended abnormally")
+            info!(path = path.as_str(), bytes_in, bytes_out, end = %end.describe(), "stream ended abnormally")
         }
-    }
-    match report.reusable {
-        Some(TlsStream::Client(tls)) if !pool.closed.is_cancelled() => Some(tls),
-        _ => None,
     }
 }
 
-async fn refuse(mut tls: Tunnel, reason: String) -> Option<Tunnel> {
+async fn refuse(mut tls: Tunnel, reason: String) -> Option<(Tunnel, TunnelBytes)> {
     warn!(%reason, "stream refused");
     let _ = wire::write_frame(&mut tls, &StreamReply::Refused { reason }).await;
     let _ = tls.shutdown().await;
