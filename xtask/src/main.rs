@@ -175,9 +175,9 @@ fn usage() -> String {
          --quick skips fmt and clippy\n  \
          {}\n  \
          measure         1 GiB throughput and agent memory (idle, 8 and 200 streams)\n  \
-         bench-peers [--quick] [--no-build] [--no-docs] [--no-ebpf] [--peers LIST]  Sluice vs peer tunnels → \
-         docs/benchmarks.md\n{}\n{}{}{}{}",
+         {}\n{}\n{}{}{}{}",
         fuzz::USAGE.trim_start(),
+        bench_peers::USAGE.trim_start(),
         bench_peers::profile::USAGE,
         soak::USAGE,
         sim_agents::USAGE,

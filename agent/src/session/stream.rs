@@ -27,7 +27,7 @@ pub const SERVICE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A framed stream's connection comes back to the pool when the stream ends, so it is
 /// replaced only if the stream is still running after this long: short streams (a
 /// connect, a query, a close) then cost no handshake, long ones still leave the pool
-/// full for the next.
+/// full for the next. A stream that took the last idle connection refills at once.
 pub const REFILL_AFTER: Duration = Duration::from_millis(50);
 
 /// A running stream's counts: from the eBPF program for its registered sockets, else
@@ -154,7 +154,9 @@ pub(super) async fn serve(
     // a truncated upload look complete; a clean end disarms it (the data path does).
     datapath::reset_on_close(&service);
     let replied = wire::write_frame(&mut tls, &StreamReply::Accepted).await;
-    if !open.framed || replied.is_err() {
+    // A framed stream that took the last idle connection refills at once too: the next
+    // stream would otherwise wait for a handshake (a ramp of long streams).
+    if !open.framed || replied.is_err() || pool.idle() == 0 {
         answered();
     }
     if let Err(e) = replied {
