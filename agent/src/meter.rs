@@ -149,6 +149,27 @@ pub fn unsent_bytes(fd: BorrowedFd<'_>) -> Option<u64> {
     (rc == 0).then_some(n.max(0) as u64)
 }
 
+/// Payload bytes the socket has received in order since it connected (`TCP_INFO`'s
+/// `tcpi_bytes_received`): exact at once, where the eBPF count follows the ACKs this
+/// socket sends, which the kernel may delay.
+pub fn received_bytes(fd: BorrowedFd<'_>) -> Option<u64> {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid fd; the kernel writes at most `len` bytes into `info` and sets `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    let has_field = len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+    (rc == 0 && has_field).then_some(info.tcpi_bytes_received)
+}
+
 /// This process's cgroup directory under the cgroup2 mount (looked up, never assumed).
 #[cfg_attr(not(sluice_ebpf), allow(dead_code))]
 pub fn own_cgroup() -> Result<PathBuf, String> {

@@ -216,10 +216,18 @@ pub(super) async fn serve(
         Some(TlsStream::Client(tls)) if !pool.closed.is_cancelled() => {
             // The connection carries the next stream at once; the final counts follow
             // beside it (the service's last bytes may still await their ACK). Its TLS
-            // bytes until now are this stream's: those counted, and those written but
-            // not sent yet, which the eBPF program counts when they leave.
-            let unsent = tunnel_fd.as_ref().and_then(|fd| crate::meter::unsent_bytes(fd.as_fd())).unwrap_or(0);
-            let at_end = stream.tunnel.as_ref().and_then(|r| r.counts()).map(|c| (c.rx_bytes, c.tx_bytes + unsent));
+            // bytes until now are this stream's: sent, those counted and those written
+            // but not sent yet, which the eBPF program counts when they leave; received,
+            // the kernel's in-order count, which the eBPF one (following this socket's
+            // possibly delayed ACKs) may not have reached yet.
+            let fd = tunnel_fd.as_ref().map(|fd| fd.as_fd());
+            let unsent = fd.and_then(crate::meter::unsent_bytes).unwrap_or(0);
+            let received = fd.and_then(crate::meter::received_bytes);
+            let at_end = stream
+                .tunnel
+                .as_ref()
+                .and_then(|r| r.counts())
+                .map(|c| (received.unwrap_or(0).max(c.rx_bytes), c.tx_bytes + unsent));
             let tunnel = at_end.map(|e| stream.since_start_of(e));
             let next = at_end.map_or(TunnelBytes::Now, TunnelBytes::Since);
             let (pool, counted) = (pool.clone(), pool.drain.enter());
@@ -279,7 +287,11 @@ async fn finish(
     let service_final = stream.service.as_ref().and_then(Registration::finish);
     let tunnel_final = match tunnel {
         TunnelEnd::Reused(counts) => counts,
-        TunnelEnd::Closing(_) => stream.tunnel.as_ref().and_then(|r| r.finish()).map(|c| stream.since_start(c)),
+        TunnelEnd::Closing(fd) => {
+            let received = fd.as_ref().and_then(|fd| crate::meter::received_bytes(fd.as_fd()));
+            let counts = stream.tunnel.as_ref().and_then(|r| r.finish());
+            counts.map(|c| stream.since_start_of((received.unwrap_or(0).max(c.rx_bytes), c.tx_bytes)))
+        }
     };
     drop(service_fd);
     let counts = match service_final {
