@@ -90,9 +90,12 @@ fn check_final_counts(relay: &Relay, resource: &str, moved: &[(String, u64, u64)
             serde_json::from_str(&relay.cli_ok(&["streams", "--closed", "--resource", resource, "--output", "json"]))
                 .unwrap();
         let all = v.as_array().unwrap().clone();
+        // `closed` is the relay's end of the stream; the agent's final counts follow
+        // (it first waits for the service to acknowledge the last bytes), and until then
+        // the view shows its last periodic report.
         let done = moved
             .iter()
-            .all(|(addr, _, _)| all.iter().any(|s| s["client_addr"] == addr.as_str() && s["counter"] == counter));
+            .all(|(addr, _, _)| all.iter().any(|s| s["client_addr"] == addr.as_str() && s["final_counts"] == true));
         done.then_some(all)
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));

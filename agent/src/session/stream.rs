@@ -153,6 +153,15 @@ pub(super) async fn serve(
     // If this process dies mid-stream the service must see a reset, not a FIN that makes
     // a truncated upload look complete; a clean end disarms it (the data path does).
     datapath::reset_on_close(&service);
+    // The stream's tunnel bytes start here, before the reply: the relay sends the
+    // client's first bytes once it reads it, and the kernel may receive (and the eBPF
+    // program count) them before this task runs again.
+    let tunnel_base = match tunnel_from {
+        TunnelBytes::Since(base) => base,
+        TunnelBytes::Now => {
+            tunnel_reg.as_deref().and_then(|r| tunnel_counts(r, tls.get_ref().0.tcp().as_fd())).unwrap_or((0, 0))
+        }
+    };
     let replied = wire::write_frame(&mut tls, &StreamReply::Accepted).await;
     // A framed stream that took the last idle connection refills at once too: the next
     // stream would otherwise wait for a handshake (a ramp of long streams).
@@ -163,9 +172,10 @@ pub(super) async fn serve(
         debug!(error = %e, "the relay went away before the stream started");
         return None;
     }
-    let prepared = match open.framed {
-        true => Ok(pool.data_path.prepare_framed(TlsStream::Client(tls))),
-        false => pool.data_path.prepare(TlsStream::Client(tls), pool.relay_follows_key_updates),
+    let prepared = if open.framed {
+        Ok(pool.data_path.prepare_framed(TlsStream::Client(tls)))
+    } else {
+        pool.data_path.prepare(TlsStream::Client(tls), pool.relay_follows_key_updates)
     };
     let prepared = match prepared {
         Ok(p) => p,
@@ -182,10 +192,6 @@ pub(super) async fn serve(
     let keep = |fd: BorrowedFd<'_>, registered: bool| registered.then(|| fd.try_clone_to_owned().ok()).flatten();
     let service_fd = keep(service.as_fd(), service_reg.is_some());
     let tunnel_fd = keep(prepared.tunnel_tcp().as_fd(), tunnel_reg.is_some());
-    let tunnel_base = match tunnel_from {
-        TunnelBytes::Since(base) => base,
-        TunnelBytes::Now => tunnel_reg.as_ref().and_then(|r| r.counts()).map_or((0, 0), |c| (c.rx_bytes, c.tx_bytes)),
-    };
     let stream = Arc::new(ActiveStream {
         transfer: Transfer::default(),
         path: prepared.path(),
@@ -216,18 +222,9 @@ pub(super) async fn serve(
         Some(TlsStream::Client(tls)) if !pool.closed.is_cancelled() => {
             // The connection carries the next stream at once; the final counts follow
             // beside it (the service's last bytes may still await their ACK). Its TLS
-            // bytes until now are this stream's: sent, those counted and those written
-            // but not sent yet, which the eBPF program counts when they leave; received,
-            // the kernel's in-order count, which the eBPF one (following this socket's
-            // possibly delayed ACKs) may not have reached yet.
-            let fd = tunnel_fd.as_ref().map(|fd| fd.as_fd());
-            let unsent = fd.and_then(crate::meter::unsent_bytes).unwrap_or(0);
-            let received = fd.and_then(crate::meter::received_bytes);
-            let at_end = stream
-                .tunnel
-                .as_ref()
-                .and_then(|r| r.counts())
-                .map(|c| (received.unwrap_or(0).max(c.rx_bytes), c.tx_bytes + unsent));
+            // bytes until now are this stream's.
+            let at_end =
+                stream.tunnel.as_deref().zip(tunnel_fd.as_ref()).and_then(|(r, fd)| tunnel_counts(r, fd.as_fd()));
             let tunnel = at_end.map(|e| stream.since_start_of(e));
             let next = at_end.map_or(TunnelBytes::Now, TunnelBytes::Since);
             let (pool, counted) = (pool.clone(), pool.drain.enter());
@@ -248,13 +245,26 @@ pub(super) async fn serve(
     }
 }
 
-/// Where a stream's count of its tunnel's TLS bytes starts: the connection's counts now,
-/// or (on a reused connection) where the previous stream's ended, so bytes the previous
-/// stream wrote and the kernel sent later are not counted twice.
+/// Where a stream's count of its tunnel's TLS bytes starts: the connection's counts when
+/// the stream is accepted, or (on a reused connection) where the previous stream's
+/// ended, so bytes the previous stream wrote and the kernel sent later are not counted
+/// twice.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum TunnelBytes {
     Now,
     Since((u64, u64)),
+}
+
+/// A tunnel socket's TLS bytes (received, sent) so far, counted so that they split
+/// exactly between streams taken one after another: sent, the eBPF count plus the bytes
+/// written but not sent yet (`SIOCOUTQNSD`), which the program counts when they leave;
+/// received, the kernel's in-order count (`TCP_INFO`) when the eBPF one, which follows
+/// this socket's possibly delayed ACKs, is behind it.
+fn tunnel_counts(registration: &Registration, fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+    let c = registration.counts()?;
+    let unsent = crate::meter::unsent_bytes(fd).unwrap_or(0);
+    let received = crate::meter::received_bytes(fd).unwrap_or(0);
+    Some((received.max(c.rx_bytes), c.tx_bytes + unsent))
 }
 
 /// A stream's tunnel connection at its end: kept for the next stream (with this

@@ -57,6 +57,12 @@ pub struct StreamView {
     /// Who counted the bytes: `ebpf` or `userspace` (the agent), or `relay`.
     pub counter: String,
     pub closed: bool,
+    /// The agent's final counts are in: its report marked closed arrived. A stream the
+    /// relay has closed shows the agent's last periodic counts until then (the agent
+    /// waits for the service to acknowledge its last bytes before it reports), so a
+    /// script that needs exact totals waits for this.
+    #[serde(default)]
+    pub final_counts: bool,
     /// TLS bytes (received, sent) on the agent's tunnel socket, when counted by eBPF.
     pub tunnel_bytes: Option<(u64, u64)>,
 }
@@ -221,6 +227,7 @@ impl LiveStream {
             started_at: self.started_at,
             age_secs: ended.unwrap_or_else(|| self.started.elapsed()).as_secs_f64(),
             closed: ended.is_some(),
+            final_counts: report.as_ref().is_some_and(|r| r.closed),
             tunnel_bytes: report.as_ref().and_then(|r| r.tunnel_bytes),
             bytes_in,
             bytes_out,
@@ -282,10 +289,12 @@ mod tests {
             closed,
             tunnel_bytes: None,
         };
+        streams.report("agt_a", &[stat(60, false)]);
+        assert!(!streams.views(None)[0].final_counts, "a periodic report is not final");
         streams.report("agt_a", &[stat(100, true)]);
         streams.report("agt_a", &[stat(60, false)]);
         let v = &streams.views(None)[0];
-        assert_eq!((v.bytes_in, v.path), (100, PathKind::KtlsSplice));
+        assert_eq!((v.bytes_in, v.path, v.final_counts), (100, PathKind::KtlsSplice, true));
     }
 
     #[test]
