@@ -237,8 +237,9 @@ pub struct StreamReport {
     pub path: PathKind,
     pub end: StreamEnd,
     /// A framed stream that ended cleanly gives its tunnel connection back, ready for
-    /// the next stream's `StreamOpen` ([`DataPath::prepare_framed`]).
-    pub reusable: Option<Tunnel>,
+    /// the next stream's `StreamOpen` ([`DataPath::prepare_framed`]). Boxed, as it was
+    /// while the stream ran: the report is small, and so are the futures that hold it.
+    pub reusable: Option<Box<Tunnel>>,
 }
 
 /// One end's data path choice, made once at start.
@@ -398,7 +399,8 @@ impl PreparedStream {
     /// a framed stream's tunnel then comes back in [`StreamReport::reusable`].
     pub async fn run(self, plain: TcpStream, transfer: &Transfer, cancel: &CancellationToken) -> StreamReport {
         let (end, reusable) = match self.inner {
-            Prepared::Userspace(tls, framed) => userspace::run(*tls, plain, framed, transfer, cancel).await,
+            // Each path's future on the heap: the stream holds only the one it runs.
+            Prepared::Userspace(tls, framed) => Box::pin(userspace::run(tls, plain, framed, transfer, cancel)).await,
             Prepared::Kernel(o, engine) => {
                 let pending = Pending {
                     bytes: o.pending,
@@ -406,7 +408,8 @@ impl PreparedStream {
                     key_schedule: o.key_schedule,
                     send_records_per_key: o.send_records_per_key,
                 };
-                (run_engine(engine, o.tcp, plain, pending, TunnelTls::Kernel, transfer, cancel).await, None)
+                let run = Box::pin(run_engine(engine, o.tcp, plain, pending, TunnelTls::Kernel, transfer, cancel));
+                (run.await, None)
             }
         };
         StreamReport { path: self.path, end, reusable }

@@ -141,76 +141,84 @@ pub(super) fn refill(pool: &Arc<Pool>) {
 /// connection back, and it waits for the next stream (no new handshake).
 pub(super) fn spawn_data_conn(pool: &Arc<Pool>) {
     pool.connecting.fetch_add(1, Ordering::Relaxed);
-    let pool = pool.clone();
-    tokio::spawn(async move {
-        let conn = data_conn(&pool).await;
-        pool.connecting.fetch_sub(1, Ordering::Relaxed);
-        let Ok((mut tls, registration)) = conn.inspect_err(|e| debug!(error = %e, "opening a data connection failed"))
-        else {
-            // Try again a little later, unless the session is over.
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => refill(&pool),
-                _ = pool.closed.cancelled() => {}
-            }
-            return;
-        };
-        let registration = registration.map(Arc::new);
-        let mut tunnel_from = stream::TunnelBytes::Now;
-        loop {
-            pool.idle.fetch_add(1, Ordering::Relaxed);
-            let open = {
-                let read = wire::read_frame::<_, StreamOpen>(&mut tls);
-                tokio::pin!(read);
-                loop {
-                    tokio::select! {
-                        o = &mut read => break o,
-                        _ = pool.closed.cancelled() => {
-                            pool.idle.fetch_sub(1, Ordering::Relaxed);
+    tokio::spawn(data_conn_task(pool.clone()));
+}
+
+/// A data connection's life: opened, idle until a stream comes, serving it, and idle
+/// again if the stream hands it back. Every connection, idle or carrying a stream, is
+/// one such task, so its future is kept small: the dial and the stream run in futures
+/// of their own on the heap, and the connection itself is boxed.
+async fn data_conn_task(pool: Arc<Pool>) {
+    let conn = Box::pin(data_conn(&pool)).await;
+    pool.connecting.fetch_sub(1, Ordering::Relaxed);
+    let Ok((tls, registration)) = conn.inspect_err(|e| debug!(error = %e, "opening a data connection failed")) else {
+        // Try again a little later, unless the session is over.
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => refill(&pool),
+            _ = pool.closed.cancelled() => {}
+        }
+        return;
+    };
+    // Boxed, like the stream future below: an idle connection's task stays small, and
+    // moving the connection into and out of a stream copies a pointer.
+    let mut tls = Box::new(tls);
+    let registration = registration.map(Arc::new);
+    let mut tunnel_from = stream::TunnelBytes::Now;
+    loop {
+        pool.idle.fetch_add(1, Ordering::Relaxed);
+        let open = {
+            let read = wire::read_frame::<_, StreamOpen>(&mut *tls);
+            tokio::pin!(read);
+            loop {
+                tokio::select! {
+                    o = &mut read => break o,
+                    _ = pool.closed.cancelled() => {
+                        pool.idle.fetch_sub(1, Ordering::Relaxed);
+                        return;
+                    }
+                    // Left over from a burst: close it (the relay drops closed idle
+                    // connections before handing one out).
+                    _ = tokio::time::sleep(SURPLUS_IDLE) => {
+                        if pool.leave_if_surplus() {
+                            debug!("surplus idle data connection closed");
                             return;
                         }
-                        // Left over from a burst: close it (the relay drops closed idle
-                        // connections before handing one out).
-                        _ = tokio::time::sleep(SURPLUS_IDLE) => {
-                            if pool.leave_if_surplus() {
-                                debug!("surplus idle data connection closed");
-                                return;
-                            }
-                        }
                     }
-                }
-            };
-            pool.idle.fetch_sub(1, Ordering::Relaxed);
-            match open {
-                Ok(open) if pool.closed.is_cancelled() => {
-                    // The session ended (a drain, a lost relay) as the stream arrived: no
-                    // new streams now. Closing without a reply lets the relay, which has
-                    // read no client byte yet, try another agent.
-                    return debug!(stream = open.stream_id, "stream refused: the session is over");
-                }
-                Ok(open) => {
-                    // The replacement connection is opened once this stream has its answer
-                    // (in `stream::serve`): its TLS handshake then does not compete for the
-                    // CPU with the service connect the client is waiting for.
-                    let span = info_span!("stream", id = open.stream_id, client = %open.client_addr);
-                    let _counted = pool.drain.enter();
-                    match stream::serve(&pool, tls, registration.clone(), tunnel_from, open).instrument(span).await {
-                        Some(reused) => (tls, tunnel_from) = reused,
-                        None => return,
-                    }
-                }
-                Err(e) => {
-                    // The relay closed an idle connection (its pool was full, or it restarted).
-                    debug!(error = %e, "idle data connection closed by the relay");
-                    drop(registration);
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => refill(&pool),
-                        _ = pool.closed.cancelled() => {}
-                    }
-                    return;
                 }
             }
+        };
+        pool.idle.fetch_sub(1, Ordering::Relaxed);
+        match open {
+            Ok(open) if pool.closed.is_cancelled() => {
+                // The session ended (a drain, a lost relay) as the stream arrived: no
+                // new streams now. Closing without a reply lets the relay, which has
+                // read no client byte yet, try another agent.
+                return debug!(stream = open.stream_id, "stream refused: the session is over");
+            }
+            Ok(open) => {
+                // The replacement connection is opened once this stream has its answer
+                // (in `stream::serve`): its TLS handshake then does not compete for the
+                // CPU with the service connect the client is waiting for.
+                let span = info_span!("stream", id = open.stream_id, client = %open.client_addr);
+                let _counted = pool.drain.enter();
+                let serve = Box::pin(stream::serve(&pool, tls, registration.clone(), tunnel_from, open));
+                match serve.instrument(span).await {
+                    Some(reused) => (tls, tunnel_from) = reused,
+                    None => return,
+                }
+            }
+            Err(e) => {
+                // The relay closed an idle connection (its pool was full, or it restarted).
+                debug!(error = %e, "idle data connection closed by the relay");
+                drop(registration);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => refill(&pool),
+                    _ = pool.closed.cancelled() => {}
+                }
+                return;
+            }
         }
-    });
+    }
 }
 
 async fn data_conn(pool: &Pool) -> Result<(Tunnel, Option<Registration>), String> {
@@ -226,4 +234,45 @@ async fn data_conn(pool: &Pool) -> Result<(Tunnel, Option<Registration>), String
     let hello = DataHello { version: PROTOCOL_VERSION, session_id: pool.session_id.clone() };
     wire::write_frame(&mut tls, &hello).await.map_err(|e| format!("sending the data hello: {e}"))?;
     Ok((tls, registration))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::stream::{self, TunnelBytes};
+    use sluice_datapath::{PreparedStream, Transfer};
+    use tokio::net::TcpStream;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<F: FnOnce(A) -> R, A, R>(_: &F) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    fn future_size4<F: FnOnce(A, B, C, D) -> R, A, B, C, D, R>(_: &F) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    fn future_size5<F: FnOnce(A, B, C, D, E) -> R, A, B, C, D, E, R>(_: &F) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Every data connection is a task, and a held stream also keeps its `serve` and
+    /// `run` futures: with the connection, the stream and both data paths' copy loops
+    /// inline the task was 11 KiB, idle or not, most of a held stream's cost
+    /// (docs/benchmarks.md). Now each part is on the heap, sized for what it holds
+    /// (`sluice_datapath`'s own test bounds the user-space copy loop).
+    #[test]
+    fn a_connection_task_and_its_stream_future_stay_small() {
+        let task = future_size(&data_conn_task);
+        let serve =
+            future_size5::<_, &'static Arc<Pool>, Box<Tunnel>, Option<Arc<Registration>>, TunnelBytes, StreamOpen, _>(
+                &stream::serve,
+            );
+        let run = future_size4::<_, PreparedStream, TcpStream, &'static Transfer, &'static CancellationToken, _>(
+            &PreparedStream::run,
+        );
+        assert!(task <= 1024, "a data connection's task future is {task} bytes");
+        assert!(serve <= 1536, "a stream's serve future is {serve} bytes");
+        assert!(run <= 512, "a stream's run future is {run} bytes");
+    }
 }

@@ -123,11 +123,11 @@ async fn drained(fd: &OwnedFd) {
 /// count of the tunnel's TLS bytes starts.
 pub(super) async fn serve(
     pool: &Arc<Pool>,
-    mut tls: Tunnel,
+    mut tls: Box<Tunnel>,
     tunnel_reg: Option<Arc<Registration>>,
     tunnel_from: TunnelBytes,
     open: StreamOpen,
-) -> Option<(Tunnel, TunnelBytes)> {
+) -> Option<(Box<Tunnel>, TunnelBytes)> {
     let target = pool.service.target();
     let connect = tokio::time::timeout(SERVICE_CONNECT_TIMEOUT, connect_metered(target, Some(&pool.meter))).await;
     let answered = || super::pool::refill(pool);
@@ -162,7 +162,7 @@ pub(super) async fn serve(
             tunnel_reg.as_deref().and_then(|r| tunnel_counts(r, tls.get_ref().0.tcp().as_fd())).unwrap_or((0, 0))
         }
     };
-    let replied = wire::write_frame(&mut tls, &StreamReply::Accepted).await;
+    let replied = wire::write_frame(&mut *tls, &StreamReply::Accepted).await;
     // A framed stream that took the last idle connection refills at once too: the next
     // stream would otherwise wait for a handshake (a ramp of long streams).
     if !open.framed || replied.is_err() || pool.idle() == 0 {
@@ -173,9 +173,9 @@ pub(super) async fn serve(
         return None;
     }
     let prepared = if open.framed {
-        Ok(pool.data_path.prepare_framed(TlsStream::Client(tls)))
+        Ok(pool.data_path.prepare_framed(TlsStream::Client(*tls)))
     } else {
-        pool.data_path.prepare(TlsStream::Client(tls), pool.relay_follows_key_updates)
+        pool.data_path.prepare(TlsStream::Client(*tls), pool.relay_follows_key_updates)
     };
     let prepared = match prepared {
         Ok(p) => p,
@@ -202,24 +202,34 @@ pub(super) async fn serve(
     });
     pool.active.lock().insert(open.stream_id, stream.clone());
     crate::metrics::stream_opened(prepared.path().as_str());
-    let run = prepared.run(service, &stream.transfer, &pool.stop_streams);
-    let report = if open.framed {
-        tokio::pin!(run);
-        tokio::select! {
-            r = &mut run => r,
-            _ = tokio::time::sleep(REFILL_AFTER) => {
-                answered();
-                run.await
+    // On the heap, as `serve` itself is (`pool.rs`): an async fn's state keeps room for
+    // every await point's locals, and a held stream pays for all of it. For the same
+    // reason the report (it holds the connection) is unpacked here, before any await.
+    let (path, end, reusable) = {
+        let mut run = Box::pin(prepared.run(service, &stream.transfer, &pool.stop_streams));
+        // (`timeout`, not `select!`: the macro keeps room for its output, the report.)
+        let report = if open.framed {
+            match tokio::time::timeout(REFILL_AFTER, &mut run).await {
+                Ok(report) => report,
+                Err(_) => {
+                    answered();
+                    run.await
+                }
             }
-        }
-    } else {
-        run.await
+        } else {
+            run.await
+        };
+        let StreamReport { path, end, reusable } = report;
+        let reusable = reusable.filter(|_| !pool.closed.is_cancelled()).and_then(|tls| match *tls {
+            TlsStream::Client(tls) => Some(Box::new(tls)),
+            TlsStream::Server(_) => None,
+        });
+        (path, end, reusable)
     };
     crate::metrics::userspace_copy(stream.transfer.copied());
     pool.active.lock().remove(&open.stream_id);
-    let StreamReport { path, end, reusable } = report;
     match reusable {
-        Some(TlsStream::Client(tls)) if !pool.closed.is_cancelled() => {
+        Some(tls) => {
             // The connection carries the next stream at once; the final counts follow
             // beside it (the service's last bytes may still await their ACK). Its TLS
             // bytes until now are this stream's.
@@ -238,7 +248,7 @@ pub(super) async fn serve(
             );
             Some((tls, next))
         }
-        _ => {
+        None => {
             finish(pool, &stream, open.stream_id, path, end, service_fd, TunnelEnd::Closing(tunnel_fd)).await;
             None
         }
@@ -335,9 +345,9 @@ async fn finish(
     }
 }
 
-async fn refuse(mut tls: Tunnel, reason: String) -> Option<(Tunnel, TunnelBytes)> {
+async fn refuse(mut tls: Box<Tunnel>, reason: String) -> Option<(Box<Tunnel>, TunnelBytes)> {
     warn!(%reason, "stream refused");
-    let _ = wire::write_frame(&mut tls, &StreamReply::Refused { reason }).await;
+    let _ = wire::write_frame(&mut *tls, &StreamReply::Refused { reason }).await;
     let _ = tls.shutdown().await;
     None
 }

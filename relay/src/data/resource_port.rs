@@ -294,7 +294,8 @@ pub(crate) async fn forward(
     session.active_streams.fetch_sub(1, Ordering::Relaxed);
     // Both ends saw the other's end of a framed stream: its connection waits for the
     // next one, unless the stream was cut or the session's pool is full or closed.
-    if let Some(TlsStream::Server(conn)) = report.reusable
+    if let Some(conn) = report.reusable
+        && let TlsStream::Server(conn) = *conn
         && !stop.is_cancelled()
         && session.park(conn)
     {
