@@ -468,6 +468,15 @@ pub fn metric_value(page: &str, series: &str) -> Option<f64> {
     line.split_whitespace().last()?.parse().ok()
 }
 
+/// The sum of one metric over all its label sets (`sluice_relay_data_reused_total`
+/// across resources); 0 when the page has none.
+pub fn metric_sum(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Splits `host:port`.
 pub fn split_endpoint(ep: &str) -> (String, u16) {
     let (h, p) = ep.rsplit_once(':').unwrap();

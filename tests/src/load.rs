@@ -197,8 +197,8 @@ pub struct ExchangeTiming {
 }
 
 /// Runs one [`Exchange`] against an [`exchange_server`] at `addr` (through a tunnel or
-/// not). `ready` runs once the first reply byte arrived and before the upload starts, so
-/// a caller can hold many streams open at once. Checks both directions: the server's
+/// not). `ready` runs once the first reply byte arrived (at once for an empty reply) and
+/// before the upload starts, so a caller can hold many streams open at once. Checks both directions: the server's
 /// digest of the upload against the client's, the client's digest of the reply against
 /// the server's, and both byte counts.
 pub async fn exchange<F: std::future::Future<Output = ()>>(
@@ -217,12 +217,16 @@ pub async fn exchange<F: std::future::Future<Output = ()>>(
     let (mut r, mut w) = s.split();
     let mut reply = ReplyReader::new(ex.down);
     let mut buf = vec![0u8; EXCHANGE_CHUNK];
-    let n = r.read(&mut buf).await.map_err(|e| fail("first reply byte", e))?;
-    if n == 0 {
-        return Err(ExchangeError::Failed("the stream ended before any reply byte".into()));
+    // An empty reply's first byte is the trailer, which the server sends only after the
+    // upload: then there is nothing to wait for before uploading.
+    if ex.down > 0 {
+        let n = r.read(&mut buf).await.map_err(|e| fail("first reply byte", e))?;
+        if n == 0 {
+            return Err(ExchangeError::Failed("the stream ended before any reply byte".into()));
+        }
+        reply.take(&buf[..n])?;
     }
     let first_byte = start.elapsed();
-    reply.take(&buf[..n])?;
     ready().await;
     let upload = async {
         let digest = write_payload(&mut w, ex.up, ex.up_seed, EXCHANGE_CHUNK).await.map_err(|e| fail("upload", e))?;

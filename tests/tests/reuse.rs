@@ -9,17 +9,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use sluice_e2e::load::{self, Exchange, exchange, exchange_server, sink_source_server};
-use sluice_e2e::{Agent, Relay, metrics_page, test_dir, wait_for};
+use sluice_e2e::{Agent, Relay, metric_sum, metrics_page, test_dir, wait_for};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// The sum of a counter's series (any labels) on the relay's metrics page.
 fn relay_counter(relay: &Relay, name: &str) -> f64 {
-    let page = metrics_page(&format!("127.0.0.1:{}", relay.admin_port)).unwrap_or_default();
-    page.lines()
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(&metrics_page(&format!("127.0.0.1:{}", relay.admin_port)).unwrap_or_default(), name)
 }
 
 fn handshakes(relay: &Relay) -> f64 {
@@ -48,11 +44,20 @@ fn agent_for(relay: &Relay, dir: &std::path::Path, name: &str, service: SocketAd
     agent
 }
 
-/// Sizes around the 65,532-byte chunk a 64 KiB buffer holds behind its header, and an
-/// empty upload (the end marker right after the open). [`exchange`] needs a reply of
-/// at least one byte before it uploads; the other tests cover an empty reply.
-const SIZES: [(u64, u64); 8] =
-    [(0, 1), (1, 1), (0, 65_532), (65_532, 65_533), (65_533, 65_532), (131_064, 7), (3, 300_000), (250_000, 250_001)];
+/// Sizes around the 65,532-byte chunk a 64 KiB buffer holds behind its header, an
+/// empty upload (the end marker right after the open) and an empty reply (the service
+/// answers only after the upload, with the exchange's trailer).
+const SIZES: [(u64, u64); 9] = [
+    (0, 1),
+    (1, 1),
+    (0, 65_532),
+    (65_532, 65_533),
+    (65_533, 65_532),
+    (131_064, 7),
+    (3, 300_000),
+    (250_000, 250_001),
+    (70_000, 0),
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_streams_reuse_their_connections_and_every_byte_arrives() {
