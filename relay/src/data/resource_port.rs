@@ -264,9 +264,10 @@ pub(crate) async fn forward(
             return;
         }
     };
-    let prepared = match framed {
-        true => Ok(relay.data_path.prepare_framed(TlsStream::Server(conn))),
-        false => relay.data_path.prepare(TlsStream::Server(conn), session.info.capabilities.key_updates),
+    let prepared = if framed {
+        Ok(relay.data_path.prepare_framed(TlsStream::Server(conn)))
+    } else {
+        relay.data_path.prepare(TlsStream::Server(conn), session.info.capabilities.key_updates)
     };
     let prepared = match prepared {
         Ok(p) => p,
@@ -362,8 +363,8 @@ enum Attempt {
 /// dead, or an agent that stalls, costs a retry on another one: no client byte has been
 /// read yet, so nothing reached the private service, and dropping the connection
 /// cancels the stalled agent's attempt should it wake. [`OPEN_TIMEOUT`] bounds the
-/// whole, from the first `StreamOpen` sent.
-/// Returns the agent, the connection, and whether the stream is framed (reusable).
+/// whole, from the first `StreamOpen` sent. Returns the agent, the connection, and
+/// whether the stream is framed (its connection reusable).
 async fn open_stream(
     relay: &Relay,
     resource_id: &str,
