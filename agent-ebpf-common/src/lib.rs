@@ -128,6 +128,139 @@ impl SockCounts {
 // SAFETY: plain old data, `repr(C)`, no padding beyond the explicit `_pad` field.
 unsafe impl aya::Pod for SockCounts {}
 
+/// Name of the `sock_ops` counter's map in the object file.
+pub const TCP_TOTALS_MAP: &str = "TCP_TOTALS";
+/// Name of the `sock_ops` program in the object file.
+pub const SOCKOPS_PROG: &str = "sluice_sockops";
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u32 = 1;
+    pub const FIN_WAIT1: u32 = 4;
+    pub const FIN_WAIT2: u32 = 5;
+    pub const TIME_WAIT: u32 = 6;
+    pub const CLOSE: u32 = 7;
+    pub const CLOSE_WAIT: u32 = 8;
+    pub const LAST_ACK: u32 = 9;
+    pub const CLOSING: u32 = 11;
+}
+
+/// `TcpTotals::flags`: the socket is established and its bases are set.
+pub const ESTABLISHED: u32 = 1;
+/// `TcpTotals::flags`: this socket queued its FIN.
+pub const FIN_SENT: u32 = 2;
+/// `TcpTotals::flags`: the peer acknowledged this socket's FIN (`bytes_acked` counts it).
+pub const FIN_ACKED: u32 = 4;
+/// `TcpTotals::flags`: the peer's FIN arrived (`bytes_received` counts it).
+pub const PEER_FIN: u32 = 8;
+
+/// The `sock_ops` counter's record of one socket, keyed by socket cookie.
+///
+/// The kernel already keeps exact payload totals per TCP socket (`bytes_acked`,
+/// `bytes_received`: the same numbers as `TCP_INFO`'s `tcpi_bytes_acked` and
+/// `tcpi_bytes_received`), so this program does not look at packets. It runs a few times
+/// per connection: when it is established (the bases: the SYN takes one acknowledged
+/// sequence number) and at each state change, where it keeps the totals and which FINs
+/// they include — each FIN takes one sequence number and is no payload. Live counts
+/// of a running socket come from `TCP_INFO` with the same rules ([`TcpTotals::live`]);
+/// the program's record is what tells, once the socket has closed, whether its totals
+/// include the FINs (a state of `CLOSE` alone does not say how it got there).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpTotals {
+    /// The kernel's `bytes_acked` at the last state change.
+    pub bytes_acked: u64,
+    /// The kernel's `bytes_received` at the last state change.
+    pub bytes_received: u64,
+    /// `bytes_acked` when the socket was established (its SYN).
+    pub acked_base: u32,
+    /// `bytes_received` when the socket was established.
+    pub received_base: u32,
+    /// The state the socket changed to last (0: none seen yet).
+    pub state: u32,
+    /// `ESTABLISHED | FIN_SENT | FIN_ACKED | PEER_FIN` bits.
+    pub flags: u32,
+}
+
+impl TcpTotals {
+    /// The socket is established: the totals so far (a SYN, a SYN-ACK) are the bases.
+    #[inline(always)]
+    pub fn established(&mut self, acked: u64, received: u64) {
+        self.acked_base = acked as u32;
+        self.received_base = received as u32;
+        self.bytes_acked = acked;
+        self.bytes_received = received;
+        self.state = tcp_state::ESTABLISHED;
+        self.flags |= ESTABLISHED;
+    }
+
+    /// The socket changes from state `old` to `new`, with these totals, and `snd_una ==
+    /// snd_nxt` (everything sent, a FIN included, is acknowledged) as `all_acked`.
+    ///
+    /// Which FINs the totals include, by transition: into `FIN_WAIT1` or `LAST_ACK` this
+    /// socket queued its FIN; into `FIN_WAIT2` (or `TIME_WAIT`) the peer acknowledged
+    /// it; into `CLOSE_WAIT` or `CLOSING` the peer's FIN arrived. Into `CLOSE` the way
+    /// there tells: from `FIN_WAIT2` the peer's FIN (the socket moves to time-wait),
+    /// from `LAST_ACK` or `CLOSING` the acknowledgement of this socket's FIN when
+    /// everything is acknowledged, else a reset or a time-out ended it first.
+    #[inline(always)]
+    pub fn state_change(&mut self, old: u32, new: u32, acked: u64, received: u64, all_acked: bool) {
+        use tcp_state::*;
+        self.bytes_acked = acked;
+        self.bytes_received = received;
+        self.state = new;
+        self.flags |= match new {
+            FIN_WAIT1 => FIN_SENT,
+            LAST_ACK => FIN_SENT,
+            FIN_WAIT2 | TIME_WAIT => FIN_ACKED,
+            CLOSE_WAIT | CLOSING => PEER_FIN,
+            CLOSE => match old {
+                FIN_WAIT2 => PEER_FIN,
+                LAST_ACK | CLOSING if all_acked => FIN_ACKED,
+                _ => 0,
+            },
+            _ => 0,
+        };
+    }
+
+    /// Payload bytes (sent and acknowledged, received in order): the totals without the
+    /// SYN and the FINs they include.
+    #[inline(always)]
+    pub fn payload(&self) -> (u64, u64) {
+        let fin = |bit: u32| if self.flags & bit != 0 { 1 } else { 0 };
+        let sent = self.bytes_acked.saturating_sub(self.acked_base as u64 + fin(FIN_ACKED));
+        let received = self.bytes_received.saturating_sub(self.received_base as u64 + fin(PEER_FIN));
+        (sent, received)
+    }
+
+    /// Payload bytes of a socket read live (`TCP_INFO`: its state and totals now). The
+    /// state says which FINs the totals include, except `CLOSE`, where the program's
+    /// record (written before the kernel stores the new state) is the final word.
+    /// `None` before the program saw the socket established.
+    pub fn live(&self, state: u32, acked: u64, received: u64) -> Option<(u64, u64)> {
+        use tcp_state::*;
+        if self.flags & ESTABLISHED == 0 {
+            return None;
+        }
+        if state == CLOSE {
+            return Some(self.payload());
+        }
+        let mut now = *self;
+        now.bytes_acked = acked;
+        now.bytes_received = received;
+        now.flags |= match state {
+            FIN_WAIT2 | TIME_WAIT => FIN_ACKED,
+            CLOSE_WAIT | LAST_ACK | CLOSING => PEER_FIN,
+            _ => 0,
+        };
+        Some(now.payload())
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain old data, `repr(C)`, 32 bytes without padding.
+unsafe impl aya::Pod for TcpTotals {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +325,63 @@ mod tests {
             c.egress(&seg(8, first.wrapping_add(got).wrapping_add(1), ACK, 0)); // ACK of the FIN
             prop_assert_eq!(c.rx_bytes, got as u64);
         }
+    }
+
+    /// An agent socket's life as the kernel reports it (the figures are what a loopback
+    /// connection shows in `TCP_INFO`: the SYN counts as one acknowledged byte, each FIN
+    /// as one acknowledged or received byte).
+    #[test]
+    fn sockops_totals_drop_the_syn_and_both_fins_whichever_side_closes_first() {
+        use tcp_state::*;
+        // We close first: FIN_WAIT1, FIN_WAIT2, then the peer's FIN (time-wait: CLOSE).
+        let mut t = TcpTotals::default();
+        t.established(1, 0);
+        assert_eq!(t.live(ESTABLISHED, 1001, 77), Some((1000, 77)));
+        t.state_change(ESTABLISHED, FIN_WAIT1, 1001, 77, false);
+        assert_eq!(t.live(FIN_WAIT1, 1001, 77), Some((1000, 77)), "the FIN is not acknowledged yet");
+        t.state_change(FIN_WAIT1, FIN_WAIT2, 1002, 77, true);
+        assert_eq!(t.live(FIN_WAIT2, 1002, 90), Some((1000, 90)));
+        t.state_change(FIN_WAIT2, CLOSE, 1002, 91, true);
+        assert_eq!(t.payload(), (1000, 90));
+        assert_eq!(t.live(CLOSE, 1002, 91), Some((1000, 90)));
+
+        // The peer closes first: CLOSE_WAIT, LAST_ACK, and the ACK of our FIN: CLOSE.
+        let mut t = TcpTotals::default();
+        t.established(1, 0);
+        t.state_change(ESTABLISHED, CLOSE_WAIT, 1001, 78, true);
+        assert_eq!(t.live(CLOSE_WAIT, 5001, 78), Some((5000, 77)));
+        t.state_change(CLOSE_WAIT, LAST_ACK, 5001, 78, false);
+        assert_eq!(t.live(LAST_ACK, 5001, 78), Some((5000, 77)));
+        t.state_change(LAST_ACK, CLOSE, 5002, 78, true);
+        assert_eq!(t.payload(), (5000, 77));
+
+        // Both at once: FIN_WAIT1, CLOSING (the peer's FIN), then the ACK of ours.
+        let mut t = TcpTotals::default();
+        t.established(1, 0);
+        t.state_change(ESTABLISHED, FIN_WAIT1, 11, 0, false);
+        t.state_change(FIN_WAIT1, CLOSING, 11, 6, false);
+        assert_eq!(t.live(CLOSING, 11, 6), Some((10, 5)));
+        t.state_change(CLOSING, CLOSE, 12, 6, true);
+        assert_eq!(t.payload(), (10, 5));
+    }
+
+    #[test]
+    fn sockops_totals_after_a_reset_count_no_fin_that_was_not_acknowledged() {
+        use tcp_state::*;
+        // Reset while established: no FIN either way.
+        let mut t = TcpTotals::default();
+        t.established(1, 0);
+        t.state_change(ESTABLISHED, CLOSE, 801, 40, false);
+        assert_eq!(t.payload(), (800, 40));
+        // Reset in LAST_ACK, our FIN (and some data) not acknowledged.
+        let mut t = TcpTotals::default();
+        t.established(1, 0);
+        t.state_change(ESTABLISHED, CLOSE_WAIT, 101, 11, true);
+        t.state_change(CLOSE_WAIT, LAST_ACK, 101, 11, false);
+        t.state_change(LAST_ACK, CLOSE, 301, 11, false);
+        assert_eq!(t.payload(), (300, 10));
+        // Not seen established (registered after the handshake): no live counts.
+        assert_eq!(TcpTotals::default().live(ESTABLISHED, 10, 10), None);
     }
 
     #[test]

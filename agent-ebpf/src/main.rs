@@ -1,18 +1,31 @@
-//! The agent's eBPF program: two cgroup socket-buffer programs (egress and ingress),
-//! attached to the agent's own cgroup, that count exact payload bytes for the sockets
-//! the agent registered in `SOCKETS` (by socket cookie). Every other socket is passed
-//! through untouched after one map lookup. See `SockCounts` for the counting rules.
+//! The agent's eBPF programs, two designs of one counter: exact payload bytes of the
+//! sockets the agent registered (by socket cookie), attached to the agent's own cgroup.
+//!
+//! - `cgroup_skb` (egress and ingress): reads every packet's TCP header and counts new
+//!   sequence space for the sockets in `SOCKETS`; every other socket is passed through
+//!   after one map lookup. See `SockCounts` for the counting rules.
+//! - `sock_ops`: runs a few times per connection, not per packet — when a socket
+//!   connects, is established and changes state — and keeps the kernel's own totals for
+//!   the sockets in `TCP_TOTALS` and which FINs they include. See `TcpTotals`.
+//!
+//! The agent attaches one of them (`SLUICE_COUNTER`, agent/src/meter.rs).
 #![no_std]
 #![no_main]
 
+use aya_ebpf::bindings::{
+    BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+};
 use aya_ebpf::helpers::bpf_get_socket_cookie;
-use aya_ebpf::macros::{cgroup_skb, map};
+use aya_ebpf::macros::{cgroup_skb, map, sock_ops};
 use aya_ebpf::maps::HashMap;
-use aya_ebpf::programs::SkBuffContext;
-use sluice_agent_ebpf_common::{MAX_SOCKETS, Segment, SockCounts};
+use aya_ebpf::programs::{SkBuffContext, SockOpsContext};
+use sluice_agent_ebpf_common::{MAX_SOCKETS, Segment, SockCounts, TcpTotals};
 
 #[map]
 static SOCKETS: HashMap<u64, SockCounts> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+
+#[map]
+static TCP_TOTALS: HashMap<u64, TcpTotals> = HashMap::with_max_entries(MAX_SOCKETS, 0);
 
 const IPPROTO_TCP: u8 = 6;
 /// An IPv4 header without options and a TCP header up to its flags byte.
@@ -111,6 +124,36 @@ pub fn sluice_ingress(ctx: SkBuffContext) -> i32 {
     {
         // SAFETY: as above; only this program writes `rx_fin` and `fin_seen`.
         unsafe { &mut *c }.ingress(&s);
+    }
+    1
+}
+
+/// The `sock_ops` design: for a registered socket, asks the kernel for state-change
+/// callbacks when it connects, sets the bases when it is established, and keeps the
+/// totals at each state change ([`TcpTotals`]). Sockets that are not registered cost
+/// one map lookup per callback (a handful per connection).
+#[sock_ops]
+pub fn sluice_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB {
+        return 1;
+    }
+    // SAFETY: the helper only reads the socket the callback is about.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut _) };
+    let Some(t) = TCP_TOTALS.get_ptr_mut(&cookie) else {
+        return 1;
+    };
+    // SAFETY: the map value lives while we hold the pointer (RCU); the callbacks of one
+    // socket run under its lock, one at a time.
+    let t = unsafe { &mut *t };
+    // SAFETY: reading fields of the context the kernel passed.
+    let ops = unsafe { &*ctx.ops };
+    match op {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => t.established(ops.bytes_acked, ops.bytes_received),
+        _ => t.state_change(ctx.arg(0), ctx.arg(1), ops.bytes_acked, ops.bytes_received, ops.snd_una == ops.snd_nxt),
     }
     1
 }

@@ -15,7 +15,7 @@ use sluice_proto::relay_url::RelayUrl;
 use sluice_runtime::{LogArgs, Secret, blank_or};
 
 use crate::egress::Proxy;
-use crate::meter::CounterMode;
+use crate::meter::{Counter, CounterMode};
 
 /// The state directory when none is given.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sluice-agent";
@@ -71,7 +71,9 @@ pub struct AgentConfig {
     #[arg(long, env = "SLUICE_METRICS_LISTEN", default_value = "", hide_default_value = true,
           value_parser = parse_metrics_listen)]
     pub metrics_listen: std::option::Option<SocketAddr>,
-    /// How stream bytes are counted: auto (eBPF when it loads, else user space) or userspace.
+    /// How stream bytes are counted: auto (the sock_ops eBPF program, else cgroup_skb,
+    /// else user space), sock_ops or cgroup_skb (that program, else user space), or
+    /// userspace.
     #[arg(long, env = "SLUICE_COUNTER", default_value = "auto", value_parser = parse_counter)]
     pub counter: CounterMode,
     /// How stream bytes move: auto (kernel TLS + splice when the kernel has TLS, else
@@ -342,7 +344,9 @@ fn parse_counter(s: &str) -> Result<CounterMode, String> {
     match s.trim() {
         "" | "auto" => Ok(CounterMode::Auto),
         "userspace" => Ok(CounterMode::Userspace),
-        other => Err(format!("SLUICE_COUNTER={other:?} is not valid: use auto or userspace")),
+        "sock_ops" | "sockops" => Ok(CounterMode::Ebpf(Counter::SockOps)),
+        "cgroup_skb" | "skb" => Ok(CounterMode::Ebpf(Counter::Skb)),
+        other => Err(format!("SLUICE_COUNTER={other:?} is not valid: use auto, sock_ops, cgroup_skb or userspace")),
     }
 }
 
@@ -422,7 +426,9 @@ mod tests {
         set(&mut f, "--ktls-engine", Some("uring"));
         set(&mut f, "--service-check-secs", Some("0"));
         set(&mut f, "--sluice-url", Some("https://other:443"));
+        set(&mut f, "--counter", Some("sock_ops"));
         let c = load(&f).unwrap();
+        assert_eq!(c.counter, CounterMode::Ebpf(Counter::SockOps));
         assert_eq!((c.data_path, c.ktls_engine), (DataPathMode::Userspace, KtlsEngine::Uring));
         assert_eq!((c.service_check, c.relay_url.to_string()), (None, "https://other:443".into()));
     }

@@ -124,7 +124,7 @@ fn start_parts(
     raise_fd_limit();
     let (meter, why) = crate::meter::Meter::start(cfg.counter);
     match &why {
-        None => info!("counting stream bytes with eBPF"),
+        None => info!(program = meter.counter().map_or("", |c| c.as_str()), "counting stream bytes with eBPF"),
         Some(why) => info!(reason = %why, "counting stream bytes in user space"),
     }
     crate::metrics::ebpf_enabled(why.is_none());

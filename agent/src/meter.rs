@@ -1,28 +1,61 @@
-//! Per-socket byte counting for streams, by the eBPF program when it can run, else in
+//! Per-socket byte counting for streams, by an eBPF program when it can run, else in
 //! user space — one interface either way ([`Meter`]).
 //!
 //! With eBPF, the agent registers a socket's cookie in the program's map *before*
-//! connecting it, so the program sees the handshake and anchors its sequence numbers;
-//! counts are then exact payload bytes, read live, and read-and-deleted when the stream
-//! ends. Without eBPF (not root, no CAP_BPF/CAP_NET_ADMIN, no cgroup2, program not
-//! built) the agent logs why once and uses the counts its copy loop keeps.
+//! connecting it, so the program sees the handshake; counts are then exact payload
+//! bytes, read live, and read-and-deleted when the stream ends. Two programs do this
+//! (`agent-ebpf`, docs/benchmarks.md compares them):
+//! - `cgroup_skb` ([`Counter::Skb`]): reads every packet's TCP header and counts new
+//!   sequence space; live counts come from its map.
+//! - `sock_ops` ([`Counter::SockOps`]): runs a few times per connection and keeps the
+//!   kernel's own totals at each state change; live counts are `TCP_INFO` read from a
+//!   descriptor the registration holds, with the program's record saying which FINs
+//!   the totals include.
+//!
+//! Without eBPF (not root, no CAP_BPF/CAP_NET_ADMIN, no cgroup2, program not built) the
+//! agent logs why once and uses the counts its copy loop keeps.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
-use sluice_agent_ebpf_common::SockCounts;
+use sluice_agent_ebpf_common::{SockCounts, TcpTotals};
 use sluice_proto::wire::CounterSource;
 
 /// Which counter to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CounterMode {
-    /// eBPF when it loads, else user space.
+    /// The default eBPF program when it loads, else user space.
     Auto,
+    /// This eBPF program when it loads, else user space.
+    Ebpf(Counter),
     /// Always user space.
     Userspace,
+}
+
+/// The two eBPF counters (`agent-ebpf`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    /// `cgroup_skb` programs that read every packet of the agent's cgroup.
+    Skb,
+    /// A `sock_ops` program that runs a few times per connection.
+    SockOps,
+}
+
+impl Counter {
+    /// What `SLUICE_COUNTER=auto` tries, in order: `sock_ops` costs about a
+    /// thousandth of `cgroup_skb`'s run time per GiB at equal exactness
+    /// (docs/benchmarks.md); `cgroup_skb` is there for kernels that refuse it.
+    pub const AUTO: [Counter; 2] = [Counter::SockOps, Counter::Skb];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Counter::Skb => "cgroup_skb",
+            Counter::SockOps => "sock_ops",
+        }
+    }
 }
 
 /// Counts stream bytes for the agent.
@@ -32,7 +65,36 @@ pub struct Meter {
 
 struct Loaded {
     _bpf: aya::Ebpf,
-    sockets: aya::maps::HashMap<aya::maps::MapData, u64, SockCounts>,
+    map: Map,
+}
+
+/// The loaded program's map.
+enum Map {
+    Skb(aya::maps::HashMap<aya::maps::MapData, u64, SockCounts>),
+    SockOps(aya::maps::HashMap<aya::maps::MapData, u64, TcpTotals>),
+}
+
+impl Map {
+    fn insert(&mut self, cookie: u64) -> bool {
+        match self {
+            Map::Skb(m) => m.insert(cookie, SockCounts::default(), 0).is_ok(),
+            Map::SockOps(m) => m.insert(cookie, TcpTotals::default(), 0).is_ok(),
+        }
+    }
+
+    fn remove(&mut self, cookie: u64) {
+        let _ = match self {
+            Map::Skb(m) => m.remove(&cookie),
+            Map::SockOps(m) => m.remove(&cookie),
+        };
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Map::Skb(m) => m.keys().filter(Result::is_ok).count(),
+            Map::SockOps(m) => m.keys().filter(Result::is_ok).count(),
+        }
+    }
 }
 
 /// A socket registered with the eBPF program, by its cookie. The entry leaves the
@@ -43,26 +105,64 @@ pub struct Registration {
     meter: Arc<Meter>,
     cookie: u64,
     live: AtomicBool,
+    /// The socket itself, for `TCP_INFO` (the `sock_ops` counter only).
+    fd: Option<OwnedFd>,
+}
+
+/// Payload bytes of one socket: sent (to its peer) and received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub sent: u64,
+    pub received: u64,
 }
 
 impl Registration {
     /// Live counts.
-    pub fn counts(&self) -> Option<SockCounts> {
+    pub fn counts(&self) -> Option<Counts> {
         if !self.live.load(Ordering::Acquire) {
             return None;
         }
-        self.meter.ebpf.as_ref()?.lock().sockets.get(&self.cookie, 0).ok()
+        self.read()
+    }
+
+    fn read(&self) -> Option<Counts> {
+        let l = self.meter.ebpf.as_ref()?.lock();
+        match &l.map {
+            Map::Skb(m) => m.get(&self.cookie, 0).ok().map(|c| Counts { sent: c.tx_bytes, received: c.rx_bytes }),
+            Map::SockOps(m) => {
+                let totals = m.get(&self.cookie, 0).ok()?;
+                drop(l);
+                let info = tcp_info(self.fd.as_ref()?.as_fd())?;
+                let (sent, received) =
+                    totals.live(info.tcpi_state as u32, info.tcpi_bytes_acked, info.tcpi_bytes_received)?;
+                Some(Counts { sent, received })
+            }
+        }
     }
 
     /// Final counts; the socket leaves the map (later calls return `None`).
-    pub fn finish(&self) -> Option<SockCounts> {
+    pub fn finish(&self) -> Option<Counts> {
         if !self.live.swap(false, Ordering::AcqRel) {
             return None;
         }
-        let mut l = self.meter.ebpf.as_ref()?.lock();
-        let v = l.sockets.get(&self.cookie, 0).ok();
-        let _ = l.sockets.remove(&self.cookie);
+        let v = self.read();
+        self.meter.ebpf.as_ref()?.lock().map.remove(self.cookie);
         v
+    }
+
+    /// The socket's (received, sent) bytes so far, counted so that they split exactly
+    /// between streams that take a connection one after another: received, the
+    /// kernel's in-order count; sent, everything written to the socket (what was sent
+    /// and what is still queued, which is counted when it leaves). `fd` is the socket.
+    pub fn split_counts(&self, fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+        let c = self.counts()?;
+        Some(match self.fd {
+            // Acknowledged bytes: the unacknowledged rest is still queued.
+            Some(_) => (c.received, c.sent + unacked_bytes(fd).unwrap_or(0).max(0) as u64),
+            // Sent bytes (acknowledged or not); the eBPF received count follows this
+            // socket's ACKs, which the kernel may delay, and `TCP_INFO`'s does not.
+            None => (received_in_order(fd).unwrap_or(0).max(c.received), c.sent + unsent_bytes(fd).unwrap_or(0)),
+        })
     }
 }
 
@@ -82,17 +182,40 @@ impl Meter {
     /// Loads and attaches the eBPF program (unless told not to). The second value says
     /// why counting happens in user space, if it does.
     pub fn start(mode: CounterMode) -> (Meter, Option<String>) {
-        if mode == CounterMode::Userspace {
-            return (Meter { ebpf: None }, Some("user-space counting was requested (SLUICE_COUNTER=userspace)".into()));
+        let order = match mode {
+            CounterMode::Userspace => {
+                let why = "user-space counting was requested (SLUICE_COUNTER=userspace)";
+                return (Meter { ebpf: None }, Some(why.into()));
+            }
+            CounterMode::Auto => &Counter::AUTO[..],
+            CounterMode::Ebpf(Counter::SockOps) => &[Counter::SockOps][..],
+            CounterMode::Ebpf(Counter::Skb) => &[Counter::Skb][..],
+        };
+        let mut failed: Vec<String> = Vec::new();
+        let mut loaded = None;
+        for &counter in order {
+            match load(counter) {
+                Ok(l) => {
+                    loaded = Some(l);
+                    break;
+                }
+                Err(why) if failed.iter().any(|f| f.ends_with(&why)) => {}
+                Err(why) if order.len() > 1 => failed.push(format!("{}: {why}", counter.as_str())),
+                Err(why) => failed.push(why),
+            }
         }
-        let loaded = load();
         // Loading parses the kernel's BTF (megabytes, freed afterwards): give that memory
         // back to the OS so the agent's resident size stays small.
         // SAFETY: malloc_trim has no preconditions.
         unsafe { libc::malloc_trim(0) };
         match loaded {
-            Ok(l) => (Meter { ebpf: Some(Mutex::new(l)) }, None),
-            Err(why) => (Meter { ebpf: None }, Some(why)),
+            Some(l) => {
+                for f in &failed {
+                    tracing::warn!(reason = %f, "an eBPF counter did not load; using the next one");
+                }
+                (Meter { ebpf: Some(Mutex::new(l)) }, None)
+            }
+            None => (Meter { ebpf: None }, Some(failed.join("; "))),
         }
     }
 
@@ -106,18 +229,32 @@ impl Meter {
         if self.ebpf.is_some() { CounterSource::Ebpf } else { CounterSource::Userspace }
     }
 
+    /// The eBPF program counting, if one is.
+    pub fn counter(&self) -> Option<Counter> {
+        self.ebpf.as_ref().map(|e| match e.lock().map {
+            Map::Skb(_) => Counter::Skb,
+            Map::SockOps(_) => Counter::SockOps,
+        })
+    }
+
     /// Registers a socket (before it connects); the guard unregisters it. `None` means
     /// "count this one in user space" (no eBPF, or the map is full).
     pub fn register(self: &Arc<Self>, fd: BorrowedFd<'_>) -> Option<Registration> {
         let ebpf = self.ebpf.as_ref()?;
         let cookie = socket_cookie(fd)?;
-        ebpf.lock().sockets.insert(cookie, SockCounts::default(), 0).ok()?;
-        Some(Registration { meter: self.clone(), cookie, live: AtomicBool::new(true) })
+        let mut l = ebpf.lock();
+        // The `sock_ops` counter reads the socket's `TCP_INFO`: the registration holds
+        // it (a duplicate descriptor), and with it the socket, until it is dropped.
+        let fd = match l.map {
+            Map::SockOps(_) => Some(fd.try_clone_to_owned().ok()?),
+            Map::Skb(_) => None,
+        };
+        l.map.insert(cookie).then(|| Registration { meter: self.clone(), cookie, live: AtomicBool::new(true), fd })
     }
 
     /// Sockets registered now (entries in the program's map).
     pub fn entries(&self) -> usize {
-        self.ebpf.as_ref().map(|e| e.lock().sockets.keys().filter(Result::is_ok).count()).unwrap_or(0)
+        self.ebpf.as_ref().map(|e| e.lock().map.len()).unwrap_or(0)
     }
 }
 
@@ -149,10 +286,18 @@ pub fn unsent_bytes(fd: BorrowedFd<'_>) -> Option<u64> {
     (rc == 0).then_some(n.max(0) as u64)
 }
 
-/// Payload bytes the socket has received in order since it connected (`TCP_INFO`'s
-/// `tcpi_bytes_received`): exact at once, where the eBPF count follows the ACKs this
-/// socket sends, which the kernel may delay.
-pub fn received_bytes(fd: BorrowedFd<'_>) -> Option<u64> {
+/// `TCP_INFO`'s in-order received bytes without the peer's FIN: the states after its
+/// arrival say it is counted (a reset also leads to `CLOSE`: then this is one short,
+/// and the `cgroup_skb` count beside it is exact).
+fn received_in_order(fd: BorrowedFd<'_>) -> Option<u64> {
+    use sluice_agent_ebpf_common::tcp_state::*;
+    let info = tcp_info(fd)?;
+    let fin = matches!(info.tcpi_state as u32, CLOSE_WAIT | LAST_ACK | CLOSING | CLOSE);
+    Some(info.tcpi_bytes_received.saturating_sub(fin as u64))
+}
+
+/// The socket's `TCP_INFO`, if the kernel's has the byte totals (Linux 4.1+).
+fn tcp_info(fd: BorrowedFd<'_>) -> Option<libc::tcp_info> {
     // SAFETY: tcp_info is plain old data; all-zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -166,8 +311,8 @@ pub fn received_bytes(fd: BorrowedFd<'_>) -> Option<u64> {
             &mut len,
         )
     };
-    let has_field = len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
-    (rc == 0 && has_field).then_some(info.tcpi_bytes_received)
+    let has_fields = len as usize >= std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + 8;
+    (rc == 0 && has_fields).then_some(info)
 }
 
 /// This process's cgroup directory under the cgroup2 mount (looked up, never assumed).
@@ -194,19 +339,34 @@ pub fn own_cgroup() -> Result<PathBuf, String> {
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-agent-ebpf"));
 
 #[cfg(not(sluice_ebpf))]
-fn load() -> Result<Loaded, String> {
+fn load(_: Counter) -> Result<Loaded, String> {
     Err("this agent was built without its eBPF program (build with scripts/setup-ebpf.sh installed)".into())
 }
 
 #[cfg(sluice_ebpf)]
-fn load() -> Result<Loaded, String> {
-    use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
-    use sluice_agent_ebpf_common::{EGRESS_PROG, INGRESS_PROG, SOCKETS_MAP};
+fn load(counter: Counter) -> Result<Loaded, String> {
+    use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps};
+    use sluice_agent_ebpf_common::{EGRESS_PROG, INGRESS_PROG, SOCKETS_MAP, SOCKOPS_PROG, TCP_TOTALS_MAP};
 
     let cgroup = own_cgroup()?;
     let dir = std::fs::File::open(&cgroup).map_err(|e| format!("opening cgroup {}: {e}", cgroup.display()))?;
     let mut bpf =
         aya::Ebpf::load(PROGRAM).map_err(|e| format!("loading the eBPF object: {e} (needs root or CAP_BPF)"))?;
+    let attach_error = |name: &str, e: &dyn std::fmt::Display| {
+        format!("attaching {name} to cgroup {}: {e} (needs root or CAP_NET_ADMIN and cgroup2)", cgroup.display())
+    };
+    if counter == Counter::SockOps {
+        let prog: &mut SockOps = bpf
+            .program_mut(SOCKOPS_PROG)
+            .ok_or_else(|| format!("program {SOCKOPS_PROG} missing from the object"))?
+            .try_into()
+            .map_err(|e| format!("program {SOCKOPS_PROG}: {e}"))?;
+        prog.load().map_err(|e| format!("loading {SOCKOPS_PROG}: {e} (needs root or CAP_BPF)"))?;
+        prog.attach(&dir, CgroupAttachMode::Single).map_err(|e| attach_error(SOCKOPS_PROG, &e))?;
+        let map = bpf.take_map(TCP_TOTALS_MAP).ok_or("map TCP_TOTALS missing from the object")?;
+        let totals = aya::maps::HashMap::try_from(map).map_err(|e| format!("map TCP_TOTALS: {e}"))?;
+        return Ok(Loaded { _bpf: bpf, map: Map::SockOps(totals) });
+    }
     for (name, kind) in [(EGRESS_PROG, CgroupSkbAttachType::Egress), (INGRESS_PROG, CgroupSkbAttachType::Ingress)] {
         let prog: &mut CgroupSkb = bpf
             .program_mut(name)
@@ -216,13 +376,11 @@ fn load() -> Result<Loaded, String> {
         prog.load().map_err(|e| format!("loading {name}: {e} (needs root or CAP_BPF)"))?;
         // Links (what aya creates) always let several programs share a cgroup; the mode
         // flag must be "single" for the kernel to accept the link.
-        prog.attach(&dir, kind, CgroupAttachMode::Single).map_err(|e| {
-            format!("attaching {name} to cgroup {}: {e} (needs root or CAP_NET_ADMIN and cgroup2)", cgroup.display())
-        })?;
+        prog.attach(&dir, kind, CgroupAttachMode::Single).map_err(|e| attach_error(name, &e))?;
     }
     let map = bpf.take_map(SOCKETS_MAP).ok_or("map SOCKETS missing from the object")?;
     let sockets = aya::maps::HashMap::try_from(map).map_err(|e| format!("map SOCKETS: {e}"))?;
-    Ok(Loaded { _bpf: bpf, sockets })
+    Ok(Loaded { _bpf: bpf, map: Map::Skb(sockets) })
 }
 
 #[cfg(test)]

@@ -50,7 +50,7 @@ impl ActiveStream {
     /// (bytes in = to the service, bytes out = from the service) and who counted them.
     fn counts(&self) -> (u64, u64, CounterSource) {
         if let Some(c) = self.service.as_ref().and_then(Registration::counts) {
-            return (c.tx_bytes, c.rx_bytes, CounterSource::Ebpf);
+            return (c.sent, c.received, CounterSource::Ebpf);
         }
         let (plain_to_tunnel, tunnel_to_plain) = self.transfer.get();
         (tunnel_to_plain, plain_to_tunnel, CounterSource::Userspace)
@@ -72,15 +72,11 @@ impl ActiveStream {
 
     /// Live stats (and their bytes into the metrics).
     pub(super) fn stat(&self, stream_id: u64) -> StreamStat {
-        let tunnel = self.tunnel.as_ref().and_then(|r| r.counts()).map(|c| self.since_start(c));
+        let tunnel = self.tunnel.as_ref().and_then(|r| r.counts()).map(|c| self.since_start_of((c.received, c.sent)));
         self.stat_from(stream_id, false, self.counts(), tunnel)
     }
 
     /// Tunnel (received, sent) bytes since this stream started.
-    fn since_start(&self, c: sluice_agent_ebpf_common::SockCounts) -> (u64, u64) {
-        self.since_start_of((c.rx_bytes, c.tx_bytes))
-    }
-
     fn since_start_of(&self, (rx, tx): (u64, u64)) -> (u64, u64) {
         (rx.saturating_sub(self.tunnel_base.0), tx.saturating_sub(self.tunnel_base.1))
     }
@@ -159,7 +155,7 @@ pub(super) async fn serve(
     let tunnel_base = match tunnel_from {
         TunnelBytes::Since(base) => base,
         TunnelBytes::Now => {
-            tunnel_reg.as_deref().and_then(|r| tunnel_counts(r, tls.get_ref().0.tcp().as_fd())).unwrap_or((0, 0))
+            tunnel_reg.as_deref().and_then(|r| r.split_counts(tls.get_ref().0.tcp().as_fd())).unwrap_or((0, 0))
         }
     };
     let replied = wire::write_frame(&mut *tls, &StreamReply::Accepted).await;
@@ -234,7 +230,7 @@ pub(super) async fn serve(
             // beside it (the service's last bytes may still await their ACK). Its TLS
             // bytes until now are this stream's.
             let at_end =
-                stream.tunnel.as_deref().zip(tunnel_fd.as_ref()).and_then(|(r, fd)| tunnel_counts(r, fd.as_fd()));
+                stream.tunnel.as_deref().zip(tunnel_fd.as_ref()).and_then(|(r, fd)| r.split_counts(fd.as_fd()));
             let tunnel = at_end.map(|e| stream.since_start_of(e));
             let next = at_end.map_or(TunnelBytes::Now, TunnelBytes::Since);
             let (pool, counted) = (pool.clone(), pool.drain.enter());
@@ -263,18 +259,6 @@ pub(super) async fn serve(
 pub(super) enum TunnelBytes {
     Now,
     Since((u64, u64)),
-}
-
-/// A tunnel socket's TLS bytes (received, sent) so far, counted so that they split
-/// exactly between streams taken one after another: sent, the eBPF count plus the bytes
-/// written but not sent yet (`SIOCOUTQNSD`), which the program counts when they leave;
-/// received, the kernel's in-order count (`TCP_INFO`) when the eBPF one, which follows
-/// this socket's possibly delayed ACKs, is behind it.
-fn tunnel_counts(registration: &Registration, fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
-    let c = registration.counts()?;
-    let unsent = crate::meter::unsent_bytes(fd).unwrap_or(0);
-    let received = crate::meter::received_bytes(fd).unwrap_or(0);
-    Some((received.max(c.rx_bytes), c.tx_bytes + unsent))
 }
 
 /// A stream's tunnel connection at its end: kept for the next stream (with this
@@ -308,14 +292,15 @@ async fn finish(
     let tunnel_final = match tunnel {
         TunnelEnd::Reused(counts) => counts,
         TunnelEnd::Closing(fd) => {
-            let received = fd.as_ref().and_then(|fd| crate::meter::received_bytes(fd.as_fd()));
-            let counts = stream.tunnel.as_ref().and_then(|r| r.finish());
-            counts.map(|c| stream.since_start_of((received.unwrap_or(0).max(c.rx_bytes), c.tx_bytes)))
+            let tunnel = stream.tunnel.as_deref();
+            let counts = tunnel.zip(fd.as_ref()).and_then(|(r, fd)| r.split_counts(fd.as_fd()));
+            tunnel.map(Registration::finish);
+            counts.map(|c| stream.since_start_of(c))
         }
     };
     drop(service_fd);
     let counts = match service_final {
-        Some(c) => (c.tx_bytes, c.rx_bytes, CounterSource::Ebpf),
+        Some(c) => (c.sent, c.received, CounterSource::Ebpf),
         None => {
             let (plain_to_tunnel, tunnel_to_plain) = stream.transfer.get();
             (tunnel_to_plain, plain_to_tunnel, CounterSource::Userspace)

@@ -2,13 +2,15 @@
 //! `kernel.bpf_stats_enabled=1` the kernel adds up each program's run time
 //! (`run_time_ns`) and runs (`run_cnt`); `bpftool prog show` reads them.
 //!
-//! The agent attaches its two `cgroup_skb` programs (egress and ingress) to its own
-//! cgroup (`agent/src/meter.rs`). Here it runs alone in a fresh cgroup2 directory, so the
-//! programs see exactly the agent's sockets: per GiB moved through Sluice (iperf3, 1 GiB
-//! each way) we read the programs' run time and runs before and after, and the relay's
-//! and agent's CPU time over the same transfer from `/proc`. Then an iperf3 client and
-//! server that are not the agent's streams are put into the same cgroup and move 1 GiB
-//! directly: what the programs cost on sockets they see but do not count.
+//! The agent attaches its counter to its own cgroup (`agent/src/meter.rs`), one of two
+//! designs, each measured here in turn: two `cgroup_skb` programs (egress and ingress,
+//! run per packet) or one `sock_ops` program (run per connection event). The agent
+//! runs alone in a fresh cgroup2 directory, so the program sees exactly the agent's
+//! sockets: per GiB moved through Sluice (iperf3, 1 GiB each way) we read the programs'
+//! run time and runs before and after, and the relay's and agent's CPU time over the
+//! same transfer from `/proc`. Then an iperf3 client and server that are not the
+//! agent's streams are put into the same cgroup and move 1 GiB directly: what the
+//! programs cost on sockets they see but do not count.
 //!
 //! Needs root, a cgroup2 mount, bpftool and an agent built with its program; otherwise the
 //! section says why it was skipped. The sysctl is restored, and the cgroup removed, after.
@@ -48,14 +50,15 @@ impl Case {
         v / (self.bytes as f64 / GIB as f64)
     }
 
-    /// A Markdown table row: case, ns/GiB, ns/run, runs/GiB, share of the CPU.
-    fn row(&self) -> String {
+    /// A Markdown table row: program, case, µs/GiB, runs/GiB, ns/run, ms, CPU-s/GiB,
+    /// share of the CPU.
+    fn row(&self, program: &str) -> String {
         let ns_per_run =
             if self.prog.run_cnt > 0 { self.prog.run_time_ns as f64 / self.prog.run_cnt as f64 } else { 0.0 };
         let share =
             if self.cpu_secs > 0.0 { self.prog.run_time_ns as f64 / (self.cpu_secs * 1e9) * 100.0 } else { 0.0 };
         format!(
-            "| {} | {:.0} | {:.0} | {:.1} | {:.0} | {:.2} | {:.3} % |\n",
+            "| {program} | {} | {:.0} | {:.0} | {:.1} | {:.0} | {:.2} | {:.3} % |\n",
             self.what,
             self.per_gib(self.prog.run_time_ns as f64) / 1e3,
             self.per_gib(self.prog.run_cnt as f64),
@@ -68,9 +71,11 @@ impl Case {
 }
 
 /// How the section's figures are measured (printed above its table).
-const METHOD: &str = "A fresh relay and agent (`SLUICE_COUNTER` auto; its log must say it counts with eBPF), the \
-agent alone in a fresh cgroup2 directory, so its two `cgroup_skb` programs (egress, ingress: attached to the \
-agent's own cgroup) see only the agent's sockets. With `kernel.bpf_stats_enabled=1` (restored after) the \
+const METHOD: &str = "Per counter design, a fresh relay and agent (`SLUICE_COUNTER=cgroup_skb`: two programs, \
+egress and ingress, run on every packet; `SLUICE_COUNTER=sock_ops`: one program run on a socket's connection \
+events and state changes, with live counts read as `TCP_INFO`; the agent's log must say it counts with that \
+program), the agent alone in a fresh cgroup2 directory, so its programs (attached to the agent's own cgroup) \
+see only the agent's sockets. With `kernel.bpf_stats_enabled=1` (restored after) the \
 kernel sums each program's run time and runs; `bpftool prog show` reads them before and after each case. \
 Cases: iperf3 moves 1 GiB (`-n 1G`) client → backend, then 1 GiB backend → client, through Sluice (CPU: \
 utime+stime of relay and agent over the same transfer, from /proc); then an iperf3 client and server that \
@@ -84,15 +89,20 @@ time. Enabling the statistics itself adds two clock reads per run, included in t
 pub fn section(bins: &Path, dir: &Path) -> String {
     let mut out = String::from("### eBPF counting cost (kernel BPF statistics)\n\n");
     out += METHOD;
-    match measure(bins, dir) {
-        Ok(cases) => {
-            out += "| traffic | µs of program run time per GiB | program runs per GiB | ns per run | run time, ms | \
-                    CPU-s per GiB of the movers | program ÷ movers' CPU |\n|---|---:|---:|---:|---:|---:|---:|\n";
-            for c in &cases {
-                out += &c.row();
+    out += "| program | traffic | µs of program run time per GiB | program runs per GiB | ns per run | \
+            run time, ms | CPU-s per GiB of the movers | program ÷ movers' CPU |\n\
+            |---|---|---:|---:|---:|---:|---:|---:|\n";
+    for counter in COUNTERS {
+        match measure(bins, &dir.join(counter), counter) {
+            Ok(cases) => {
+                for c in &cases {
+                    out += &c.row(counter);
+                }
+            }
+            Err(e) => {
+                out += &format!("| {counter} | not measured: {} | | | | | | |\n", e.to_string().replace('\n', " "))
             }
         }
-        Err(e) => out += &format!("Not measured: {}\n", e.to_string().replace('\n', " ")),
     }
     out
 }
@@ -227,8 +237,12 @@ fn iperf_bytes(connect: u16, listen: u16, bytes: u64, reverse: bool, cgroup: Opt
     Ok(got)
 }
 
-/// The cases: 1 GiB up and 1 GiB down through Sluice; 1 GiB on other sockets of the cgroup.
-fn measure(bins: &Path, dir: &Path) -> Result<Vec<Case>> {
+/// The agent's two counter designs (`SLUICE_COUNTER` values, as its log names them).
+const COUNTERS: [&str; 2] = ["cgroup_skb", "sock_ops"];
+
+/// The cases, with the agent counting by `counter`: 1 GiB up and 1 GiB down through
+/// Sluice; 1 GiB on other sockets of the cgroup.
+fn measure(bins: &Path, dir: &Path, counter: &str) -> Result<Vec<Case>> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("needs root (loads the agent's eBPF program, sets kernel.bpf_stats_enabled)");
@@ -243,10 +257,10 @@ fn measure(bins: &Path, dir: &Path) -> Result<Vec<Case>> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let tunnel = {
         let _echo = load::EchoServer::start(&rt, backend)?;
-        sluice::start_with(bins, backend, dir, Some(&cgroup.path)).context("starting Sluice")?
+        sluice::start_with(bins, backend, dir, Some(&cgroup.path), counter).context("starting Sluice")?
     };
     let agent_log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
-    if !agent_log.contains("counting stream bytes with eBPF") {
+    if !agent_log.lines().any(|l| l.contains("counting stream bytes with eBPF") && l.contains(counter)) {
         let why =
             agent_log.lines().find(|l| l.contains("counting stream bytes")).unwrap_or("no counter line in its log");
         bail!("the agent did not attach its eBPF counter: {why}");
@@ -261,7 +275,7 @@ fn measure(bins: &Path, dir: &Path) -> Result<Vec<Case>> {
     for (what, reverse) in
         [("1 GiB client → backend through Sluice", false), ("1 GiB backend → client through Sluice", true)]
     {
-        eprintln!("    eBPF cost: {what}");
+        eprintln!("    eBPF cost ({counter}): {what}");
         let (s0, cpu0) = (stats(&ids)?, procs::tree_cpu_secs(&pids));
         let log = dir.join(format!("iperf3-server-ebpf-{reverse}.log"));
         let bytes = iperf_bytes(tunnel.public_port, backend, GIB, reverse, None, &log)?;
@@ -269,7 +283,7 @@ fn measure(bins: &Path, dir: &Path) -> Result<Vec<Case>> {
         let prog = ProgStats { run_time_ns: s1.run_time_ns - s0.run_time_ns, run_cnt: s1.run_cnt - s0.run_cnt };
         cases.push(Case { what: format!("{what} (movers: relay + agent)"), bytes, prog, cpu_secs: cpu1 - cpu0 });
     }
-    eprintln!("    eBPF cost: 1 GiB on sockets of the agent's cgroup that are not streams");
+    eprintln!("    eBPF cost ({counter}): 1 GiB on sockets of the agent's cgroup that are not streams");
     let port = procs::free_port()?;
     let (s0, cpu0) = (stats(&ids)?, children_cpu_secs());
     let log = dir.join("iperf3-server-ebpf-other.log");
@@ -309,6 +323,6 @@ mod tests {
             cpu_secs: 4.0,
         };
         // 20 ms per GiB = 20000 µs; 200000 runs per GiB; 100 ns per run; 40 ms; 2 CPU-s per GiB; 1 %.
-        assert_eq!(c.row(), "| x | 20000 | 200000 | 100.0 | 40 | 2.00 | 1.000 % |\n");
+        assert_eq!(c.row("p"), "| p | x | 20000 | 200000 | 100.0 | 40 | 2.00 | 1.000 % |\n");
     }
 }

@@ -20,13 +20,14 @@ const RESOURCE: &str = "bench";
 
 /// A relay on fresh loopback ports and data directory, and an agent for 127.0.0.1:`backend`.
 pub fn start(bins: &Path, backend: u16, dir: &Path) -> Result<Tunnel> {
-    start_with(bins, backend, dir, None)
+    start_with(bins, backend, dir, None, "auto")
 }
 
 /// [`start`], with the agent (logging at info, so its log says which byte counter it
 /// uses) in the cgroup2 directory `agent_cgroup` when given: its eBPF counter then
 /// attaches to that cgroup, which holds nothing else unless the caller puts it there.
-pub fn start_with(bins: &Path, backend: u16, dir: &Path, agent_cgroup: Option<&Path>) -> Result<Tunnel> {
+/// `counter` is the agent's `SLUICE_COUNTER`.
+pub fn start_with(bins: &Path, backend: u16, dir: &Path, agent_cgroup: Option<&Path>, counter: &str) -> Result<Tunnel> {
     let data = dir.join("relay-data");
     let (agent_port, admin_port, resource_ports) =
         (procs::free_port()?, procs::free_port()?, procs::free_port_range(4)?);
@@ -68,6 +69,7 @@ pub fn start_with(bins: &Path, backend: u16, dir: &Path, agent_cgroup: Option<&P
         .env("APP_PORT", backend.to_string())
         .env("NAME", RESOURCE)
         .env("REGISTRATION_JWT", jwt)
+        .env("SLUICE_COUNTER", counter)
         .env("SLUICE_LOG", if agent_cgroup.is_some() { "info" } else { "warn" });
     procs.insert(0, Child::spawn("sluice-agent", agent, &dir.join("agent.log"))?);
     procs::wait_for(Duration::from_secs(30), &format!("resource {RESOURCE} to be AVAILABLE"), || {
