@@ -361,7 +361,7 @@ fn load(counter: Counter) -> Result<Loaded, String> {
             .ok_or_else(|| format!("program {SOCKOPS_PROG} missing from the object"))?
             .try_into()
             .map_err(|e| format!("program {SOCKOPS_PROG}: {e}"))?;
-        prog.load().map_err(|e| format!("loading {SOCKOPS_PROG}: {e} (needs root or CAP_BPF)"))?;
+        prog.load().map_err(|e| format!("loading {SOCKOPS_PROG}: {e} (needs root, or CAP_BPF and CAP_NET_ADMIN)"))?;
         prog.attach(&dir, CgroupAttachMode::Single).map_err(|e| attach_error(SOCKOPS_PROG, &e))?;
         let map = bpf.take_map(TCP_TOTALS_MAP).ok_or("map TCP_TOTALS missing from the object")?;
         let totals = aya::maps::HashMap::try_from(map).map_err(|e| format!("map TCP_TOTALS: {e}"))?;
@@ -373,7 +373,7 @@ fn load(counter: Counter) -> Result<Loaded, String> {
             .ok_or_else(|| format!("program {name} missing from the object"))?
             .try_into()
             .map_err(|e| format!("program {name}: {e}"))?;
-        prog.load().map_err(|e| format!("loading {name}: {e} (needs root or CAP_BPF)"))?;
+        prog.load().map_err(|e| format!("loading {name}: {e} (needs root, or CAP_BPF and CAP_NET_ADMIN)"))?;
         // Links (what aya creates) always let several programs share a cgroup; the mode
         // flag must be "single" for the kernel to accept the link.
         prog.attach(&dir, kind, CgroupAttachMode::Single).map_err(|e| attach_error(name, &e))?;
