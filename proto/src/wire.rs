@@ -79,6 +79,15 @@ where
     W: AsyncWrite + Unpin,
     T: Serialize,
 {
+    let frame = encode_frame(msg)?;
+    w.write_all(&frame).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// One message as a frame's bytes (length, then JSON body), for a caller that sends
+/// more in the same write.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, WireError> {
     let body = serde_json::to_vec(msg)?;
     if body.len() > MAX_FRAME {
         return Err(WireError::TooLarge { len: body.len(), limit: MAX_FRAME });
@@ -86,9 +95,7 @@ where
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
     frame.extend_from_slice(&body);
-    w.write_all(&frame).await?;
-    w.flush().await?;
-    Ok(())
+    Ok(frame)
 }
 
 /// Reads one frame and decodes it as `T`. Reads exactly the frame's bytes and no more,

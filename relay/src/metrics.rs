@@ -240,6 +240,11 @@ pub fn data_handshake(kind: &'static str) {
 }
 
 /// A framed stream's data connection went back to its session's pool.
+/// A stream's first client bytes went with its `StreamOpen`.
+pub fn first_bytes_with_open(resource: &str) {
+    metrics::counter!("sluice_relay_first_bytes_with_open_total", "resource" => resource.to_owned()).increment(1);
+}
+
 pub fn data_reused(resource: &str) {
     metrics::counter!("sluice_relay_data_reused_total", "resource" => resource.to_owned()).increment(1);
 }

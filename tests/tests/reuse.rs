@@ -208,3 +208,35 @@ async fn an_aborted_stream_closes_its_connection_and_the_next_stream_works() {
     })
     .unwrap_or_else(|e| panic!("{e}: {}\n{}", reused(&relay), relay.log()));
 }
+
+/// A client that speaks first has its first bytes sent with the stream's open (the
+/// relay does not wait for the agent's answer to forward them), and they reach the
+/// service exactly once: each echo carries back exactly what was sent, and the relay's
+/// byte totals count them. (Clients that wait for the service to speak first, as SSH
+/// does, send nothing early: `real_services.rs` runs sftp through the tunnel.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_first_bytes_go_with_the_open_and_arrive_once() {
+    let dir = test_dir("reuse-first");
+    let service = load::echo_server().await;
+    let relay = Relay::start(dir.path());
+    let _agent = agent_for(&relay, dir.path(), "first", service);
+    let ep = relay.endpoint("first");
+    for i in 0..100u32 {
+        let mut s = TcpStream::connect(&ep).await.unwrap();
+        let msg = format!("request {i}: {}", "x".repeat(i as usize * 37));
+        s.write_all(msg.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await.unwrap().unwrap();
+        assert_eq!(back, msg.as_bytes(), "stream {i}: the echo is what was sent, once");
+    }
+    let early = relay_counter(&relay, "sluice_relay_first_bytes_with_open_total");
+    eprintln!("{early} of 100 streams sent their first bytes with the open");
+    assert!(early > 0.0, "a client that writes at once has its first bytes sent with the open");
+    // Every stream's bytes are in the relay's totals, those sent early included.
+    let sent: usize = (0..100usize).map(|i| format!("request {i}: ").len() + i * 37).sum();
+    wait_for(Duration::from_secs(10), "the relay's byte totals", || {
+        (relay_counter(&relay, "sluice_relay_bytes_total") == (2 * sent) as f64).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {} counted", relay_counter(&relay, "sluice_relay_bytes_total")));
+}

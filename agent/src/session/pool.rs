@@ -6,6 +6,7 @@
 //! private service (through [`ServiceHealth`]), the meter and the data path.
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use sluice_datapath::{self as datapath, DataPath, TrafficSecrets, TunnelSocket};
 use sluice_proto::wire::{self, AgentMsg, DataHello, PROTOCOL_VERSION, StreamOpen, StreamStat};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -165,6 +167,12 @@ async fn data_conn_task(pool: Arc<Pool>) {
     let registration = registration.map(Arc::new);
     let mut tunnel_from = stream::TunnelBytes::Now;
     loop {
+        // A stream's tunnel bytes start when its connection turns idle: the relay may
+        // send the client's first bytes right behind the open, before the stream's
+        // service is connected.
+        if let (stream::TunnelBytes::Now, Some(r)) = (tunnel_from, registration.as_deref()) {
+            tunnel_from = r.split_counts(tls.get_ref().0.tcp().as_fd()).map_or(tunnel_from, stream::TunnelBytes::Since);
+        }
         pool.idle.fetch_add(1, Ordering::Relaxed);
         let open = {
             let read = wire::read_frame::<_, StreamOpen>(&mut *tls);
@@ -191,8 +199,10 @@ async fn data_conn_task(pool: Arc<Pool>) {
         match open {
             Ok(open) if pool.closed.is_cancelled() => {
                 // The session ended (a drain, a lost relay) as the stream arrived: no
-                // new streams now. Closing without a reply lets the relay, which has
-                // read no client byte yet, try another agent.
+                // new streams now. A clean close (TLS close_notify) without a reply
+                // tells the relay the stream was not taken, so it may try another
+                // agent, even with the client's first bytes already sent.
+                let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
                 return debug!(stream = open.stream_id, "stream refused: the session is over");
             }
             Ok(open) => {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use sluice_datapath::{self as datapath, StreamEnd};
 use sluice_proto::identity::SessionId;
 use sluice_proto::wire::{self, StreamOpen, StreamReply};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -250,8 +251,9 @@ pub(crate) async fn forward(
     // Opening a stream (choosing an agent, waiting for its answer) runs on the heap: a
     // held stream's task keeps only what the copy needs (`PreparedStream::run` is boxed
     // inside too), not room for the open's state.
-    let (session, conn, framed) = match Box::pin(open_stream(&relay, &resource_id, stream_id, &peer.to_string())).await
-    {
+    let client_addr = peer.to_string();
+    let opening = open_stream(&relay, &resource_id, stream_id, &client_addr, &client);
+    let (session, conn, framed, first) = match Box::pin(opening).await {
         Ok(x) => x,
         Err(failed) => {
             crate::metrics::stream_failed(&resource_id, failed.reason);
@@ -280,6 +282,12 @@ pub(crate) async fn forward(
     };
     session.active_streams.fetch_add(1, Ordering::Relaxed);
     let live = relay.streams.open(stream_id, &resource_id, &resource_name, &session.agent_id, &peer.to_string());
+    // The client's first bytes went with the open (`open_stream`).
+    if first > 0 {
+        crate::metrics::first_bytes_with_open(&resource_id);
+        live.transfer.plain_to_tunnel.fetch_add(first as u64, Ordering::Relaxed);
+        live.transfer.copied.fetch_add(first as u64, Ordering::Relaxed);
+    }
     crate::metrics::stream_opened(&resource_id, prepared.path().as_str());
     let stop = session.revoked.child_token();
     let watch = cut.map(|cut| {
@@ -351,6 +359,10 @@ enum Attempt {
     /// The connection failed before an answer (a pooled connection that died while
     /// idle, or the agent's session ended): nothing reached the service.
     Broken(String),
+    /// The connection failed before an answer, after the client's first bytes went
+    /// with the open: the agent may have delivered them, so the stream cannot be
+    /// retried elsewhere.
+    Lost(String),
     /// The agent answered neither the open nor the ping sent with it within the
     /// stream-open deadline, and another agent of the resource answers: try that one.
     Stalled,
@@ -363,15 +375,26 @@ enum Attempt {
 /// dead, or an agent that stalls, costs a retry on another one: no client byte has been
 /// read yet, so nothing reached the private service, and dropping the connection
 /// cancels the stalled agent's attempt should it wake. [`OPEN_TIMEOUT`] bounds the
-/// whole, from the first `StreamOpen` sent. Returns the agent, the connection, and
-/// whether the stream is framed (its connection reusable).
+/// whole, from the first `StreamOpen` sent. Returns the agent, the connection, whether
+/// the stream is framed (its connection reusable), and how many of the client's bytes
+/// went with the open.
+///
+/// The client's first bytes go with the open ([`FirstBytes`]) when the stream cannot
+/// move anyway: it is framed, the client has sent them already, and no other agent of
+/// the resource answers. The agent writes them to the service as soon as it is
+/// connected, a round trip sooner than after its answer. Such an attempt never moves to
+/// another agent and is retried on another connection only after a clean close before
+/// any answer (the agent had not taken the stream): that is how the bytes reach the
+/// service at most once.
 async fn open_stream(
     relay: &Relay,
     resource_id: &str,
     stream_id: u64,
     client_addr: &str,
-) -> Result<(Arc<AgentSession>, DataConn, bool), OpenFailed> {
+    client: &TcpStream,
+) -> Result<(Arc<AgentSession>, DataConn, bool, usize), OpenFailed> {
     let deadline = relay.config.limits.stream_open_deadline;
+    let first = std::sync::Mutex::new(FirstBytes::default());
     let mut give_up: Option<tokio::time::Instant> = None;
     let mut avoid: Option<SessionId> = None;
     let mut broken = 0;
@@ -395,9 +418,29 @@ async fn open_stream(
         let until = *give_up.get_or_insert_with(|| tokio::time::Instant::now() + OPEN_TIMEOUT);
         let framed = relay.frames_streams_for(&session.info.capabilities);
         let open = StreamOpen { stream_id, client_addr: client_addr.to_owned(), framed };
-        match attempt(relay, &session, &mut conn, &open, deadline, until).await {
-            Attempt::Accepted => return Ok((session, conn, framed)),
+        // Early bytes only where the stream could not move anyway; bytes read for a
+        // framed attempt that closed cleanly go to an agent without framing after its
+        // answer, as any client byte does.
+        let early = (framed && !relay.registry.has_answering_other(resource_id, &session.id)).then_some(client);
+        match attempt(relay, &session, &mut conn, &open, &first, early, deadline, until).await {
+            Attempt::Accepted => {
+                let bytes = std::mem::take(&mut lock(&first).bytes);
+                if !framed && !bytes.is_empty() {
+                    // Flushed before the data path may hand the connection to kernel TLS.
+                    let written = async { conn.write_all(&bytes).await.and(conn.flush().await) };
+                    if let Err(e) = written.await {
+                        return Err(OpenFailed { reason: "stale", why: format!("the data connection failed: {e}") });
+                    }
+                }
+                return Ok((session, conn, framed, bytes.len()));
+            }
             Attempt::Refused(reason) => return Err(OpenFailed { reason: "refused", why: reason }),
+            Attempt::Lost(e) => {
+                return Err(OpenFailed {
+                    reason: "stale",
+                    why: format!("the data connection failed after the client's first bytes went out: {e}"),
+                });
+            }
             Attempt::TimedOut => {
                 return Err(OpenFailed {
                     reason: "timeout",
@@ -427,18 +470,23 @@ async fn open_stream(
 /// Sends `open` on `conn` and waits for the answer: until `deadline` while the agent
 /// may be stalled (probed with a ping at half the deadline), then — if it answered the ping sent with the open (it is alive; its
 /// service is slow) or no other agent answers — until `give_up`.
+///
+/// With `early` (the client), the client's first bytes go to the agent without waiting
+/// for its answer: with the open when they are there already, else as soon as they
+/// arrive while the answer is awaited ([`exchange`]).
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     relay: &Relay,
     session: &AgentSession,
     conn: &mut DataConn,
     open: &StreamOpen,
+    first: &std::sync::Mutex<FirstBytes>,
+    early: Option<&TcpStream>,
     deadline: Duration,
     give_up: tokio::time::Instant,
 ) -> Attempt {
-    let exchange = async {
-        wire::write_frame(&mut *conn, open).await?;
-        wire::read_frame::<_, StreamReply>(&mut *conn).await
-    };
+    let exchange = exchange(conn, open, first, early);
+    let sent_early = || lock(first).sent;
     tokio::pin!(exchange);
     // The liveness probe (a ping on the control session) goes out only when the answer
     // is late, at half the deadline: a live agent answers a ping within milliseconds,
@@ -456,7 +504,9 @@ async fn attempt(
                 _ = tokio::time::sleep_until(first) => {
                     if !session.answered_since(probe) {
                         session.mark_stalled(deadline);
-                        if relay.registry.has_answering_other(&session.resource_id, &session.id) {
+                        // With the client's first bytes out, the stream stays: should
+                        // this agent wake, it would deliver them.
+                        if !sent_early() && relay.registry.has_answering_other(&session.resource_id, &session.id) {
                             return Attempt::Stalled;
                         }
                     }
@@ -472,7 +522,102 @@ async fn attempt(
     match reply {
         Ok(StreamReply::Accepted) => Attempt::Accepted,
         Ok(StreamReply::Refused { reason }) => Attempt::Refused(reason),
-        Err(e) => Attempt::Broken(e.to_string()),
+        // A clean close (TLS close_notify) before any answer: the agent closed the
+        // connection without taking the stream (an idle connection it let go, a
+        // session that was ending).
+        Err(e @ wire::WireError::Closed) => Attempt::Broken(e.to_string()),
+        Err(e) if !sent_early() => Attempt::Broken(e.to_string()),
+        Err(e) => Attempt::Lost(e.to_string()),
+    }
+}
+
+/// Writes `open` on `conn` and reads the agent's answer. With `early`, the client's
+/// first bytes go out as the stream's first chunk without waiting for the answer:
+/// behind the open in the same write when the client has sent them already, else as
+/// soon as they arrive while the answer is awaited. A client that waits for the
+/// service to speak first sends nothing, and its stream opens as without `early`.
+///
+/// Waiting for the answer and for the client at once is safe: the answer is one frame
+/// in one TLS record, so the read either has not started (dropping it loses nothing)
+/// or completes without waiting.
+async fn exchange(
+    conn: &mut DataConn,
+    open: &StreamOpen,
+    first: &std::sync::Mutex<FirstBytes>,
+    early: Option<&TcpStream>,
+) -> Result<StreamReply, wire::WireError> {
+    let mut out = wire::encode_frame(open)?;
+    if let Some(client) = early {
+        let mut f = lock(first);
+        if !f.read {
+            f.read_from(client);
+        }
+        if !f.bytes.is_empty() {
+            out.extend_from_slice(&wire::frame_header(f.bytes.len() as u32));
+            out.extend_from_slice(&f.bytes);
+            f.sent = true;
+        }
+    }
+    conn.write_all(&out).await?;
+    conn.flush().await?;
+    if let Some(client) = early.filter(|_| !lock(first).read_done()) {
+        tokio::select! {
+            biased;
+            reply = wire::read_frame::<_, StreamReply>(&mut *conn) => return reply,
+            _ = client.readable() => {}
+        }
+        let chunk = {
+            let mut f = lock(first);
+            f.read_from(client);
+            f.sent = !f.bytes.is_empty();
+            f.sent.then(|| [&wire::frame_header(f.bytes.len() as u32)[..], &f.bytes].concat())
+        };
+        if let Some(chunk) = chunk {
+            conn.write_all(&chunk).await?;
+            conn.flush().await?;
+        }
+    }
+    wire::read_frame::<_, StreamReply>(&mut *conn).await
+}
+
+fn lock(first: &std::sync::Mutex<FirstBytes>) -> std::sync::MutexGuard<'_, FirstBytes> {
+    first.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The client's first bytes, read (at most once per stream) to go with the open.
+#[derive(Default)]
+struct FirstBytes {
+    /// The client's socket was read (with data, or found empty when readable).
+    read: bool,
+    bytes: Vec<u8>,
+    /// `bytes` went to an agent before its answer.
+    sent: bool,
+}
+
+impl FirstBytes {
+    /// The most read: what a client sends before any answer (a database's startup
+    /// message, a TLS ClientHello, a request) fits.
+    const MAX: usize = 16 * 1024;
+
+    /// Takes what the client has sent so far, without waiting: a client that waits for
+    /// the service to speak first (SMTP, MySQL, SSH) has sent nothing.
+    fn read_from(&mut self, client: &TcpStream) {
+        let mut buf = [0u8; Self::MAX];
+        match client.try_read(&mut buf) {
+            Ok(n) => {
+                self.read = true;
+                self.bytes = buf[..n].to_vec();
+            }
+            // Nothing yet: wait for the client (`exchange`).
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            // An error the stream's copy meets again.
+            Err(_) => self.read = true,
+        }
+    }
+
+    /// Nothing more to wait for from the client before the answer.
+    fn read_done(&self) -> bool {
+        self.read
     }
 }
 
