@@ -282,11 +282,13 @@ pub(crate) async fn forward(
     };
     session.active_streams.fetch_add(1, Ordering::Relaxed);
     let live = relay.streams.open(stream_id, &resource_id, &resource_name, &session.agent_id, &peer.to_string());
-    // The client's first bytes went with the open (`open_stream`).
-    if first > 0 {
-        crate::metrics::first_bytes_with_open(&resource_id);
-        live.transfer.plain_to_tunnel.fetch_add(first as u64, Ordering::Relaxed);
-        live.transfer.copied.fetch_add(first as u64, Ordering::Relaxed);
+    // The client's first bytes, written by `open_stream` (with the open or after it).
+    if first.bytes > 0 {
+        if first.early {
+            crate::metrics::first_bytes_with_open(&resource_id);
+        }
+        live.transfer.plain_to_tunnel.fetch_add(first.bytes as u64, Ordering::Relaxed);
+        live.transfer.copied.fetch_add(first.bytes as u64, Ordering::Relaxed);
     }
     crate::metrics::stream_opened(&resource_id, prepared.path().as_str());
     let stop = session.revoked.child_token();
@@ -376,8 +378,7 @@ enum Attempt {
 /// read yet, so nothing reached the private service, and dropping the connection
 /// cancels the stalled agent's attempt should it wake. [`OPEN_TIMEOUT`] bounds the
 /// whole, from the first `StreamOpen` sent. Returns the agent, the connection, whether
-/// the stream is framed (its connection reusable), and how many of the client's bytes
-/// went with the open.
+/// the stream is framed (its connection reusable), and the client's bytes it read.
 ///
 /// The client's first bytes go with the open ([`FirstBytes`]) when the stream cannot
 /// move anyway: it is framed, the client has sent them already, and no other agent of
@@ -392,7 +393,7 @@ async fn open_stream(
     stream_id: u64,
     client_addr: &str,
     client: &TcpStream,
-) -> Result<(Arc<AgentSession>, DataConn, bool, usize), OpenFailed> {
+) -> Result<(Arc<AgentSession>, DataConn, bool, FirstSent), OpenFailed> {
     let deadline = relay.config.limits.stream_open_deadline;
     let first = std::sync::Mutex::new(FirstBytes::default());
     let mut give_up: Option<tokio::time::Instant> = None;
@@ -418,21 +419,26 @@ async fn open_stream(
         let until = *give_up.get_or_insert_with(|| tokio::time::Instant::now() + OPEN_TIMEOUT);
         let framed = relay.frames_streams_for(&session.info.capabilities);
         let open = StreamOpen { stream_id, client_addr: client_addr.to_owned(), framed };
-        // Early bytes only where the stream could not move anyway; bytes read for a
-        // framed attempt that closed cleanly go to an agent without framing after its
-        // answer, as any client byte does.
+        // Early bytes only where the stream could not move anyway.
         let early = (framed && !relay.registry.has_answering_other(resource_id, &session.id)).then_some(client);
         match attempt(relay, &session, &mut conn, &open, &first, early, deadline, until).await {
             Attempt::Accepted => {
-                let bytes = std::mem::take(&mut lock(&first).bytes);
-                if !framed && !bytes.is_empty() {
-                    // Flushed before the data path may hand the connection to kernel TLS.
-                    let written = async { conn.write_all(&bytes).await.and(conn.flush().await) };
+                let f = std::mem::take(&mut *lock(&first));
+                if !f.sent && !f.bytes.is_empty() {
+                    // Read for an attempt that closed cleanly, and not sent early on
+                    // this one: they follow the answer, as any client byte does. Flushed
+                    // before the data path may hand the connection to kernel TLS.
+                    let out = if framed {
+                        [&wire::frame_header(f.bytes.len() as u32)[..], &f.bytes].concat()
+                    } else {
+                        f.bytes.clone()
+                    };
+                    let written = async { conn.write_all(&out).await.and(conn.flush().await) };
                     if let Err(e) = written.await {
                         return Err(OpenFailed { reason: "stale", why: format!("the data connection failed: {e}") });
                     }
                 }
-                return Ok((session, conn, framed, bytes.len()));
+                return Ok((session, conn, framed, FirstSent { bytes: f.bytes.len(), early: f.sent }));
             }
             Attempt::Refused(reason) => return Err(OpenFailed { reason: "refused", why: reason }),
             Attempt::Lost(e) => {
@@ -547,6 +553,7 @@ async fn exchange(
     early: Option<&TcpStream>,
 ) -> Result<StreamReply, wire::WireError> {
     let mut out = wire::encode_frame(open)?;
+    lock(first).sent = false;
     if let Some(client) = early {
         let mut f = lock(first);
         if !f.read {
@@ -582,6 +589,13 @@ async fn exchange(
 
 fn lock(first: &std::sync::Mutex<FirstBytes>) -> std::sync::MutexGuard<'_, FirstBytes> {
     first.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The client's first bytes that `open_stream` wrote: how many, and whether they went
+/// before the agent's answer.
+struct FirstSent {
+    bytes: usize,
+    early: bool,
 }
 
 /// The client's first bytes, read (at most once per stream) to go with the open.
