@@ -16,6 +16,7 @@
 //! | `sluice_relay_handshake_failures_total` | counter | |
 //! | `sluice_relay_data_handshakes_total` | counter | `kind` (`full`, `resumed`: a data connection resumed with a session ticket) |
 //! | `sluice_relay_data_reused_total` | counter | `resource` (data connections parked again after a framed stream's clean end, for the next stream) |
+//! | `sluice_relay_first_bytes_with_open_total` | counter | `resource` (streams whose client's first bytes went with the open, before the agent's answer) |
 //! | `sluice_relay_tls_key_updates_total` | counter | `direction` (`received`: an agent's TLS KeyUpdate followed by a kernel-TLS stream; `sent`: the relay's answer) |
 //! | `sluice_relay_enrollments_total` | counter | `outcome` (`enrolled` or a rejection code) |
 //! | `sluice_relay_resource_port_blocked` | gauge | `resource` (1 while an agent is connected but the port cannot be bound) |
@@ -103,6 +104,10 @@ fn describe() {
     describe_counter!(
         "sluice_relay_data_reused_total",
         "Data connections kept for the next stream after a framed stream ended cleanly (no new handshake)."
+    );
+    describe_counter!(
+        "sluice_relay_first_bytes_with_open_total",
+        "Streams whose client's first bytes went to the agent with the stream's open, before its answer."
     );
     describe_counter!(
         "sluice_relay_tls_key_updates_total",
