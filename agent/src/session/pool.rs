@@ -153,7 +153,9 @@ pub(super) fn spawn_data_conn(pool: &Arc<Pool>) {
 async fn data_conn_task(pool: Arc<Pool>) {
     let conn = Box::pin(data_conn(&pool)).await;
     pool.connecting.fetch_sub(1, Ordering::Relaxed);
-    let Ok((tls, registration)) = conn.inspect_err(|e| debug!(error = %e, "opening a data connection failed")) else {
+    let Ok((tls, registration, mut tunnel_from)) =
+        conn.inspect_err(|e| debug!(error = %e, "opening a data connection failed"))
+    else {
         // Try again a little later, unless the session is over.
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => refill(&pool),
@@ -165,14 +167,7 @@ async fn data_conn_task(pool: Arc<Pool>) {
     // moving the connection into and out of a stream copies a pointer.
     let mut tls = Box::new(tls);
     let registration = registration.map(Arc::new);
-    let mut tunnel_from = stream::TunnelBytes::Now;
     loop {
-        // A stream's tunnel bytes start when its connection turns idle: the relay may
-        // send the client's first bytes right behind the open, before the stream's
-        // service is connected.
-        if let (stream::TunnelBytes::Now, Some(r)) = (tunnel_from, registration.as_deref()) {
-            tunnel_from = r.split_counts(tls.get_ref().0.tcp().as_fd()).map_or(tunnel_from, stream::TunnelBytes::Since);
-        }
         pool.idle.fetch_add(1, Ordering::Relaxed);
         let open = {
             let read = wire::read_frame::<_, StreamOpen>(&mut *tls);
@@ -231,7 +226,9 @@ async fn data_conn_task(pool: Arc<Pool>) {
     }
 }
 
-async fn data_conn(pool: &Pool) -> Result<(Tunnel, Option<Registration>), String> {
+/// A new data connection, its registration with the byte meter, and where its first
+/// stream's count of TLS bytes starts.
+async fn data_conn(pool: &Pool) -> Result<(Tunnel, Option<Registration>, stream::TunnelBytes), String> {
     // A copy of the configuration per connection, whose `key_log` records this
     // connection's traffic secrets: a kernel-TLS stream needs them to follow key updates.
     let secrets = Arc::new(TrafficSecrets::default());
@@ -241,9 +238,13 @@ async fn data_conn(pool: &Pool) -> Result<(Tunnel, Option<Registration>), String
         TlsConnector::from(Arc::new(config))
     };
     let (mut tls, registration) = dial(&pool.relay, &connector, Some(&pool.meter), Some(secrets)).await?;
+    // The first stream's tunnel bytes start before the hello: once the relay has it, it
+    // may send an open with the client's first bytes right behind it at any moment.
+    let counted = registration.as_ref().and_then(|r| r.split_counts(tls.get_ref().0.tcp().as_fd()));
+    let tunnel_from = counted.map_or(stream::TunnelBytes::Now, stream::TunnelBytes::Since);
     let hello = DataHello { version: PROTOCOL_VERSION, session_id: pool.session_id.clone() };
     wire::write_frame(&mut tls, &hello).await.map_err(|e| format!("sending the data hello: {e}"))?;
-    Ok((tls, registration))
+    Ok((tls, registration, tunnel_from))
 }
 
 #[cfg(test)]
