@@ -567,7 +567,7 @@ async fn exchange(
     }
     conn.write_all(&out).await?;
     conn.flush().await?;
-    if let Some(client) = early.filter(|_| !lock(first).read_done()) {
+    if let Some(client) = early.filter(|_| !lock(first).read) {
         tokio::select! {
             biased;
             reply = wire::read_frame::<_, StreamReply>(&mut *conn) => return reply,
@@ -627,11 +627,6 @@ impl FirstBytes {
             // An error the stream's copy meets again.
             Err(_) => self.read = true,
         }
-    }
-
-    /// Nothing more to wait for from the client before the answer.
-    fn read_done(&self) -> bool {
-        self.read
     }
 }
 
