@@ -26,6 +26,7 @@
 
 mod bench_peers;
 mod dist;
+mod elf;
 mod fuzz;
 mod sim_agents;
 mod soak;

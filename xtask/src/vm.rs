@@ -36,14 +36,14 @@
 //! `vm-test: N passed, M failed`.
 //!
 //! Pieces: [`host`] installs the host tools, [`kernel`] gets the stable kernel and picks
-//! the modules, [`backports`] gets the rekey kernel, [`elf`] reads the few ELF facts needed, [`initramfs`] writes the newc
+//! the modules, [`backports`] gets the rekey kernel, [`crate::elf`] reads the few ELF facts needed, [`initramfs`] writes the newc
 //! archive, [`boot`] runs QEMU and judges the output, [`smoke`] is the built-in kTLS
 //! smoke test, [`e2e`] the end-to-end test and benchmark of the real binaries.
 
 mod backports;
 mod boot;
 mod e2e;
-mod elf;
+
 mod host;
 mod initramfs;
 mod kernel;

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::elf;
+use crate::elf;
 
 /// Paths of the host tools, once present.
 pub struct Tools {

@@ -25,8 +25,8 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 
 use super::VmRun;
-use super::elf;
 use super::kernel::Kernel;
+use crate::elf;
 
 /// The guest's `/init`.
 const INIT: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../vm/init.sh"));

@@ -18,7 +18,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use super::elf;
+use crate::elf;
 
 /// The meta-package whose dependency names the current cloud kernel.
 const META_PACKAGE: &str = "linux-image-cloud-amd64";

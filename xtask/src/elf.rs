@@ -1,8 +1,10 @@
-//! The two ELF facts the VM harness needs, read without any ELF library:
+//! The few ELF facts `dist` and the VM harness need, read without any ELF library:
 //!
-//! - whether an executable is statically linked (no `PT_INTERP` program header), so a
-//!   binary that would fail in the libc-less guest with a baffling "not found" is
-//!   refused on the host instead;
+//! - whether an executable is statically linked (no `PT_INTERP` program header): `dist`
+//!   ships only static binaries, and the VM harness refuses on the host a binary that
+//!   would fail in the libc-less guest with a baffling "not found";
+//! - whether its relative relocations are packed (`DT_RELR` in its dynamic section), which
+//!   `dist` requires (see `dist::RUSTFLAGS`);
 //! - the `.modinfo` section of a kernel module (`depends=`, `name=`), from which the
 //!   module load order is resolved, since the kernel package ships no `modules.dep`
 //!   and the machine has no `depmod`.
@@ -38,6 +40,38 @@ pub fn is_static_executable(b: &[u8]) -> bool {
     (0..phnum).all(|i| {
         let off = phoff + i * phentsize;
         usize::try_from(off).ok().and_then(|o| le::<4>(b, o)).is_some_and(|p_type| p_type != PT_INTERP)
+    })
+}
+
+/// True when an ELF64 image's dynamic section (`PT_DYNAMIC`) has a `DT_RELR` entry
+/// before its `DT_NULL`: relative relocations packed as bitmaps, a few KiB where
+/// `DT_RELA` spends 24 bytes on each.
+pub fn has_packed_relocs(b: &[u8]) -> bool {
+    const PT_DYNAMIC: u64 = 2;
+    const DT_NULL: u64 = 0;
+    const DT_RELR: u64 = 36;
+    if !is_elf64_le(b) {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (le::<8>(b, 32), le::<2>(b, 54), le::<2>(b, 56)) else {
+        return false;
+    };
+    // Program header: p_type u32 @0, p_offset u64 @8, p_filesz u64 @32. A dynamic
+    // entry: d_tag u64, d_val u64.
+    let dynamic_has_relr = |h: usize| -> Option<bool> {
+        let (off, size) = (usize::try_from(le::<8>(b, h + 8)?).ok()?, usize::try_from(le::<8>(b, h + 32)?).ok()?);
+        for entry in (off..off.checked_add(size)?).step_by(16) {
+            match le::<8>(b, entry)? {
+                DT_NULL => return Some(false),
+                DT_RELR => return Some(true),
+                _ => {}
+            }
+        }
+        Some(false)
+    };
+    (0..phnum).any(|i| {
+        let h = usize::try_from(phoff + i * phentsize).ok();
+        h.is_some_and(|h| le::<4>(b, h) == Some(PT_DYNAMIC) && dynamic_has_relr(h) == Some(true))
     })
 }
 
@@ -114,6 +148,53 @@ mod tests {
         b[60..62].copy_from_slice(&3u16.to_le_bytes());
         b[62..64].copy_from_slice(&1u16.to_le_bytes());
         b
+    }
+
+    /// A 64-bit PIE: the header, one program header per type in `phdrs`, and the
+    /// dynamic entries `dynamic` (tag, value) that every header points at.
+    fn fake_executable(phdrs: &[u32], dynamic: &[(u64, u64)]) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        b[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        b[16] = 3; // ET_DYN
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&(phdrs.len() as u16).to_le_bytes());
+        let dynamic_at = 64 + 56 * phdrs.len() as u64;
+        for &kind in phdrs {
+            let mut h = [0u8; 56];
+            h[..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..16].copy_from_slice(&dynamic_at.to_le_bytes());
+            h[32..40].copy_from_slice(&(16 * dynamic.len() as u64).to_le_bytes());
+            b.extend_from_slice(&h);
+        }
+        for (tag, value) in dynamic {
+            b.extend_from_slice(&tag.to_le_bytes());
+            b.extend_from_slice(&value.to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn tells_static_from_dynamic_executables() {
+        assert!(is_static_executable(&fake_executable(&[1, 2], &[(0, 0)])));
+        assert!(!is_static_executable(&fake_executable(&[1, 3, 2], &[(0, 0)])), "PT_INTERP: dynamic");
+        // This test binary is dynamically linked (no crt-static for tests).
+        assert!(!is_static_executable(&std::fs::read(std::env::current_exe().unwrap()).unwrap()));
+    }
+
+    #[test]
+    fn finds_packed_relocations_in_the_dynamic_section() {
+        // DT_RELA (7), DT_RELR (36), DT_NULL.
+        assert!(has_packed_relocs(&fake_executable(&[1, 2], &[(7, 0x100), (36, 0x200), (0, 0)])));
+        // Only DT_RELA; DT_RELR after DT_NULL; DT_RELR bytes under a header that is not PT_DYNAMIC.
+        assert!(!has_packed_relocs(&fake_executable(&[2], &[(7, 0x100), (0, 0)])));
+        assert!(!has_packed_relocs(&fake_executable(&[2], &[(7, 0x100), (0, 0), (36, 0x200)])));
+        assert!(!has_packed_relocs(&fake_executable(&[1], &[(36, 0x200), (0, 0)])));
+        // A dynamic section running past the end of the file, and not an ELF at all.
+        let mut cut = fake_executable(&[2], &[(7, 0x100), (36, 0x200)]);
+        cut.truncate(cut.len() - 20);
+        assert!(!has_packed_relocs(&cut));
+        assert!(!has_packed_relocs(b"not an elf"));
     }
 
     #[test]
