@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use sluice_datapath::{self as datapath, StreamEnd};
 use sluice_proto::identity::SessionId;
 use sluice_proto::wire::{self, StreamOpen, StreamReply};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -525,14 +525,21 @@ async fn attempt(
             }
         }
     };
+    judge(reply, sent_early())
+}
+
+/// What the agent's answer (or the failure to get one) makes of an attempt, given
+/// whether the client's first bytes went out before it.
+fn judge(reply: Result<StreamReply, wire::WireError>, sent_early: bool) -> Attempt {
     match reply {
         Ok(StreamReply::Accepted) => Attempt::Accepted,
         Ok(StreamReply::Refused { reason }) => Attempt::Refused(reason),
         // A clean close (TLS close_notify) before any answer: the agent closed the
         // connection without taking the stream (an idle connection it let go, a
-        // session that was ending).
+        // session that was ending), so it delivered nothing.
         Err(e @ wire::WireError::Closed) => Attempt::Broken(e.to_string()),
-        Err(e) if !sent_early() => Attempt::Broken(e.to_string()),
+        Err(e) if !sent_early => Attempt::Broken(e.to_string()),
+        // Any other failure after the bytes went out: the agent may have delivered them.
         Err(e) => Attempt::Lost(e.to_string()),
     }
 }
@@ -546,8 +553,8 @@ async fn attempt(
 /// Waiting for the answer and for the client at once is safe: the answer is one frame
 /// in one TLS record, so the read either has not started (dropping it loses nothing)
 /// or completes without waiting.
-async fn exchange(
-    conn: &mut DataConn,
+async fn exchange<C: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut C,
     open: &StreamOpen,
     first: &std::sync::Mutex<FirstBytes>,
     early: Option<&TcpStream>,
@@ -655,6 +662,150 @@ mod tests {
             _,
         >(&forward);
         assert!(size <= 1024, "a stream's forward future is {size} bytes");
+    }
+
+    /// A platform job's connection as the relay holds it (`relay_side`) and the job's end.
+    async fn client_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let job = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (relay_side, _) = listener.accept().await.unwrap();
+        (relay_side, job)
+    }
+
+    fn open() -> StreamOpen {
+        StreamOpen { stream_id: 7, client_addr: "127.0.0.1:1".into(), framed: true }
+    }
+
+    /// The agent's side: one stream chunk (length prefix, bytes).
+    async fn read_chunk(agent: &mut tokio::io::DuplexStream) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut len = [0u8; wire::FRAME_HEADER_LEN];
+        agent.read_exact(&mut len).await.unwrap();
+        let mut bytes = vec![0u8; u32::from_be_bytes(len) as usize];
+        agent.read_exact(&mut bytes).await.unwrap();
+        bytes
+    }
+
+    /// What the client sent before the open goes with it: the agent has the bytes
+    /// before it answers.
+    #[tokio::test]
+    async fn first_bytes_already_sent_go_with_the_open() {
+        let (relay_side, mut job) = client_pair().await;
+        job.write_all(b"startup message").await.unwrap();
+        relay_side.readable().await.unwrap();
+        let (mut conn, mut agent) = tokio::io::duplex(64 * 1024);
+        let first = std::sync::Mutex::new(FirstBytes::default());
+        let o = open();
+        let agent_side = async {
+            let got: StreamOpen = wire::read_frame(&mut agent).await.unwrap();
+            assert_eq!(got.stream_id, 7);
+            assert_eq!(read_chunk(&mut agent).await, b"startup message");
+            wire::write_frame(&mut agent, &StreamReply::Accepted).await.unwrap();
+        };
+        let (reply, ()) = tokio::join!(exchange(&mut conn, &o, &first, Some(&relay_side)), agent_side);
+        assert!(matches!(reply, Ok(StreamReply::Accepted)));
+        let f = lock(&first);
+        assert!(f.read && f.sent && f.bytes == b"startup message");
+    }
+
+    /// Bytes that arrive while the answer is awaited follow the open at once.
+    #[tokio::test]
+    async fn first_bytes_that_arrive_while_waiting_follow_the_open() {
+        let (relay_side, mut job) = client_pair().await;
+        let (mut conn, mut agent) = tokio::io::duplex(64 * 1024);
+        let first = std::sync::Mutex::new(FirstBytes::default());
+        let o = open();
+        let agent_side = async {
+            let _: StreamOpen = wire::read_frame(&mut agent).await.unwrap();
+            job.write_all(b"GET / HTTP/1.1").await.unwrap();
+            assert_eq!(read_chunk(&mut agent).await, b"GET / HTTP/1.1", "sent before the agent answered");
+            wire::write_frame(&mut agent, &StreamReply::Accepted).await.unwrap();
+        };
+        let (reply, ()) = tokio::join!(exchange(&mut conn, &o, &first, Some(&relay_side)), agent_side);
+        assert!(matches!(reply, Ok(StreamReply::Accepted)));
+        assert!(lock(&first).sent);
+    }
+
+    /// A client that waits for the service to speak first (SSH, SMTP, MySQL): the open
+    /// goes alone and nothing of the client's is read.
+    #[tokio::test]
+    async fn a_silent_client_opens_as_without_early_bytes() {
+        let (relay_side, _job) = client_pair().await;
+        let (mut conn, mut agent) = tokio::io::duplex(64 * 1024);
+        let first = std::sync::Mutex::new(FirstBytes::default());
+        let o = open();
+        let agent_side = async {
+            let _: StreamOpen = wire::read_frame(&mut agent).await.unwrap();
+            wire::write_frame(&mut agent, &StreamReply::Refused { reason: "connection refused".into() }).await.unwrap();
+        };
+        let (reply, ()) = tokio::join!(exchange(&mut conn, &o, &first, Some(&relay_side)), agent_side);
+        assert!(matches!(reply, Ok(StreamReply::Refused { .. })));
+        let f = lock(&first);
+        assert!(!f.read && !f.sent && f.bytes.is_empty());
+    }
+
+    /// An agent that closes cleanly without answering took nothing: the retry sends the
+    /// same bytes once more, on the new connection only, and reads no more of the
+    /// client's. Without `early` (another agent answers) they wait for the answer.
+    #[tokio::test]
+    async fn bytes_of_a_cleanly_closed_attempt_go_once_on_the_retry() {
+        let (relay_side, mut job) = client_pair().await;
+        job.write_all(b"hello").await.unwrap();
+        relay_side.readable().await.unwrap();
+        let first = std::sync::Mutex::new(FirstBytes::default());
+        let o = open();
+
+        let (mut conn, mut agent) = tokio::io::duplex(64 * 1024);
+        let closing_agent = async move {
+            let _: StreamOpen = wire::read_frame(&mut agent).await.unwrap();
+            assert_eq!(read_chunk(&mut agent).await, b"hello");
+            drop(agent); // a clean close, no answer
+        };
+        let (reply, ()) = tokio::join!(exchange(&mut conn, &o, &first, Some(&relay_side)), closing_agent);
+        assert!(matches!(judge(reply, lock(&first).sent), Attempt::Broken(_)), "retryable");
+
+        job.write_all(b" world").await.unwrap(); // the stream's copy reads this later
+        let (mut conn, mut agent) = tokio::io::duplex(64 * 1024);
+        let agent_side = async {
+            let _: StreamOpen = wire::read_frame(&mut agent).await.unwrap();
+            assert_eq!(read_chunk(&mut agent).await, b"hello", "the same bytes, not re-read");
+            wire::write_frame(&mut agent, &StreamReply::Accepted).await.unwrap();
+        };
+        let (reply, ()) = tokio::join!(exchange(&mut conn, &o, &first, Some(&relay_side)), agent_side);
+        assert!(matches!(reply, Ok(StreamReply::Accepted)));
+        assert!(lock(&first).sent);
+
+        // The same retry where the stream may still move: nothing goes before the answer.
+        let (mut conn, mut agent) = tokio::io::duplex(64 * 1024);
+        let agent_side = async {
+            let _: StreamOpen = wire::read_frame(&mut agent).await.unwrap();
+            wire::write_frame(&mut agent, &StreamReply::Accepted).await.unwrap();
+        };
+        let (reply, ()) = tokio::join!(exchange(&mut conn, &o, &first, None), agent_side);
+        assert!(matches!(reply, Ok(StreamReply::Accepted)));
+        {
+            let f = lock(&first);
+            assert!(!f.sent && f.bytes == b"hello", "kept for after the answer");
+        }
+        let mut rest = [0u8; 16];
+        relay_side.readable().await.unwrap();
+        let n = relay_side.try_read(&mut rest).unwrap();
+        assert_eq!(&rest[..n], b" world", "the client's later bytes were left for the copy");
+    }
+
+    /// Only a clean close keeps an attempt whose first bytes went out retryable.
+    #[test]
+    fn an_attempt_after_early_bytes_is_lost_unless_the_agent_closed_cleanly() {
+        let io = || Err(wire::WireError::Io(std::io::ErrorKind::ConnectionReset.into()));
+        assert!(matches!(judge(io(), false), Attempt::Broken(_)));
+        assert!(matches!(judge(io(), true), Attempt::Lost(_)));
+        assert!(matches!(judge(Err(wire::WireError::Truncated), true), Attempt::Lost(_)));
+        assert!(matches!(judge(Err(wire::WireError::Closed), true), Attempt::Broken(_)));
+        assert!(matches!(judge(Err(wire::WireError::Closed), false), Attempt::Broken(_)));
+        assert!(matches!(judge(Ok(StreamReply::Accepted), true), Attempt::Accepted));
+        assert!(
+            matches!(judge(Ok(StreamReply::Refused { reason: "no".into() }), true), Attempt::Refused(r) if r == "no")
+        );
     }
 
     #[test]
