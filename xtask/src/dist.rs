@@ -3,8 +3,9 @@
 //! - `sluice` and `sluice-agent` for x86_64, fully static (glibc with `+crt-static`: the
 //!   kernel-TLS path needs glibc, the `ktls` crate does not build for musl), built in
 //!   `target/dist-build/` so the normal `target/release/` the tests use stays cached,
-//!   with the `dist` profile ([`PROFILE`]: fat LTO, one codegen unit), which makes the
-//!   agent's code a third smaller than a release build's.
+//!   with the `dist` profile ([`PROFILE`]: fat LTO, one codegen unit, crates off the data
+//!   path built for size), which makes the agent's code a third smaller than a release
+//!   build's, and relative relocations packed ([`RUSTFLAGS`]); both lower the agent's RSS.
 //! - Debug info split off: `NAME` is stripped (`objcopy --strip-all` plus a
 //!   `.gnu_debuglink` to `NAME.debug`), `NAME.debug` keeps the debug sections and symbols
 //!   for `gdb`/`addr2line` on a crash report.
