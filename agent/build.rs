@@ -64,10 +64,27 @@ fn watch_toolchain(present: bool) {
     }
 }
 
+/// Lays out the agent's code in the order of the symbol-ordering file (lld's
+/// `--symbol-ordering-file`) that `SLUICE_LINK_ORDER` names, when set: `cargo xtask
+/// dist` sets it so that the code an agent runs sits together, and an idle agent keeps
+/// less of its binary resident (`xtask/src/link_order.rs`). The file is watched, so a
+/// new order relinks the agent; its path alone, not its content, is in the link
+/// arguments, which keeps the symbol names it lists stable from one build to the next.
+fn link_order() {
+    println!("cargo:rerun-if-env-changed=SLUICE_LINK_ORDER");
+    if let Some(order) = std::env::var_os("SLUICE_LINK_ORDER") {
+        let order = PathBuf::from(order);
+        println!("cargo:rerun-if-changed={}", order.display());
+        println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}", order.display());
+        println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+    }
+}
+
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(sluice_ebpf)");
     println!("cargo:rerun-if-env-changed=SLUICE_NO_EBPF");
     println!("cargo:rerun-if-changed=build.rs");
+    link_order();
     let missing = missing_toolchain();
     // SLUICE_NO_EBPF is a choice (watched above), not a missing toolchain to look for
     // again on every build: rechecking would rebuild the agent each time (fuzz/ sets it).

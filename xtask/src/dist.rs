@@ -5,7 +5,8 @@
 //!   `target/dist-build/` so the normal `target/release/` the tests use stays cached,
 //!   with the `dist` profile ([`PROFILE`]: fat LTO, one codegen unit, crates off the data
 //!   path built for size), which makes the agent's code a third smaller than a release
-//!   build's, and relative relocations packed ([`RUSTFLAGS`]); both lower the agent's RSS.
+//!   build's, relative relocations packed ([`RUSTFLAGS`]), and the agent's code laid out
+//!   by a profile ([`crate::link_order`]); all three lower the agent's RSS.
 //! - Debug info split off: `NAME` is stripped (`objcopy --strip-all` plus a
 //!   `.gnu_debuglink` to `NAME.debug`), `NAME.debug` keeps the debug sections and symbols
 //!   for `gdb`/`addr2line` on a crash report.
@@ -31,7 +32,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::elf;
+use crate::{elf, link_order};
 
 /// The Rust target of the x86_64 binaries (glibc; `+crt-static` makes them static).
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -80,7 +81,7 @@ pub fn dist(root: &Path, build: bool) -> Result<()> {
     let release = build_dir.join(TARGET).join(PROFILE);
     if build {
         let t = Instant::now();
-        cargo_build(root, &build_dir, TARGET, &[])?;
+        build_with_code_layout(root, &build_dir, &release.join("sluice-agent"))?;
         eprintln!("dist: x86_64 static build in {:.1} s", t.elapsed().as_secs_f64());
     }
     let out = root.join("target").join("dist");
@@ -125,6 +126,48 @@ pub fn dist(root: &Path, build: bool) -> Result<()> {
             }
             println!("aarch64: built in {:.1} s into {} (unstripped)", t.elapsed().as_secs_f64(), dir.display());
         }
+    }
+    Ok(())
+}
+
+/// The x86_64 build, with the agent's code laid out by [`link_order::PROFILE`]: built
+/// with the ordering file of the last build (empty on the first), then, when the built
+/// agent's names give a different file, relinked with that one. Refuses an agent whose
+/// listed functions did not end up together.
+fn build_with_code_layout(root: &Path, build_dir: &Path, agent: &Path) -> Result<()> {
+    let profile_path = root.join(link_order::PROFILE);
+    let profile = link_order::read_profile(
+        &std::fs::read_to_string(&profile_path).with_context(|| format!("reading {}", profile_path.display()))?,
+    );
+    let order = build_dir.join("agent-link-order.txt");
+    std::fs::create_dir_all(build_dir)?;
+    let current = std::fs::read_to_string(&order).unwrap_or_default();
+    if !order.exists() {
+        std::fs::write(&order, "")?;
+    }
+    let env = [("SLUICE_LINK_ORDER", order.to_str().context("non-UTF-8 target directory")?)];
+    cargo_build(root, build_dir, TARGET, &env)?;
+    let wanted = link_order::order_file(&profile, &link_order::function_symbols(agent)?);
+    if wanted != current {
+        eprintln!("dist: relinking the agent with its code laid out ({} functions first)", wanted.lines().count());
+        std::fs::write(&order, &wanted).with_context(|| format!("writing {}", order.display()))?;
+        cargo_build(root, build_dir, TARGET, &env)?;
+    }
+    let (size, packed) = link_order::packing(&wanted, &link_order::function_symbols(agent)?);
+    eprintln!(
+        "dist: the agent's {} profiled functions ({:.2} MB): {:.0} % of them laid out first",
+        wanted.lines().count(),
+        size as f64 / 1e6,
+        packed * 100.0
+    );
+    if packed < 0.95 {
+        bail!(
+            "{}: only {:.0} % of the functions {} lists were laid out first: the code layout did not \
+             take (is the linker lld? does agent/build.rs pass SLUICE_LINK_ORDER on?)",
+            agent.display(),
+            packed * 100.0,
+            link_order::PROFILE
+        );
     }
     Ok(())
 }

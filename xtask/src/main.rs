@@ -28,6 +28,7 @@ mod bench_peers;
 mod dist;
 mod elf;
 mod fuzz;
+mod link_order;
 mod sim_agents;
 mod soak;
 mod vm;
