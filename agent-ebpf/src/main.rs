@@ -19,13 +19,13 @@ use aya_ebpf::helpers::bpf_get_socket_cookie;
 use aya_ebpf::macros::{cgroup_skb, map, sock_ops};
 use aya_ebpf::maps::HashMap;
 use aya_ebpf::programs::{SkBuffContext, SockOpsContext};
-use sluice_agent_ebpf_common::{MAX_SOCKETS, Segment, SockCounts, TcpTotals};
+use sluice_agent_ebpf_common::{MAP_FLAGS, MAX_SOCKETS, Segment, SockCounts, TcpTotals};
 
 #[map]
-static SOCKETS: HashMap<u64, SockCounts> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static SOCKETS: HashMap<u64, SockCounts> = HashMap::with_max_entries(MAX_SOCKETS, MAP_FLAGS);
 
 #[map]
-static TCP_TOTALS: HashMap<u64, TcpTotals> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static TCP_TOTALS: HashMap<u64, TcpTotals> = HashMap::with_max_entries(MAX_SOCKETS, MAP_FLAGS);
 
 const IPPROTO_TCP: u8 = 6;
 /// An IPv4 header without options and a TCP header up to its flags byte.
