@@ -8,11 +8,15 @@
 # How: a profiling build of the agent (the dist profile, every function starting a page)
 # runs from a loop-mounted ext4 with read-ahead off, freshly mounted, so its page cache
 # holds only the pages the agent faulted in, one page each. It enrols with a local relay
-# (target/dist/sluice, from `cargo xtask dist`), carries 20 streams to an echo service,
-# idles 15 s; then every function with a page resident (/proc/PID/pagemap) is written
-# out, by name without its build hash. AGENT_BINARY skips the profiling build.
+# (target/dist/sluice, from `cargo xtask dist`) and fills its pool, and gives back its
+# start-up code (agent/src/startup_code.rs): the functions with a page in the page cache
+# then (mincore) are start-up's. The binary's pages are then evicted (process_madvise
+# MADV_PAGEOUT, posix_fadvise DONTNEED), the agent carries 20 streams to an echo service
+# and idles 15 s, and the functions read again are what a running agent uses. Those go
+# first in the file, then the rest of start-up's, each by name without its build hash.
+# AGENT_BINARY skips the profiling build.
 #
-# Needs root (loop device, pagemap), python3, nm, mkfs.ext4. Run it again after large
+# Needs root (loop device, process_madvise), python3, nm, mkfs.ext4. Run it again after large
 # changes to the agent's code or dependencies: names it no longer finds are skipped, and
 # new code lands after the profiled functions, where it costs memory only when run.
 set -euo pipefail
@@ -79,14 +83,22 @@ pids+=($!)
 for _ in $(seq 300); do [[ -f $run/relay/admin-url ]] && break; sleep 0.1; done
 customer=$("$relay" customers create profile --data-dir "$run/relay")
 jwt=$("$relay" resources registration-jwt --customer-id "$customer" --data-dir "$run/relay")
+# The default log level, as the agent runs for users: the code that formats its lines
+# is part of what runs.
 env -i STATE_DIR="$run/agent" APP_HOST=127.0.0.1 APP_PORT="$echo_port" NAME=profile \
-    REGISTRATION_JWT="$jwt" SLUICE_LOG=warn "$mnt/sluice-agent" > "$run/agent.log" 2>&1 &
+    REGISTRATION_JWT="$jwt" "$mnt/sluice-agent" > "$run/agent.log" 2>&1 &
 agent_pid=$!
 pids+=($agent_pid)
+# From the moment the agent gives back its start-up code, whatever runs is read again.
+functions() { python3 "$root/scripts/resident-functions.py" "$@"; }
+functions --at-release "$agent_pid" "$mnt/sluice-agent" "$run/agent.log" "$run/startup.pages" &
+released=$!
 for _ in $(seq 150); do
     "$relay" resources list --data-dir "$run/relay" 2>/dev/null | grep -q AVAILABLE && break
     sleep 0.2
 done
+wait $released
+functions "$mnt/sluice-agent" "$agent" "$run/startup.txt" "$run/startup.pages"
 endpoint=$("$relay" resources endpoint profile --data-dir "$run/relay")
 python3 - "${endpoint##*:}" <<'EOF'
 import socket, sys
@@ -101,46 +113,14 @@ for i in range(20):
 EOF
 sleep 15
 
-python3 - "$agent_pid" "$agent" "$root/agent/link-order.txt" "$(git rev-parse --short HEAD)" <<'EOF'
-import os, re, struct, subprocess, sys
-pid, binary, out, commit = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-exe = os.readlink(f"/proc/{pid}/exe")
-starts = []
-for line in open(f"/proc/{pid}/maps"):
-    f = line.split()
-    if len(f) > 5 and f[5] == exe:
-        lo = int(f[0].split("-")[0], 16)
-        starts.append(lo - int(f[2], 16))
-base = min(starts)
-pagemap = open(f"/proc/{pid}/pagemap", "rb")
-def resident(va):
-    pagemap.seek((va + base) // 4096 * 8)
-    d = pagemap.read(8)
-    return len(d) == 8 and struct.unpack("<Q", d)[0] >> 63 == 1
-def stable(name):  # as xtask/src/link_order.rs stable_name
-    m = re.match(r"^(.*)\.(\d+)$", name)
-    if m:
-        name = m.group(1).removesuffix(".llvm")
-    return re.sub(r"17h[0-9a-f]{16}E$", "E", name)
-nm = subprocess.run(["nm", "--numeric-sort", "--print-size", "--defined-only", binary],
-                    capture_output=True, text=True, check=True).stdout
-names, seen, size = [], set(), 0
-for line in nm.splitlines():
-    f = line.split()
-    if len(f) != 4 or f[2] not in ("t", "T", "W"):
-        continue
-    addr, n = int(f[0], 16), int(f[1], 16)
-    if any(resident(p) for p in range(addr // 4096 * 4096, addr + max(n, 1), 4096)):
-        size += n
-        s = stable(f[3])
-        if s not in seen:
-            seen.add(s)
-            names.append(s)
-with open(out, "w") as o:
-    o.write("# The functions a running agent touched, in the order dist lays them out first\n"
-            "# (xtask/src/link_order.rs). Written by scripts/profile-agent-code.sh at "
-            f"{commit}: enrol, 20 streams\n# through the tunnel, 15 s idle. Names without "
-            "their build hash.\n")
-    o.write("\n".join(names) + "\n")
-print(f"{len(names)} functions ({size / 1e6:.2f} MB) -> {out}")
-EOF
+functions "$mnt/sluice-agent" "$agent" "$run/running.txt"
+{
+    echo "# The functions a running agent uses, then the rest of those start-up ran, in the order"
+    echo "# dist lays them out first (xtask/src/link_order.rs). Written by"
+    echo "# scripts/profile-agent-code.sh at $(git rev-parse --short HEAD): enrol, fill the pool, give"
+    echo "# back start-up code; 20 streams through the tunnel, 15 s idle. Names without build hash."
+    cat "$run/running.txt"
+    echo "# start-up only"
+    grep -vxF -f "$run/running.txt" "$run/startup.txt" || true
+} > "$root/agent/link-order.txt"
+echo "$(wc -l < "$run/running.txt") functions running, $(grep -cvxF -f "$run/running.txt" "$run/startup.txt") more at start-up -> agent/link-order.txt"

@@ -22,6 +22,7 @@ pub(crate) mod metrics;
 pub(crate) mod relays;
 pub(crate) mod service;
 pub(crate) mod session;
+pub(crate) mod startup_code;
 
 use sluice_datapath::DataPath;
 use std::sync::Arc;

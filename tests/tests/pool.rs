@@ -2,7 +2,8 @@
 //! streams that ran the relay's pool dry leaves enough warm connections behind for the
 //! next burst, so its streams do not wait for TLS handshakes), and replacement
 //! connections (without reuse) resume the TLS session from a ticket instead of a full
-//! handshake.
+//! handshake. Once the pool is first full, the agent gives back the pages of code only
+//! start-up ran, and keeps serving.
 
 use std::time::Duration;
 
@@ -117,4 +118,95 @@ async fn replacement_data_connections_resume_their_tls_session() {
     let page = metrics_page(&format!("127.0.0.1:{}", relay.admin_port)).unwrap_or_default();
     assert!(!page.contains("sluice_relay_data_reused_total{"), "--data-reuse off reused a connection");
     assert!(relay.log().contains("closed after each stream (SLUICE_DATA_REUSE=off)"), "{}", relay.log());
+}
+
+/// The resident size of process `pid`'s mappings of its own binary that are read-only
+/// (code and constants), and their size, in KiB (`/proc/PID/smaps`).
+fn read_only_binary_kib(pid: u32) -> (u64, u64) {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let (mut rss, mut size, mut ours) = (0, 0, false);
+    for line in smaps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 5 && f[0].contains('-') && !f[0].ends_with(':') {
+            ours = f.get(5).is_some_and(|p| std::path::Path::new(p) == exe) && !f[1].contains('w');
+        } else if ours && f.first() == Some(&"Rss:") {
+            rss += f[1].parse::<u64>().unwrap();
+        } else if ours && f.first() == Some(&"Size:") {
+            size += f[1].parse::<u64>().unwrap();
+        }
+    }
+    (rss, size)
+}
+
+/// Starts an agent for `name` and waits until it serves; with `keep` it keeps its
+/// start-up code (`SLUICE_KEEP_STARTUP_CODE=1`).
+fn start_agent(relay: &Relay, dir: &std::path::Path, cid: &str, echo_port: u16, name: &str, keep: bool) -> Agent {
+    let agent = Agent::start(
+        dir,
+        name,
+        &[
+            ("APP_HOST", "127.0.0.1"),
+            ("APP_PORT", &echo_port.to_string()),
+            ("NAME", name),
+            ("REGISTRATION_JWT", &relay.customer_jwt(cid)),
+            ("SLUICE_KEEP_STARTUP_CODE", if keep { "1" } else { "0" }),
+        ],
+    );
+    relay.wait_status(name, "AVAILABLE", Some(&agent));
+    agent
+}
+
+/// 50 streams through `ep`, each echoing a different payload exactly.
+async fn echo_streams(ep: &str) {
+    for i in 0..50u32 {
+        let mut s = TcpStream::connect(ep).await.unwrap();
+        let sent: Vec<u8> = (0..(i * 997) % 20_000 + 1).map(|b| (b * 31 + i) as u8).collect();
+        s.write_all(&sent).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, sent, "stream {i}");
+    }
+}
+
+/// Start-up's code (enrolment, argument parsing, the eBPF loader, the first full
+/// handshakes) is given back once the pool is full: the agent keeps serving, and fewer
+/// pages of its binary stay resident than in an agent told to keep them, after the
+/// same streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_agent_gives_back_its_start_up_code_and_keeps_serving() {
+    let dir = test_dir("pool-startup-code");
+    let echo = echo_server().await;
+    let relay = Relay::start(dir.path());
+    let cid = relay.create_customer("acme");
+
+    let lean = start_agent(&relay, dir.path(), &cid, echo.port(), "lean", false);
+    let said = "gave back the pages of code only start-up ran";
+    let line = wait_for(Duration::from_secs(20), "the agent to give back its start-up code", || {
+        lean.proc.log_text().lines().find(|l| l.contains(said)).map(str::to_owned)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lean.proc.log_text()));
+    let unmapped: u64 = line
+        .split("unmapped_bytes=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no unmapped_bytes in {line:?}"));
+    assert!(unmapped > 1 << 20, "the binary's read-only segments were not unmapped: {line}");
+    echo_streams(&relay.endpoint("lean")).await;
+    let (lean_rss, size) = read_only_binary_kib(lean.proc.child.id());
+
+    let keeper = start_agent(&relay, dir.path(), &cid, echo.port(), "keeper", true);
+    echo_streams(&relay.endpoint("keeper")).await;
+    let (keeper_rss, _) = read_only_binary_kib(keeper.proc.child.id());
+    assert!(!keeper.proc.log_text().contains(said), "SLUICE_KEEP_STARTUP_CODE=1 was ignored");
+
+    eprintln!(
+        "read-only pages of the agent binary resident after 50 streams: {lean_rss} KiB given back, {keeper_rss} KiB kept, of {size} KiB"
+    );
+    assert!(
+        lean_rss * 10 < keeper_rss * 9,
+        "giving back start-up's code left {lean_rss} KiB resident, keeping it {keeper_rss} KiB"
+    );
 }

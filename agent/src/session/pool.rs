@@ -168,7 +168,11 @@ async fn data_conn_task(pool: Arc<Pool>) {
     let mut tls = Box::new(tls);
     let registration = registration.map(Arc::new);
     loop {
-        pool.idle.fetch_add(1, Ordering::Relaxed);
+        let idle = pool.idle.fetch_add(1, Ordering::Relaxed) + 1;
+        if crate::startup_code::pending() && idle >= pool.target() {
+            // The first full pool: start-up is over.
+            crate::startup_code::agent_is_up();
+        }
         let open = {
             let read = wire::read_frame::<_, StreamOpen>(&mut *tls);
             tokio::pin!(read);
