@@ -11,9 +11,10 @@
 # (target/dist/sluice, from `cargo xtask dist`) and fills its pool, and gives back its
 # start-up code (agent/src/startup_code.rs): the functions with a page in the page cache
 # then (mincore) are start-up's. The binary's pages are then evicted (process_madvise
-# MADV_PAGEOUT, posix_fadvise DONTNEED), the agent carries 20 streams to an echo service
-# and idles 15 s, and the functions read again are what a running agent uses. Those go
-# first in the file, then the rest of start-up's, each by name without its build hash.
+# MADV_PAGEOUT, posix_fadvise DONTNEED) and the agent idles, carries 20 streams to an
+# echo service, then a burst of 12 at once and a reset: the functions read again after
+# each phase are what a running agent uses, most common first. Those go first in the
+# file, then the rest of start-up's, each by name without its build hash.
 # AGENT_BINARY skips the profiling build.
 #
 # Needs root (loop device, process_madvise), python3, nm, mkfs.ext4. Run it again after large
@@ -46,7 +47,7 @@ cleanup() {
     wait 2>/dev/null || true
     mountpoint -q "$mnt" && umount "$mnt"
     [[ -n $loop ]] && losetup -d "$loop"
-    rm -rf "$run"
+    [[ -n ${KEEP_RUN:-} ]] || rm -rf "$run"
 }
 trap cleanup EXIT
 
@@ -68,8 +69,11 @@ import socket, sys, threading
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(64)
 def echo(c):
-    while (d := c.recv(65536)):
-        c.sendall(d)
+    try:
+        while (d := c.recv(65536)):
+            c.sendall(d)
+    except OSError:  # the reset stream's
+        pass
     c.close()
 while True:
     threading.Thread(target=echo, args=(s.accept()[0],), daemon=True).start()
@@ -100,10 +104,18 @@ done
 wait $released
 functions "$mnt/sluice-agent" "$agent" "$run/startup.txt" "$run/startup.pages"
 endpoint=$("$relay" resources endpoint profile --data-dir "$run/relay")
+# What a running agent does, in three phases, each read after it, so that the code of
+# the commonest states comes first: (1) idle (heartbeats, the service check, the pool's
+# upkeep); (2) streams one after another, small and 1 MiB; (3) a burst of 12 held at
+# once (the pool runs dry: new and resumed data handshakes, session tickets, a larger
+# pool), a stream the client resets (its end is logged), and idle again.
+sleep 12
+functions "$mnt/sluice-agent" "$agent" "$run/idle.txt"
 python3 - "${endpoint##*:}" <<'EOF'
 import socket, sys
+port = int(sys.argv[1])
 for i in range(20):
-    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    s = socket.create_connection(("127.0.0.1", port))
     data = b"x" * (1 << 20 if i % 5 == 4 else 5)
     s.sendall(data)
     got = b""
@@ -111,16 +123,40 @@ for i in range(20):
         got += s.recv(1 << 16)
     s.close()
 EOF
-sleep 15
-
-functions "$mnt/sluice-agent" "$agent" "$run/running.txt"
+functions "$mnt/sluice-agent" "$agent" "$run/streams.txt"
+python3 - "${endpoint##*:}" <<'EOF'
+import socket, struct, sys, time
+port = int(sys.argv[1])
+def echo(s, data):
+    s.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        got += s.recv(1 << 16)
+held = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]
+for s in held:
+    echo(s, b"burst")
+time.sleep(0.3)
+for s in held:
+    s.close()
+s = socket.create_connection(("127.0.0.1", port))
+echo(s, b"reset")
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+EOF
+sleep 12
+functions "$mnt/sluice-agent" "$agent" "$run/load.txt"
 {
-    echo "# The functions a running agent uses, then the rest of those start-up ran, in the order"
-    echo "# dist lays them out first (xtask/src/link_order.rs). Written by"
-    echo "# scripts/profile-agent-code.sh at $(git rev-parse --short HEAD): enrol, fill the pool, give"
-    echo "# back start-up code; 20 streams through the tunnel, 15 s idle. Names without build hash."
-    cat "$run/running.txt"
+    echo "# The functions a running agent uses (idle first, then streams, then a burst), then the"
+    echo "# rest of those start-up ran, in the order dist lays them out (xtask/src/link_order.rs)."
+    echo "# Written by scripts/profile-agent-code.sh at $(git rev-parse --short HEAD): enrol, fill the"
+    echo "# pool, give back start-up code; idle; 20 streams; a burst of 12, a reset, idle. Names"
+    echo "# without their build hash."
+    cat "$run/idle.txt"
+    grep -vxF -f "$run/idle.txt" "$run/streams.txt" || true
+    grep -vxF -f "$run/streams.txt" "$run/load.txt" || true
     echo "# start-up only"
-    grep -vxF -f "$run/running.txt" "$run/startup.txt" || true
+    grep -vxF -f "$run/load.txt" "$run/startup.txt" || true
 } > "$root/agent/link-order.txt"
-echo "$(wc -l < "$run/running.txt") functions running, $(grep -cvxF -f "$run/running.txt" "$run/startup.txt") more at start-up -> agent/link-order.txt"
+echo "functions: $(wc -l < "$run/idle.txt") idle, $(wc -l < "$run/streams.txt") with streams," \
+    "$(wc -l < "$run/load.txt") with the burst; $(grep -cvxF -f "$run/load.txt" "$run/startup.txt")" \
+    "more at start-up -> agent/link-order.txt"

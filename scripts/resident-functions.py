@@ -129,7 +129,7 @@ def evict(pid, path):
 def at_release(pid, path, log, pages):
     # Polled often: what runs between the release and the eviction is missed.
     for _ in range(4000):
-        if "gave back the pages" in open(log, errors="replace").read():
+        if "giving back the pages of code" in open(log, errors="replace").read():
             break
         time.sleep(0.002)
     else:

@@ -20,15 +20,6 @@
 
 use std::sync::Once;
 
-/// What [`release`] did: the bytes of read-only segments it unmapped, and the process's
-/// resident size before and after, in KiB (`None` when `/proc` does not say).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Released {
-    pub bytes: usize,
-    pub rss_before_kib: Option<u64>,
-    pub rss_after_kib: Option<u64>,
-}
-
 static RELEASED: Once = Once::new();
 
 /// True until [`agent_is_up`] has run: callers skip working out whether it is time.
@@ -45,24 +36,28 @@ pub fn agent_is_up() {
             tracing::debug!("keeping start-up code mapped (SLUICE_KEEP_STARTUP_CODE=1)");
             return;
         }
-        match release() {
-            Ok(r) => tracing::info!(
-                unmapped_bytes = r.bytes,
-                rss_before_kib = r.rss_before_kib,
-                rss_after_kib = r.rss_after_kib,
-                "up: gave back the pages of code only start-up ran"
-            ),
-            Err(why) => tracing::debug!(reason = %why, "start-up code pages kept"),
+        // Said before the pages go: formatting the line afterwards would fault code
+        // back in that nothing else runs.
+        let said = |segments: &[(usize, usize)], rss_kib: Option<u64>| {
+            tracing::info!(
+                unmapping_bytes = segments.iter().map(|s| s.1).sum::<usize>(),
+                rss_kib,
+                "up: giving back the pages of code only start-up ran"
+            )
+        };
+        if let Err(why) = release(said) {
+            tracing::info!(reason = %why, "start-up code pages kept");
         }
     });
 }
 
 /// Marks the pages of the running binary's read-only segments cold and unmaps them
 /// from this process, and trims the heap. Code and constants still in use fault back
-/// in on their next use.
-pub fn release() -> Result<Released, String> {
-    let rss_before_kib = rss_kib();
+/// in on their next use. `before` is told the segments and the resident size first;
+/// returns the bytes unmapped.
+pub fn release(before: impl FnOnce(&[(usize, usize)], Option<u64>)) -> Result<usize, String> {
     let segments = read_only_segments()?;
+    before(&segments, rss_kib());
     let mut bytes = 0;
     for (start, len) in segments {
         // SAFETY: [start, start + len) lies inside a read-only PT_LOAD segment of the
@@ -87,7 +82,7 @@ pub fn release() -> Result<Released, String> {
     unsafe {
         libc::malloc_trim(0);
     }
-    Ok(Released { bytes, rss_before_kib, rss_after_kib: rss_kib() })
+    Ok(bytes)
 }
 
 /// The main program's read-only `PT_LOAD` segments as page-aligned (address, length).
@@ -225,14 +220,16 @@ mod tests {
         // The test binary itself: its read-only segments are found, dropped, and the
         // code and constants used afterwards fault back in unchanged.
         let greeting = String::from("still here");
-        let r = release().expect("release");
-        assert!(r.bytes > 0, "no read-only segment found: {r:?}");
+        let mut told = None;
+        let bytes = release(|segments, rss| told = Some((segments.len(), rss))).expect("release");
+        let (segments, before) = told.expect("the segments were not told first");
+        let (before, after) = (before.expect("VmRSS"), rss_kib().expect("VmRSS"));
+        assert!(segments > 0 && bytes > 0, "no read-only segment found");
         // The pages the test harness ran before are no longer this process's.
-        let (before, after) = (r.rss_before_kib.expect("VmRSS"), r.rss_after_kib.expect("VmRSS"));
-        assert!(after < before, "RSS did not drop: {r:?}");
+        assert!(after < before, "RSS did not drop: {before} -> {after} KiB");
         let mut v: Vec<u32> = (0..1000).rev().collect();
         v.sort();
         assert_eq!(v[999], 999);
-        assert_eq!(format!("{greeting}, {}", r.bytes > 0), "still here, true");
+        assert_eq!(format!("{greeting}, {}", bytes > 0), "still here, true");
     }
 }

@@ -182,17 +182,17 @@ async fn a_started_agent_gives_back_its_start_up_code_and_keeps_serving() {
     let cid = relay.create_customer("acme");
 
     let lean = start_agent(&relay, dir.path(), &cid, echo.port(), "lean", false);
-    let said = "gave back the pages of code only start-up ran";
+    let said = "giving back the pages of code only start-up ran";
     let line = wait_for(Duration::from_secs(20), "the agent to give back its start-up code", || {
         lean.proc.log_text().lines().find(|l| l.contains(said)).map(str::to_owned)
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", lean.proc.log_text()));
     let unmapped: u64 = line
-        .split("unmapped_bytes=")
+        .split("unmapping_bytes=")
         .nth(1)
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no unmapped_bytes in {line:?}"));
+        .unwrap_or_else(|| panic!("no unmapping_bytes in {line:?}"));
     assert!(unmapped > 1 << 20, "the binary's read-only segments were not unmapped: {line}");
     echo_streams(&relay.endpoint("lean")).await;
     let (lean_rss, size) = read_only_binary_kib(lean.proc.child.id());

@@ -71,6 +71,10 @@ pub fn start_with(bins: &Path, backend: u16, dir: &Path, agent_cgroup: Option<&P
         .env("REGISTRATION_JWT", jwt)
         .env("SLUICE_COUNTER", counter)
         .env("SLUICE_LOG", if agent_cgroup.is_some() { "info" } else { "warn" });
+    // For A/B runs of what giving back start-up's code saves.
+    if let Some(keep) = std::env::var_os("SLUICE_KEEP_STARTUP_CODE") {
+        agent.env("SLUICE_KEEP_STARTUP_CODE", keep);
+    }
     procs.insert(0, Child::spawn("sluice-agent", agent, &dir.join("agent.log"))?);
     procs::wait_for(Duration::from_secs(30), &format!("resource {RESOURCE} to be AVAILABLE"), || {
         for p in procs.iter_mut() {
